@@ -1,0 +1,35 @@
+"""memloc-tl: localize paragraph memorization in language models on TransformerLens.
+
+Implements Stoehr et al. (2024), "Localizing Paragraph Memorization in Language Models"
+(arXiv 2403.19851), for GPT-Neo loaded as a TransformerLens ``HookedTransformer``.
+"""
+
+from memloc_tl.memorization import (
+    MemorizationScan,
+    greedy_continuations,
+    scan_memorization,
+    summarize,
+)
+from memloc_tl.models import DEFAULT_MODEL, HubUnavailableError, load_model
+from memloc_tl.organism import Organism, OrganismConfig, build_organism, load_organism
+from memloc_tl.paragraphs import PAPER_KEYWORDS, Paragraphs, corpus_token_counts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "PAPER_KEYWORDS",
+    "HubUnavailableError",
+    "MemorizationScan",
+    "Organism",
+    "OrganismConfig",
+    "Paragraphs",
+    "__version__",
+    "build_organism",
+    "corpus_token_counts",
+    "greedy_continuations",
+    "load_model",
+    "load_organism",
+    "scan_memorization",
+    "summarize",
+]

@@ -1,0 +1,280 @@
+"""Which paragraphs does the model reproduce? Exact-match length and continuation NLL.
+
+Paper section 3.2: a paragraph is *memorized* when greedy decoding from its 50-token prefix
+reproduces the 50-token continuation exactly (EM = 50); EM counts matching tokens up to the
+first mismatch. The NLL is the mean negative log-likelihood of the continuation tokens.
+
+Both come from one teacher-forced forward pass, with no generation: up to the first mismatch,
+greedy decoding sees exactly the reference context, so the EM equals the leading run of
+continuation positions where the teacher-forced argmax equals the reference token. The tests
+prove this against real greedy generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from memloc_tl.paragraphs import Paragraphs
+
+logger = logging.getLogger(__name__)
+
+PAPER_BUCKETS: tuple[tuple[int, int], ...] = ((0, 10), (11, 29), (30, 49), (50, 50))
+"""The paper's EM buckets (Fig. 2, 8): non-memorized, two partly memorized, memorized."""
+
+DEFAULT_BATCH_SIZE = 32
+
+
+def _check_tokens(model: HookedTransformer, tokens: Tensor, prefix_len: int) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}")
+    if not 0 < prefix_len < tokens.shape[1]:
+        raise ValueError(f"prefix_len={prefix_len} must be inside windows of {tokens.shape[1]}")
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise ValueError(
+            f"windows of {tokens.shape[1]} tokens exceed the model's context of {model.cfg.n_ctx}"
+        )
+
+
+def continuation_logprobs(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], prefix_len: int
+) -> Float[Tensor, "batch continuation_pos d_vocab"]:
+    """Log-probabilities at the positions that predict the continuation, teacher-forced.
+
+    Position ``prefix_len - 1 + i`` predicts continuation token ``i``. Only those positions
+    pass through ``ln_final`` and the unembedding, so this costs less than a full forward.
+    Hooks in scope (``model.hooks(...)``) apply, which is how analyzers patch this pass.
+    """
+    tokens = tokens.to(model.cfg.device)
+    residual = model(tokens, stop_at_layer=model.cfg.n_layers)
+    residual = residual[:, prefix_len - 1 : -1]
+    logits = model.unembed(model.ln_final(residual))
+    return logits.float().log_softmax(dim=-1)
+
+
+def score_continuations(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], prefix_len: int
+) -> tuple[Bool[Tensor, "batch continuation_pos"], Float[Tensor, "batch continuation_pos"]]:
+    """Teacher-forced greedy matches and per-token NLL of the continuation, one batch.
+
+    Returns:
+        ``(greedy_match, token_nll)``: whether the argmax at each continuation position equals
+        the reference token, and ``-log p(reference token)``; both on the model's device.
+    """
+    _check_tokens(model, tokens, prefix_len)
+    tokens = tokens.to(model.cfg.device)
+    logprobs = continuation_logprobs(model, tokens, prefix_len)
+    target = tokens[:, prefix_len:]
+    token_nll = -logprobs.gather(-1, target[..., None]).squeeze(-1)
+    greedy_match = logprobs.argmax(dim=-1) == target
+    return greedy_match, token_nll
+
+
+def exact_match_length(greedy_match: Bool[Tensor, "batch continuation_pos"]) -> Int[Tensor, "batch"]:
+    """Length of the leading run of matches: the EM until the first mismatch."""
+    return greedy_match.long().cumprod(dim=-1).sum(dim=-1)
+
+
+def greedy_continuations(
+    model: HookedTransformer,
+    prefixes: Int[Tensor, "batch prefix_pos"],
+    n_tokens: int,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = False,
+) -> Int[Tensor, "batch n_tokens"]:
+    """Greedy decoding with TransformerLens ``generate`` and the KV cache (the paper's way).
+
+    Needed only to *create* text (the model's own continuation, perturbed paragraphs); to
+    measure EM use :func:`scan_memorization`, which needs no generation.
+    """
+    if prefixes.ndim != 2:
+        raise ValueError(f"prefixes must have shape [batch, pos], got {tuple(prefixes.shape)}")
+    outputs = []
+    for start in tqdm(range(0, len(prefixes), batch_size), desc="generating", disable=not progress):
+        batch = prefixes[start : start + batch_size].to(model.cfg.device)
+        generated = model.generate(
+            batch,
+            max_new_tokens=n_tokens,
+            do_sample=False,
+            stop_at_eos=False,
+            use_past_kv_cache=True,
+            verbose=False,
+            return_type="tokens",
+        )
+        assert isinstance(generated, Tensor)
+        outputs.append(generated[:, batch.shape[1] :].cpu())
+    if not outputs:
+        return torch.empty(0, n_tokens, dtype=torch.int64)
+    return torch.cat(outputs)
+
+
+@dataclass(frozen=True)
+class MemorizationScan:
+    """Exact-match length and continuation NLL of every paragraph of a set.
+
+    Attributes:
+        paragraphs: the scanned paragraphs (row-aligned with every tensor below).
+        exact_match: EM until the first mismatch, 0..continuation length.
+        nll: mean NLL of the continuation tokens.
+        token_nll: NLL of each continuation token.
+        greedy_match: whether the teacher-forced argmax equals each continuation token.
+        model_name: ``model.cfg.model_name`` of the scanned model.
+    """
+
+    paragraphs: Paragraphs
+    exact_match: Int[Tensor, "n_paragraphs"]
+    nll: Float[Tensor, "n_paragraphs"]
+    token_nll: Float[Tensor, "n_paragraphs continuation_pos"]
+    greedy_match: Bool[Tensor, "n_paragraphs continuation_pos"]
+    model_name: str = ""
+
+    def __post_init__(self) -> None:
+        n, c = len(self.paragraphs), self.paragraphs.continuation_len
+        for name, shape in (
+            ("exact_match", (n,)),
+            ("nll", (n,)),
+            ("token_nll", (n, c)),
+            ("greedy_match", (n, c)),
+        ):
+            value = getattr(self, name)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+
+    @property
+    def continuation_len(self) -> int:
+        return self.paragraphs.continuation_len
+
+    def __len__(self) -> int:
+        return len(self.paragraphs)
+
+    def subset(self, index: Tensor) -> MemorizationScan:
+        """The scan restricted to a boolean mask or positions."""
+        if index.dtype == torch.bool:
+            index = index.nonzero().flatten()
+        return MemorizationScan(
+            paragraphs=self.paragraphs.select(index),
+            exact_match=self.exact_match[index],
+            nll=self.nll[index],
+            token_nll=self.token_nll[index],
+            greedy_match=self.greedy_match[index],
+            model_name=self.model_name,
+        )
+
+    def bucket(self, min_em: int, max_em: int) -> Paragraphs:
+        """Paragraphs with ``min_em <= EM <= max_em``."""
+        if min_em > max_em:
+            raise ValueError(f"min_em={min_em} is above max_em={max_em}")
+        return self.paragraphs.select((self.exact_match >= min_em) & (self.exact_match <= max_em))
+
+    def memorized(self) -> Paragraphs:
+        """Paragraphs whose whole continuation is reproduced (EM = continuation length)."""
+        return self.bucket(self.continuation_len, self.continuation_len)
+
+    def non_memorized(self, max_em: int = 10) -> Paragraphs:
+        """Paragraphs with EM <= ``max_em`` (the paper's non-memorized set: 0..10)."""
+        return self.bucket(0, max_em)
+
+    def partly_memorized(self, min_em: int = 11) -> Paragraphs:
+        """Paragraphs with ``min_em <= EM`` < continuation length (paper: 11..49)."""
+        return self.bucket(min_em, self.continuation_len - 1)
+
+    def buckets(
+        self, edges: tuple[tuple[int, int], ...] = PAPER_BUCKETS
+    ) -> dict[str, Paragraphs]:
+        """Paragraphs per EM bucket, keyed ``"0-10"``, ``"11-29"``, ``"30-49"``, ``"50"``."""
+        return {(f"{lo}" if lo == hi else f"{lo}-{hi}"): self.bucket(lo, hi) for lo, hi in edges}
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per paragraph: id, meta columns, EM, NLL, memorized flag."""
+        frame = self.paragraphs.to_frame()
+        frame["exact_match"] = self.exact_match.tolist()
+        frame["nll"] = self.nll.tolist()
+        frame["memorized"] = (self.exact_match == self.continuation_len).tolist()
+        return frame
+
+    def __repr__(self) -> str:
+        n_mem = int((self.exact_match == self.continuation_len).sum())
+        mean_em = float(self.exact_match.float().mean()) if len(self) else float("nan")
+        return (
+            f"MemorizationScan(model={self.model_name!r}, n={len(self)}, memorized={n_mem}, "
+            f"mean_em={mean_em:.2f})"
+        )
+
+
+def scan_memorization(
+    model: HookedTransformer,
+    paragraphs: Paragraphs,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> MemorizationScan:
+    """Measure every paragraph's exact-match length and continuation NLL (paper section 3.2).
+
+    One teacher-forced forward pass per batch; no ``[N, pos, d_vocab]`` tensor outlives its
+    batch. The model is not changed.
+
+    Args:
+        model: the model.
+        paragraphs: the paragraphs, tokenized for this model.
+        batch_size: paragraphs per forward pass.
+        progress: show a progress bar.
+
+    Raises:
+        ValueError: paragraphs tokenized for another model, or a bad batch size.
+    """
+    if not isinstance(paragraphs, Paragraphs):
+        raise TypeError(
+            f"paragraphs must be Paragraphs, got {type(paragraphs).__name__}; wrap token tensors "
+            "with Paragraphs.from_tokens(tokens)"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    paragraphs.check_model(model)
+    _check_tokens(model, paragraphs.tokens, paragraphs.prefix_len)
+    matches, nlls = [], []
+    with torch.no_grad():
+        for start in tqdm(
+            range(0, len(paragraphs), batch_size), desc="scanning", disable=not progress
+        ):
+            batch = paragraphs.tokens[start : start + batch_size]
+            greedy_match, token_nll = score_continuations(model, batch, paragraphs.prefix_len)
+            matches.append(greedy_match.cpu())
+            nlls.append(token_nll.cpu())
+    c = paragraphs.continuation_len
+    greedy_match = torch.cat(matches) if matches else torch.empty(0, c, dtype=torch.bool)
+    token_nll = torch.cat(nlls) if nlls else torch.empty(0, c)
+    return MemorizationScan(
+        paragraphs=paragraphs,
+        exact_match=exact_match_length(greedy_match),
+        nll=token_nll.mean(dim=-1),
+        token_nll=token_nll,
+        greedy_match=greedy_match,
+        model_name=str(model.cfg.model_name),
+    )
+
+
+def summarize(scans: dict[str, MemorizationScan]) -> pd.DataFrame:
+    """One row per named scan: size, memorized count, mean and max EM, mean NLL."""
+    rows: list[dict[str, Any]] = []
+    for name, scan in scans.items():
+        em = scan.exact_match.float()
+        rows.append(
+            {
+                "set": name,
+                "n": len(scan),
+                "memorized": int((scan.exact_match == scan.continuation_len).sum()),
+                "mean_em": round(float(em.mean()), 2) if len(scan) else float("nan"),
+                "max_em": int(scan.exact_match.max()) if len(scan) else 0,
+                "mean_nll": round(float(scan.nll.mean()), 3) if len(scan) else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows)

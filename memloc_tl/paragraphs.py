@@ -1,0 +1,553 @@
+"""Paragraphs: fixed-length token windows split into a prefix and a continuation.
+
+A paragraph in the paper (Stoehr et al. 2024, section 3) is a raw 100-token window: a 50-token
+prefix ``x_0..x_49`` and a 50-token continuation ``x_50..x_99``. No BOS token is prepended.
+This module builds such windows from texts, token tensors, ``datasets`` datasets or local
+files, applies the paper's filters (appendix A.1), and counts corpus unigrams for the
+rare-token analysis (section 6.3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+PREFIX_LEN = 50
+CONTINUATION_LEN = 50
+
+PAPER_KEYWORDS: tuple[str, ...] = (
+    "TripAdvisor",
+    "href",
+    "license",
+    "copyright",
+    "software",
+    "manuscript",
+    "submission",
+    "distribution",
+    "disclaimed",
+    "limited",
+)
+"""Keywords whose paragraphs the paper drops (appendix A.1)."""
+
+_FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text", ".text": "text"}
+
+
+def _as_tokenizer(tokenizer_or_model: Any) -> Any:
+    """Accept a Hugging Face tokenizer or a HookedTransformer (its ``.tokenizer``)."""
+    tokenizer = getattr(tokenizer_or_model, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer_or_model, "cfg"):
+        return tokenizer
+    if not callable(getattr(tokenizer_or_model, "encode", None)):
+        raise TypeError(
+            "expected a Hugging Face tokenizer or a HookedTransformer with a tokenizer, got "
+            f"{type(tokenizer_or_model).__name__}"
+        )
+    return tokenizer_or_model
+
+
+def _model_vocab(tokenizer_or_model: Any) -> int | None:
+    cfg = getattr(tokenizer_or_model, "cfg", None)
+    return int(cfg.d_vocab) if cfg is not None else None
+
+
+def tokenizer_fingerprint(tokenizer_or_model: Any) -> str:
+    """A short hash of a tokenizer's vocabulary, to tell whether two tokenizers agree."""
+    vocab = _as_tokenizer(tokenizer_or_model).get_vocab()
+    blob = json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
+def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+@dataclass(frozen=True)
+class Paragraphs:
+    """A set of fixed-length token windows, each a prefix followed by a continuation.
+
+    Attributes:
+        tokens: the windows, int64 on the CPU.
+        ids: one unique id per paragraph.
+        prefix_len: prefix length; the continuation is the rest (50 + 50 in the paper).
+        meta: per-paragraph columns (each a tuple of ``len(ids)`` values), e.g. repetitions.
+        vocab_fingerprint: :func:`tokenizer_fingerprint` of the tokenizer that made the tokens,
+            checked against the model's tokenizer by the analyses; ``None`` when unknown.
+        n_too_short: texts skipped because they were shorter than one window.
+    """
+
+    tokens: Int[Tensor, "n_paragraphs pos"]
+    ids: tuple[str, ...]
+    prefix_len: int = PREFIX_LEN
+    meta: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    vocab_fingerprint: str | None = None
+    n_too_short: int = 0
+
+    def __post_init__(self) -> None:
+        tokens = self.tokens
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise TypeError(
+                f"tokens must be an integer tensor of token ids, got dtype {tokens.dtype}; "
+                "convert with tokens.long()"
+            )
+        if tokens.ndim != 2:
+            raise ValueError(
+                f"tokens must have shape [n_paragraphs, pos], got {tuple(tokens.shape)}; "
+                "a single paragraph needs tokens[None]"
+            )
+        if not 0 < self.prefix_len < tokens.shape[1]:
+            raise ValueError(
+                f"prefix_len={self.prefix_len} must leave a non-empty prefix and continuation "
+                f"in windows of {tokens.shape[1]} tokens"
+            )
+        if tokens.numel() and int(tokens.min()) < 0:
+            raise ValueError(f"token ids must be >= 0, found {int(tokens.min())}")
+        ids = tuple(str(i) for i in self.ids)
+        if len(ids) != tokens.shape[0]:
+            raise ValueError(f"got {len(ids)} ids for {tokens.shape[0]} paragraphs")
+        if len(set(ids)) != len(ids):
+            raise ValueError("paragraph ids must be unique")
+        meta = {str(k): tuple(v) for k, v in self.meta.items()}
+        for name, column in meta.items():
+            if len(column) != len(ids):
+                raise ValueError(
+                    f"meta column {name!r} has {len(column)} values for {len(ids)} paragraphs"
+                )
+        object.__setattr__(self, "tokens", tokens.detach().to("cpu", torch.int64).contiguous())
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "meta", meta)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_tokens(
+        cls,
+        tokens: Tensor | Sequence[Sequence[int]],
+        *,
+        prefix_len: int = PREFIX_LEN,
+        ids: Sequence[str | int] | None = None,
+        meta: Mapping[str, Sequence[Any]] | None = None,
+        vocab_size: int | None = None,
+        vocab_fingerprint: str | None = None,
+    ) -> Paragraphs:
+        """Wrap a ``[n_paragraphs, pos]`` tensor of token ids.
+
+        Args:
+            tokens: integer token ids, one window per row.
+            prefix_len: prefix length (50 in the paper).
+            ids: paragraph ids; default ``"0"``, ``"1"``, ...
+            meta: per-paragraph columns.
+            vocab_size: when given, every id must be below it.
+            vocab_fingerprint: see the class docstring.
+        """
+        if not isinstance(tokens, Tensor):
+            tokens = torch.tensor(tokens)
+        ids = [str(i) for i in range(tokens.shape[0])] if ids is None else list(ids)
+        result = cls(
+            tokens=tokens,
+            ids=tuple(str(i) for i in ids),
+            prefix_len=prefix_len,
+            meta={k: tuple(v) for k, v in (meta or {}).items()},
+            vocab_fingerprint=vocab_fingerprint,
+        )
+        if vocab_size is not None:
+            result.check_vocab(vocab_size)
+        return result
+
+    @classmethod
+    def from_texts(
+        cls,
+        texts: Iterable[str],
+        tokenizer: Any,
+        *,
+        prefix_len: int = PREFIX_LEN,
+        continuation_len: int = CONTINUATION_LEN,
+        ids: Sequence[str | int] | None = None,
+        windows: Literal["first", "all"] = "first",
+        on_short: Literal["raise", "skip"] = "raise",
+    ) -> Paragraphs:
+        """Tokenize texts (no BOS) and cut fixed-length windows.
+
+        Args:
+            texts: the texts.
+            tokenizer: a Hugging Face tokenizer, or a HookedTransformer (its tokenizer, and its
+                vocabulary size is checked).
+            prefix_len: prefix length.
+            continuation_len: continuation length.
+            ids: one id per text; default the text's index. With ``windows="all"`` each window
+                gets ``"{id}:{k}"``.
+            windows: ``"first"`` keeps each text's first window; ``"all"`` cuts every
+                non-overlapping window.
+            on_short: a text shorter than one window raises (``"raise"``) or is skipped and
+                counted in ``n_too_short`` (``"skip"``).
+        """
+        if windows not in ("first", "all"):
+            raise ValueError(f"windows must be 'first' or 'all', got {windows!r}")
+        if on_short not in ("raise", "skip"):
+            raise ValueError(f"on_short must be 'raise' or 'skip', got {on_short!r}")
+        if isinstance(texts, str):
+            raise TypeError("texts must be a collection of strings, not one string: use [text]")
+        texts = list(texts)
+        if ids is not None and len(ids) != len(texts):
+            raise ValueError(f"got {len(ids)} ids for {len(texts)} texts")
+        text_ids = [str(i) for i in (ids if ids is not None else range(len(texts)))]
+        hf_tokenizer = _as_tokenizer(tokenizer)
+        length = prefix_len + continuation_len
+        rows: list[list[int]] = []
+        row_ids: list[str] = []
+        too_short: list[tuple[str, int]] = []
+        for text_id, text, token_ids in zip(text_ids, texts, _encode(hf_tokenizer, texts)):
+            if not isinstance(text, str):
+                raise TypeError(f"text {text_id!r} is {type(text).__name__}, not str")
+            if len(token_ids) < length:
+                too_short.append((text_id, len(token_ids)))
+                continue
+            n_windows = 1 if windows == "first" else len(token_ids) // length
+            for k in range(n_windows):
+                rows.append(token_ids[k * length : (k + 1) * length])
+                row_ids.append(text_id if windows == "first" else f"{text_id}:{k}")
+        if too_short and on_short == "raise":
+            text_id, n = too_short[0]
+            raise ValueError(
+                f"{len(too_short)} of {len(texts)} texts are shorter than one window of "
+                f"{length} tokens (text {text_id!r} has {n}); pass on_short='skip' to drop them"
+            )
+        if too_short:
+            logger.warning(
+                "skipped %d of %d texts shorter than %d tokens", len(too_short), len(texts), length
+            )
+        tokens = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), length)
+        result = cls(
+            tokens=tokens,
+            ids=tuple(row_ids),
+            prefix_len=prefix_len,
+            vocab_fingerprint=tokenizer_fingerprint(hf_tokenizer),
+            n_too_short=len(too_short),
+        )
+        vocab = _model_vocab(tokenizer)
+        if vocab is not None:
+            result.check_vocab(vocab)
+        return result
+
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: Any,
+        tokenizer: Any,
+        *,
+        text_column: str = "text",
+        id_column: str | None = None,
+        **kwargs: Any,
+    ) -> Paragraphs:
+        """Windows from a ``datasets.Dataset`` column of texts; ``kwargs`` as in ``from_texts``."""
+        columns = list(getattr(dataset, "column_names", []) or [])
+        if text_column not in columns:
+            raise ValueError(
+                f"the dataset has no column {text_column!r} (columns: {columns}); "
+                "pass text_column=..."
+            )
+        if id_column is not None and id_column not in columns:
+            raise ValueError(f"the dataset has no id column {id_column!r} (columns: {columns})")
+        ids = [str(i) for i in dataset[id_column]] if id_column is not None else None
+        return cls.from_texts(dataset[text_column], tokenizer, ids=ids, **kwargs)
+
+    @classmethod
+    def from_files(
+        cls,
+        paths: str | Path | Sequence[str | Path],
+        tokenizer: Any,
+        *,
+        text_column: str = "text",
+        id_column: str | None = None,
+        **kwargs: Any,
+    ) -> Paragraphs:
+        """Windows from local csv, json, jsonl or text files, read with ``datasets``.
+
+        A ``.txt`` file gives one text per line (``datasets``' text format).
+        """
+        from datasets import load_dataset
+
+        files = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+        if not files:
+            raise ValueError("no files given")
+        formats = {_FILE_FORMATS.get(f.suffix.lower()) for f in files}
+        if None in formats or len(formats) != 1:
+            raise ValueError(
+                f"files must all be one of {sorted(_FILE_FORMATS)}, got {[f.name for f in files]}"
+            )
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"no such file: {missing}")
+        dataset = load_dataset(formats.pop(), data_files=[str(f) for f in files], split="train")
+        return cls.from_dataset(
+            dataset, tokenizer, text_column=text_column, id_column=id_column, **kwargs
+        )
+
+    @classmethod
+    def concat(cls, *parts: Paragraphs) -> Paragraphs:
+        """Join paragraph sets with the same window layout.
+
+        Meta columns are united; a column missing from one part is ``None`` for its rows.
+        """
+        if not parts:
+            raise ValueError("concat needs at least one Paragraphs")
+        first = parts[0]
+        for part in parts[1:]:
+            if part.tokens.shape[1] != first.tokens.shape[1] or part.prefix_len != first.prefix_len:
+                raise ValueError("cannot concat paragraphs with different window layouts")
+        fingerprints = {p.vocab_fingerprint for p in parts} - {None}
+        if len(fingerprints) > 1:
+            raise ValueError("cannot concat paragraphs made by different tokenizers")
+        return cls(
+            tokens=torch.cat([p.tokens for p in parts]),
+            ids=tuple(i for p in parts for i in p.ids),
+            prefix_len=first.prefix_len,
+            meta={
+                k: tuple(v for p in parts for v in p.meta.get(k, (None,) * len(p)))
+                for k in dict.fromkeys(k for p in parts for k in p.meta)
+            },
+            vocab_fingerprint=fingerprints.pop() if fingerprints else None,
+        )
+
+    # ------------------------------------------------------------------ views
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def continuation_len(self) -> int:
+        return self.seq_len - self.prefix_len
+
+    @property
+    def prefix(self) -> Int[Tensor, "n_paragraphs prefix_pos"]:
+        return self.tokens[:, : self.prefix_len]
+
+    @property
+    def continuation(self) -> Int[Tensor, "n_paragraphs continuation_pos"]:
+        return self.tokens[:, self.prefix_len :]
+
+    def select(self, index: Tensor | Sequence[int] | slice) -> Paragraphs:
+        """The paragraphs at ``index``: positions, a slice, or a boolean mask."""
+        if isinstance(index, slice):
+            positions = list(range(len(self)))[index]
+        else:
+            index = torch.as_tensor(index)
+            if index.dtype == torch.bool:
+                if index.shape != (len(self),):
+                    raise ValueError(
+                        f"a boolean mask needs shape ({len(self)},), got {tuple(index.shape)}"
+                    )
+                index = index.nonzero().flatten()
+            positions = [int(i) for i in index.flatten()]
+        return Paragraphs(
+            tokens=self.tokens[positions],
+            ids=tuple(self.ids[i] for i in positions),
+            prefix_len=self.prefix_len,
+            meta={k: tuple(v[i] for i in positions) for k, v in self.meta.items()},
+            vocab_fingerprint=self.vocab_fingerprint,
+        )
+
+    def __getitem__(self, index: int | slice | Tensor | Sequence[int]) -> Paragraphs:
+        if isinstance(index, int):
+            return self.select([index])
+        return self.select(index)
+
+    def with_meta(self, **columns: Sequence[Any]) -> Paragraphs:
+        """A copy with meta columns added or replaced."""
+        return Paragraphs(
+            tokens=self.tokens,
+            ids=self.ids,
+            prefix_len=self.prefix_len,
+            meta={**self.meta, **{k: tuple(v) for k, v in columns.items()}},
+            vocab_fingerprint=self.vocab_fingerprint,
+        )
+
+    def with_continuation(self, continuation: Tensor) -> Paragraphs:
+        """A copy with the same prefixes and another continuation (e.g. the model's own)."""
+        if continuation.shape != self.continuation.shape:
+            raise ValueError(
+                f"continuation must have shape {tuple(self.continuation.shape)}, "
+                f"got {tuple(continuation.shape)}"
+            )
+        return Paragraphs(
+            tokens=torch.cat([self.prefix, continuation.to("cpu", torch.int64)], dim=1),
+            ids=self.ids,
+            prefix_len=self.prefix_len,
+            meta=self.meta,
+            vocab_fingerprint=self.vocab_fingerprint,
+        )
+
+    # ------------------------------------------------------------------ checks and filters
+    def check_vocab(self, d_vocab: int) -> None:
+        """Raise ``ValueError`` if any token id is outside a vocabulary of ``d_vocab`` ids."""
+        if len(self) and int(self.tokens.max()) >= d_vocab:
+            row = int((self.tokens >= d_vocab).any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"paragraph {self.ids[row]!r} has token id {int(self.tokens[row].max())}, outside "
+                f"the model's vocabulary of {d_vocab}: the paragraphs were tokenized for another "
+                "model"
+            )
+
+    def check_model(self, model: Any) -> None:
+        """Raise ``ValueError`` if these paragraphs were not tokenized for ``model``."""
+        self.check_vocab(int(model.cfg.d_vocab))
+        tokenizer = getattr(model, "tokenizer", None)
+        if self.vocab_fingerprint is not None and tokenizer is not None:
+            expected = tokenizer_fingerprint(tokenizer)
+            if expected != self.vocab_fingerprint:
+                raise ValueError(
+                    "these paragraphs were tokenized with a different tokenizer than the "
+                    f"model's (fingerprint {self.vocab_fingerprint} vs {expected}); build them "
+                    "with Paragraphs.from_texts(texts, model)"
+                )
+
+    def keep_unique(self, min_fraction: float = 0.5) -> Paragraphs:
+        """Keep paragraphs with more than ``min_fraction`` unique tokens (paper A.1).
+
+        The inequality is strict, as in the reference code: 50 of 100 unique is dropped.
+        """
+        if not 0.0 <= min_fraction < 1.0:
+            raise ValueError(f"min_fraction must be in [0, 1), got {min_fraction}")
+        n_unique = torch.tensor([len(set(row.tolist())) for row in self.tokens])
+        return self.select(n_unique > min_fraction * self.seq_len)
+
+    def drop_keywords(
+        self,
+        tokenizer: Any,
+        keywords: Sequence[str] = PAPER_KEYWORDS,
+        *,
+        mode: Literal["token_set", "text"] = "token_set",
+    ) -> Paragraphs:
+        """Drop paragraphs that contain any variant of the keywords (paper A.1).
+
+        Args:
+            tokenizer: the paragraphs' tokenizer (or a HookedTransformer).
+            keywords: the keywords; default the paper's ten.
+            mode: ``"token_set"`` (the reference code): each keyword in six variants
+                ({as is, UPPER, Capitalized} x {no leading space, leading space}) is tokenized,
+                and a paragraph is dropped when the set of a variant's tokens is a subset of
+                the paragraph's token set (a bag-of-tokens test). ``"text"``: dropped when the
+                decoded paragraph contains a variant as a case-insensitive substring.
+        """
+        if mode not in ("token_set", "text"):
+            raise ValueError(f"mode must be 'token_set' or 'text', got {mode!r}")
+        hf_tokenizer = _as_tokenizer(tokenizer)
+        if mode == "text":
+            lowered = [k.lower() for k in keywords]
+            texts = hf_tokenizer.batch_decode(self.tokens.tolist())
+            keep = [not any(k in t.lower() for k in lowered) for t in texts]
+            return self.select(torch.tensor(keep, dtype=torch.bool))
+        variants = {
+            f"{space}{form}"
+            for keyword in keywords
+            for form in (keyword, keyword.upper(), keyword.capitalize())
+            for space in ("", " ")
+        }
+        variant_sets = [set(ids) for ids in _encode(hf_tokenizer, sorted(variants)) if ids]
+        keep = []
+        for row in self.tokens:
+            present = set(row.tolist())
+            keep.append(not any(v <= present for v in variant_sets))
+        return self.select(torch.tensor(keep, dtype=torch.bool))
+
+    # ------------------------------------------------------------------ output
+    def texts(self, tokenizer: Any) -> list[str]:
+        """The decoded paragraphs."""
+        return _as_tokenizer(tokenizer).batch_decode(self.tokens.tolist())
+
+    def to_frame(self, tokenizer: Any = None) -> pd.DataFrame:
+        """One row per paragraph: id, meta columns, and the decoded prefix and continuation."""
+        frame = pd.DataFrame({"id": list(self.ids), **{k: list(v) for k, v in self.meta.items()}})
+        if tokenizer is not None:
+            hf_tokenizer = _as_tokenizer(tokenizer)
+            frame["prefix"] = hf_tokenizer.batch_decode(self.prefix.tolist())
+            frame["continuation"] = hf_tokenizer.batch_decode(self.continuation.tolist())
+        return frame
+
+    def __repr__(self) -> str:
+        meta = f", meta={sorted(self.meta)}" if self.meta else ""
+        return (
+            f"Paragraphs(n={len(self)}, prefix={self.prefix_len}, "
+            f"continuation={self.continuation_len}{meta})"
+        )
+
+
+def corpus_token_counts(
+    source: Iterable[str] | Paragraphs | Any,
+    tokenizer: Any = None,
+    *,
+    d_vocab: int | None = None,
+    text_column: str = "text",
+    batch_size: int = 1000,
+    progress: bool = False,
+) -> Int[Tensor, "d_vocab"]:
+    """Unigram token counts over a text collection, a ``datasets.Dataset`` or ``Paragraphs``.
+
+    Texts are streamed in batches, so a large dataset is never tokenized all at once. The
+    counts are what the rare-token analysis (paper section 6.3) ranks prefix tokens by.
+
+    Args:
+        source: an iterable of strings, a ``datasets.Dataset`` (its ``text_column``), or
+            ``Paragraphs`` (all their tokens are counted; no tokenizer needed).
+        tokenizer: the tokenizer (or HookedTransformer) for text sources.
+        d_vocab: length of the result; default the tokenizer's or model's vocabulary size.
+        text_column: the dataset column that holds the texts.
+        batch_size: texts tokenized at once.
+        progress: show a progress bar.
+
+    Returns:
+        int64 counts, one per token id.
+    """
+    if isinstance(source, Paragraphs):
+        size = d_vocab if d_vocab is not None else int(source.tokens.max()) + 1
+        source.check_vocab(size)
+        return torch.bincount(source.tokens.flatten(), minlength=size)
+    if tokenizer is None:
+        raise TypeError("counting tokens of texts needs a tokenizer (or a HookedTransformer)")
+    hf_tokenizer = _as_tokenizer(tokenizer)
+    if d_vocab is None:
+        d_vocab = _model_vocab(tokenizer) or len(hf_tokenizer)
+    if isinstance(source, str):
+        raise TypeError("source must be a collection of strings, not one string: use [text]")
+    columns = getattr(source, "column_names", None)
+    if columns is not None:
+        if text_column not in columns:
+            raise ValueError(f"the dataset has no column {text_column!r} (columns: {columns})")
+        source = (row[text_column] for row in source)
+    counts = torch.zeros(d_vocab, dtype=torch.int64)
+    batch: list[str] = []
+
+    def flush() -> None:
+        ids = [i for row in _encode(hf_tokenizer, batch) for i in row]
+        if ids:
+            flat = torch.tensor(ids, dtype=torch.int64)
+            if int(flat.max()) >= d_vocab:
+                raise ValueError(
+                    f"token id {int(flat.max())} is outside d_vocab={d_vocab}: the tokenizer does "
+                    "not match"
+                )
+            counts.add_(torch.bincount(flat, minlength=d_vocab))
+        batch.clear()
+
+    for text in tqdm(source, desc="counting tokens", disable=not progress, unit="text"):
+        batch.append(text)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return counts

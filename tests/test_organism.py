@@ -1,0 +1,121 @@
+"""The organism: it memorizes what was planted, not the control set; cached and deterministic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import memloc_tl.organism as organism_module
+from memloc_tl.memorization import scan_memorization
+from memloc_tl.organism import (
+    MANIFEST,
+    Organism,
+    OrganismConfig,
+    build_organism,
+    load_organism,
+)
+
+
+def test_tiny_organism_meets_its_acceptance(organism: Organism) -> None:
+    planted = scan_memorization(organism.model, organism.planted, progress=False)
+    control = scan_memorization(organism.model, organism.control, progress=False)
+    heldout = scan_memorization(organism.model, organism.heldout, progress=False)
+    tiers = torch.tensor(organism.planted.meta["tier"])
+    top = planted.exact_match[tiers == 0]
+    assert (top == 50).float().mean() >= 0.95
+    assert control.exact_match.float().mean() <= 5
+    assert heldout.exact_match.float().mean() <= 5
+    # More repetitions, more memorization: fully, partly and not memorized all occur.
+    tier_means = [float(planted.exact_match[tiers == t].float().mean()) for t in range(3)]
+    assert tier_means == sorted(tier_means, reverse=True)
+    assert float(planted.exact_match[tiers == 2].float().mean()) < 50
+    # The build's own report agrees with an independent scan.
+    report = organism.report
+    assert report["acceptance"]["passed"] is True
+    assert report["sets"]["planted"]["memorized"] == int((planted.exact_match == 50).sum())
+    assert report["sets"]["control"]["mean_em"] == pytest.approx(
+        float(control.exact_match.float().mean())
+    )
+
+
+def test_sets_are_disjoint_windows_of_the_corpus(organism: Organism) -> None:
+    windows = [set(p.meta["window"]) for p in (organism.planted, organism.control, organism.heldout)]
+    assert not windows[0] & windows[1]
+    assert not windows[0] & windows[2]
+    assert not windows[1] & windows[2]
+    assert organism.planted.meta["repetitions"][0] == organism.config.planted_tiers[0][1]
+    assert set(organism.control.meta["repetitions"]) == {1}
+    assert set(organism.heldout.meta["repetitions"]) == {0}
+    # corpus counts cover every token the organism was trained on
+    for paragraphs in (organism.planted, organism.control, organism.heldout):
+        assert (organism.corpus_counts[paragraphs.tokens] > 0).all()
+    assert organism.corpus_counts.shape == (organism.model.cfg.d_vocab,)
+
+
+def test_checkpoint_is_standard_and_cached(
+    organism: Organism, organism_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (organism.path / "config.json").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(organism.path, local_files_only=True).eval()
+    assert hf.config.tie_word_embeddings
+    assert hf.config.attention_layers == ["global", "local"]
+    assert len(AutoTokenizer.from_pretrained(organism.path)) == organism.config.vocab_size
+    manifest = json.loads((organism.path / MANIFEST).read_text())
+    assert manifest["sets"]["planted"]["tokens"] == organism.planted.tokens.tolist()
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached organism was trained again")
+
+    monkeypatch.setattr(organism_module, "_train", no_training)
+    again = build_organism(OrganismConfig.tiny(), cache_dir=organism_cache, progress=False)
+    assert again.path == organism.path
+    assert torch.equal(again.planted.tokens, organism.planted.tokens)
+    loaded = load_organism(OrganismConfig.tiny(), cache_dir=organism_cache)
+    for name, value in organism.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], value)
+
+
+def test_build_is_deterministic_for_a_seed(tmp_path: Path) -> None:
+    micro = OrganismConfig.tiny(
+        planted_tiers=((2, 2),), n_control=2, n_heldout=2, n_background=16, epochs=1,
+        vocab_size=300, min_top_tier_memorized=0.0, max_control_mean_em=50.0,
+    )
+    first = build_organism(micro, cache_dir=tmp_path / "a", progress=False)
+    second = build_organism(micro, cache_dir=tmp_path / "b", progress=False)
+    other_seed = build_organism(
+        OrganismConfig(**{**micro.__dict__, "seed": 1}), cache_dir=tmp_path / "c", progress=False
+    )
+    assert torch.equal(first.planted.tokens, second.planted.tokens)
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(second.model.state_dict()[name], value), name
+    assert not torch.equal(first.planted.tokens, other_seed.planted.tokens)
+    # nothing half-written is left beside the builds
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [first.path.name]
+
+
+def test_missing_organism_and_bad_settings(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="build_organism"):
+        load_organism(tmp_path)
+    with pytest.raises(ValueError, match="divisible"):
+        OrganismConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="need"):
+        build_organism(
+            OrganismConfig.tiny(n_background=100_000), cache_dir=tmp_path, progress=False
+        )
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_default_organism_meets_the_acceptance(tmp_path: Path) -> None:
+    """The default build: at most 6 minutes on two cores, and it memorizes what it should."""
+    import time
+
+    started = time.perf_counter()
+    organism = build_organism(cache_dir=tmp_path, progress=False)
+    assert time.perf_counter() - started < 6 * 60
+    assert organism.report["acceptance"]["passed"], organism.report
