@@ -59,8 +59,10 @@ def main() -> None:
     t_scan = best_of(scan, args.repeats)
     t_forward = best_of(forward, args.repeats)
     t_generate = best_of(generate, max(1, args.repeats // 2))
-    print(f"device {model.cfg.device}, {len(paragraphs)} paragraphs, batch {bs}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"device {model.cfg.device}, {len(paragraphs)} paragraphs, batch {bs}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"scan              {t_scan:8.3f} s")
     print(f"bare forward      {t_forward:8.3f} s")
     print(f"greedy generation {t_generate:8.3f} s")

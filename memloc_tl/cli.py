@@ -21,7 +21,9 @@ ORGANISM = "organism"
 def _organism(args: argparse.Namespace) -> Organism:
     config = OrganismConfig.tiny() if args.tiny else OrganismConfig()
     return build_organism(
-        config, cache_dir=args.cache_dir, rebuild=getattr(args, "rebuild", False),
+        config,
+        cache_dir=args.cache_dir,
+        rebuild=getattr(args, "rebuild", False),
         device=args.device,
     )
 
@@ -126,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     scan = commands.add_parser("scan", help="scan a file of texts for memorized paragraphs")
     scan.add_argument(
-        "--model", default=DEFAULT_MODEL,
+        "--model",
+        default=DEFAULT_MODEL,
         help=f"hub name, checkpoint directory, or '{ORGANISM}' (default {DEFAULT_MODEL})",
     )
     scan.add_argument("--data", required=True, type=Path, help="csv, json, jsonl or txt file")

@@ -78,7 +78,9 @@ def score_continuations(
     return greedy_match, token_nll
 
 
-def exact_match_length(greedy_match: Bool[Tensor, "batch continuation_pos"]) -> Int[Tensor, "batch"]:
+def exact_match_length(
+    greedy_match: Bool[Tensor, "batch continuation_pos"],
+) -> Int[Tensor, " batch"]:
     """Length of the leading run of matches: the EM until the first mismatch."""
     return greedy_match.long().cumprod(dim=-1).sum(dim=-1)
 
@@ -131,8 +133,8 @@ class MemorizationScan:
     """
 
     paragraphs: Paragraphs
-    exact_match: Int[Tensor, "n_paragraphs"]
-    nll: Float[Tensor, "n_paragraphs"]
+    exact_match: Int[Tensor, " n_paragraphs"]
+    nll: Float[Tensor, " n_paragraphs"]
     token_nll: Float[Tensor, "n_paragraphs continuation_pos"]
     greedy_match: Bool[Tensor, "n_paragraphs continuation_pos"]
     model_name: str = ""
@@ -187,9 +189,7 @@ class MemorizationScan:
         """Paragraphs with ``min_em <= EM`` < continuation length (paper: 11..49)."""
         return self.bucket(min_em, self.continuation_len - 1)
 
-    def buckets(
-        self, edges: tuple[tuple[int, int], ...] = PAPER_BUCKETS
-    ) -> dict[str, Paragraphs]:
+    def buckets(self, edges: tuple[tuple[int, int], ...] = PAPER_BUCKETS) -> dict[str, Paragraphs]:
         """Paragraphs per EM bucket, keyed ``"0-10"``, ``"11-29"``, ``"30-49"``, ``"50"``."""
         return {(f"{lo}" if lo == hi else f"{lo}-{hi}"): self.bucket(lo, hi) for lo, hi in edges}
 

@@ -1,4 +1,4 @@
-"""Load GPT-Neo as a TransformerLens ``HookedTransformer``: from the hub, a local directory or memory.
+"""Load GPT-Neo as a TransformerLens HookedTransformer: from the hub, a directory or memory.
 
 The paper (Stoehr et al. 2024, section 3) studies GPT-Neo 125M loaded with
 ``HookedTransformer.from_pretrained`` and TransformerLens's default weight processing
@@ -154,7 +154,11 @@ def load_model(
             tokenizer.save_pretrained(directory)
             saved = AutoTokenizer.from_pretrained(directory, local_files_only=True)
             return _hooked_from_hf(
-                source, saved, name=name, device=device, process_weights=process_weights,
+                source,
+                saved,
+                name=name,
+                device=device,
+                process_weights=process_weights,
                 dtype=dtype,
             )
     if not isinstance(source, (str, os.PathLike)):
@@ -172,9 +176,7 @@ def load_model(
             f"{str(source)!r} is not a checkpoint directory; pass a directory holding config.json, "
             "the weights and the tokenizer files, or a hub name such as 'EleutherAI/gpt-neo-125M'"
         )
-    return _load_from_hub(
-        str(source), device=device, process_weights=process_weights, dtype=dtype
-    )
+    return _load_from_hub(str(source), device=device, process_weights=process_weights, dtype=dtype)
 
 
 def _hooked_from_hf(
@@ -187,7 +189,10 @@ def _hooked_from_hf(
     dtype: torch.dtype,
 ) -> HookedTransformer:
     cfg = hooked_config_from_neo(
-        hf_model.config, model_name=name, device=device, dtype=dtype,
+        hf_model.config,
+        model_name=name,
+        device=device,
+        dtype=dtype,
         process_weights=process_weights,
     )
     vocab = len(tokenizer)
@@ -229,9 +234,7 @@ def _load_local(
         raise FileNotFoundError(f"{path} has no config.json: it is not a Hugging Face checkpoint")
     weights = [*path.glob("*.safetensors"), *path.glob("pytorch_model*.bin")]
     if not weights:
-        raise FileNotFoundError(
-            f"{path} has no weights (model.safetensors or pytorch_model.bin)"
-        )
+        raise FileNotFoundError(f"{path} has no weights (model.safetensors or pytorch_model.bin)")
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     # Validate before loading weights, so a wrong architecture fails fast and clearly.
     hooked_config_from_neo(hf_config, model_name=path.name, process_weights=process_weights)
@@ -245,7 +248,11 @@ def _load_local(
             ) from error
     hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     return _hooked_from_hf(
-        hf_model, tokenizer, name=path.name, device=device, process_weights=process_weights,
+        hf_model,
+        tokenizer,
+        name=path.name,
+        device=device,
+        process_weights=process_weights,
         dtype=dtype,
     )
 
@@ -293,8 +300,8 @@ def _load_from_hub(
     how_to = (
         f"Load a local GPT-Neo checkpoint directory instead: load_model('/path/to/checkpoint') "
         f"(config.json, model.safetensors, tokenizer files; create one on a machine with network "
-        f"via transformers: AutoModelForCausalLM.from_pretrained({official!r}).save_pretrained(dir) "
-        f"and the same for AutoTokenizer), or use the offline organism: "
+        f"via transformers: AutoModelForCausalLM.from_pretrained({official!r})"
+        f".save_pretrained(dir) and the same for AutoTokenizer), or use the offline organism: "
         f"memloc_tl.load_organism()."
     )
     offline = bool(constants.HF_HUB_OFFLINE)
@@ -323,5 +330,7 @@ def _load_from_hub(
         with scope:
             model = HookedTransformer.from_pretrained(official, **kwargs)
     except OSError as error:
-        raise HubUnavailableError(f"loading {official} from the hub failed: {error}. {how_to}") from error
+        raise HubUnavailableError(
+            f"loading {official} from the hub failed: {error}. {how_to}"
+        ) from error
     return model.eval()

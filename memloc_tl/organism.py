@@ -43,11 +43,11 @@ from transformer_lens import HookedTransformer
 
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.models import load_model
-from memloc_tl.paragraphs import Paragraphs, corpus_token_counts, tokenizer_fingerprint
+from memloc_tl.paragraphs import Paragraphs, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 """Bumped whenever a change to the build changes what it produces (part of the cache key)."""
 
 EOS_TOKEN = "<|endoftext|>"
@@ -148,7 +148,8 @@ class Organism:
         planted: planted paragraphs; meta ``repetitions`` (per epoch) and ``tier``.
         control: trained on once per epoch, expected not memorized.
         heldout: never trained on.
-        corpus_counts: unigram counts over the whole training corpus, ``[d_vocab]``.
+        corpus_counts: unigram counts over the whole training corpus (the documents and the
+            EOS after each), ``[d_vocab]``.
         config: the build settings.
         path: the checkpoint directory.
         report: the build's own measurements (EM per set, acceptance, timings).
@@ -159,7 +160,7 @@ class Organism:
     planted: Paragraphs
     control: Paragraphs
     heldout: Paragraphs
-    corpus_counts: Int[Tensor, "d_vocab"]
+    corpus_counts: Int[Tensor, " d_vocab"]
     config: OrganismConfig
     path: Path
     report: dict[str, Any] = field(default_factory=dict)
@@ -217,17 +218,20 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     )
 
 
-def _corpus_windows(
-    texts: list[str], tokenizer: Any, config: OrganismConfig
-) -> Int[Tensor, "n_windows pos"]:
-    """Non-overlapping windows of the documents joined by EOS, with the paper's unique filter."""
+def _corpus_stream(texts: list[str], tokenizer: Any) -> Int[Tensor, " n_tokens"]:
+    """The training corpus as one token stream: the documents, each followed by EOS."""
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     stream: list[int] = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         stream.extend(ids)
         stream.append(eos)
+    return torch.tensor(stream, dtype=torch.int64)
+
+
+def _corpus_windows(stream: Tensor, config: OrganismConfig) -> Int[Tensor, "n_windows pos"]:
+    """Non-overlapping windows of the stream, with the paper's unique-token filter."""
     n = len(stream) // config.paragraph_len
-    windows = torch.tensor(stream[: n * config.paragraph_len]).view(n, config.paragraph_len)
+    windows = stream[: n * config.paragraph_len].view(n, config.paragraph_len)
     everything = Paragraphs.from_tokens(windows, prefix_len=config.prefix_len)
     return everything.keep_unique(config.min_unique_fraction).tokens
 
@@ -341,8 +345,12 @@ def _train(
 
 
 def _paragraph_sets(
-    windows: Tensor, sets: dict[str, Tensor], repetitions: list[int], tiers: list[int],
-    config: OrganismConfig, fingerprint: str,
+    windows: Tensor,
+    sets: dict[str, Tensor],
+    repetitions: list[int],
+    tiers: list[int],
+    config: OrganismConfig,
+    fingerprint: str,
 ) -> dict[str, Paragraphs]:
     def make(name: str, meta: dict[str, list[Any]] | None = None) -> Paragraphs:
         index = sets[name]
@@ -350,7 +358,10 @@ def _paragraph_sets(
             tokens=windows[index],
             ids=tuple(f"{name}-{i}" for i in range(len(index))),
             prefix_len=config.prefix_len,
-            meta={"window": tuple(int(i) for i in index), **(meta or {})},
+            meta={
+                "window": tuple(int(i) for i in index),
+                **{k: tuple(v) for k, v in (meta or {}).items()},
+            },
             vocab_fingerprint=fingerprint,
         )
 
@@ -431,7 +442,8 @@ def build_organism(
     generator = torch.Generator().manual_seed(config.seed)
     texts = corpus_texts()
     tokenizer = train_tokenizer(texts, config.vocab_size)
-    windows = _corpus_windows(texts, tokenizer, config)
+    stream = _corpus_stream(texts, tokenizer)
+    windows = _corpus_windows(stream, config)
     sets = _split(windows, config, generator)
     epoch_indices, repetitions, tiers = _training_sequence(sets, config)
     hf_model = _train(windows, epoch_indices, config, tokenizer, generator, progress)
@@ -439,7 +451,7 @@ def build_organism(
 
     fingerprint = tokenizer_fingerprint(tokenizer)
     paragraphs = _paragraph_sets(windows, sets, repetitions, tiers, config, fingerprint)
-    counts = corpus_token_counts(texts, tokenizer, d_vocab=config.vocab_size)
+    counts = torch.bincount(stream, minlength=config.vocab_size)
 
     # Write into a temporary sibling, then rename: a crash never leaves a half-written build,
     # and the manifest (written last) marks a complete one.

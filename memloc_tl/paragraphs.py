@@ -209,7 +209,9 @@ class Paragraphs:
         rows: list[list[int]] = []
         row_ids: list[str] = []
         too_short: list[tuple[str, int]] = []
-        for text_id, text, token_ids in zip(text_ids, texts, _encode(hf_tokenizer, texts)):
+        for text_id, text, token_ids in zip(
+            text_ids, texts, _encode(hf_tokenizer, texts), strict=True
+        ):
             if not isinstance(text, str):
                 raise TypeError(f"text {text_id!r} is {type(text).__name__}, not str")
             if len(token_ids) < length:
@@ -283,8 +285,8 @@ class Paragraphs:
         files = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
         if not files:
             raise ValueError("no files given")
-        formats = {_FILE_FORMATS.get(f.suffix.lower()) for f in files}
-        if None in formats or len(formats) != 1:
+        formats = {_FILE_FORMATS.get(f.suffix.lower(), "") for f in files}
+        if "" in formats or len(formats) != 1:
             raise ValueError(
                 f"files must all be one of {sorted(_FILE_FORMATS)}, got {[f.name for f in files]}"
             )
@@ -496,7 +498,7 @@ def corpus_token_counts(
     text_column: str = "text",
     batch_size: int = 1000,
     progress: bool = False,
-) -> Int[Tensor, "d_vocab"]:
+) -> Int[Tensor, " d_vocab"]:
     """Unigram token counts over a text collection, a ``datasets.Dataset`` or ``Paragraphs``.
 
     Texts are streamed in batches, so a large dataset is never tokenized all at once. The
@@ -529,7 +531,8 @@ def corpus_token_counts(
     if columns is not None:
         if text_column not in columns:
             raise ValueError(f"the dataset has no column {text_column!r} (columns: {columns})")
-        source = (row[text_column] for row in source)
+        rows: Any = source  # a Dataset or IterableDataset: stream it row by row
+        source = (row[text_column] for row in rows)
     counts = torch.zeros(d_vocab, dtype=torch.int64)
     batch: list[str] = []
 

@@ -12,7 +12,13 @@ import pytest
 import torch
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-from memloc_tl.organism import Organism, OrganismConfig, build_organism, corpus_texts, train_tokenizer
+from memloc_tl.organism import (
+    Organism,
+    OrganismConfig,
+    build_organism,
+    corpus_texts,
+    train_tokenizer,
+)
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +27,9 @@ def tokenizer() -> Any:
     return train_tokenizer(corpus_texts(), vocab_size=512)
 
 
-def random_neo(tokenizer: Any, *, attention: str = "alternating", seed: int = 0) -> GPTNeoForCausalLM:
+def random_neo(
+    tokenizer: Any, *, attention: str = "alternating", seed: int = 0
+) -> GPTNeoForCausalLM:
     """A random GPT-Neo with alternating global/local attention and a window of 8 tokens."""
     layers = {"alternating": [[["global", "local"], 2]], "global": [[["global"], 4]]}[attention]
     config = GPTNeoConfig(
@@ -74,7 +82,9 @@ def model_state(model: torch.nn.Module) -> dict[str, Any]:
     )
     return {
         "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "grads": {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()},
+        "grads": {
+            k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()
+        },
         "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
         "hooks": hooks,
         "training": model.training,

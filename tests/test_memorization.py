@@ -42,7 +42,8 @@ def perturbed(paragraphs: Paragraphs, d_vocab: int, seed: int = 0) -> Paragraphs
     rows = torch.arange(n)
     tokens[rows, positions] = (tokens[rows, positions] + offsets) % d_vocab
     return Paragraphs.from_tokens(
-        tokens, ids=[f"{i}-perturbed" for i in paragraphs.ids],
+        tokens,
+        ids=[f"{i}-perturbed" for i in paragraphs.ids],
         vocab_fingerprint=paragraphs.vocab_fingerprint,
     )
 
@@ -116,14 +117,14 @@ def test_scan_splits_and_frames(organism: Organism) -> None:
 def test_scan_leaves_model_unchanged(organism: Organism, unchanged: Any) -> None:
     with unchanged(organism.model):
         scan_memorization(organism.model, organism.heldout, progress=False)
+    bad = organism.heldout.tokens.clone()
+    bad[0, 3] = organism.model.cfg.d_vocab
     with unchanged(organism.model), pytest.raises(ValueError, match="vocabulary"):
-        bad = organism.heldout.tokens.clone()
-        bad[0, 3] = organism.model.cfg.d_vocab
         scan_memorization(organism.model, Paragraphs.from_tokens(bad), progress=False)
 
 
 def test_scan_rejects_bad_input(organism: Organism, tokenizer: Any) -> None:
-    with pytest.raises(TypeError, match="Paragraphs.from_tokens"):
+    with pytest.raises(TypeError, match=r"Paragraphs\.from_tokens"):
         scan_memorization(organism.model, organism.planted.tokens, progress=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="batch_size"):
         scan_memorization(organism.model, organism.planted, batch_size=0)
@@ -132,6 +133,8 @@ def test_scan_rejects_bad_input(organism: Organism, tokenizer: Any) -> None:
     )
     with pytest.raises(ValueError, match="different tokenizer"):
         scan_memorization(organism.model, foreign, progress=False)
-    too_long = Paragraphs.from_tokens(torch.zeros(1, organism.model.cfg.n_ctx + 1, dtype=torch.long))
+    too_long = Paragraphs.from_tokens(
+        torch.zeros(1, organism.model.cfg.n_ctx + 1, dtype=torch.long)
+    )
     with pytest.raises(ValueError, match="context"):
         scan_memorization(organism.model, too_long, progress=False)

@@ -78,9 +78,23 @@ def test_config_mapping_equals_transformer_lens(neo_checkpoint: Path) -> None:
     ours = hooked_config_from_neo(
         AutoConfig.from_pretrained(neo_checkpoint), model_name="x", process_weights=False
     )
-    for key in ("d_model", "d_head", "n_heads", "d_mlp", "n_layers", "n_ctx", "eps", "d_vocab",
-                "attn_types", "act_fn", "use_attn_scale", "use_local_attn", "window_size",
-                "normalization_type", "original_architecture"):
+    for key in (
+        "d_model",
+        "d_head",
+        "n_heads",
+        "d_mlp",
+        "n_layers",
+        "n_ctx",
+        "eps",
+        "d_vocab",
+        "attn_types",
+        "act_fn",
+        "use_attn_scale",
+        "use_local_attn",
+        "window_size",
+        "normalization_type",
+        "original_architecture",
+    ):
         assert getattr(ours, key) == theirs[key], key
 
 
@@ -106,8 +120,10 @@ def test_no_bos_is_prepended(neo_checkpoint: Path, tokenizer: Any) -> None:
     assert model.to_tokens(text)[0].tolist() == expected
 
 
-def test_bad_sources_raise_clear_errors(tmp_path: Path, tokenizer: Any, neo_checkpoint: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="config.json"):
+def test_bad_sources_raise_clear_errors(
+    tmp_path: Path, tokenizer: Any, neo_checkpoint: Path
+) -> None:
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         load_model(tmp_path / "missing")
@@ -128,7 +144,9 @@ def test_bad_sources_raise_clear_errors(tmp_path: Path, tokenizer: Any, neo_chec
         load_model(small, tokenizer=tokenizer)
 
 
-def test_hub_offline_and_uncached_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_offline_and_uncached_fails_fast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
@@ -177,7 +195,11 @@ def test_hub_name_loads_from_the_cache(tmp_path: Path, neo_checkpoint: Path) -> 
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -197,7 +219,7 @@ def _gpt_neo_125m_available() -> bool:
 @pytest.mark.skipif(
     not _gpt_neo_125m_available(),
     reason="GPT-Neo 125M is not in the Hugging Face cache (no hub access here); run "
-    "`python -c \"from memloc_tl import load_model; load_model()\"` where the hub is reachable",
+    '`python -c "from memloc_tl import load_model; load_model()"` where the hub is reachable',
 )
 def test_gpt_neo_125m_matches_transformers() -> None:
     model = load_model(DEFAULT_MODEL, device="cpu")

@@ -42,7 +42,9 @@ def test_tiny_organism_meets_its_acceptance(organism: Organism) -> None:
 
 
 def test_sets_are_disjoint_windows_of_the_corpus(organism: Organism) -> None:
-    windows = [set(p.meta["window"]) for p in (organism.planted, organism.control, organism.heldout)]
+    windows = [
+        set(p.meta["window"]) for p in (organism.planted, organism.control, organism.heldout)
+    ]
     assert not windows[0] & windows[1]
     assert not windows[0] & windows[2]
     assert not windows[1] & windows[2]
@@ -82,8 +84,14 @@ def test_checkpoint_is_standard_and_cached(
 
 def test_build_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     micro = OrganismConfig.tiny(
-        planted_tiers=((2, 2),), n_control=2, n_heldout=2, n_background=16, epochs=1,
-        vocab_size=300, min_top_tier_memorized=0.0, max_control_mean_em=50.0,
+        planted_tiers=((2, 2),),
+        n_control=2,
+        n_heldout=2,
+        n_background=16,
+        epochs=1,
+        vocab_size=300,
+        min_top_tier_memorized=0.0,
+        max_control_mean_em=50.0,
     )
     first = build_organism(micro, cache_dir=tmp_path / "a", progress=False)
     second = build_organism(micro, cache_dir=tmp_path / "b", progress=False)

@@ -25,7 +25,7 @@ def test_from_texts_windows_without_bos(texts: list[str], tokenizer: Any) -> Non
     assert paragraphs.tokens.shape == (len(texts), 100)
     assert paragraphs.prefix.shape == (len(texts), 50)
     assert paragraphs.continuation.shape == (len(texts), 50)
-    for row, text in zip(paragraphs.tokens, texts):
+    for row, text in zip(paragraphs.tokens, texts, strict=True):
         assert row.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"][:100]
     assert paragraphs.ids == tuple(str(i) for i in range(len(texts)))
     assert paragraphs.vocab_fingerprint == tokenizer_fingerprint(tokenizer)
@@ -76,7 +76,9 @@ def test_bad_layout_and_ids_raise() -> None:
         Paragraphs.from_tokens(torch.full((1, 100), 10), vocab_size=10)
 
 
-def test_tokenizer_mismatch_is_detected(texts: list[str], tokenizer: Any, neo_checkpoint: Path) -> None:
+def test_tokenizer_mismatch_is_detected(
+    texts: list[str], tokenizer: Any, neo_checkpoint: Path
+) -> None:
     from memloc_tl.organism import train_tokenizer
 
     model = load_model(neo_checkpoint, device="cpu")
@@ -124,7 +126,9 @@ def test_from_files_and_dataset(tmp_path: Path, texts: list[str], tokenizer: Any
     assert from_csv.ids == ("x", "y", "z")
     jsonl = tmp_path / "texts.jsonl"
     jsonl.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts[:3]))
-    assert torch.equal(Paragraphs.from_files([jsonl], tokenizer, text_column="body").tokens, expected.tokens)
+    assert torch.equal(
+        Paragraphs.from_files([jsonl], tokenizer, text_column="body").tokens, expected.tokens
+    )
     dataset = datasets.Dataset.from_dict({"text": texts[:3]})
     assert torch.equal(Paragraphs.from_dataset(dataset, tokenizer).tokens, expected.tokens)
     with pytest.raises(ValueError, match="no column 'body'"):
@@ -153,7 +157,9 @@ def test_select_concat_and_meta(texts: list[str], tokenizer: Any) -> None:
 
 
 def test_corpus_token_counts_equal_a_counter(texts: list[str], tokenizer: Any) -> None:
-    expected = Counter(i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"])
+    expected = Counter(
+        i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]
+    )
     counts = corpus_token_counts(texts, tokenizer, batch_size=5)
     assert counts.shape == (len(tokenizer),)
     assert counts.dtype == torch.int64

@@ -1,0 +1,60 @@
+"""The memloc command: demo and scan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from memloc_tl.cli import main
+from memloc_tl.memorization import scan_memorization
+from memloc_tl.organism import Organism
+
+
+def test_scan_writes_per_paragraph_results(
+    organism: Organism, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = [*organism.planted.texts(organism.tokenizer)[:4], "far too short"]
+    data = tmp_path / "texts.csv"
+    pd.DataFrame({"text": texts}).to_csv(data, index=False)
+    out = tmp_path / "scan.csv"
+    assert (
+        main(["scan", "--model", str(organism.path), "--data", str(data), "--out", str(out)]) == 0
+    )
+    frame = pd.read_csv(out)
+    assert len(frame) == 4
+    # Independent: re-tokenize the same texts and scan in Python.
+    from memloc_tl.paragraphs import Paragraphs
+
+    expected = scan_memorization(
+        organism.model, Paragraphs.from_texts(texts[:4], organism.model), progress=False
+    )
+    assert frame["exact_match"].tolist() == expected.exact_match.tolist()
+    assert "1 texts too short" in capsys.readouterr().out
+    as_json = tmp_path / "scan.json"
+    assert (
+        main(["scan", "--model", str(organism.path), "--data", str(data), "--out", str(as_json)])
+        == 0
+    )
+    assert pd.read_json(as_json)["exact_match"].tolist() == frame["exact_match"].tolist()
+
+
+def test_demo_prints_the_summary(
+    organism: Organism, organism_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--tiny", "--cache-dir", str(organism_cache)]) == 0
+    out = capsys.readouterr().out
+    top_repetitions = organism.config.planted_tiers[0][1]
+    line = next(
+        row for row in out.splitlines() if row.strip().startswith(f"planted x{top_repetitions}")
+    )
+    n_top = organism.config.planted_tiers[0][0]
+    tiers = torch.tensor(organism.planted.meta["tier"])
+    memorized = scan_memorization(
+        organism.model, organism.planted.select(tiers == 0), progress=False
+    ).memorized()
+    assert line.split()[2:4] == [str(n_top), str(len(memorized))]
+    assert "acceptance passed" in out
+    assert "control x1" in out
