@@ -1,0 +1,15 @@
+"""Read-only analyzers, one module per experiment of the paper."""
+
+from memloc_tl.analysis.rare_tokens import (
+    RareTokenAttention,
+    RareTokenAttentionAnalyzer,
+    rare_token_attention,
+)
+from memloc_tl.analysis.runner import run_analyzers
+
+__all__ = [
+    "RareTokenAttention",
+    "RareTokenAttentionAnalyzer",
+    "rare_token_attention",
+    "run_analyzers",
+]

@@ -1,0 +1,49 @@
+"""Heads as values: ``HeadRef(layer=1, head=2)``, shown and parsed as ``"L1H2"``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+_LABEL = re.compile(r"^\s*L(\d+)H(\d+)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, order=True)
+class HeadRef:
+    """One attention head: ``HeadRef(layer=1, head=2)``, ``str(...) == "L1H2"``."""
+
+    layer: int
+    head: int
+
+    def __post_init__(self) -> None:
+        for name in ("layer", "head"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TypeError(f"{name} must be a non-negative int, got {value!r}")
+
+    def __str__(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+    @classmethod
+    def parse(cls, label: str | HeadRef) -> HeadRef:
+        """``"L1H2"`` (any case) -> ``HeadRef(1, 2)``; a HeadRef is returned as is."""
+        if isinstance(label, HeadRef):
+            return label
+        match = _LABEL.match(label) if isinstance(label, str) else None
+        if match is None:
+            raise ValueError(f"a head label looks like 'L1H2', got {label!r}")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def check(self, cfg: Any) -> HeadRef:
+        """Raise ``ValueError`` if the model (its ``cfg``) has no such head; return self."""
+        if self.layer >= cfg.n_layers or self.head >= cfg.n_heads:
+            raise ValueError(
+                f"{self} does not exist: the model has {cfg.n_layers} layers of {cfg.n_heads} heads"
+            )
+        return self
+
+
+def all_heads(cfg: Any) -> list[HeadRef]:
+    """Every head of a model, layer by layer."""
+    return [HeadRef(layer, head) for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]

@@ -1,0 +1,115 @@
+"""Result types shared by the analyzers: scores per head, per token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from memloc_tl.heads import HeadRef
+from memloc_tl.paragraphs import Paragraphs
+
+
+@dataclass(frozen=True)
+class HeadScores:
+    """One score per attention head.
+
+    Attributes:
+        name: what the score is (e.g. ``"pooled Kendall tau (mean per rank)"``).
+        scores: ``[n_layers, n_heads]``.
+    """
+
+    name: str
+    scores: Float[Tensor, "n_layers n_heads"]
+
+    def __post_init__(self) -> None:
+        if self.scores.ndim != 2:
+            raise ValueError(f"scores must be [n_layers, n_heads], got {tuple(self.scores.shape)}")
+
+    def __getitem__(self, head: HeadRef | str) -> float:
+        ref = HeadRef.parse(head)
+        return float(self.scores[ref.layer, ref.head])
+
+    def top(
+        self, k: int = 5, *, order: Literal["largest", "smallest", "abs"] = "largest"
+    ) -> list[tuple[HeadRef, float]]:
+        """The ``k`` heads with the largest (or smallest, or largest absolute) score."""
+        if order not in ("largest", "smallest", "abs"):
+            raise ValueError(f"order must be 'largest', 'smallest' or 'abs', got {order!r}")
+        flat = self.scores.flatten()
+        key = {"largest": flat, "smallest": -flat, "abs": flat.abs()}[order]
+        key = key.nan_to_num(nan=-torch.inf)  # NaN (not analyzed) ranks last
+        n_heads = self.scores.shape[1]
+        index = key.argsort(descending=True, stable=True)[:k]
+        return [(HeadRef(int(i) // n_heads, int(i) % n_heads), float(flat[i])) for i in index]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: layer, head, label, score."""
+        n_layers, n_heads = self.scores.shape
+        return pd.DataFrame(
+            {
+                "layer": [layer for layer in range(n_layers) for _ in range(n_heads)],
+                "head": [head for _ in range(n_layers) for head in range(n_heads)],
+                "label": [
+                    str(HeadRef(layer, head))
+                    for layer in range(n_layers)
+                    for head in range(n_heads)
+                ],
+                "score": self.scores.flatten().tolist(),
+                "name": self.name,
+            }
+        )
+
+    def __repr__(self) -> str:
+        best = ", ".join(f"{h}={s:.3g}" for h, s in self.top(3, order="abs"))
+        return f"HeadScores({self.name!r}, shape={tuple(self.scores.shape)}, top |score|: {best})"
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """One score per token position of each paragraph.
+
+    Attributes:
+        name: what the score is.
+        scores: ``[n_paragraphs, pos]``.
+        paragraphs: the paragraphs the positions belong to.
+    """
+
+    name: str
+    scores: Float[Tensor, "n_paragraphs pos"]
+    paragraphs: Paragraphs
+
+    def __post_init__(self) -> None:
+        if self.scores.ndim != 2 or self.scores.shape[0] != len(self.paragraphs):
+            raise ValueError(
+                f"scores must be [{len(self.paragraphs)}, pos], got {tuple(self.scores.shape)}"
+            )
+
+    def top(self, k: int = 5) -> list[tuple[str, int, float]]:
+        """The ``k`` largest scores as (paragraph id, position, score)."""
+        flat = self.scores.flatten().nan_to_num(nan=-torch.inf)
+        width = self.scores.shape[1]
+        index = flat.argsort(descending=True, stable=True)[:k]
+        return [
+            (self.paragraphs.ids[int(i) // width], int(i) % width, float(flat[i])) for i in index
+        ]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: paragraph id, position, token id, score."""
+        n, width = self.scores.shape
+        return pd.DataFrame(
+            {
+                "id": [pid for pid in self.paragraphs.ids for _ in range(width)],
+                "position": list(range(width)) * n,
+                "token": self.paragraphs.tokens[:, :width].flatten().tolist(),
+                "score": self.scores.flatten().tolist(),
+                "name": self.name,
+            }
+        )
+
+    def __repr__(self) -> str:
+        return f"TokenScores({self.name!r}, shape={tuple(self.scores.shape)})"
