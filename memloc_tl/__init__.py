@@ -4,6 +4,13 @@ Implements Stoehr et al. (2024), "Localizing Paragraph Memorization in Language 
 (arXiv 2403.19851), for GPT-Neo loaded as a TransformerLens ``HookedTransformer``.
 """
 
+from memloc_tl.analysis import (
+    RareTokenAttention,
+    RareTokenAttentionAnalyzer,
+    rare_token_attention,
+    run_analyzers,
+)
+from memloc_tl.heads import HeadRef
 from memloc_tl.memorization import (
     MemorizationScan,
     greedy_continuations,
@@ -13,23 +20,31 @@ from memloc_tl.memorization import (
 from memloc_tl.models import DEFAULT_MODEL, HubUnavailableError, load_model
 from memloc_tl.organism import Organism, OrganismConfig, build_organism, load_organism
 from memloc_tl.paragraphs import PAPER_KEYWORDS, Paragraphs, corpus_token_counts
+from memloc_tl.results import HeadScores, TokenScores
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
     "PAPER_KEYWORDS",
+    "HeadRef",
+    "HeadScores",
     "HubUnavailableError",
     "MemorizationScan",
     "Organism",
     "OrganismConfig",
     "Paragraphs",
+    "RareTokenAttention",
+    "RareTokenAttentionAnalyzer",
+    "TokenScores",
     "__version__",
     "build_organism",
     "corpus_token_counts",
     "greedy_continuations",
     "load_model",
     "load_organism",
+    "rare_token_attention",
+    "run_analyzers",
     "scan_memorization",
     "summarize",
 ]
