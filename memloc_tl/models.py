@@ -171,7 +171,7 @@ def load_model(
         return _load_local(
             path, tokenizer=tokenizer, device=device, process_weights=process_weights, dtype=dtype
         )
-    if path.exists() or str(source).startswith((".", "/", "~")) or os.sep + os.sep in str(source):
+    if path.exists() or str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(
             f"{str(source)!r} is not a checkpoint directory; pass a directory holding config.json, "
             "the weights and the tokenizer files, or a hub name such as 'EleutherAI/gpt-neo-125M'"

@@ -311,8 +311,10 @@ def _train(
 ) -> Any:
     from transformers import GPTNeoForCausalLM
 
-    torch.manual_seed(config.seed)
-    model = GPTNeoForCausalLM(_neo_config(config, tokenizer))
+    # Seed the initialization without disturbing the caller's global random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = GPTNeoForCausalLM(_neo_config(config, tokenizer))
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
