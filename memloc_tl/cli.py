@@ -8,9 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
+from memloc_tl.memorization import scan_memorization, summarize
 from memloc_tl.models import DEFAULT_MODEL, load_model
 from memloc_tl.organism import Organism, OrganismConfig, build_organism
 from memloc_tl.paragraphs import Paragraphs
@@ -28,24 +26,6 @@ def _organism(args: argparse.Namespace) -> Organism:
     )
 
 
-def _organism_scans(organism: Organism, batch_size: int) -> dict[str, MemorizationScan]:
-    model = organism.model
-    scans: dict[str, MemorizationScan] = {}
-    tiers = torch.tensor(organism.planted.meta["tier"])
-    for tier, (_, repetitions) in enumerate(organism.config.planted_tiers):
-        subset = organism.planted.select(tiers == tier)
-        scans[f"planted x{repetitions}"] = scan_memorization(
-            model, subset, batch_size=batch_size, progress=False
-        )
-    scans["control x1"] = scan_memorization(
-        model, organism.control, batch_size=batch_size, progress=False
-    )
-    scans["held-out x0"] = scan_memorization(
-        model, organism.heldout, batch_size=batch_size, progress=False
-    )
-    return scans
-
-
 def run_demo(args: argparse.Namespace) -> int:
     organism = _organism(args)
     config = organism.config
@@ -56,8 +36,8 @@ def run_demo(args: argparse.Namespace) -> int:
         f"built in {organism.report.get('train_seconds', '?')} s"
     )
     print("  'xN' = times the paragraph is in each epoch's training data\n")
-    scans = _organism_scans(organism, args.batch_size)
-    print(summarize(scans).to_string(index=False))
+    scans = organism.scans(batch_size=args.batch_size)
+    print(summarize(scans).to_string(index=False, float_format="{:.2f}".format))
     acceptance = organism.report["acceptance"]
     verdict = "passed" if acceptance["passed"] else "MISSED"
     print(

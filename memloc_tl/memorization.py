@@ -272,9 +272,9 @@ def summarize(scans: dict[str, MemorizationScan]) -> pd.DataFrame:
                 "set": name,
                 "n": len(scan),
                 "memorized": int((scan.exact_match == scan.continuation_len).sum()),
-                "mean_em": round(float(em.mean()), 2) if len(scan) else float("nan"),
+                "mean_em": float(em.mean()) if len(scan) else float("nan"),
                 "max_em": int(scan.exact_match.max()) if len(scan) else 0,
-                "mean_nll": round(float(scan.nll.mean()), 3) if len(scan) else float("nan"),
+                "mean_nll": float(scan.nll.mean()) if len(scan) else float("nan"),
             }
         )
     return pd.DataFrame(rows)

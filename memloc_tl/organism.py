@@ -41,13 +41,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from memloc_tl.memorization import scan_memorization
+from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
 from memloc_tl.models import load_model
 from memloc_tl.paragraphs import Paragraphs, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 """Bumped whenever a change to the build changes what it produces (part of the cache key)."""
 
 EOS_TOKEN = "<|endoftext|>"
@@ -164,6 +164,17 @@ class Organism:
     config: OrganismConfig
     path: Path
     report: dict[str, Any] = field(default_factory=dict)
+
+    def scans(self, *, batch_size: int = 32) -> dict[str, MemorizationScan]:
+        """Scan every planted tier, the control and the held-out set (see organism_scans)."""
+        return organism_scans(
+            self.model,
+            self.planted,
+            self.control,
+            self.heldout,
+            self.config.planted_tiers,
+            batch_size=batch_size,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -374,43 +385,55 @@ def _paragraph_sets(
     }
 
 
+def organism_scans(
+    model: HookedTransformer,
+    planted: Paragraphs,
+    control: Paragraphs,
+    heldout: Paragraphs,
+    planted_tiers: tuple[tuple[int, int], ...],
+    *,
+    batch_size: int = 32,
+) -> dict[str, MemorizationScan]:
+    """Scans of each planted tier, the control and the held-out set, named by repetitions.
+
+    Keys are ``"planted x40"``, ... (most repeated first), ``"control x1"``, ``"held-out x0"``.
+    """
+    tiers = torch.tensor(planted.meta["tier"])
+    named = {
+        f"planted x{repetitions}": planted.select(tiers == tier)
+        for tier, (_, repetitions) in enumerate(planted_tiers)
+    }
+    named |= {"control x1": control, "held-out x0": heldout}
+    return {
+        name: scan_memorization(model, paragraphs, batch_size=batch_size, progress=False)
+        for name, paragraphs in named.items()
+    }
+
+
 def _evaluate(
     model: HookedTransformer, paragraphs: dict[str, Paragraphs], config: OrganismConfig
 ) -> dict[str, Any]:
-    cont = config.continuation_len
-    report: dict[str, Any] = {"sets": {}}
-    for name, para in paragraphs.items():
-        scan = scan_memorization(model, para, progress=False)
-        em = scan.exact_match
-        entry = {
-            "n": len(para),
-            "memorized": int((em == cont).sum()),
-            "mean_em": float(em.float().mean()),
-            "max_em": int(em.max()),
-            "mean_nll": float(scan.nll.mean()),
-        }
-        if name == "planted":
-            tier = torch.tensor(para.meta["tier"])
-            entry["tiers"] = [
-                {
-                    "repetitions": reps,
-                    "n": count,
-                    "memorized": int((em[tier == t] == cont).sum()),
-                    "mean_em": float(em[tier == t].float().mean()),
-                }
-                for t, (count, reps) in enumerate(config.planted_tiers)
-            ]
-        report["sets"][name] = entry
-    top = report["sets"]["planted"]["tiers"][0]
+    scans = organism_scans(
+        model,
+        paragraphs["planted"],
+        paragraphs["control"],
+        paragraphs["heldout"],
+        config.planted_tiers,
+    )
+    table = summarize(scans)
+    sets = {row.pop("set"): row for row in table.to_dict(orient="records")}
+    top = next(iter(sets.values()))
     top_share = top["memorized"] / top["n"]
-    control_em = report["sets"]["control"]["mean_em"]
-    report["acceptance"] = {
-        "top_tier_memorized_share": top_share,
-        "control_mean_em": control_em,
-        "passed": top_share >= config.min_top_tier_memorized
-        and control_em <= config.max_control_mean_em,
+    control_em = sets["control x1"]["mean_em"]
+    return {
+        "sets": sets,
+        "acceptance": {
+            "top_tier_memorized_share": top_share,
+            "control_mean_em": control_em,
+            "passed": top_share >= config.min_top_tier_memorized
+            and control_em <= config.max_control_mean_em,
+        },
     }
-    return report
 
 
 def build_organism(

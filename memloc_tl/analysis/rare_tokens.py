@@ -67,6 +67,14 @@ def dense_frequency_ranks(
     return ranks
 
 
+def mean_per_rank(
+    by_rank: Float[Tensor, "... rank"], occupancy: Int[Tensor, " rank"]
+) -> Float[Tensor, "... rank"]:
+    """Summed attention per rank divided by the paragraphs in which the rank occurs; NaN if none."""
+    occupancy = occupancy.to(by_rank.dtype)
+    return by_rank / occupancy.where(occupancy > 0, torch.nan)
+
+
 @dataclass(frozen=True)
 class RareTokenAttention:
     """Attention to rare prefix tokens, per head.
@@ -96,8 +104,7 @@ class RareTokenAttention:
     @property
     def mean_attention_by_rank(self) -> Float[Tensor, "n_layers n_heads rank"]:
         """Attention per rank averaged over the paragraphs where the rank occurs (NaN if none)."""
-        occupancy = self.rank_occupancy.to(self.attention_by_rank.dtype)
-        return self.attention_by_rank / occupancy.where(occupancy > 0, torch.nan)
+        return mean_per_rank(self.attention_by_rank, self.rank_occupancy)
 
     def top(self, k: int = 5) -> list[tuple[HeadRef, float]]:
         """The ``k`` heads that most prefer rare tokens (most negative pooled mean tau)."""
@@ -207,7 +214,8 @@ class RareTokenAttentionAnalyzer:
             raise ValueError("no paragraphs were analyzed yet")
         ranks = torch.arange(self.prefix_len, dtype=torch.float64).expand_as(self._by_rank)
         occupied = self._occupancy > 0
-        mean_by_rank = self._by_rank / self._occupancy.clamp(min=1)
+        # unoccupied ranks are masked out of the tau; zero their NaN so it cannot leak into sums
+        mean_by_rank = mean_per_rank(self._by_rank, self._occupancy).nan_to_num(0.0)
         unused = torch.full_like(self._tau_sum, torch.nan)
         analyzed = torch.zeros_like(self._tau_sum, dtype=torch.bool)
         analyzed[self.layers] = True
