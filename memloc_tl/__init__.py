@@ -5,8 +5,10 @@ Implements Stoehr et al. (2024), "Localizing Paragraph Memorization in Language 
 """
 
 from memloc_tl.analysis import (
+    PrefixPerturbation,
     RareTokenAttention,
     RareTokenAttentionAnalyzer,
+    perturb_prefixes,
     rare_token_attention,
     run_analyzers,
 )
@@ -34,6 +36,7 @@ __all__ = [
     "Organism",
     "OrganismConfig",
     "Paragraphs",
+    "PrefixPerturbation",
     "RareTokenAttention",
     "RareTokenAttentionAnalyzer",
     "TokenScores",
@@ -43,6 +46,7 @@ __all__ = [
     "greedy_continuations",
     "load_model",
     "load_organism",
+    "perturb_prefixes",
     "rare_token_attention",
     "run_analyzers",
     "scan_memorization",

@@ -44,37 +44,78 @@ def _check_tokens(model: HookedTransformer, tokens: Tensor, prefix_len: int) -> 
         )
 
 
-def continuation_logprobs(
-    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], prefix_len: int
+def continuation_logits(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
+    prefix_len: int,
+    *,
+    start_at_layer: int | None = None,
 ) -> Float[Tensor, "batch continuation_pos d_vocab"]:
-    """Log-probabilities at the positions that predict the continuation, teacher-forced.
+    """Logits (float32) at the positions that predict the continuation, teacher-forced.
 
     Position ``prefix_len - 1 + i`` predicts continuation token ``i``. Only those positions
     pass through ``ln_final`` and the unembedding, so this costs less than a full forward.
     Hooks in scope (``model.hooks(...)``) apply, which is how analyzers patch this pass.
+
+    Args:
+        model: the model.
+        tokens: token ids, or with ``start_at_layer`` the residual stream entering that layer.
+        prefix_len: prefix length.
+        start_at_layer: run only the blocks from this layer on (TransformerLens semantics).
     """
-    tokens = tokens.to(model.cfg.device)
-    residual = model(tokens, stop_at_layer=model.cfg.n_layers)
+    residual = model(
+        tokens.to(model.cfg.device),
+        start_at_layer=start_at_layer,
+        stop_at_layer=model.cfg.n_layers,
+    )
     residual = residual[:, prefix_len - 1 : -1]
-    logits = model.unembed(model.ln_final(residual))
-    return logits.float().log_softmax(dim=-1)
+    return model.unembed(model.ln_final(residual)).float()
+
+
+def continuation_logprobs(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
+    prefix_len: int,
+    *,
+    start_at_layer: int | None = None,
+) -> Float[Tensor, "batch continuation_pos d_vocab"]:
+    """Log-probabilities at the continuation-predicting positions (see continuation_logits)."""
+    logits = continuation_logits(model, tokens, prefix_len, start_at_layer=start_at_layer)
+    return logits.log_softmax(dim=-1)
 
 
 def score_continuations(
-    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], prefix_len: int
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    prefix_len: int,
+    *,
+    residual: Float[Tensor, "batch pos d_model"] | None = None,
+    start_at_layer: int | None = None,
 ) -> tuple[Bool[Tensor, "batch continuation_pos"], Float[Tensor, "batch continuation_pos"]]:
     """Teacher-forced greedy matches and per-token NLL of the continuation, one batch.
+
+    Args:
+        model: the model.
+        tokens: the paragraphs' token ids (the reference continuation comes from them).
+        prefix_len: prefix length.
+        residual: optional residual stream entering ``start_at_layer`` (then only the blocks
+            from that layer on run); its rows pair with ``tokens``.
+        start_at_layer: see ``residual``.
 
     Returns:
         ``(greedy_match, token_nll)``: whether the argmax at each continuation position equals
         the reference token, and ``-log p(reference token)``; both on the model's device.
     """
     _check_tokens(model, tokens, prefix_len)
+    if (residual is None) != (start_at_layer is None):
+        raise ValueError("residual and start_at_layer go together")
     tokens = tokens.to(model.cfg.device)
-    logprobs = continuation_logprobs(model, tokens, prefix_len)
+    source = tokens if residual is None else residual
+    logits = continuation_logits(model, source, prefix_len, start_at_layer=start_at_layer)
     target = tokens[:, prefix_len:]
-    token_nll = -logprobs.gather(-1, target[..., None]).squeeze(-1)
-    greedy_match = logprobs.argmax(dim=-1) == target
+    # NLL = logsumexp - target logit: no second [batch, pos, d_vocab] tensor is written.
+    token_nll = logits.logsumexp(dim=-1) - logits.gather(-1, target[..., None]).squeeze(-1)
+    greedy_match = logits.argmax(dim=-1) == target
     return greedy_match, token_nll
 
 

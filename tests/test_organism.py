@@ -123,10 +123,6 @@ def test_missing_organism_and_bad_settings(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_default_organism_meets_the_acceptance(tmp_path: Path) -> None:
-    """The default build: at most 6 minutes on two cores, and it memorizes what it should."""
-    import time
-
-    started = time.perf_counter()
+    """The default build memorizes what it should (its time: benchmarks/organism.py)."""
     organism = build_organism(cache_dir=tmp_path, progress=False)
-    assert time.perf_counter() - started < 6 * 60
     assert organism.report["acceptance"]["passed"], organism.report

@@ -1,5 +1,6 @@
 """Read-only analyzers, one module per experiment of the paper."""
 
+from memloc_tl.analysis.perturbation import PrefixPerturbation, perturb_prefixes
 from memloc_tl.analysis.rare_tokens import (
     RareTokenAttention,
     RareTokenAttentionAnalyzer,
@@ -8,8 +9,10 @@ from memloc_tl.analysis.rare_tokens import (
 from memloc_tl.analysis.runner import run_analyzers
 
 __all__ = [
+    "PrefixPerturbation",
     "RareTokenAttention",
     "RareTokenAttentionAnalyzer",
+    "perturb_prefixes",
     "rare_token_attention",
     "run_analyzers",
 ]

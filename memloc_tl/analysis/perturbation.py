@@ -1,0 +1,265 @@
+"""Which prefix tokens does recall depend on? Prefix-token perturbation (paper section 4, Fig. 3).
+
+Each prefix token of each paragraph is replaced, one at a time, by random vocabulary tokens
+(seeded; never the original token). For every variant the exact-match length and the NLL of
+the *original* continuation are measured with the teacher-forced scan — exact, because EM until
+the first mismatch needs no generation (see :mod:`memloc_tl.memorization`) — in large batches
+instead of one 50-step generation per variant.
+
+The paper reports a mean EM drop per perturbed token of 12.19 for memorized and 33.12 for
+non-memorized paragraphs of GPT-Neo 125M, and that later positions matter more.
+
+The perturbed memorized paragraph (the paper's PMP) of each paragraph is its prefix perturbed
+at the position with the largest EM drop, followed by the model's own greedy continuation; only
+that step generates text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from memloc_tl.memorization import exact_match_length, greedy_continuations, score_continuations
+from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.results import TokenScores
+
+
+@dataclass(frozen=True)
+class PrefixPerturbation:
+    """EM and NLL of each paragraph's continuation with one prefix token replaced.
+
+    Attributes:
+        paragraphs: the original paragraphs.
+        baseline_em: EM of each unperturbed paragraph.
+        baseline_nll: mean continuation NLL of each unperturbed paragraph.
+        replacements: the replacement token of each variant ``[paragraph, position, sample]``;
+            -1 at positions that were not perturbed.
+        em: EM of the original continuation for each variant (-1 where not perturbed).
+        nll: mean NLL of the original continuation for each variant (NaN where not perturbed).
+        perturbed: the PMPs (``None`` unless built): each paragraph's prefix perturbed where
+            the EM dropped most, followed by the model's greedy continuation; meta
+            ``position``, ``original_token``, ``replacement_token``, ``em_drop``.
+        seed: the seed of the random replacements.
+    """
+
+    paragraphs: Paragraphs
+    baseline_em: Int[Tensor, " n_paragraphs"]
+    baseline_nll: Float[Tensor, " n_paragraphs"]
+    replacements: Int[Tensor, "n_paragraphs prefix_pos sample"]
+    em: Int[Tensor, "n_paragraphs prefix_pos sample"]
+    nll: Float[Tensor, "n_paragraphs prefix_pos sample"]
+    perturbed: Paragraphs | None
+    seed: int
+
+    def __post_init__(self) -> None:
+        n, p = len(self.paragraphs), self.paragraphs.prefix_len
+        for name in ("replacements", "em", "nll"):
+            shape = tuple(getattr(self, name).shape)
+            if shape[:2] != (n, p) or len(shape) != 3:
+                raise ValueError(f"{name} must have shape [{n}, {p}, sample], got {shape}")
+
+    @property
+    def perturbed_positions(self) -> Tensor:
+        """Boolean ``[prefix_pos]``: which positions were perturbed."""
+        return (self.replacements[0] >= 0).any(-1)
+
+    @property
+    def em_drop(self) -> TokenScores:
+        """Mean EM drop over samples, ``[paragraph, prefix_pos]`` (NaN where not perturbed)."""
+        drop = (self.baseline_em[:, None, None] - self.em).float()
+        drop = drop.where(self.em >= 0, torch.nan).mean(-1)
+        return TokenScores("EM drop when the token is perturbed", drop, self.paragraphs)
+
+    @property
+    def nll_change(self) -> TokenScores:
+        """Mean change of the continuation NLL over samples, ``[paragraph, prefix_pos]``."""
+        change = (self.nll - self.baseline_nll[:, None, None]).mean(-1)
+        return TokenScores(
+            "continuation NLL change when the token is perturbed", change, self.paragraphs
+        )
+
+    def mean_drop_per_position(self) -> Float[Tensor, " prefix_pos"]:
+        """EM drop per prefix position, averaged over paragraphs (Fig. 3 bottom)."""
+        return self.em_drop.scores.mean(0)
+
+    def mean_drop_per_paragraph(self) -> Float[Tensor, " n_paragraphs"]:
+        """EM drop per paragraph, averaged over the perturbed positions."""
+        return self.em_drop.scores.nanmean(-1)
+
+    def mean_drop_per_token(self) -> float:
+        """The paper's "mean EM drop per perturbed token" (GPT-Neo 125M: MP 12.19, NMP 33.12)."""
+        return float(self.em_drop.scores.nanmean())
+
+    def top(self, k: int = 5) -> list[tuple[str, int, float]]:
+        """The ``k`` (paragraph id, position, EM drop) whose perturbation hurts recall most."""
+        return self.em_drop.top(k)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: one row per paragraph, position and sample."""
+        n, p, s = self.em.shape
+        frame = pd.DataFrame(
+            {
+                "id": [i for i in self.paragraphs.ids for _ in range(p * s)],
+                "position": [pos for _ in range(n) for pos in range(p) for _ in range(s)],
+                "sample": list(range(s)) * (n * p),
+                "original_token": self.paragraphs.prefix[:, :, None]
+                .expand(n, p, s)
+                .flatten()
+                .tolist(),
+                "replacement_token": self.replacements.flatten().tolist(),
+                "baseline_em": self.baseline_em[:, None, None].expand(n, p, s).flatten().tolist(),
+                "em": self.em.flatten().tolist(),
+                "nll": self.nll.flatten().tolist(),
+            }
+        )
+        kept = frame.loc[frame["replacement_token"] >= 0]
+        return pd.DataFrame(kept).reset_index(drop=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"PrefixPerturbation(n={len(self.paragraphs)}, samples={self.em.shape[-1]}, "
+            f"mean EM drop per token={self.mean_drop_per_token():.2f}, "
+            f"pmp={'built' if self.perturbed is not None else 'not built'})"
+        )
+
+
+def random_replacements(
+    prefix: Int[Tensor, "n prefix_pos"],
+    d_vocab: int,
+    n_samples: int,
+    generator: torch.Generator,
+) -> Int[Tensor, "n prefix_pos sample"]:
+    """Uniform random tokens that differ from the original at each position."""
+    offsets = torch.randint(1, d_vocab, (*prefix.shape, n_samples), generator=generator)
+    return (prefix[..., None] + offsets) % d_vocab
+
+
+def perturb_prefixes(
+    model: HookedTransformer,
+    paragraphs: Paragraphs,
+    *,
+    n_samples: int = 1,
+    include_first: bool = False,
+    reference: Literal["true", "greedy"] = "true",
+    seed: int = 0,
+    build_perturbed: bool = True,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> PrefixPerturbation:
+    """Replace each prefix token in turn and measure how recall of the continuation changes.
+
+    Args:
+        model: the model (not changed).
+        paragraphs: the paragraphs.
+        n_samples: random replacements per position.
+        include_first: also perturb position 0 (the reference code never did).
+        reference: the continuation EM is measured against: ``"true"`` (the paragraph's own)
+            or ``"greedy"`` (the model's greedy continuation of the unperturbed prefix, so the
+            baseline EM is always full; the paper's choice for non-memorized paragraphs).
+            ``result.paragraphs`` holds the continuation used.
+        seed: seed of the replacements.
+        build_perturbed: also build each paragraph's PMP (needs one greedy generation each).
+        batch_size: variants per forward pass.
+        progress: show a progress bar.
+
+    Returns:
+        The result; ``result.mean_drop_per_token()`` is the paper's headline number.
+    """
+    if not isinstance(paragraphs, Paragraphs):
+        raise TypeError(f"paragraphs must be Paragraphs, got {type(paragraphs).__name__}")
+    if reference not in ("true", "greedy"):
+        raise ValueError(f"reference must be 'true' or 'greedy', got {reference!r}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not len(paragraphs):
+        raise ValueError("no paragraphs to perturb")
+    paragraphs.check_model(model)
+    if reference == "greedy":
+        paragraphs = paragraphs.with_continuation(
+            greedy_continuations(model, paragraphs.prefix, paragraphs.continuation_len)
+        )
+    n, p, s = len(paragraphs), paragraphs.prefix_len, n_samples
+    tokens = paragraphs.tokens
+    generator = torch.Generator().manual_seed(seed)
+    replacements = random_replacements(paragraphs.prefix, model.cfg.d_vocab, s, generator)
+    first = 0 if include_first else 1
+    replacements[:, :first] = -1
+    positions = torch.arange(first, p)
+
+    with torch.no_grad():
+        base_match, base_nll = score_continuations(model, tokens, p)
+    baseline_em = exact_match_length(base_match).cpu()
+    baseline_nll = base_nll.mean(-1).cpu()
+
+    # Every variant: (paragraph, position, sample), generated batch by batch.
+    rows, cols, samples = torch.meshgrid(torch.arange(n), positions, torch.arange(s), indexing="ij")
+    rows, cols, samples = rows.flatten(), cols.flatten(), samples.flatten()
+    em = torch.full((n, p, s), -1, dtype=torch.long)
+    nll = torch.full((n, p, s), torch.nan)
+    with torch.no_grad():
+        for start in tqdm(range(0, len(rows), batch_size), desc="perturbing", disable=not progress):
+            r, c, k = (t[start : start + batch_size] for t in (rows, cols, samples))
+            variants = tokens[r].clone()
+            variants[torch.arange(len(r)), c] = replacements[r, c, k]
+            match, token_nll = score_continuations(model, variants, p)
+            em[r, c, k] = exact_match_length(match).cpu()
+            nll[r, c, k] = token_nll.mean(-1).cpu()
+
+    result = PrefixPerturbation(
+        paragraphs=paragraphs,
+        baseline_em=baseline_em,
+        baseline_nll=baseline_nll,
+        replacements=replacements,
+        em=em,
+        nll=nll,
+        perturbed=None,
+        seed=seed,
+    )
+    if build_perturbed:
+        result = dataclasses.replace(
+            result, perturbed=_perturbed_paragraphs(model, result, batch_size)
+        )
+    return result
+
+
+def _perturbed_paragraphs(
+    model: HookedTransformer, result: PrefixPerturbation, batch_size: int
+) -> Paragraphs:
+    """Each paragraph's prefix perturbed where EM fell most, plus its greedy continuation."""
+    paragraphs = result.paragraphs
+    n, p, s = result.em.shape
+    # Lowest EM first; ties go to the earliest position and sample (argmin returns the first).
+    em = result.em.where(result.em >= 0, torch.iinfo(torch.long).max).view(n, p * s)
+    flat = em.argmin(-1)
+    position, sample = flat // s, flat % s
+    rows = torch.arange(n)
+    prefixes = paragraphs.prefix.clone()
+    replacement = result.replacements[rows, position, sample]
+    prefixes[rows, position] = replacement
+    continuation = greedy_continuations(
+        model, prefixes, paragraphs.continuation_len, batch_size=max(1, batch_size // 4)
+    )
+    return Paragraphs(
+        tokens=torch.cat([prefixes, continuation], dim=1),
+        ids=tuple(f"{i}:perturbed" for i in paragraphs.ids),
+        prefix_len=p,
+        meta={
+            **paragraphs.meta,
+            "source_id": paragraphs.ids,
+            "position": tuple(position.tolist()),
+            "original_token": tuple(paragraphs.prefix[rows, position].tolist()),
+            "replacement_token": tuple(replacement.tolist()),
+            "em_drop": tuple((result.baseline_em - em[rows, flat]).tolist()),
+        },
+        vocab_fingerprint=paragraphs.vocab_fingerprint,
+    )

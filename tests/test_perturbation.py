@@ -1,0 +1,117 @@
+"""Prefix-token perturbation: the fast EM of every variant equals real greedy decoding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from memloc_tl.analysis import perturb_prefixes
+from memloc_tl.memorization import greedy_continuations, scan_memorization
+from memloc_tl.organism import Organism
+from memloc_tl.paragraphs import Paragraphs
+
+
+def leading_matches(generated: torch.Tensor, reference: torch.Tensor) -> list[int]:
+    counts = []
+    for row_generated, row_reference in zip(generated.tolist(), reference.tolist(), strict=True):
+        count = 0
+        for a, b in zip(row_generated, row_reference, strict=True):
+            if a != b:
+                break
+            count += 1
+        counts.append(count)
+    return counts
+
+
+def test_variant_em_equals_greedy_decoding(organism: Organism, unchanged: Any) -> None:
+    paragraphs = organism.planted[[0, 9]]  # a memorized and a partly memorized paragraph
+    with unchanged(organism.model):
+        result = perturb_prefixes(organism.model, paragraphs, n_samples=2, seed=3, progress=False)
+    n, p, s = result.em.shape
+    assert (n, p, s) == (2, 50, 2)
+    for row in range(n):
+        variants = paragraphs.tokens[row].repeat(p - 1, s, 1).view(-1, 100).clone()
+        positions = torch.arange(1, p).repeat_interleave(s)
+        samples = torch.arange(s).repeat(p - 1)
+        variants[torch.arange(len(variants)), positions] = result.replacements[
+            row, positions, samples
+        ]
+        generated = greedy_continuations(organism.model, variants[:, :50], 50, batch_size=64)
+        expected = leading_matches(generated, variants[:, 50:])
+        assert result.em[row, positions, samples].tolist() == expected
+    # replacements never equal the original token; position 0 untouched by default
+    assert (result.replacements[:, 1:] != paragraphs.prefix[:, 1:, None]).all()
+    assert (result.replacements[:, 0] == -1).all()
+    assert (result.em[:, 0] == -1).all()
+    assert result.perturbed_positions.tolist() == [False] + [True] * 49
+
+
+def test_nll_and_aggregates_match_the_scan(organism: Organism) -> None:
+    paragraphs = organism.planted[[0, 1, 2]]
+    result = perturb_prefixes(organism.model, paragraphs, seed=1, progress=False)
+    base = scan_memorization(organism.model, paragraphs, progress=False)
+    assert torch.equal(result.baseline_em, base.exact_match)
+    # one variant, re-scored independently
+    variant = paragraphs.tokens[1].clone()
+    variant[17] = result.replacements[1, 17, 0]
+    one = scan_memorization(organism.model, Paragraphs.from_tokens(variant[None]), progress=False)
+    assert result.em[1, 17, 0] == one.exact_match[0]
+    assert result.nll[1, 17, 0].item() == pytest.approx(one.nll[0].item(), abs=1e-5)
+    drop = (base.exact_match[:, None] - result.em[:, 1:, 0]).float()
+    assert result.mean_drop_per_token() == pytest.approx(drop.mean().item(), abs=1e-5)
+    torch.testing.assert_close(result.mean_drop_per_position()[1:], drop.mean(0))
+    assert torch.isnan(result.mean_drop_per_position()[0])
+    assert result.mean_drop_per_token() > 0  # perturbing a memorized prefix hurts recall
+    frame = result.to_frame()
+    assert len(frame) == 3 * 49
+    assert result.top(1)[0][2] == drop.max().item()
+
+
+def test_perturbed_paragraphs_are_the_pmps(organism: Organism) -> None:
+    paragraphs = organism.planted[[0, 1, 2, 3]]
+    result = perturb_prefixes(
+        organism.model, paragraphs, seed=0, include_first=True, progress=False
+    )
+    pmp = result.perturbed
+    assert pmp is not None
+    differs = pmp.prefix != paragraphs.prefix
+    assert (differs.sum(-1) == 1).all()  # exactly one prefix token changed
+    positions = torch.tensor(pmp.meta["position"])
+    assert torch.equal(differs.float().argmax(-1), positions)
+    # the chosen position has the lowest EM of all variants
+    assert torch.equal(result.em[torch.arange(4), positions, 0], result.em[:, :, 0].min(-1).values)
+    # the continuation is the model's own greedy one
+    assert torch.equal(pmp.continuation, greedy_continuations(organism.model, pmp.prefix, 50))
+    assert result.em[:, 0].min() >= 0  # position 0 was perturbed too
+
+
+def test_seeded_and_validated(organism: Organism) -> None:
+    paragraphs = organism.control[[0, 1]]
+    a = perturb_prefixes(organism.model, paragraphs, seed=5, build_perturbed=False, progress=False)
+    b = perturb_prefixes(organism.model, paragraphs, seed=5, build_perturbed=False, progress=False)
+    c = perturb_prefixes(organism.model, paragraphs, seed=6, build_perturbed=False, progress=False)
+    assert torch.equal(a.replacements, b.replacements)
+    assert torch.equal(a.em, b.em)
+    assert not torch.equal(a.replacements, c.replacements)
+    assert a.perturbed is None
+    greedy = perturb_prefixes(
+        organism.model,
+        paragraphs,
+        seed=5,
+        reference="greedy",
+        build_perturbed=False,
+        progress=False,
+    )
+    assert greedy.baseline_em.tolist() == [50, 50]  # the model's own continuation
+    assert torch.equal(
+        greedy.paragraphs.continuation,
+        greedy_continuations(organism.model, paragraphs.prefix, 50),
+    )
+    with pytest.raises(ValueError, match="reference"):
+        perturb_prefixes(organism.model, paragraphs, reference="preds")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_samples"):
+        perturb_prefixes(organism.model, paragraphs, n_samples=0)
+    with pytest.raises(TypeError, match="Paragraphs"):
+        perturb_prefixes(organism.model, paragraphs.tokens)  # type: ignore[arg-type]
