@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
 from transformer_lens.utils import get_act_name
 
 
@@ -10,3 +16,56 @@ def hook_name(kind: str, layer: int) -> str:
     if layer < 0:
         raise ValueError(f"layer must be >= 0, got {layer}")
     return get_act_name(kind, layer)
+
+
+def position_mask(n_pos: int, positions: Tensor | None, device: torch.device | str) -> Tensor:
+    """Boolean ``[n_pos]``: the chosen positions, or all when ``positions`` is None."""
+    mask = torch.zeros(n_pos, dtype=torch.bool, device=device)
+    if positions is None:
+        mask[:] = True
+    else:
+        mask[positions.to(device)] = True
+    return mask
+
+
+def make_head_replace_hook(
+    heads: Sequence[int],
+    replacement: Float[Tensor, "*batch pos head_index d_head"],
+    positions: Tensor | None = None,
+) -> Callable[[Tensor, Any], Tensor]:
+    """A ``hook_z`` hook that replaces the chosen heads' outputs at the chosen positions.
+
+    ``replacement`` is the source run's ``hook_z`` (patching), zeros (zero ablation) or a mean
+    over reference paragraphs (mean ablation, broadcast over the batch). A new tensor is
+    returned; the activation is never written in place.
+    """
+    head_index = torch.as_tensor(list(heads), dtype=torch.long)
+
+    def replace_heads(z: Tensor, hook: Any) -> Tensor:
+        select = torch.zeros(z.shape[-2], dtype=torch.bool, device=z.device)
+        select[head_index.to(z.device)] = True
+        where = position_mask(z.shape[1], positions, z.device)[:, None] & select[None, :]
+        return torch.where(where[..., None], replacement.to(z.device, z.dtype), z)
+
+    return replace_heads
+
+
+def make_each_head_replace_hook(
+    replacement: Float[Tensor, "*batch pos head_index d_head"],
+    positions: Tensor | None = None,
+) -> Callable[[Tensor, Any], Tensor]:
+    """A ``hook_z`` hook for ``n_heads`` stacked copies of a batch: copy h has head h replaced.
+
+    The batch dimension of the activation is ``n_heads * batch`` (copy-major), as built by
+    ``tokens.repeat(n_heads, 1)``; this is how a patching sweep runs every head at once.
+    """
+
+    def replace_each_head(z: Tensor, hook: Any) -> Tensor:
+        n_heads = z.shape[-2]
+        copies = z.view(n_heads, -1, *z.shape[1:])
+        own_head = torch.eye(n_heads, dtype=torch.bool, device=z.device)[:, None, None, :, None]
+        chosen = position_mask(z.shape[1], positions, z.device)[None, None, :, None, None]
+        replaced = torch.where(own_head & chosen, replacement.to(z.device, z.dtype), copies)
+        return replaced.view_as(z)
+
+    return replace_each_head

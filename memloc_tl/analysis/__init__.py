@@ -1,5 +1,12 @@
 """Read-only analyzers, one module per experiment of the paper."""
 
+from memloc_tl.analysis.patching import (
+    HeadIntervention,
+    PatchingSweep,
+    ablate_heads,
+    patch_heads,
+    patching_sweep,
+)
 from memloc_tl.analysis.perturbation import PrefixPerturbation, perturb_prefixes
 from memloc_tl.analysis.rare_tokens import (
     RareTokenAttention,
@@ -9,9 +16,14 @@ from memloc_tl.analysis.rare_tokens import (
 from memloc_tl.analysis.runner import run_analyzers
 
 __all__ = [
+    "HeadIntervention",
+    "PatchingSweep",
     "PrefixPerturbation",
     "RareTokenAttention",
     "RareTokenAttentionAnalyzer",
+    "ablate_heads",
+    "patch_heads",
+    "patching_sweep",
     "perturb_prefixes",
     "rare_token_attention",
     "run_analyzers",

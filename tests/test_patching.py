@@ -1,0 +1,143 @@
+"""Patching and ablation of heads: invariants, and the batched sweep equals a per-head loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import memloc_tl.analysis.patching as patching
+from memloc_tl.analysis import ablate_heads, patch_heads, patching_sweep
+from memloc_tl.heads import HeadRef, all_heads
+from memloc_tl.hooks import hook_name
+from memloc_tl.memorization import exact_match_length, score_continuations
+from memloc_tl.organism import Organism
+
+
+@pytest.fixture(scope="module")
+def pair(organism: Organism) -> tuple[Any, Any]:
+    """Memorized targets and non-memorized sources, row-aligned."""
+    return organism.planted[list(range(6))], organism.control[list(range(6))]
+
+
+def test_identity_patch_changes_nothing(organism: Organism, pair: Any, unchanged: Any) -> None:
+    target, _ = pair
+    with unchanged(organism.model):
+        result = patch_heads(organism.model, target, target, ["L1H2", "L0H1"], progress=False)
+    assert torch.equal(result.em, result.baseline_em)
+    assert torch.equal(result.nll, result.baseline_nll)
+    assert result.heads == (HeadRef(1, 2), HeadRef(0, 1))
+
+
+def test_patching_every_head_equals_patching_hook_z(organism: Organism, pair: Any) -> None:
+    model = organism.model
+    target, source = pair
+    layer = 1
+    heads = [HeadRef(layer, h) for h in range(model.cfg.n_heads)]
+    result = patch_heads(model, target, source, heads, progress=False)
+    name = hook_name("z", layer)
+    _, source_cache = model.run_with_cache(source.tokens, names_filter=name)
+
+    def replace_all(z: torch.Tensor, hook: Any) -> torch.Tensor:
+        return source_cache[name]
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(name, replace_all)]):
+        match, token_nll = score_continuations(model, target.tokens, 50)
+    assert torch.equal(result.em, exact_match_length(match))
+    torch.testing.assert_close(result.nll, token_nll.mean(-1), atol=1e-6, rtol=0)
+    assert (result.delta_nll != 0).any()
+
+
+def test_ablation_leaves_earlier_layers_bit_identical(organism: Organism, pair: Any) -> None:
+    model = organism.model
+    target, _ = pair
+    clean_logits, clean = model.run_with_cache(target.tokens)
+    hook = patching.make_head_replace_hook(
+        [2], torch.zeros(100, model.cfg.n_heads, model.cfg.d_head)
+    )
+    with model.hooks(fwd_hooks=[(hook_name("z", 1), hook)]):
+        ablated_logits, ablated = model.run_with_cache(target.tokens)
+    for name, value in clean.items():
+        if name.startswith("blocks.0.") or name in ("hook_embed", "hook_pos_embed"):
+            assert torch.equal(value, ablated[name]), name
+    assert torch.equal(clean["blocks.1.attn.hook_pattern"], ablated["blocks.1.attn.hook_pattern"])
+    assert not torch.equal(clean["blocks.1.hook_resid_post"], ablated["blocks.1.hook_resid_post"])
+    assert not torch.equal(clean_logits, ablated_logits)
+
+
+@pytest.mark.parametrize("kind", ["patch", "zero", "mean"])
+def test_batched_sweep_equals_a_per_head_loop(
+    organism: Organism, pair: Any, kind: str, unchanged: Any
+) -> None:
+    model = organism.model
+    target, source = pair
+    reference = organism.heldout
+    positions = [10, 20, 49] if kind == "zero" else None
+    with unchanged(model):
+        sweep = patching_sweep(
+            model,
+            target,
+            source if kind == "patch" else None,
+            kind=kind,  # type: ignore[arg-type]
+            reference=reference,
+            positions=positions,
+            batch_size=4,
+            progress=False,
+        )
+    for head in all_heads(model.cfg):
+        if kind == "patch":
+            one = patch_heads(model, target, source, [head], progress=False)
+        else:
+            one = ablate_heads(
+                model,
+                target,
+                [head],
+                kind=kind,
+                reference=reference,  # type: ignore[arg-type]
+                positions=positions,
+                progress=False,
+            )
+        assert torch.equal(sweep.delta_em[head.layer, head.head], one.delta_em), head
+        torch.testing.assert_close(
+            sweep.delta_nll[head.layer, head.head], one.delta_nll, atol=1e-5, rtol=0
+        )
+    assert sweep.top(1)[0][1] == pytest.approx(float(sweep.delta_nll.mean(-1).max()))
+    assert len(sweep.to_frame()) == model.cfg.n_layers * model.cfg.n_heads
+
+
+def test_mean_head_outputs_are_the_reference_mean(organism: Organism) -> None:
+    """Mean ablation replaces a head by its mean over the reference, per position."""
+    model = organism.model
+    reference = organism.heldout
+    means = patching.mean_head_outputs(model, reference, [1])
+    _, cache = model.run_with_cache(reference.tokens, names_filter=hook_name("z", 1))
+    torch.testing.assert_close(means[1], cache[hook_name("z", 1)].mean(0), atol=1e-6, rtol=0)
+
+
+def test_bad_input_and_errors_leave_model_unchanged(
+    organism: Organism, pair: Any, unchanged: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = organism.model
+    target, source = pair
+    with pytest.raises(ValueError, match="does not exist"):
+        patch_heads(model, target, source, ["L9H0"], progress=False)
+    with pytest.raises(ValueError, match="pair them"):
+        patch_heads(model, target, source[[0, 1]], progress=False)
+    with pytest.raises(ValueError, match="reference paragraphs"):
+        ablate_heads(model, target, kind="mean", progress=False)
+    with pytest.raises(ValueError, match="'zero' or 'mean'"):
+        ablate_heads(model, target, kind="avg", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="source paragraphs"):
+        patching_sweep(model, target, progress=False)
+    with pytest.raises(ValueError, match="positions"):
+        ablate_heads(model, target, positions=[100], progress=False)
+
+    def broken(*args: object, **kwargs: object) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(patching, "exact_match_length", broken)
+    with unchanged(model), pytest.raises(RuntimeError, match="boom"):
+        patching_sweep(model, target, source, progress=False)
+    with unchanged(model), pytest.raises(RuntimeError, match="boom"):
+        patch_heads(model, target, source, progress=False)
