@@ -5,12 +5,19 @@ Implements Stoehr et al. (2024), "Localizing Paragraph Memorization in Language 
 """
 
 from memloc_tl.analysis import (
+    ActivationGradients,
+    GradientComparison,
+    GradientNorms,
     HeadIntervention,
     PatchingSweep,
     PrefixPerturbation,
     RareTokenAttention,
     RareTokenAttentionAnalyzer,
     ablate_heads,
+    activation_gradients,
+    compare_gradient_norms,
+    contrastive_gradient_norms,
+    gradient_norms,
     patch_heads,
     patching_sweep,
     perturb_prefixes,
@@ -27,17 +34,21 @@ from memloc_tl.memorization import (
 from memloc_tl.models import DEFAULT_MODEL, HubUnavailableError, load_model
 from memloc_tl.organism import Organism, OrganismConfig, build_organism, load_organism
 from memloc_tl.paragraphs import PAPER_KEYWORDS, Paragraphs, corpus_token_counts
-from memloc_tl.results import HeadScores, TokenScores
+from memloc_tl.results import HeadScores, LayerComponentScores, TokenScores
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
     "PAPER_KEYWORDS",
+    "ActivationGradients",
+    "GradientComparison",
+    "GradientNorms",
     "HeadIntervention",
     "HeadRef",
     "HeadScores",
     "HubUnavailableError",
+    "LayerComponentScores",
     "MemorizationScan",
     "Organism",
     "OrganismConfig",
@@ -49,8 +60,12 @@ __all__ = [
     "TokenScores",
     "__version__",
     "ablate_heads",
+    "activation_gradients",
     "build_organism",
+    "compare_gradient_norms",
+    "contrastive_gradient_norms",
     "corpus_token_counts",
+    "gradient_norms",
     "greedy_continuations",
     "load_model",
     "load_organism",

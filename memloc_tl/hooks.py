@@ -69,3 +69,24 @@ def make_each_head_replace_hook(
         return replaced.view_as(z)
 
     return replace_each_head
+
+
+def make_store_hook(store: dict[str, Tensor]) -> Callable[[Tensor, Any], None]:
+    """A hook that keeps the activation itself (still in the autograd graph) under its name."""
+
+    def keep_activation(activation: Tensor, hook: Any) -> None:
+        store[hook.name] = activation
+
+    return keep_activation
+
+
+def make_graph_start_hook() -> Callable[[Tensor, Any], Tensor]:
+    """A hook on an embedding that makes it a leaf requiring grad (the same values).
+
+    Gradients then reach every later activation even when no parameter requires grad.
+    """
+
+    def start_graph(embedding: Tensor, hook: Any) -> Tensor:
+        return embedding.detach().requires_grad_(True)
+
+    return start_graph

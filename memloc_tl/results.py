@@ -113,3 +113,60 @@ class TokenScores:
 
     def __repr__(self) -> str:
         return f"TokenScores({self.name!r}, shape={tuple(self.scores.shape)})"
+
+
+@dataclass(frozen=True)
+class LayerComponentScores:
+    """One score per layer and parameter component (e.g. ``W_V.H2``, ``W_in``).
+
+    Attributes:
+        name: what the score is.
+        scores: ``[n_layers, component]``.
+        components: the component labels, one per column.
+    """
+
+    name: str
+    scores: Float[Tensor, "n_layers component"]
+    components: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.scores.ndim != 2 or self.scores.shape[1] != len(self.components):
+            raise ValueError(
+                f"scores must be [n_layers, {len(self.components)}], got {tuple(self.scores.shape)}"
+            )
+
+    def __getitem__(self, key: tuple[int, str]) -> float:
+        layer, component = key
+        return float(self.scores[layer, self.components.index(component)])
+
+    def layer_totals(self) -> Float[Tensor, " n_layers"]:
+        """Sum over components, per layer (the paper's right-axis labels, Fig. 4 and 9)."""
+        return self.scores.sum(-1)
+
+    def layer_share(self) -> Float[Tensor, " n_layers"]:
+        """Each layer's share of the total."""
+        totals = self.layer_totals()
+        return totals / totals.sum()
+
+    def top(self, k: int = 5) -> list[tuple[int, str, float]]:
+        """The ``k`` largest scores as (layer, component, score)."""
+        flat = self.scores.flatten()
+        width = self.scores.shape[1]
+        index = flat.argsort(descending=True, stable=True)[:k]
+        return [(int(i) // width, self.components[int(i) % width], float(flat[i])) for i in index]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: layer, component, score."""
+        n_layers, width = self.scores.shape
+        return pd.DataFrame(
+            {
+                "layer": [layer for layer in range(n_layers) for _ in range(width)],
+                "component": list(self.components) * n_layers,
+                "score": self.scores.flatten().tolist(),
+                "name": self.name,
+            }
+        )
+
+    def __repr__(self) -> str:
+        best = ", ".join(f"L{layer}.{c}={s:.3g}" for layer, c, s in self.top(3))
+        return f"LayerComponentScores({self.name!r}, shape={tuple(self.scores.shape)}, top: {best})"

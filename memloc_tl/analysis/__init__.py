@@ -1,5 +1,14 @@
 """Read-only analyzers, one module per experiment of the paper."""
 
+from memloc_tl.analysis.activation_grads import ActivationGradients, activation_gradients
+from memloc_tl.analysis.gradients import (
+    GradientComparison,
+    GradientNorms,
+    compare_gradient_norms,
+    contrastive_gradient_norms,
+    contrastive_gradients,
+    gradient_norms,
+)
 from memloc_tl.analysis.patching import (
     HeadIntervention,
     PatchingSweep,
@@ -16,12 +25,20 @@ from memloc_tl.analysis.rare_tokens import (
 from memloc_tl.analysis.runner import run_analyzers
 
 __all__ = [
+    "ActivationGradients",
+    "GradientComparison",
+    "GradientNorms",
     "HeadIntervention",
     "PatchingSweep",
     "PrefixPerturbation",
     "RareTokenAttention",
     "RareTokenAttentionAnalyzer",
     "ablate_heads",
+    "activation_gradients",
+    "compare_gradient_norms",
+    "contrastive_gradient_norms",
+    "contrastive_gradients",
+    "gradient_norms",
     "patch_heads",
     "patching_sweep",
     "perturb_prefixes",

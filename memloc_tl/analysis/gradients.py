@@ -1,0 +1,402 @@
+"""Where do gradients flow? Parameter-gradient norms per layer and component (paper 5.1-5.2).
+
+The gradient of the continuation NLL with respect to the attention matrices W_Q, W_K, W_V, W_O
+(per head) and the MLP matrices W_in, W_out — embeddings, unembedding and biases excluded, as in
+the paper — is reduced per layer x component (4 x n_heads head matrices + W_in + W_out; 50 per
+layer in GPT-Neo 125M) by the max absolute value (the paper's Eq. 2), the L2 norm, or the mean
+absolute value. The paper finds memorized paragraphs have relatively larger gradients in lower
+layers, and W_V of L1H2 the most salient component.
+
+Gradients are taken with ``torch.autograd.grad`` on the attributed matrices only: nothing is
+written to ``.grad`` and every ``requires_grad`` flag is restored.
+
+The contrastive objective (paper Eq. 3) is
+
+    CO = -w * NLL(memorized) + KL( p(.|keep; theta_0) || p(.|keep; theta) ),
+
+with the reference code's weight ``w = 0.1`` and the KL summed over the 50 continuation
+positions and averaged over keep paragraphs. At ``theta = theta_0`` the KL and its gradient are
+zero (exactly in exact arithmetic; float32 rounding leaves noise below a percent of the
+weighted NLL gradient, measured on the organism), so the first-step CO gradient is ``-w`` times
+the memorized-NLL gradient: the CO attribution map is a rescaled NLL map (tested). The KL only
+acts once the weights move.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from memloc_tl.memorization import continuation_logits
+from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.results import LayerComponentScores
+
+HEAD_MATRICES = ("W_K", "W_Q", "W_V", "W_O")
+"""Per-head matrices, in the paper's column order."""
+MLP_MATRICES = ("W_in", "W_out")
+STATISTICS = ("max_abs", "l2", "mean_abs")
+Aggregate = Literal["batch_mean", "per_paragraph"]
+KLReduction = Literal["sum_positions", "mean"]
+
+
+def attributed_parameters(model: HookedTransformer) -> dict[str, torch.nn.Parameter]:
+    """The attributed matrices by name: ``blocks.{l}.attn.W_Q`` ... ``blocks.{l}.mlp.W_out``."""
+    params = dict(model.named_parameters())
+    names = [
+        f"blocks.{layer}.{module}.{matrix}"
+        for layer in range(model.cfg.n_layers)
+        for module, matrices in (("attn", HEAD_MATRICES), ("mlp", MLP_MATRICES))
+        for matrix in matrices
+    ]
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise ValueError(f"the model has no {missing[0]}: not a standard HookedTransformer")
+    return {name: params[name] for name in names}
+
+
+def component_labels(n_heads: int) -> tuple[str, ...]:
+    """``W_K.H0 .. W_K.H{n-1}, W_Q.H0, ..., W_O.H{n-1}, W_in, W_out``."""
+    heads = tuple(f"{m}.H{h}" for m in HEAD_MATRICES for h in range(n_heads))
+    return heads + MLP_MATRICES
+
+
+def reduce_gradients(
+    model: HookedTransformer, grads: dict[str, Tensor]
+) -> Float[Tensor, "statistic n_layers component"]:
+    """Max |g|, L2 norm and mean |g| per layer and component, stacked in ``STATISTICS`` order."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    out = torch.zeros(len(STATISTICS), n_layers, 4 * n_heads + 2, dtype=torch.float64)
+    for layer in range(n_layers):
+        # one row per head for the head matrices, one row for each MLP matrix
+        blocks = [grads[f"blocks.{layer}.attn.{m}"].flatten(1) for m in HEAD_MATRICES]
+        blocks += [grads[f"blocks.{layer}.mlp.{m}"].flatten()[None] for m in MLP_MATRICES]
+        for column, block in zip(_columns(n_heads), blocks, strict=True):
+            block = block.double()
+            absolute = block.abs()
+            out[0, layer, column] = absolute.amax(-1).cpu()
+            out[1, layer, column] = block.square().sum(-1).sqrt().cpu()
+            out[2, layer, column] = absolute.mean(-1).cpu()
+    return out
+
+
+def _columns(n_heads: int) -> list[slice]:
+    head_columns = [slice(i * n_heads, (i + 1) * n_heads) for i in range(len(HEAD_MATRICES))]
+    return [*head_columns, slice(4 * n_heads, 4 * n_heads + 1), slice(4 * n_heads + 1, None)]
+
+
+@dataclass(frozen=True)
+class GradientNorms:
+    """Parameter-gradient scores per layer and component.
+
+    Attributes:
+        max_abs: max |grad| per layer x component (the paper's Eq. 2).
+        l2: L2 norm of the gradient per layer x component.
+        mean_abs: mean |grad| per layer x component.
+        objective: ``"nll"`` or ``"contrastive"``.
+        aggregate: ``"batch_mean"`` (gradient of the set's mean loss, the reference code) or
+            ``"per_paragraph"`` (each paragraph's scores, then averaged; the paper's wording).
+        n_paragraphs: paragraphs the gradient was taken over.
+    """
+
+    max_abs: LayerComponentScores
+    l2: LayerComponentScores
+    mean_abs: LayerComponentScores
+    objective: str
+    aggregate: str
+    n_paragraphs: int
+
+    def statistic(self, name: str) -> LayerComponentScores:
+        if name not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {name!r}")
+        return getattr(self, name)
+
+    def layer_share(self, statistic: str = "max_abs") -> Float[Tensor, " n_layers"]:
+        """Each layer's share of the summed scores (the paper: larger in low layers for MPs)."""
+        return self.statistic(statistic).layer_share()
+
+    def top(self, k: int = 5, statistic: str = "max_abs") -> list[tuple[int, str, float]]:
+        return self.statistic(statistic).top(k)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: layer, component, and one column per statistic."""
+        frame = self.max_abs.to_frame().drop(columns=["name", "score"])
+        for name in STATISTICS:
+            frame[name] = self.statistic(name).scores.flatten().tolist()
+        return frame.assign(objective=self.objective, aggregate=self.aggregate)
+
+    def __repr__(self) -> str:
+        best = ", ".join(f"L{layer}.{c}" for layer, c, _ in self.top(3))
+        return (
+            f"GradientNorms({self.objective}, {self.aggregate}, n={self.n_paragraphs}, "
+            f"top max|grad|: {best})"
+        )
+
+
+@dataclass(frozen=True)
+class GradientComparison:
+    """Gradient norms of memorized and non-memorized paragraphs side by side (paper Fig. 4)."""
+
+    memorized: GradientNorms
+    non_memorized: GradientNorms
+
+    def layer_share_difference(self, statistic: str = "max_abs") -> Float[Tensor, " n_layers"]:
+        """Memorized minus non-memorized layer share (positive: relatively more in that layer)."""
+        return self.memorized.layer_share(statistic) - self.non_memorized.layer_share(statistic)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.concat(
+            [
+                self.memorized.to_frame().assign(set="memorized"),
+                self.non_memorized.to_frame().assign(set="non-memorized"),
+            ],
+            ignore_index=True,
+        )
+
+    def __repr__(self) -> str:
+        diff = ", ".join(f"{d:+.3f}" for d in self.layer_share_difference().tolist())
+        return f"GradientComparison(layer share MP - NMP: [{diff}])"
+
+
+@contextlib.contextmanager
+def grad_only_for(model: HookedTransformer, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """Only ``params`` require grad inside the block; every flag is restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def continuation_nll(
+    model: HookedTransformer, tokens: Tensor, prefix_len: int
+) -> Float[Tensor, " batch"]:
+    """Mean continuation NLL of each paragraph, differentiable."""
+    logprobs = continuation_logits(model, tokens, prefix_len).log_softmax(-1)
+    target = tokens.to(logprobs.device)[:, prefix_len:]
+    return -logprobs.gather(-1, target[..., None]).squeeze(-1).mean(-1)
+
+
+def contrastive_kl(
+    model: HookedTransformer,
+    keep_tokens: Tensor,
+    reference_logprobs: Float[Tensor, "batch continuation_pos d_vocab"],
+    prefix_len: int,
+    *,
+    reduction: KLReduction = "sum_positions",
+) -> Float[Tensor, ""]:
+    """KL(p_theta0 || p_theta) on the keep paragraphs' continuation positions.
+
+    ``reduction="sum_positions"`` sums over positions and averages over paragraphs (the
+    reference code's ``KLDivLoss(reduction="batchmean")``); ``"mean"`` averages over both.
+    """
+    logprobs = continuation_logits(model, keep_tokens, prefix_len).log_softmax(-1)
+    reference = reference_logprobs.to(logprobs.device)
+    kl = (reference.exp() * (reference - logprobs)).sum(-1)  # [batch, pos]
+    return kl.sum(-1).mean() if reduction == "sum_positions" else kl.mean()
+
+
+def _accumulated_gradients(
+    model: HookedTransformer,
+    terms: Sequence[tuple[Paragraphs, Callable[[Tensor, int], Tensor]]],
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> dict[str, Tensor]:
+    """Gradient of ``sum_t mean_over_set_t(loss_t)``, accumulated batch by batch.
+
+    Each term's loss function returns the batch-mean loss of a batch (given its tokens and start
+    index), so weighting by batch size / set size gives the gradient of the set mean exactly.
+    """
+    params = attributed_parameters(model)
+    names, tensors = list(params), list(params.values())
+    total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    steps = [(p, fn, s) for p, fn in terms for s in range(0, len(p), batch_size)]
+    with grad_only_for(model, tensors):
+        for paragraphs, loss_fn, start in tqdm(steps, desc=desc, disable=not progress):
+            tokens = paragraphs.tokens[start : start + batch_size].to(model.cfg.device)
+            loss = loss_fn(tokens, start) * (len(tokens) / len(paragraphs))
+            for name, grad in zip(names, torch.autograd.grad(loss, tensors), strict=True):
+                total[name] += grad.float()
+    return total
+
+
+def _scores(
+    model: HookedTransformer, stats: Tensor, objective: str, aggregate: str, n: int
+) -> GradientNorms:
+    labels = component_labels(model.cfg.n_heads)
+    named = {
+        name: LayerComponentScores(f"{objective} gradient {name}", stats[i].float(), labels)
+        for i, name in enumerate(STATISTICS)
+    }
+    return GradientNorms(
+        max_abs=named["max_abs"],
+        l2=named["l2"],
+        mean_abs=named["mean_abs"],
+        objective=objective,
+        aggregate=aggregate,
+        n_paragraphs=n,
+    )
+
+
+def gradient_norms(
+    model: HookedTransformer,
+    paragraphs: Paragraphs,
+    *,
+    aggregate: Aggregate = "batch_mean",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> GradientNorms:
+    """Per-layer, per-component gradient scores of the continuation NLL (paper 5.1, Eq. 1-2).
+
+    Args:
+        model: the model (not changed; no ``.grad`` is left).
+        paragraphs: the paragraphs.
+        aggregate: ``"batch_mean"``: one gradient of the mean NLL over all paragraphs (the
+            reference code); ``"per_paragraph"``: scores of each paragraph's gradient, averaged.
+        batch_size: paragraphs per forward/backward pass.
+        progress: show a progress bar.
+    """
+    if aggregate not in ("batch_mean", "per_paragraph"):
+        raise ValueError(f"aggregate must be 'batch_mean' or 'per_paragraph', got {aggregate!r}")
+    if not len(paragraphs):
+        raise ValueError("no paragraphs given")
+    paragraphs.check_model(model)
+    p = paragraphs.prefix_len
+
+    def nll(tokens: Tensor, start: int) -> Tensor:
+        return continuation_nll(model, tokens, p).mean()
+
+    if aggregate == "batch_mean":
+        grads = _accumulated_gradients(
+            model, [(paragraphs, nll)], batch_size, progress, "gradients"
+        )
+        stats = reduce_gradients(model, grads)
+    else:
+        stats = torch.zeros(len(STATISTICS), model.cfg.n_layers, 4 * model.cfg.n_heads + 2)
+        for i in tqdm(range(len(paragraphs)), desc="gradients", disable=not progress):
+            grads = _accumulated_gradients(model, [(paragraphs[i], nll)], 1, False, "")
+            stats += reduce_gradients(model, grads).float()
+        stats /= len(paragraphs)
+    return _scores(model, stats, "nll", aggregate, len(paragraphs))
+
+
+def compare_gradient_norms(
+    model: HookedTransformer,
+    memorized: Paragraphs,
+    non_memorized: Paragraphs,
+    *,
+    aggregate: Aggregate = "batch_mean",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> GradientComparison:
+    """Gradient norms of memorized and non-memorized paragraphs, side by side (paper Fig. 4)."""
+    kwargs = {"aggregate": aggregate, "batch_size": batch_size, "progress": progress}
+    return GradientComparison(
+        memorized=gradient_norms(model, memorized, **kwargs),  # type: ignore[arg-type]
+        non_memorized=gradient_norms(model, non_memorized, **kwargs),  # type: ignore[arg-type]
+    )
+
+
+def reference_logprobs(
+    model: HookedTransformer, paragraphs: Paragraphs, batch_size: int = 16
+) -> Float[Tensor, "n_paragraphs continuation_pos d_vocab"]:
+    """The current model's continuation log-probabilities (theta_0 of the KL term), no grad."""
+    with torch.no_grad():
+        return torch.cat(
+            [
+                continuation_logits(
+                    model, paragraphs.tokens[s : s + batch_size], paragraphs.prefix_len
+                )
+                .log_softmax(-1)
+                .cpu()
+                for s in range(0, len(paragraphs), batch_size)
+            ]
+        )
+
+
+def contrastive_gradients(
+    model: HookedTransformer,
+    memorized: Paragraphs,
+    keep: Paragraphs,
+    *,
+    reference: Float[Tensor, "n_keep continuation_pos d_vocab"] | None = None,
+    nll_weight: float = 0.1,
+    kl_reduction: KLReduction = "sum_positions",
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Gradient of the contrastive objective (paper Eq. 3) w.r.t. the attributed matrices.
+
+    Args:
+        model: the model (not changed).
+        memorized: paragraphs to unlearn (their NLL is pushed up).
+        keep: paragraphs whose predictions must stay (the KL term).
+        reference: theta_0's log-probabilities on ``keep``; default the current model's, which
+            makes the KL gradient exactly zero.
+        nll_weight: weight ``w`` of the NLL term (reference code: 0.1).
+        kl_reduction: see :func:`contrastive_kl`.
+        batch_size: paragraphs per forward/backward pass.
+        progress: show a progress bar.
+    """
+    if kl_reduction not in ("sum_positions", "mean"):
+        raise ValueError(f"kl_reduction must be 'sum_positions' or 'mean', got {kl_reduction!r}")
+    memorized.check_model(model)
+    keep.check_model(model)
+    if reference is None:
+        reference = reference_logprobs(model, keep, batch_size)
+    if reference.shape[0] != len(keep):
+        raise ValueError(f"reference has {reference.shape[0]} rows for {len(keep)} keep paragraphs")
+
+    def unlearn(tokens: Tensor, start: int) -> Tensor:
+        return -nll_weight * continuation_nll(model, tokens, memorized.prefix_len).mean()
+
+    def kl(tokens: Tensor, start: int) -> Tensor:
+        ref = reference[start : start + len(tokens)]
+        return contrastive_kl(model, tokens, ref, keep.prefix_len, reduction=kl_reduction)
+
+    return _accumulated_gradients(
+        model, [(memorized, unlearn), (keep, kl)], batch_size, progress, "contrastive gradients"
+    )
+
+
+def contrastive_gradient_norms(
+    model: HookedTransformer,
+    memorized: Paragraphs,
+    keep: Paragraphs,
+    *,
+    nll_weight: float = 0.1,
+    kl_reduction: KLReduction = "sum_positions",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> GradientNorms:
+    """Per-layer, per-component scores of the contrastive-objective gradient (paper 5.2).
+
+    At the model's own weights this equals ``nll_weight`` times the memorized-NLL gradient
+    scores (the KL term has zero gradient there): the reference code's Fig. 4 bottom.
+    """
+    grads = contrastive_gradients(
+        model,
+        memorized,
+        keep,
+        nll_weight=nll_weight,
+        kl_reduction=kl_reduction,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return _scores(
+        model, reduce_gradients(model, grads), "contrastive", "batch_mean", len(memorized)
+    )
