@@ -1,0 +1,224 @@
+"""Which weights may an edit change? Boolean masks over the attributed matrices (paper 5.3).
+
+A :class:`ParamMask` holds one boolean tensor per attributed matrix (W_Q, W_K, W_V, W_O, W_in,
+W_out of every layer; never embeddings, unembedding or biases). The paper fine-tunes only the
+0.1% of these weights with the largest contrastive-objective gradient, and compares with a
+random 0.1%; both masks select exactly ``floor(fraction x candidates)`` weights here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from memloc_tl.analysis.gradients import (
+    HEAD_MATRICES,
+    MLP_MATRICES,
+    attributed_parameters,
+    component_labels,
+)
+from memloc_tl.heads import HeadRef
+from memloc_tl.results import LayerComponentScores
+
+MATRICES = HEAD_MATRICES + MLP_MATRICES
+
+
+def _split(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    return int(parts[1]), parts[-1]
+
+
+@dataclass(frozen=True)
+class ParamMask:
+    """Boolean masks over the attributed matrices, by parameter name.
+
+    Attributes:
+        masks: ``{"blocks.1.attn.W_V": bool tensor of W_V's shape, ...}``.
+        kind: how it was made (``"gradient"``, ``"random"``, ``"all"``, ``"scope"``, ...).
+    """
+
+    masks: Mapping[str, Tensor]
+    kind: str = "custom"
+
+    def __post_init__(self) -> None:
+        for name, mask in self.masks.items():
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask {name} must be boolean, got {mask.dtype}")
+            _, matrix = _split(name)
+            if matrix not in MATRICES:
+                raise ValueError(f"{name} is not an attributed matrix ({MATRICES})")
+        object.__setattr__(self, "masks", dict(self.masks))
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def scope(
+        cls,
+        model: HookedTransformer,
+        *,
+        components: Sequence[str] | None = None,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[HeadRef | str] | None = None,
+    ) -> ParamMask:
+        """Every weight of the chosen matrices, layers and heads (default: all of them).
+
+        ``heads`` restricts the head matrices to those heads and drops W_in/W_out; e.g.
+        ``ParamMask.scope(model, components=["W_V"], heads=["L1H2"])``.
+        """
+        components = tuple(MATRICES if components is None else components)
+        unknown = [c for c in components if c not in MATRICES]
+        if unknown:
+            raise ValueError(f"components must be among {MATRICES}, got {unknown}")
+        chosen_heads = None if heads is None else [HeadRef.parse(h).check(model.cfg) for h in heads]
+        if layers is not None and any(not 0 <= l < model.cfg.n_layers for l in layers):  # noqa: E741
+            raise ValueError(f"layers must be in 0..{model.cfg.n_layers - 1}, got {list(layers)}")
+        masks = {}
+        for name, param in attributed_parameters(model).items():
+            layer, matrix = _split(name)
+            mask = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
+            if matrix in components and (layers is None or layer in layers):
+                if chosen_heads is None:
+                    mask[:] = True
+                elif matrix in HEAD_MATRICES:
+                    for head in chosen_heads:
+                        if head.layer == layer:
+                            mask[head.head] = True
+            masks[name] = mask
+        return cls(masks, "scope")
+
+    @classmethod
+    def all(cls, model: HookedTransformer) -> ParamMask:
+        """Every attributed weight (full fine-tuning of the attributed matrices)."""
+        return cls(cls.scope(model).masks, "all")
+
+    @classmethod
+    def from_gradients(
+        cls,
+        grads: Mapping[str, Tensor],
+        *,
+        fraction: float = 0.001,
+        within: ParamMask | None = None,
+    ) -> ParamMask:
+        """The global top ``floor(fraction x candidates)`` weights by |gradient|.
+
+        Args:
+            grads: gradients by parameter name (e.g. ``contrastive_gradients``).
+            fraction: share of the candidate weights to select (paper: 0.001).
+            within: candidate weights (default all of ``grads``).
+        """
+        names = list(grads)
+        candidates = [_candidates(grads[n], within, n) for n in names]
+        k = _count(fraction, sum(int(c.sum()) for c in candidates))
+        scores = torch.cat(
+            [
+                grads[n].detach().abs().float().where(c, -1.0).flatten()
+                for n, c in zip(names, candidates, strict=True)
+            ]
+        )
+        chosen = torch.zeros_like(scores, dtype=torch.bool)
+        chosen[torch.topk(scores, k).indices] = True
+        return cls(_unflatten(chosen, names, grads), "gradient")
+
+    @classmethod
+    def random(
+        cls,
+        model_or_shapes: HookedTransformer | Mapping[str, Tensor],
+        *,
+        fraction: float = 0.001,
+        seed: int = 0,
+        within: ParamMask | None = None,
+    ) -> ParamMask:
+        """Exactly ``floor(fraction x candidates)`` weights chosen uniformly at random, seeded."""
+        tensors = (
+            attributed_parameters(model_or_shapes)
+            if isinstance(model_or_shapes, HookedTransformer)
+            else dict(model_or_shapes)
+        )
+        names = list(tensors)
+        candidates = torch.cat([_candidates(tensors[n], within, n).flatten().cpu() for n in names])
+        pool = candidates.nonzero().flatten()
+        k = _count(fraction, len(pool))
+        generator = torch.Generator().manual_seed(seed)
+        picked = pool[torch.randperm(len(pool), generator=generator)[:k]]
+        chosen = torch.zeros(len(candidates), dtype=torch.bool)
+        chosen[picked] = True
+        return cls(_unflatten(chosen, names, tensors), "random")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def count(self) -> int:
+        """Selected weights."""
+        return sum(int(m.sum()) for m in self.masks.values())
+
+    @property
+    def total(self) -> int:
+        """Weights the mask covers (selected or not)."""
+        return sum(m.numel() for m in self.masks.values())
+
+    def __and__(self, other: ParamMask) -> ParamMask:
+        return ParamMask(
+            {n: m & other.masks[n].to(m.device) for n, m in self.masks.items()}, self.kind
+        )
+
+    def to(self, device: torch.device | str) -> ParamMask:
+        return ParamMask({n: m.to(device) for n, m in self.masks.items()}, self.kind)
+
+    def counts(self, n_heads: int) -> LayerComponentScores:
+        """Selected weights per layer x component (W_K.H0 ... W_O.H{n-1}, W_in, W_out)."""
+        labels = component_labels(n_heads)
+        n_layers = 1 + max(_split(n)[0] for n in self.masks)
+        scores = torch.zeros(n_layers, len(labels))
+        for name, mask in self.masks.items():
+            layer, matrix = _split(name)
+            if matrix in HEAD_MATRICES:
+                start = HEAD_MATRICES.index(matrix) * n_heads
+                scores[layer, start : start + n_heads] = mask.flatten(1).sum(-1).float().cpu()
+            else:
+                scores[layer, labels.index(matrix)] = float(mask.sum())
+        return LayerComponentScores(f"{self.kind} mask: selected weights", scores, labels)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per matrix: name, selected, total."""
+        return pd.DataFrame(
+            [
+                {"parameter": n, "selected": int(m.sum()), "total": m.numel()}
+                for n, m in self.masks.items()
+            ]
+        )
+
+    def __repr__(self) -> str:
+        share = self.count / self.total if self.total else 0.0
+        return f"ParamMask({self.kind}, {self.count} of {self.total} weights = {share:.4%})"
+
+
+def _candidates(tensor: Tensor, within: ParamMask | None, name: str) -> Tensor:
+    if within is None:
+        return torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
+    if name not in within.masks:
+        raise ValueError(f"the scope has no mask for {name}")
+    return within.masks[name].to(tensor.device)
+
+
+def _count(fraction: float, candidates: int) -> int:
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    k = math.floor(fraction * candidates)
+    if k < 1:
+        raise ValueError(
+            f"fraction={fraction} of {candidates} candidate weights selects none; raise it"
+        )
+    return k
+
+
+def _unflatten(flat: Tensor, names: list[str], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    masks, start = {}, 0
+    for name in names:
+        tensor = like[name]
+        masks[name] = flat[start : start + tensor.numel()].view(tensor.shape).to(tensor.device)
+        start += tensor.numel()
+    return masks

@@ -1,0 +1,132 @@
+"""ParamMask and MaskedOptimizer: exact counts, seeds, and nothing outside the mask moves."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from memloc_tl.analysis.gradients import attributed_parameters
+from memloc_tl.editing import MaskedOptimizer, ParamMask
+from memloc_tl.heads import HeadRef
+from memloc_tl.organism import Organism
+
+
+def fake_grads(model: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        n: torch.randn(p.shape, generator=generator)
+        for n, p in attributed_parameters(model).items()
+    }
+
+
+def test_gradient_mask_is_the_exact_global_top_fraction(organism: Organism) -> None:
+    grads = fake_grads(organism.model)
+    total = sum(g.numel() for g in grads.values())
+    mask = ParamMask.from_gradients(grads, fraction=0.001)
+    assert mask.count == math.floor(0.001 * total)
+    assert mask.total == total
+    flat = torch.cat([g.abs().flatten() for g in grads.values()])
+    threshold = flat.topk(mask.count).values.min()
+    selected = torch.cat([grads[n].abs()[m] for n, m in mask.masks.items()])
+    assert (selected >= threshold).all()
+    unselected = torch.cat([grads[n].abs()[~m] for n, m in mask.masks.items()])
+    assert (unselected <= threshold).all()
+    counts = mask.counts(organism.model.cfg.n_heads)
+    assert counts.scores.sum().item() == mask.count
+    assert len(mask.to_frame()) == len(grads)
+    assert repr(mask).startswith(f"ParamMask(gradient, {mask.count} of {total} weights")
+
+
+def test_random_mask_exact_count_and_seeded(organism: Organism) -> None:
+    model = organism.model
+    a = ParamMask.random(model, fraction=0.01, seed=1)
+    b = ParamMask.random(model, fraction=0.01, seed=1)
+    c = ParamMask.random(model, fraction=0.01, seed=2)
+    assert a.count == math.floor(0.01 * a.total)
+    assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
+    assert not all(torch.equal(a.masks[n], c.masks[n]) for n in a.masks)
+    with pytest.raises(ValueError, match="selects none"):
+        ParamMask.random(model, fraction=1e-9)
+    with pytest.raises(ValueError, match="fraction"):
+        ParamMask.random(model, fraction=0.0)
+
+
+def test_scope_restricts_selection_to_one_head(organism: Organism) -> None:
+    model = organism.model
+    scope = ParamMask.scope(model, components=["W_V"], heads=["L1H2"])
+    d_model, d_head = model.cfg.d_model, model.cfg.d_head
+    assert scope.count == d_model * d_head
+    assert scope.masks["blocks.1.attn.W_V"][2].all()
+    mask = ParamMask.from_gradients(fake_grads(model), fraction=0.1, within=scope)
+    assert mask.count == math.floor(0.1 * d_model * d_head)
+    assert mask.masks["blocks.1.attn.W_V"][2].sum() == mask.count
+    counts = mask.counts(model.cfg.n_heads)
+    assert counts[1, "W_V.H2"] == mask.count
+    random = ParamMask.random(model, fraction=0.5, seed=0, within=scope)
+    assert (random & scope).count == random.count
+    with pytest.raises(ValueError, match="components"):
+        ParamMask.scope(model, components=["W_E"])
+    with pytest.raises(ValueError, match="does not exist"):
+        ParamMask.scope(model, heads=[HeadRef(7, 0)])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1.0),  # coupled decay: the leak
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=0.5),
+    ],
+)
+def test_out_of_mask_weights_are_bit_identical(make: Any) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    mask = torch.rand(8, 16) < 0.1
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    optimizer = MaskedOptimizer(make(list(layer.parameters())), {layer.weight: mask})
+    for _ in range(5):
+        optimizer.zero_grad()
+        layer(torch.randn(4, 16)).square().sum().backward()
+        optimizer.step()
+    assert torch.equal(layer.weight[~mask], before["weight"][~mask])
+    assert not torch.equal(layer.weight[mask], before["weight"][mask])
+    assert torch.equal(layer.bias, before["bias"])  # no mask: frozen
+    # without the wrapper, the same optimizer moves everything (the reference code's leak)
+    plain = torch.nn.Linear(16, 8)
+    plain.load_state_dict(before)
+    raw = make(list(plain.parameters()))
+    raw.zero_grad()
+    (plain(torch.randn(4, 16)).square().sum()).backward()
+    for p in plain.parameters():
+        if p is plain.weight:
+            p.grad.mul_(mask)  # type: ignore[union-attr]
+    raw.step()
+    assert not torch.equal(plain.weight[~mask], before["weight"][~mask])
+
+
+def test_state_dict_round_trip() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    mask = torch.eye(4, dtype=torch.bool)
+    optimizer = MaskedOptimizer(torch.optim.Adam(layer.parameters(), lr=0.1), {layer.weight: mask})
+    layer(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    other = MaskedOptimizer(
+        torch.optim.Adam(layer.parameters(), lr=0.1),
+        {layer.weight: torch.ones(4, 4, dtype=torch.bool)},
+    )
+    other.load_state_dict(state)
+    assert torch.equal(other.state_dict()["masks"][0], mask)
+    assert torch.equal(
+        other.state_dict()["optimizer"]["state"][0]["exp_avg"],
+        state["optimizer"]["state"][0]["exp_avg"],
+    )
+    with pytest.raises(ValueError, match="shape"):
+        MaskedOptimizer(
+            torch.optim.SGD(layer.parameters(), lr=0.1),
+            {layer.weight: torch.ones(3, dtype=torch.bool)},
+        )
