@@ -24,6 +24,14 @@ from memloc_tl.analysis import (
     rare_token_attention,
     run_analyzers,
 )
+from memloc_tl.editing import (
+    EditResult,
+    MaskedOptimizer,
+    ParamMask,
+    WeightEdit,
+    compare_edits,
+    sparse_edit,
+)
 from memloc_tl.heads import HeadRef
 from memloc_tl.memorization import (
     MemorizationScan,
@@ -31,7 +39,7 @@ from memloc_tl.memorization import (
     scan_memorization,
     summarize,
 )
-from memloc_tl.models import DEFAULT_MODEL, HubUnavailableError, load_model
+from memloc_tl.models import DEFAULT_MODEL, HubUnavailableError, load_model, save_hooked_model
 from memloc_tl.organism import Organism, OrganismConfig, build_organism, load_organism
 from memloc_tl.paragraphs import PAPER_KEYWORDS, Paragraphs, corpus_token_counts
 from memloc_tl.results import HeadScores, LayerComponentScores, TokenScores
@@ -42,6 +50,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "PAPER_KEYWORDS",
     "ActivationGradients",
+    "EditResult",
     "GradientComparison",
     "GradientNorms",
     "HeadIntervention",
@@ -49,19 +58,23 @@ __all__ = [
     "HeadScores",
     "HubUnavailableError",
     "LayerComponentScores",
+    "MaskedOptimizer",
     "MemorizationScan",
     "Organism",
     "OrganismConfig",
     "Paragraphs",
+    "ParamMask",
     "PatchingSweep",
     "PrefixPerturbation",
     "RareTokenAttention",
     "RareTokenAttentionAnalyzer",
     "TokenScores",
+    "WeightEdit",
     "__version__",
     "ablate_heads",
     "activation_gradients",
     "build_organism",
+    "compare_edits",
     "compare_gradient_norms",
     "contrastive_gradient_norms",
     "corpus_token_counts",
@@ -74,6 +87,8 @@ __all__ = [
     "perturb_prefixes",
     "rare_token_attention",
     "run_analyzers",
+    "save_hooked_model",
     "scan_memorization",
+    "sparse_edit",
     "summarize",
 ]

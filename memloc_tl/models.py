@@ -16,8 +16,10 @@ Paragraph windows are raw 100-token windows, so every model is configured with
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -35,6 +37,8 @@ DEFAULT_MODEL = "EleutherAI/gpt-neo-125M"
 """The model the paper studies."""
 
 NEO_ARCHITECTURE = "GPTNeoForCausalLM"
+HOOKED_CONFIG = "hooked_transformer_config.json"
+HOOKED_WEIGHTS = "hooked_transformer.safetensors"
 
 
 class HubUnavailableError(OSError):
@@ -167,6 +171,8 @@ def load_model(
             f"got {type(source).__name__}"
         )
     path = Path(source).expanduser()
+    if path.is_dir() and (path / HOOKED_CONFIG).is_file():
+        return _load_hooked(path, tokenizer=tokenizer, device=device)
     if path.is_dir():
         return _load_local(
             path, tokenizer=tokenizer, device=device, process_weights=process_weights, dtype=dtype
@@ -255,6 +261,57 @@ def _load_local(
         process_weights=process_weights,
         dtype=dtype,
     )
+
+
+def save_hooked_model(model: HookedTransformer, directory: str | os.PathLike[str]) -> Path:
+    """Save a HookedTransformer as it is (processed and possibly edited weights) for load_model.
+
+    An edited model cannot always go back to a Hugging Face GPT-Neo checkpoint: weight
+    processing folds LayerNorm into biases GPT-Neo's q/k/v projections do not have. This writes
+    the TransformerLens config, state dict and tokenizer instead; ``load_model(directory)``
+    reloads them exactly. Files are written to a temporary directory that is then renamed.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} exists and is not empty")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        config = dict(model.cfg.to_dict())  # to_dict returns the live __dict__: copy it
+        config["dtype"] = str(config["dtype"]).removeprefix("torch.")
+        config.pop("device", None)
+        (staging / HOOKED_CONFIG).write_text(json.dumps(config, indent=1, default=list))
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(staging / HOOKED_WEIGHTS))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(staging)
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _load_hooked(
+    path: Path, *, tokenizer: Any, device: str | torch.device | None
+) -> HookedTransformer:
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    config = json.loads((path / HOOKED_CONFIG).read_text())
+    config["dtype"] = getattr(torch, config["dtype"])
+    config["device"] = device
+    cfg = HookedTransformerConfig.from_dict(config)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
+    model.load_state_dict(load_file(str(path / HOOKED_WEIGHTS)))
+    model.move_model_modules_to_device()
+    return model.eval()
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

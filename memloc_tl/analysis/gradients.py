@@ -209,7 +209,7 @@ def contrastive_kl(
     return kl.sum(-1).mean() if reduction == "sum_positions" else kl.mean()
 
 
-def _accumulated_gradients(
+def accumulated_gradients(
     model: HookedTransformer,
     terms: Sequence[tuple[Paragraphs, Callable[[Tensor, int], Tensor]]],
     batch_size: int,
@@ -281,14 +281,12 @@ def gradient_norms(
         return continuation_nll(model, tokens, p).mean()
 
     if aggregate == "batch_mean":
-        grads = _accumulated_gradients(
-            model, [(paragraphs, nll)], batch_size, progress, "gradients"
-        )
+        grads = accumulated_gradients(model, [(paragraphs, nll)], batch_size, progress, "gradients")
         stats = reduce_gradients(model, grads)
     else:
         stats = torch.zeros(len(STATISTICS), model.cfg.n_layers, 4 * model.cfg.n_heads + 2)
         for i in tqdm(range(len(paragraphs)), desc="gradients", disable=not progress):
-            grads = _accumulated_gradients(model, [(paragraphs[i], nll)], 1, False, "")
+            grads = accumulated_gradients(model, [(paragraphs[i], nll)], 1, False, "")
             stats += reduce_gradients(model, grads).float()
         stats /= len(paragraphs)
     return _scores(model, stats, "nll", aggregate, len(paragraphs))
@@ -368,7 +366,7 @@ def contrastive_gradients(
         ref = reference[start : start + len(tokens)]
         return contrastive_kl(model, tokens, ref, keep.prefix_len, reduction=kl_reduction)
 
-    return _accumulated_gradients(
+    return accumulated_gradients(
         model, [(memorized, unlearn), (keep, kl)], batch_size, progress, "contrastive gradients"
     )
 

@@ -2,5 +2,13 @@
 
 from memloc_tl.editing.masks import ParamMask
 from memloc_tl.editing.optimizer import MaskedOptimizer
+from memloc_tl.editing.sparse_edit import EditResult, WeightEdit, compare_edits, sparse_edit
 
-__all__ = ["MaskedOptimizer", "ParamMask"]
+__all__ = [
+    "EditResult",
+    "MaskedOptimizer",
+    "ParamMask",
+    "WeightEdit",
+    "compare_edits",
+    "sparse_edit",
+]

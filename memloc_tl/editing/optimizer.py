@@ -5,7 +5,8 @@ with coupled weight decay, so every weight moved. :class:`MaskedOptimizer` wraps
 optimizer and, after every step, writes back the pre-step value of every entry outside the mask:
 whatever the wrapped optimizer does (momentum, weight decay), out-of-mask entries stay
 bit-identical. Gradients outside the mask are also zeroed before the step, so the optimizer's
-state for them stays at rest.
+state for them stays at rest. The bookkeeping uses torch's ``_foreach`` kernels (as torch's own
+optimizers do) and one reusable buffer the size of the parameters.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+# torch's multi-tensor kernels, which its own optimizers use
+_foreach_mul_ = torch._foreach_mul_  # pyright: ignore[reportPrivateImportUsage]
+_foreach_copy_ = torch._foreach_copy_  # pyright: ignore[reportPrivateImportUsage]
+_foreach_lerp_ = torch._foreach_lerp_  # pyright: ignore[reportPrivateImportUsage]
 
 
 class MaskedOptimizer:
@@ -43,6 +49,8 @@ class MaskedOptimizer:
                 )
             self._masks[id(param)] = mask.to(param.device)
         self._params = params
+        self._before: list[Tensor] | None = None  # pre-step values, reused between steps
+        self._float_masks: list[Tensor] | None = None
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -54,22 +62,31 @@ class MaskedOptimizer:
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One step of the wrapped optimizer; out-of-mask entries are then restored exactly."""
-        before = []
-        for param in self._params:
-            mask = self._masks.get(id(param))
-            if param.grad is not None and mask is not None:
-                param.grad.mul_(mask)
-            elif param.grad is not None:
-                param.grad.zero_()
-            before.append(param.detach().clone())
+        params, weights = self._params, self._weights()
+        with_grad = [
+            (p.grad, w) for p, w in zip(params, weights, strict=True) if p.grad is not None
+        ]
+        if with_grad:
+            grads, grad_weights = zip(*with_grad, strict=True)
+            _foreach_mul_(list(grads), list(grad_weights))
+        if self._before is None:
+            self._before = [p.detach().clone() for p in params]
+        else:
+            _foreach_copy_(self._before, params)
         loss = self.optimizer.step(closure)
-        for param, old in zip(self._params, before, strict=True):
-            mask = self._masks.get(id(param))
-            if mask is None:
-                param.copy_(old)
-            else:
-                param.copy_(torch.where(mask, param, old))
+        # lerp(old, new, w) is exactly old at w = 0 and exactly new at w = 1.
+        _foreach_lerp_(self._before, params, weights)
+        _foreach_copy_(params, self._before)
         return loss
+
+    def _weights(self) -> list[Tensor]:
+        """Per parameter, the mask as 0/1 in the parameter's dtype (all zeros: frozen)."""
+        if self._float_masks is None:
+            self._float_masks = [
+                self._masks[id(p)].to(p.dtype) if id(p) in self._masks else torch.zeros_like(p)
+                for p in self._params
+            ]
+        return self._float_masks
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -87,3 +104,4 @@ class MaskedOptimizer:
         self._masks = {
             id(p): m.to(p.device) for p, m in zip(self._params, masks, strict=True) if m is not None
         }
+        self._float_masks = None

@@ -1,0 +1,189 @@
+"""sparse_edit: sparse by construction, reversible, seeded, and the gradient mask beats random."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from memloc_tl.analysis import contrastive_gradients, perturb_prefixes
+from memloc_tl.analysis.gradients import attributed_parameters
+from memloc_tl.editing import ParamMask, WeightEdit, compare_edits, sparse_edit
+from memloc_tl.organism import Organism
+
+SETTINGS: dict[str, Any] = {"steps": 4, "lr": 3e-2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def sets(organism: Organism) -> dict[str, Any]:
+    return {
+        "memorized": organism.planted[[0, 1]],
+        "keep": organism.control[list(range(6))],
+        "heldout": organism.control[list(range(6, 12))],
+    }
+
+
+def weights(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in attributed_parameters(model).items()}
+
+
+def test_sparse_and_the_callers_model_untouched(
+    organism: Organism, sets: dict[str, Any], unchanged: Any
+) -> None:
+    model = organism.model
+    original = weights(model)
+    with unchanged(model):
+        result = sparse_edit(model, sets["memorized"], keep=sets["keep"], **SETTINGS)
+    assert result.model is not model
+    total = sum(p.numel() for p in original.values())
+    assert result.mask.count == math.floor(0.001 * total)
+    edited = weights(result.model)
+    changed = 0
+    for name, mask in result.mask.masks.items():
+        assert torch.equal(edited[name][~mask], original[name][~mask]), name
+        changed += int((edited[name][mask] != original[name][mask]).sum())
+    assert changed > 0
+    # everything else in the model (embeddings, biases, LayerNorm) is untouched too
+    for name, value in model.state_dict().items():
+        if name not in original:
+            assert torch.equal(result.model.state_dict()[name], value), name
+
+
+def test_gradient_mask_is_the_first_step_objective_gradient(
+    organism: Organism, sets: dict[str, Any]
+) -> None:
+    model = organism.model
+    result = sparse_edit(
+        model, sets["memorized"], keep=sets["keep"], steps=1, lr=1e-3, progress=False
+    )
+    grads = contrastive_gradients(model, sets["memorized"], sets["keep"], nll_weight=1.0)
+    expected = ParamMask.from_gradients(grads, fraction=0.001)
+    overlap = (result.mask & expected).count
+    assert overlap >= 0.98 * expected.count  # equal up to near-ties in |gradient|
+
+
+def test_revert_apply_save_load_and_determinism(
+    organism: Organism, sets: dict[str, Any], tmp_path: Path
+) -> None:
+    model = organism.model
+    original = weights(model)
+    first = sparse_edit(
+        model, sets["memorized"], keep=sets["keep"], mask="random", seed=3, **SETTINGS
+    )
+    second = sparse_edit(
+        model, sets["memorized"], keep=sets["keep"], mask="random", seed=3, **SETTINGS
+    )
+    for name in original:
+        assert torch.equal(weights(first.model)[name], weights(second.model)[name])
+    path = tmp_path / "edit.safetensors"
+    first.edit.save(path)
+    assert not path.with_name(path.name + ".partial").exists()
+    loaded = WeightEdit.load(path)
+    fresh = type(model)(model.cfg, model.tokenizer)
+    fresh.load_state_dict(model.state_dict())
+    loaded.apply(fresh)
+    for name, value in weights(first.model).items():
+        assert torch.equal(weights(fresh)[name], value)
+    first.revert()
+    for name, value in original.items():
+        assert torch.equal(weights(first.model)[name], value)
+
+
+def test_inplace_edits_the_model_and_reverts_exactly(
+    organism: Organism, sets: dict[str, Any]
+) -> None:
+    model = organism.model
+    original = weights(model)
+    result = sparse_edit(model, sets["memorized"], keep=sets["keep"], inplace=True, **SETTINGS)
+    try:
+        assert result.model is model
+        assert any(not torch.equal(weights(model)[n], v) for n, v in original.items())
+        assert all(p.grad is None for p in model.parameters())
+    finally:
+        result.revert()
+    for name, value in original.items():
+        assert torch.equal(weights(model)[name], value)
+
+
+def test_reference_compat_stays_sparse(organism: Organism, sets: dict[str, Any]) -> None:
+    """Coupled weight decay 1.0 moved every weight in the reference code; not here."""
+    model = organism.model
+    original = weights(model)
+    result = sparse_edit(
+        model, sets["memorized"], keep=sets["keep"], reference_compat=True, lr=1e-2, progress=False
+    )
+    assert len(result.losses) == 5
+    for name, mask in result.mask.masks.items():
+        assert torch.equal(weights(result.model)[name][~mask], original[name][~mask])
+
+
+def test_gradient_mask_unlearns_far_more_than_random(
+    organism: Organism, sets: dict[str, Any]
+) -> None:
+    table, results = compare_edits(
+        organism.model,
+        sets["memorized"],
+        keep=sets["keep"],
+        heldout=sets["heldout"],
+        general=organism.heldout,
+        masks=("gradient", "random"),
+        fraction=0.01,
+        steps=10,
+        lr=3e-2,
+        progress=False,
+    )
+    gradient_before, gradient_after = results["gradient"].metric("edited", "mean_em")
+    _, random_after = results["random"].metric("edited", "mean_em")
+    assert gradient_before == 50
+    assert gradient_after < random_after - 20
+    assert results["gradient"].mask.count == results["random"].mask.count
+    assert set(table["mask"]) == {"gradient", "random"}
+    ppl_before, ppl_after = results["gradient"].metric("general", "perplexity")
+    assert ppl_after < 2 * ppl_before
+
+
+def test_edit_objective_teaches_the_target(organism: Organism, sets: dict[str, Any]) -> None:
+    model = organism.model
+    memorized = sets["memorized"]
+    target = perturb_prefixes(model, memorized, progress=False).perturbed
+    assert target is not None
+    result = sparse_edit(
+        model,
+        memorized,
+        keep=sets["keep"],
+        objective="edit",
+        target=target,
+        fraction=0.01,
+        steps=10,
+        lr=3e-2,
+        progress=False,
+    )
+    before, after = result.metric("target", "mean_nll")
+    assert after < before
+    with pytest.raises(ValueError, match="needs target"):
+        sparse_edit(model, memorized, keep=sets["keep"], objective="edit")
+    with pytest.raises(ValueError, match="objective"):
+        sparse_edit(model, memorized, keep=sets["keep"], objective="forget")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mask"):
+        sparse_edit(model, memorized, keep=sets["keep"], mask="top", progress=False)  # type: ignore[arg-type]
+
+
+def test_edited_model_saves_and_reloads_with_load_model(
+    organism: Organism, sets: dict[str, Any], tmp_path: Path, unchanged: Any
+) -> None:
+    from memloc_tl.models import load_model, save_hooked_model
+
+    result = sparse_edit(organism.model, sets["memorized"], keep=sets["keep"], **SETTINGS)
+    with unchanged(result.model):
+        directory = save_hooked_model(result.model, tmp_path / "edited")
+    reloaded = load_model(directory, device="cpu")
+    for name, value in result.model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+    tokens = sets["memorized"].tokens
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens), result.model(tokens))
+    with pytest.raises(FileExistsError):
+        save_hooked_model(result.model, directory)
