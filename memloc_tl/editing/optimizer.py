@@ -5,8 +5,8 @@ with coupled weight decay, so every weight moved. :class:`MaskedOptimizer` wraps
 optimizer and, after every step, writes back the pre-step value of every entry outside the mask:
 whatever the wrapped optimizer does (momentum, weight decay), out-of-mask entries stay
 bit-identical. Gradients outside the mask are also zeroed before the step, so the optimizer's
-state for them stays at rest. The bookkeeping uses torch's ``_foreach`` kernels (as torch's own
-optimizers do) and one reusable buffer the size of the parameters.
+state for them stays at rest. The bookkeeping is three of torch's multi-tensor ``_foreach``
+passes (as torch's own optimizers use) and one reusable buffer the size of the parameters.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class MaskedOptimizer:
         self._params = params
         self._before: list[Tensor] | None = None  # pre-step values, reused between steps
         self._float_masks: list[Tensor] | None = None
+        self._float_keep: list[Tensor] | None = None
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -74,10 +75,15 @@ class MaskedOptimizer:
         else:
             _foreach_copy_(self._before, params)
         loss = self.optimizer.step(closure)
-        # lerp(old, new, w) is exactly old at w = 0 and exactly new at w = 1.
-        _foreach_lerp_(self._before, params, weights)
-        _foreach_copy_(params, self._before)
+        # lerp(new, old, 1 - mask): exactly old where the mask is 0, exactly new where it is 1.
+        _foreach_lerp_(params, self._before, self._keep_weights())
         return loss
+
+    def _keep_weights(self) -> list[Tensor]:
+        """Per parameter, 1 where the old value must be kept (outside the mask), else 0."""
+        if self._float_keep is None:
+            self._float_keep = [1 - w for w in self._weights()]
+        return self._float_keep
 
     def _weights(self) -> list[Tensor]:
         """Per parameter, the mask as 0/1 in the parameter's dtype (all zeros: frozen)."""
@@ -105,3 +111,4 @@ class MaskedOptimizer:
             id(p): m.to(p.device) for p, m in zip(self._params, masks, strict=True) if m is not None
         }
         self._float_masks = None
+        self._float_keep = None

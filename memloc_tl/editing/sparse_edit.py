@@ -304,7 +304,6 @@ def sparse_edit(
     inner = torch.optim.Adam(list(params.values()), lr=lr, weight_decay=decay)
     optimizer = MaskedOptimizer(inner, {params[n]: m for n, m in chosen.masks.items()})
     losses: list[float] = []
-    flags = [(p, p.requires_grad) for p in work.parameters()]
     try:
         with grad_only_for(work, list(params.values())):
             for _ in tqdm(range(steps), desc=f"{objective} ({chosen.kind})", disable=not progress):
@@ -326,9 +325,8 @@ def sparse_edit(
                     p.copy_(original[n])
         raise
     finally:
-        for p, flag in flags:
+        for p in work.parameters():  # grad_only_for restored the flags; drop the gradients
             p.grad = None
-            p.requires_grad_(flag)
     after = _evaluate(
         work, memorized, target, heldout_reference, general, heldout_logprobs, reextraction, seed
     )
