@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -63,6 +63,12 @@ class HeadScores:
                 "name": self.name,
             }
         )
+
+    def figure(self) -> Any:
+        """A plotly heatmap, layers x heads (:func:`memloc_tl.viz.head_scores_figure`)."""
+        from memloc_tl.viz import head_scores_figure
+
+        return head_scores_figure(self)
 
     def __repr__(self) -> str:
         best = ", ".join(f"{h}={s:.3g}" for h, s in self.top(3, order="abs"))
@@ -166,6 +172,12 @@ class LayerComponentScores:
                 "name": self.name,
             }
         )
+
+    def figure(self) -> Any:
+        """A plotly heatmap, layers x components (:func:`memloc_tl.viz.layer_component_figure`)."""
+        from memloc_tl.viz import layer_component_figure
+
+        return layer_component_figure(self)
 
     def __repr__(self) -> str:
         best = ", ".join(f"L{layer}.{c}={s:.3g}" for layer, c, s in self.top(3))

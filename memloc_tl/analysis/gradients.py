@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -126,6 +126,10 @@ class GradientNorms:
     def top(self, k: int = 5, statistic: str = "max_abs") -> list[tuple[int, str, float]]:
         return self.statistic(statistic).top(k)
 
+    def figure(self, statistic: str = "max_abs") -> Any:
+        """Heatmap of one statistic per layer x component."""
+        return self.statistic(statistic).figure()
+
     def to_frame(self) -> pd.DataFrame:
         """Long format: layer, component, and one column per statistic."""
         frame = self.max_abs.to_frame().drop(columns=["name", "score"])
@@ -160,6 +164,12 @@ class GradientComparison:
             ],
             ignore_index=True,
         )
+
+    def figure(self, statistic: str = "max_abs") -> Any:
+        """Both maps and the layer-share difference (see ``viz.gradient_comparison_figure``)."""
+        from memloc_tl.viz import gradient_comparison_figure
+
+        return gradient_comparison_figure(self, statistic=statistic)
 
     def __repr__(self) -> str:
         diff = ", ".join(f"{d:+.3f}" for d in self.layer_share_difference().tolist())

@@ -121,6 +121,10 @@ class PatchingSweep:
         frame["delta_em"] = self.mean_delta_em.scores.flatten().tolist()
         return frame.drop(columns=["name"]).assign(kind=self.kind)
 
+    def figure(self) -> Any:
+        """Heatmap of the mean NLL change per head."""
+        return self.mean_delta_nll.figure()
+
     def __repr__(self) -> str:
         best = ", ".join(f"{h}={s:+.3f}" for h, s in self.top(3))
         return f"PatchingSweep({self.kind}, n={len(self.paragraphs)}, largest mean dNLL: {best})"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -122,6 +122,12 @@ class PrefixPerturbation:
         )
         kept = frame.loc[frame["replacement_token"] >= 0]
         return pd.DataFrame(kept).reset_index(drop=True)
+
+    def figure(self, name: str = "paragraphs") -> Any:
+        """Mean EM drop per prefix position (:func:`memloc_tl.viz.em_drop_figure`)."""
+        from memloc_tl.viz import em_drop_figure
+
+        return em_drop_figure((name, self))
 
     def __repr__(self) -> str:
         return (

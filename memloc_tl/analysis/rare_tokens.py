@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -117,6 +118,10 @@ class RareTokenAttention:
             for s in (self.tau, self.pooled_tau_sum, self.pooled_tau_mean, self.rare_mass)
         ]
         return pd.concat(frames, ignore_index=True)
+
+    def figure(self) -> Any:
+        """Heatmap of the pooled tau (mean per rank) per head; negative = prefers rare tokens."""
+        return self.pooled_tau_mean.figure()
 
     def __repr__(self) -> str:
         best = ", ".join(f"{h}={s:.2f}" for h, s in self.top(3))

@@ -1,0 +1,120 @@
+"""plotly figures: head heatmaps, layer x component maps, EM drop per position, edit comparison."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+if TYPE_CHECKING:
+    from memloc_tl.analysis.gradients import GradientComparison
+    from memloc_tl.analysis.perturbation import PrefixPerturbation
+    from memloc_tl.results import HeadScores, LayerComponentScores
+
+
+def head_scores_figure(scores: HeadScores, *, title: str | None = None) -> go.Figure:
+    """Heatmap of one score per head: layers down, heads across, labelled ``L1H2``."""
+    n_layers, n_heads = scores.scores.shape
+    labels = [[f"L{layer}H{head}" for head in range(n_heads)] for layer in range(n_layers)]
+    figure = go.Figure(
+        go.Heatmap(
+            z=scores.scores.tolist(),
+            x=[f"H{h}" for h in range(n_heads)],
+            y=[f"L{layer}" for layer in range(n_layers)],
+            text=labels,
+            hovertemplate="%{text}: %{z:.4g}<extra></extra>",
+            colorscale="RdBu",
+            zmid=0,
+        )
+    )
+    figure.update_layout(title=title or scores.name, xaxis_title="head", yaxis_title="layer")
+    figure.update_yaxes(autorange="reversed")
+    return figure
+
+
+def _component_heatmap(scores: LayerComponentScores, **kwargs: object) -> go.Heatmap:
+    n_layers = scores.scores.shape[0]
+    return go.Heatmap(
+        z=scores.scores.tolist(),
+        x=list(scores.components),
+        y=[f"L{layer}" for layer in range(n_layers)],
+        hovertemplate="L%{y} %{x}: %{z:.3g}<extra></extra>",
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def layer_component_figure(scores: LayerComponentScores, *, title: str | None = None) -> go.Figure:
+    """Heatmap of scores per layer x component (the paper's Fig. 4)."""
+    figure = go.Figure(_component_heatmap(scores, colorscale="Viridis"))
+    figure.update_layout(title=title or scores.name, xaxis_title="component", yaxis_title="layer")
+    figure.update_yaxes(autorange="reversed")
+    return figure
+
+
+def gradient_comparison_figure(
+    comparison: GradientComparison, *, statistic: str = "max_abs"
+) -> go.Figure:
+    """Memorized, non-memorized and their layer-share difference side by side."""
+    memorized = comparison.memorized.statistic(statistic)
+    non_memorized = comparison.non_memorized.statistic(statistic)
+    figure = make_subplots(
+        rows=1,
+        cols=3,
+        column_widths=[0.42, 0.42, 0.16],
+        subplot_titles=("memorized", "non-memorized", "layer share: MP - NMP"),
+    )
+    figure.add_trace(_component_heatmap(memorized, coloraxis="coloraxis"), row=1, col=1)
+    figure.add_trace(_component_heatmap(non_memorized, coloraxis="coloraxis"), row=1, col=2)
+    difference = comparison.layer_share_difference(statistic)
+    figure.add_trace(
+        go.Bar(
+            x=difference.tolist(),
+            y=[f"L{layer}" for layer in range(len(difference))],
+            orientation="h",
+            showlegend=False,
+        ),
+        row=1,
+        col=3,
+    )
+    figure.update_yaxes(autorange="reversed")
+    figure.update_layout(
+        title=f"gradient {statistic} per layer x component", coloraxis={"colorscale": "Viridis"}
+    )
+    return figure
+
+
+def em_drop_figure(*results: tuple[str, PrefixPerturbation]) -> go.Figure:
+    """Mean EM drop per prefix position, one line per named result (the paper's Fig. 3)."""
+    figure = go.Figure()
+    for name, result in results:
+        drop = result.mean_drop_per_position()
+        figure.add_trace(
+            go.Scatter(x=list(range(len(drop))), y=drop.tolist(), mode="lines+markers", name=name)
+        )
+    figure.update_layout(
+        title="EM drop when one prefix token is perturbed",
+        xaxis_title="prefix position",
+        yaxis_title="mean EM drop",
+    )
+    return figure
+
+
+def edit_comparison_figure(
+    table: pd.DataFrame, *, set_name: str = "edited", metric: str = "mean_em"
+) -> go.Figure:
+    """Before and after per mask, from :func:`~memloc_tl.editing.compare_edits`'s table (Fig. 5)."""
+    rows = table[(table["set"] == set_name) & (table["metric"] == metric)]
+    if len(rows) == 0:
+        raise ValueError(f"the table has no rows for set {set_name!r} and metric {metric!r}")
+    figure = go.Figure(
+        [
+            go.Bar(name="before", x=rows["mask"].tolist(), y=rows["before"].tolist()),
+            go.Bar(name="after", x=rows["mask"].tolist(), y=rows["after"].tolist()),
+        ]
+    )
+    figure.update_layout(
+        barmode="group", title=f"{set_name} {metric} before and after", yaxis_title=metric
+    )
+    return figure

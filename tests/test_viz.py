@@ -1,0 +1,73 @@
+"""Renderers draw exactly the numbers of the results they are given."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from memloc_tl.analysis import compare_gradient_norms, perturb_prefixes, rare_token_attention
+from memloc_tl.organism import Organism
+from memloc_tl.results import HeadScores
+from memloc_tl.viz import attention_view, edit_comparison_figure, em_drop_figure, token_view
+
+
+def test_head_and_component_figures_show_the_scores(organism: Organism) -> None:
+    scores = HeadScores("x", torch.arange(8.0).view(2, 4))
+    figure = scores.figure()
+    assert [list(row) for row in figure.data[0].z] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert figure.data[0].text[1][2] == "L1H2"
+    model = organism.model
+    comparison = compare_gradient_norms(
+        model, organism.planted[[0, 1]], organism.control[[0, 1]], progress=False
+    )
+    both = comparison.figure()
+    heatmaps = [trace for trace in both.data if trace.type == "heatmap"]
+    assert [
+        list(map(float, row)) for row in heatmaps[0].z
+    ] == comparison.memorized.max_abs.scores.tolist()
+    bars = [trace for trace in both.data if trace.type == "bar"]
+    assert list(bars[0].x) == pytest.approx(comparison.layer_share_difference().tolist())
+    assert list(comparison.memorized.figure().data[0].x) == list(
+        comparison.memorized.max_abs.components
+    )
+
+
+def test_em_drop_and_edit_figures(organism: Organism) -> None:
+    result = perturb_prefixes(
+        organism.model, organism.planted[[0, 1]], build_perturbed=False, progress=False
+    )
+    figure = em_drop_figure(("memorized", result))
+    expected = result.mean_drop_per_position()
+    assert list(figure.data[0].y)[1:] == pytest.approx(expected[1:].tolist())
+    table = pd.DataFrame(
+        {
+            "set": ["edited", "edited"],
+            "metric": ["mean_em"] * 2,
+            "mask": ["gradient", "random"],
+            "before": [50.0, 50.0],
+            "after": [10.0, 49.0],
+        }
+    )
+    bars = edit_comparison_figure(table)
+    assert list(bars.data[1].y) == [10.0, 49.0]
+    with pytest.raises(ValueError, match="no rows"):
+        edit_comparison_figure(table, metric="perplexity")
+
+
+def test_circuitsvis_views(organism: Organism) -> None:
+    model, tokens = organism.model, organism.planted.tokens[0]
+    rare = rare_token_attention(
+        model, organism.planted[[0]], organism.corpus_counts, progress=False
+    )
+    assert rare.figure().data[0].z is not None
+    view = attention_view(model, tokens, ["L1H2", "L0H1"], rare_positions=[3])
+    html = str(view)
+    assert "L1H2" in html
+    assert "L0H1" in html
+    unmarked = str(attention_view(model, tokens, ["L1H2", "L0H1"]))
+    assert html.count('"*') == unmarked.count('"*') + 1  # the one marked rare position
+    colored = str(token_view(model, tokens, torch.arange(50.0)))
+    assert "49.0" in colored
+    with pytest.raises(ValueError, match="one paragraph"):
+        attention_view(model, tokens[None])
