@@ -1,4 +1,4 @@
-"""The ``memloc`` command: ``memloc demo`` (offline) and ``memloc scan``."""
+"""The ``memloc`` command: ``memloc demo`` (offline), ``memloc scan`` and ``memloc report``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from memloc_tl.memorization import scan_memorization, summarize
 from memloc_tl.models import DEFAULT_MODEL, load_model
 from memloc_tl.organism import Organism, OrganismConfig, build_organism
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.report import memorization_report
 
 ORGANISM = "organism"
+ORGANISM_EDIT_LR = 3e-2
+"""Sparse-unlearning learning rate for the organism (GPT-Neo 125M's 1e-5 barely moves it)."""
 
 
 def _organism(args: argparse.Namespace) -> Organism:
@@ -52,7 +55,60 @@ def run_demo(args: argparse.Namespace) -> int:
         prefix, continuation = example["prefix"], example["continuation"]
         print("\na memorized paragraph (prefix | greedy continuation reproduced exactly):")
         print("  " + " ".join(prefix.split())[-160:] + " | " + " ".join(continuation.split())[:160])
+    if args.report is not None:
+        return _write_report(args, organism.model, _organism_inputs(organism))
     return 0
+
+
+def _organism_inputs(organism: Organism) -> dict[str, object]:
+    return {
+        "paragraphs": Paragraphs.concat(organism.planted, organism.control, organism.heldout),
+        "corpus_counts": organism.corpus_counts,
+        "general": organism.heldout,
+        "title": f"memloc-tl report: the GPT-Neo organism ({organism.path.name})",
+    }
+
+
+def _write_report(args: argparse.Namespace, model: object, inputs: dict[str, object]) -> int:
+    out = Path(args.report)
+    if out.suffix.lower() not in (".html", ".htm"):
+        print(f"the report must be a .html file, got {out.name}", file=sys.stderr)
+        return 2
+    edit_lr = args.edit_lr
+    if edit_lr is None:
+        edit_lr = ORGANISM_EDIT_LR if inputs.get("general") is not None else 1e-5
+    try:
+        report = memorization_report(
+            model,  # type: ignore[arg-type]
+            n_paragraphs=args.paragraphs,
+            edit_lr=edit_lr,
+            edit_steps=args.edit_steps,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=True,
+            **inputs,  # type: ignore[arg-type]
+        )
+    except ValueError as error:
+        print(f"memloc report: {error}", file=sys.stderr)
+        return 1
+    report.write_html(out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opens offline)")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    if args.model == ORGANISM:
+        organism = _organism(args)
+        return _write_report(args, organism.model, _organism_inputs(organism))
+    if args.data is None:
+        print("--data is required unless --model organism", file=sys.stderr)
+        return 2
+    model = load_model(args.model, device=args.device)
+    paragraphs = Paragraphs.from_files(
+        args.data, model, text_column=args.text_column, windows=args.windows, on_short="skip"
+    )
+    title = f"memloc-tl report: {model.cfg.model_name} on {Path(args.data).name}"
+    return _write_report(args, model, {"paragraphs": paragraphs, "title": title})
 
 
 def run_scan(args: argparse.Namespace) -> int:
@@ -101,9 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
         sub.add_argument("--batch-size", type=int, default=32)
 
+    def report_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--paragraphs", type=int, default=8, help="paragraphs per set")
+        sub.add_argument(
+            "--edit-lr",
+            type=float,
+            default=None,
+            help=f"unlearning learning rate (default {ORGANISM_EDIT_LR} organism, 1e-5 else)",
+        )
+        sub.add_argument("--edit-steps", type=int, default=10)
+        sub.add_argument("--seed", type=int, default=0)
+
     demo = commands.add_parser("demo", help="offline: build or load the organism and scan it")
     organism_options(demo)
     demo.add_argument("--rebuild", action="store_true", help="build again even if cached")
+    demo.add_argument(
+        "--report", type=Path, default=None, help="also write the full HTML report here"
+    )
+    report_options(demo)
     demo.set_defaults(run=run_demo)
 
     scan = commands.add_parser("scan", help="scan a file of texts for memorized paragraphs")
@@ -119,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--windows", choices=["first", "all"], default="first")
     organism_options(scan)
     scan.set_defaults(run=run_scan)
+
+    report = commands.add_parser(
+        "report", help="the whole pipeline as one self-contained HTML page (offline)"
+    )
+    report.add_argument(
+        "--model",
+        default=ORGANISM,
+        help=f"'{ORGANISM}' (default), a hub name or a checkpoint directory",
+    )
+    report.add_argument("--data", type=Path, default=None, help="texts (needed unless organism)")
+    report.add_argument("--out", dest="report", required=True, type=Path, help="the .html file")
+    report.add_argument("--text-column", default="text")
+    report.add_argument("--windows", choices=["first", "all"], default="all")
+    organism_options(report)
+    report_options(report)
+    report.set_defaults(run=run_report)
     return parser
 
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.results import Drawable
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def greedy_continuations(
 
 
 @dataclass(frozen=True)
-class MemorizationScan:
+class MemorizationScan(Drawable):
     """Exact-match length and continuation NLL of every paragraph of a set.
 
     Attributes:
@@ -233,6 +234,12 @@ class MemorizationScan:
     def buckets(self, edges: tuple[tuple[int, int], ...] = PAPER_BUCKETS) -> dict[str, Paragraphs]:
         """Paragraphs per EM bucket, keyed ``"0-10"``, ``"11-29"``, ``"30-49"``, ``"50"``."""
         return {(f"{lo}" if lo == hi else f"{lo}-{hi}"): self.bucket(lo, hi) for lo, hi in edges}
+
+    def figure(self) -> Any:
+        """Histogram of EM lengths (:func:`memloc_tl.viz.exact_match_figure`)."""
+        from memloc_tl.viz import exact_match_figure
+
+        return exact_match_figure(self)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per paragraph: id, meta columns, EM, NLL, memorized flag."""

@@ -14,8 +14,19 @@ from memloc_tl.heads import HeadRef
 from memloc_tl.paragraphs import Paragraphs
 
 
+class Drawable:
+    """A result that draws itself: ``figure()`` returns a plotly figure, ``show()`` shows it."""
+
+    def figure(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def show(self, *args: Any, **kwargs: Any) -> None:
+        """Show :meth:`figure` (in Jupyter, or a browser tab elsewhere)."""
+        self.figure(*args, **kwargs).show()
+
+
 @dataclass(frozen=True)
-class HeadScores:
+class HeadScores(Drawable):
     """One score per attention head.
 
     Attributes:
@@ -76,7 +87,7 @@ class HeadScores:
 
 
 @dataclass(frozen=True)
-class TokenScores:
+class TokenScores(Drawable):
     """One score per token position of each paragraph.
 
     Attributes:
@@ -117,12 +128,18 @@ class TokenScores:
             }
         )
 
+    def figure(self) -> Any:
+        """A plotly heatmap, paragraphs x positions (:func:`memloc_tl.viz.token_scores_figure`)."""
+        from memloc_tl.viz import token_scores_figure
+
+        return token_scores_figure(self)
+
     def __repr__(self) -> str:
         return f"TokenScores({self.name!r}, shape={tuple(self.scores.shape)})"
 
 
 @dataclass(frozen=True)
-class LayerComponentScores:
+class LayerComponentScores(Drawable):
     """One score per layer and parameter component (e.g. ``W_V.H2``, ``W_in``).
 
     Attributes:

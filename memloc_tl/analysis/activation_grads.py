@@ -30,14 +30,14 @@ from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name, make_graph_start_hook, make_store_hook
 from memloc_tl.memorization import continuation_logits
 from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.results import HeadScores, TokenScores
+from memloc_tl.results import Drawable, HeadScores, TokenScores
 
 COMPONENTS = ("q", "k", "v", "z")
 TokenRange = Literal["continuation", "first"]
 
 
 @dataclass(frozen=True)
-class ActivationGradients:
+class ActivationGradients(Drawable):
     """max over d_head of |dNLL / d activation|, per component, layer, head, paragraph, position.
 
     Attributes:
@@ -73,6 +73,10 @@ class ActivationGradients:
 
     def top(self, k: int = 5, component: str = "v") -> list[tuple[HeadRef, float]]:
         return self.head_scores(component).top(k)
+
+    def figure(self, component: str = "v") -> Any:
+        """Heatmap per head of :meth:`head_scores` for one component."""
+        return self.head_scores(component).figure()
 
     def to_frame(self) -> pd.DataFrame:
         """Long format: per component and head, the mean score over the prefix."""

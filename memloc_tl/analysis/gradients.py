@@ -38,7 +38,7 @@ from transformer_lens import HookedTransformer
 
 from memloc_tl.memorization import continuation_logits
 from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.results import LayerComponentScores
+from memloc_tl.results import Drawable, LayerComponentScores
 
 HEAD_MATRICES = ("W_K", "W_Q", "W_V", "W_O")
 """Per-head matrices, in the paper's column order."""
@@ -94,7 +94,7 @@ def _columns(n_heads: int) -> list[slice]:
 
 
 @dataclass(frozen=True)
-class GradientNorms:
+class GradientNorms(Drawable):
     """Parameter-gradient scores per layer and component.
 
     Attributes:
@@ -146,7 +146,7 @@ class GradientNorms:
 
 
 @dataclass(frozen=True)
-class GradientComparison:
+class GradientComparison(Drawable):
     """Gradient norms of memorized and non-memorized paragraphs side by side (paper Fig. 4)."""
 
     memorized: GradientNorms

@@ -32,7 +32,7 @@ from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name, make_each_head_replace_hook, make_head_replace_hook
 from memloc_tl.memorization import exact_match_length, score_continuations
 from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.results import HeadScores
+from memloc_tl.results import Drawable, HeadScores
 
 Kind = Literal["patch", "zero", "mean"]
 DEFAULT_HEADS: tuple[str, ...] = ("L1H2",)
@@ -40,7 +40,7 @@ DEFAULT_HEADS: tuple[str, ...] = ("L1H2",)
 
 
 @dataclass(frozen=True)
-class HeadIntervention:
+class HeadIntervention(Drawable):
     """Recall of each target paragraph with chosen heads patched or ablated.
 
     Attributes:
@@ -78,6 +78,12 @@ class HeadIntervention:
         frame["delta_nll"] = self.delta_nll.tolist()
         return frame
 
+    def figure(self) -> Any:
+        """EM per paragraph without vs with (:func:`memloc_tl.viz.intervention_figure`)."""
+        from memloc_tl.viz import intervention_figure
+
+        return intervention_figure(self)
+
     def __repr__(self) -> str:
         heads = ",".join(map(str, self.heads))
         return (
@@ -88,7 +94,7 @@ class HeadIntervention:
 
 
 @dataclass(frozen=True)
-class PatchingSweep:
+class PatchingSweep(Drawable):
     """The effect of intervening on each head alone, for every head of every layer.
 
     Attributes:

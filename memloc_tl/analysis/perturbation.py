@@ -29,11 +29,11 @@ from transformer_lens import HookedTransformer
 
 from memloc_tl.memorization import exact_match_length, greedy_continuations, score_continuations
 from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.results import TokenScores
+from memloc_tl.results import Drawable, TokenScores
 
 
 @dataclass(frozen=True)
-class PrefixPerturbation:
+class PrefixPerturbation(Drawable):
     """EM and NLL of each paragraph's continuation with one prefix token replaced.
 
     Attributes:

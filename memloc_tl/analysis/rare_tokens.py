@@ -30,7 +30,7 @@ from memloc_tl.analysis.runner import run_analyzers
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name
 from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.results import HeadScores
+from memloc_tl.results import Drawable, HeadScores
 
 
 def kendall_tau_b(
@@ -77,7 +77,7 @@ def mean_per_rank(
 
 
 @dataclass(frozen=True)
-class RareTokenAttention:
+class RareTokenAttention(Drawable):
     """Attention to rare prefix tokens, per head.
 
     Attributes:

@@ -20,7 +20,7 @@ import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -41,6 +41,7 @@ from memloc_tl.editing.masks import ParamMask
 from memloc_tl.editing.optimizer import MaskedOptimizer
 from memloc_tl.memorization import continuation_logits, greedy_continuations, scan_memorization
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.results import Drawable
 
 Objective = Literal["unlearn", "edit"]
 MaskChoice = Literal["gradient", "random", "all"]
@@ -119,7 +120,7 @@ class WeightEdit:
 
 
 @dataclass(frozen=True)
-class EditResult:
+class EditResult(Drawable):
     """An edited model, its mask and weight edit, the losses, and the evaluation.
 
     Attributes:
@@ -145,6 +146,12 @@ class EditResult:
         if len(row) == 0:
             raise KeyError(f"no evaluation row for set {set_name!r}, metric {metric!r}")
         return float(row["before"].to_numpy()[0]), float(row["after"].to_numpy()[0])
+
+    def figure(self, metric: str = "mean_em") -> Any:
+        """Before and after per evaluated set (:func:`memloc_tl.viz.edit_result_figure`)."""
+        from memloc_tl.viz import edit_result_figure
+
+        return edit_result_figure(self, metric=metric)
 
     def revert(self) -> None:
         """Undo the edit on ``self.model`` exactly."""

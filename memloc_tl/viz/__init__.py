@@ -6,19 +6,34 @@ The only package that imports plotly and circuitsvis. Result types draw themselv
 
 from memloc_tl.viz.figures import (
     edit_comparison_figure,
+    edit_result_figure,
     em_drop_figure,
+    exact_match_figure,
     gradient_comparison_figure,
     head_scores_figure,
+    intervention_figure,
     layer_component_figure,
+    token_scores_figure,
 )
-from memloc_tl.viz.tokens import attention_view, token_view
+from memloc_tl.viz.html import CircuitsView, HtmlPage, circuitsvis_js, notebook_mode, plotly_js
+from memloc_tl.viz.tokens import attention_view, rarity_view, token_view
 
 __all__ = [
+    "CircuitsView",
+    "HtmlPage",
     "attention_view",
+    "circuitsvis_js",
     "edit_comparison_figure",
+    "edit_result_figure",
     "em_drop_figure",
+    "exact_match_figure",
     "gradient_comparison_figure",
     "head_scores_figure",
+    "intervention_figure",
     "layer_component_figure",
+    "notebook_mode",
+    "plotly_js",
+    "rarity_view",
+    "token_scores_figure",
     "token_view",
 ]

@@ -10,8 +10,11 @@ from plotly.subplots import make_subplots
 
 if TYPE_CHECKING:
     from memloc_tl.analysis.gradients import GradientComparison
+    from memloc_tl.analysis.patching import HeadIntervention
     from memloc_tl.analysis.perturbation import PrefixPerturbation
-    from memloc_tl.results import HeadScores, LayerComponentScores
+    from memloc_tl.editing.sparse_edit import EditResult
+    from memloc_tl.memorization import MemorizationScan
+    from memloc_tl.results import HeadScores, LayerComponentScores, TokenScores
 
 
 def head_scores_figure(scores: HeadScores, *, title: str | None = None) -> go.Figure:
@@ -116,5 +119,77 @@ def edit_comparison_figure(
     )
     figure.update_layout(
         barmode="group", title=f"{set_name} {metric} before and after", yaxis_title=metric
+    )
+    return figure
+
+
+def token_scores_figure(scores: TokenScores, *, title: str | None = None) -> go.Figure:
+    """Heatmap of a score per paragraph (rows, by id) and token position (columns)."""
+    figure = go.Figure(
+        go.Heatmap(
+            z=scores.scores.tolist(),
+            y=list(scores.paragraphs.ids),
+            x=list(range(scores.scores.shape[1])),
+            hovertemplate="%{y} pos %{x}: %{z:.3g}<extra></extra>",
+            colorscale="Viridis",
+        )
+    )
+    figure.update_layout(
+        title=title or scores.name, xaxis_title="position", yaxis_title="paragraph"
+    )
+    return figure
+
+
+def exact_match_figure(scan: MemorizationScan, *, title: str | None = None) -> go.Figure:
+    """Histogram of exact-match lengths (0..continuation length) of a scan."""
+    n = scan.continuation_len
+    counts = scan.exact_match.bincount(minlength=n + 1)
+    figure = go.Figure(go.Bar(x=list(range(n + 1)), y=counts.tolist()))
+    figure.update_layout(
+        title=title or f"exact-match length of {len(scan)} paragraphs",
+        xaxis_title="EM (tokens reproduced greedily)",
+        yaxis_title="paragraphs",
+    )
+    return figure
+
+
+def intervention_figure(result: HeadIntervention) -> go.Figure:
+    """EM of each target paragraph without vs with the intervention (diagonal = no effect)."""
+    n = result.paragraphs.continuation_len
+    heads = ", ".join(map(str, result.heads))
+    figure = go.Figure(
+        [
+            go.Scatter(
+                x=result.baseline_em.tolist(),
+                y=result.em.tolist(),
+                mode="markers",
+                text=list(result.paragraphs.ids),
+                hovertemplate="%{text}: EM %{x} -> %{y}<extra></extra>",
+                name="paragraphs",
+            ),
+            go.Scatter(x=[0, n], y=[0, n], mode="lines", name="no effect", line={"dash": "dot"}),
+        ]
+    )
+    figure.update_layout(
+        title=f"{result.kind} {heads}: exact match per paragraph",
+        xaxis_title="EM without intervention",
+        yaxis_title=f"EM with {result.kind}",
+    )
+    return figure
+
+
+def edit_result_figure(result: EditResult, *, metric: str = "mean_em") -> go.Figure:
+    """Before and after of one edit, per evaluated set."""
+    rows = result.evaluation[result.evaluation["metric"] == metric]
+    if len(rows) == 0:
+        raise ValueError(f"the evaluation has no rows for metric {metric!r}")
+    figure = go.Figure(
+        [
+            go.Bar(name="before", x=rows["set"].tolist(), y=rows["before"].tolist()),
+            go.Bar(name="after", x=rows["set"].tolist(), y=rows["after"].tolist()),
+        ]
+    )
+    figure.update_layout(
+        barmode="group", title=f"{result.objective}: {metric} before and after", yaxis_title=metric
     )
     return figure

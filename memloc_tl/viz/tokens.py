@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-import circuitsvis.attention
-import circuitsvis.tokens
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name
+from memloc_tl.viz.html import CircuitsView
 
 
 def _str_tokens(model: HookedTransformer, tokens: Tensor) -> list[str]:
@@ -25,10 +23,11 @@ def attention_view(
     heads: Sequence[HeadRef | str] = ("L1H2",),
     *,
     rare_positions: Sequence[int] = (),
-) -> Any:
+) -> CircuitsView:
     """circuitsvis attention patterns of ``heads`` on one paragraph (``[pos]`` token ids).
 
-    ``rare_positions`` are marked with a ``*`` in the token labels (e.g. the k rarest).
+    ``rare_positions`` are marked with a ``*`` in the token labels (e.g. the k rarest). The view
+    renders offline (see :class:`~memloc_tl.viz.html.CircuitsView`).
     """
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be one paragraph [pos], got shape {tuple(tokens.shape)}")
@@ -42,12 +41,25 @@ def attention_view(
     labels = _str_tokens(model, tokens)
     marked = set(rare_positions)
     labels = [f"*{t}" if i in marked else t for i, t in enumerate(labels)]
-    return circuitsvis.attention.attention_heads(
-        attention=patterns, tokens=labels, attention_head_names=[str(r) for r in refs]
+    return CircuitsView(
+        "AttentionHeads",
+        {
+            "attention": patterns,
+            "tokens": labels,
+            "attentionHeadNames": [str(r) for r in refs],
+            "maskUpperTri": True,
+        },
+        title="attention of " + ", ".join(map(str, refs)),
     )
 
 
-def token_view(model: HookedTransformer, tokens: Tensor, values: Tensor | Sequence[float]) -> Any:
+def token_view(
+    model: HookedTransformer,
+    tokens: Tensor,
+    values: Tensor | Sequence[float],
+    *,
+    title: str = "",
+) -> CircuitsView:
     """circuitsvis tokens colored by a score per position (rarity, EM drop, gradient ...).
 
     ``values`` may be shorter than ``tokens`` (e.g. prefix scores): the rest are shown at 0;
@@ -57,4 +69,22 @@ def token_view(model: HookedTransformer, tokens: Tensor, values: Tensor | Sequen
     values = torch.as_tensor(values, dtype=torch.float32).nan_to_num(0.0)
     padded = torch.zeros(len(labels))
     padded[: len(values)] = values[: len(labels)]
-    return circuitsvis.tokens.colored_tokens(tokens=labels, values=padded)
+    return CircuitsView("ColoredTokens", {"tokens": labels, "values": padded}, title=title)
+
+
+def rarity_view(model: HookedTransformer, tokens: Tensor, counts: Tensor) -> CircuitsView:
+    """Tokens colored by corpus rarity, ``-log10`` of the token's relative frequency.
+
+    ``counts`` are corpus unigram counts (:func:`~memloc_tl.paragraphs.corpus_token_counts`);
+    tokens never seen count as seen once.
+    """
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be one paragraph [pos], got shape {tuple(tokens.shape)}")
+    if counts.ndim != 1 or int(tokens.max()) >= len(counts):
+        raise ValueError(
+            f"counts must be one count per vocabulary id (at least {int(tokens.max()) + 1}), "
+            f"got shape {tuple(counts.shape)}"
+        )
+    counts = counts.double().clamp(min=1.0)
+    rarity = -(counts[tokens.cpu()] / counts.sum()).log10()
+    return token_view(model, tokens, rarity.float(), title="rarity (-log10 corpus frequency)")

@@ -1,0 +1,98 @@
+"""The whole pipeline as one offline HTML page: ``memorization_report`` and ``memloc report``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from memloc_tl import Paragraphs, rare_token_attention, scan_memorization
+from memloc_tl.cli import main
+from memloc_tl.organism import Organism
+from memloc_tl.report import memorization_report
+
+from .browser import visit
+
+
+@pytest.fixture(scope="module")
+def report_file(tmp_path_factory: pytest.TempPathFactory, organism: Organism) -> Path:
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    cache = organism.path.parent
+    assert main(["report", "--tiny", "--cache-dir", str(cache), "--out", str(out)]) == 0
+    return out
+
+
+def test_the_report_holds_the_library_results(
+    organism: Organism, unchanged: Callable[[Any], Any]
+) -> None:
+    model = organism.model
+    everything = Paragraphs.concat(organism.planted, organism.control, organism.heldout)
+    with unchanged(model):
+        report = memorization_report(
+            model,
+            everything,
+            corpus_counts=organism.corpus_counts,
+            n_paragraphs=4,
+            edit_steps=2,
+            edit_lr=3e-2,
+            progress=False,
+        )
+    scan = scan_memorization(model, report.memorized, progress=False)
+    assert len(report.memorized) == 4
+    assert (scan.exact_match == 50).all()
+    assert (scan_memorization(model, report.non_memorized, progress=False).exact_match <= 10).all()
+    independent = rare_token_attention(
+        model, report.memorized, organism.corpus_counts, progress=False
+    )
+    torch.testing.assert_close(
+        report.rare.pooled_tau_mean.scores, independent.pooled_tau_mean.scores
+    )
+    assert report.sweep is not None
+    assert report.sweep.paragraphs.ids == report.memorized.ids
+    assert set(report.edits["mask"]) == {"gradient", "random"}
+    assert set(report.perturbation) == {"memorized", "non-memorized"}
+    html = report.page().html()
+    assert html.count("Plotly.newPlot") == 6
+    assert html.count('class="memloc-view"') == 3
+    assert str(report.rare.top(1)[0][0]) in html
+
+
+def test_too_few_memorized_paragraphs_is_a_clear_error(organism: Organism) -> None:
+    with pytest.raises(ValueError, match="at least 2 memorized"):
+        memorization_report(organism.model, organism.control, progress=False)
+    with pytest.raises(ValueError, match="n_paragraphs"):
+        memorization_report(organism.model, organism.planted, n_paragraphs=1, progress=False)
+
+
+def test_cli_rejects_a_non_html_report(tmp_path: Path, organism: Organism) -> None:
+    out = tmp_path / "report.pdf"
+    code = main(["report", "--tiny", "--cache-dir", str(organism.path.parent), "--out", str(out)])
+    assert code == 2
+    assert not out.exists()
+
+
+def test_the_report_opens_offline_in_chromium(report_file: Path) -> None:
+    seen = visit(
+        report_file,
+        {
+            "figures": "document.querySelectorAll('.js-plotly-plot').length",
+            "drawn": "Array.from(document.querySelectorAll('.js-plotly-plot'))"
+            ".filter(e => e.querySelector('.main-svg')).length",
+            "views": "Array.from(document.querySelectorAll('.memloc-view'))"
+            ".map(e => e.childElementCount)",
+            "headings": "Array.from(document.querySelectorAll('body > h2')).map(e => e.innerText)",
+        },
+    )
+    assert seen.errors == []
+    assert seen.console_errors == []
+    assert seen.network_requests == []
+    assert seen.facts["figures"] == 6
+    assert seen.facts["drawn"] == 6
+    assert seen.facts["views"] == [1, 1, 1]
+    headings = seen.facts["headings"]
+    assert isinstance(headings, list)
+    assert len(headings) == 6
+    assert headings[-1].startswith("6. Sparse unlearning")
