@@ -22,6 +22,7 @@ from memloc_tl.analysis import (
     patching_sweep,
     perturb_prefixes,
     rare_token_attention,
+    rarest_positions,
     run_analyzers,
 )
 from memloc_tl.editing import (
@@ -42,7 +43,9 @@ from memloc_tl.memorization import (
 from memloc_tl.models import DEFAULT_MODEL, HubUnavailableError, load_model, save_hooked_model
 from memloc_tl.organism import Organism, OrganismConfig, build_organism, load_organism
 from memloc_tl.paragraphs import PAPER_KEYWORDS, Paragraphs, corpus_token_counts
+from memloc_tl.report import MemorizationReport, memorization_report
 from memloc_tl.results import HeadScores, LayerComponentScores, TokenScores
+from memloc_tl.workbench import Workbench, load_workbench
 
 __version__ = "0.1.0"
 
@@ -59,6 +62,7 @@ __all__ = [
     "HubUnavailableError",
     "LayerComponentScores",
     "MaskedOptimizer",
+    "MemorizationReport",
     "MemorizationScan",
     "Organism",
     "OrganismConfig",
@@ -70,6 +74,7 @@ __all__ = [
     "RareTokenAttentionAnalyzer",
     "TokenScores",
     "WeightEdit",
+    "Workbench",
     "__version__",
     "ablate_heads",
     "activation_gradients",
@@ -82,10 +87,13 @@ __all__ = [
     "greedy_continuations",
     "load_model",
     "load_organism",
+    "load_workbench",
+    "memorization_report",
     "patch_heads",
     "patching_sweep",
     "perturb_prefixes",
     "rare_token_attention",
+    "rarest_positions",
     "run_analyzers",
     "save_hooked_model",
     "scan_memorization",

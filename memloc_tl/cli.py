@@ -13,10 +13,9 @@ from memloc_tl.models import DEFAULT_MODEL, load_model
 from memloc_tl.organism import Organism, OrganismConfig, build_organism
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.report import memorization_report
+from memloc_tl.workbench import Workbench, load_workbench
 
 ORGANISM = "organism"
-ORGANISM_EDIT_LR = 3e-2
-"""Sparse-unlearning learning rate for the organism (GPT-Neo 125M's 1e-5 barely moves it)."""
 
 
 def _organism(args: argparse.Namespace) -> Organism:
@@ -56,37 +55,37 @@ def run_demo(args: argparse.Namespace) -> int:
         print("\na memorized paragraph (prefix | greedy continuation reproduced exactly):")
         print("  " + " ".join(prefix.split())[-160:] + " | " + " ".join(continuation.split())[:160])
     if args.report is not None:
-        return _write_report(args, organism.model, _organism_inputs(organism))
+        name = "organism-tiny" if args.tiny else "organism"
+        bench = load_workbench(name, cache_dir=args.cache_dir, device=args.device)
+        return _write_report(args, bench)
     return 0
 
 
-def _organism_inputs(organism: Organism) -> dict[str, object]:
-    return {
-        "paragraphs": Paragraphs.concat(organism.planted, organism.control, organism.heldout),
-        "corpus_counts": organism.corpus_counts,
-        "general": organism.heldout,
-        "title": f"memloc-tl report: the GPT-Neo organism ({organism.path.name})",
-    }
-
-
-def _write_report(args: argparse.Namespace, model: object, inputs: dict[str, object]) -> int:
+def _report_path(args: argparse.Namespace) -> Path | None:
     out = Path(args.report)
     if out.suffix.lower() not in (".html", ".htm"):
         print(f"the report must be a .html file, got {out.name}", file=sys.stderr)
+        return None
+    return out
+
+
+def _write_report(args: argparse.Namespace, bench: Workbench) -> int:
+    out = _report_path(args)
+    if out is None:
         return 2
-    edit_lr = args.edit_lr
-    if edit_lr is None:
-        edit_lr = ORGANISM_EDIT_LR if inputs.get("general") is not None else 1e-5
     try:
         report = memorization_report(
-            model,  # type: ignore[arg-type]
+            bench.model,
+            bench.paragraphs,
+            corpus_counts=None if bench.counts_from_paragraphs else bench.corpus_counts,
+            general=bench.general,
             n_paragraphs=args.paragraphs,
-            edit_lr=edit_lr,
+            edit_lr=bench.edit_lr if args.edit_lr is None else args.edit_lr,
             edit_steps=args.edit_steps,
             seed=args.seed,
             batch_size=args.batch_size,
+            title=f"memloc-tl report: {bench.model.cfg.model_name}",
             progress=True,
-            **inputs,  # type: ignore[arg-type]
         )
     except ValueError as error:
         print(f"memloc report: {error}", file=sys.stderr)
@@ -97,18 +96,24 @@ def _write_report(args: argparse.Namespace, model: object, inputs: dict[str, obj
 
 
 def run_report(args: argparse.Namespace) -> int:
-    if args.model == ORGANISM:
-        organism = _organism(args)
-        return _write_report(args, organism.model, _organism_inputs(organism))
-    if args.data is None:
-        print("--data is required unless --model organism", file=sys.stderr)
+    if _report_path(args) is None:
         return 2
-    model = load_model(args.model, device=args.device)
-    paragraphs = Paragraphs.from_files(
-        args.data, model, text_column=args.text_column, windows=args.windows, on_short="skip"
-    )
-    title = f"memloc-tl report: {model.cfg.model_name} on {Path(args.data).name}"
-    return _write_report(args, model, {"paragraphs": paragraphs, "title": title})
+    name = args.model
+    if name == ORGANISM and args.tiny:
+        name = "organism-tiny"
+    try:
+        bench = load_workbench(
+            name,
+            data=args.data,
+            text_column=args.text_column,
+            windows=args.windows,
+            cache_dir=args.cache_dir,
+            device=args.device,
+        )
+    except ValueError as error:
+        print(f"memloc report: {error}", file=sys.stderr)
+        return 2
+    return _write_report(args, bench)
 
 
 def run_scan(args: argparse.Namespace) -> int:
@@ -163,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--edit-lr",
             type=float,
             default=None,
-            help=f"unlearning learning rate (default {ORGANISM_EDIT_LR} organism, 1e-5 else)",
+            help="unlearning learning rate (default 3e-2 for an organism, 1e-5 otherwise)",
         )
         sub.add_argument("--edit-steps", type=int, default=10)
         sub.add_argument("--seed", type=int, default=0)

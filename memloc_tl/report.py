@@ -22,7 +22,11 @@ from transformer_lens import HookedTransformer
 from memloc_tl.analysis.gradients import GradientComparison, compare_gradient_norms
 from memloc_tl.analysis.patching import PatchingSweep, patching_sweep
 from memloc_tl.analysis.perturbation import PrefixPerturbation, perturb_prefixes
-from memloc_tl.analysis.rare_tokens import RareTokenAttention, rare_token_attention
+from memloc_tl.analysis.rare_tokens import (
+    RareTokenAttention,
+    rare_token_attention,
+    rarest_positions,
+)
 from memloc_tl.editing.sparse_edit import compare_edits
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
 from memloc_tl.paragraphs import Paragraphs, corpus_token_counts
@@ -248,8 +252,7 @@ def memorization_report(
     )
 
     tokens = memorized.tokens[0]
-    prefix = tokens[: memorized.prefix_len]
-    rarest = corpus_counts[prefix.cpu()].argsort(stable=True)[: rare.k_rarest].tolist()
+    rarest = rarest_positions(tokens[: memorized.prefix_len], corpus_counts, rare.k_rarest)
     top_heads = [head for head, _ in rare.top(2)]
     drop = perturbation["memorized"].em_drop.scores[0].nan_to_num(0.0)
     views = (

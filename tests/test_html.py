@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import plotly.graph_objects as go
+import plotly.offline
 import pytest
 import torch
 
@@ -119,3 +120,32 @@ def test_the_page_renders_offline_in_chromium(tmp_path: Path) -> None:
     assert seen.facts["figures"] == 2
     assert seen.facts["views"] == [1, 1]
     assert "L1H2" in str(seen.facts["text"])
+
+
+def test_notebook_renderer_needs_no_network() -> None:
+    import plotly.io as pio
+
+    from memloc_tl.viz import notebook_mode
+    from memloc_tl.viz.html import OfflineNotebookRenderer
+
+    figure = go.Figure(go.Bar(x=["a"], y=[1]))
+    once = OfflineNotebookRenderer("once")
+    first = once.to_mimebundle(figure.to_dict())["text/html"]
+    second = once.to_mimebundle(figure.to_dict())["text/html"]
+    assert "src=" not in first.replace(plotly.offline.get_plotlyjs(), "")
+    assert "MathJax.js" not in first
+    assert len(first) > 1_000_000 > len(second)  # plotly.js inlined once
+    each = OfflineNotebookRenderer("each")
+    each.to_mimebundle(figure.to_dict())
+    assert len(each.to_mimebundle(figure.to_dict())["text/html"]) > 1_000_000
+    with pytest.raises(ValueError, match="once"):
+        OfflineNotebookRenderer("cdn")  # type: ignore[arg-type]
+    default = pio.renderers.default
+    try:
+        notebook_mode()
+        assert pio.renderers.default == "plotly_mimetype+memloc_offline"
+        # through plotly's own display path (which copies the renderer for every figure)
+        sizes = [len(figure._repr_mimebundle_()["text/html"]) for _ in range(3)]
+        assert sizes[0] > 1_000_000 > max(sizes[1:])
+    finally:
+        pio.renderers.default = default

@@ -82,6 +82,7 @@ def test_revert_apply_save_load_and_determinism(
     first.edit.save(path)
     assert not path.with_name(path.name + ".partial").exists()
     loaded = WeightEdit.load(path)
+    assert repr(loaded).startswith(f"WeightEdit({first.mask.count} weights in ")
     fresh = type(model)(model.cfg, model.tokenizer)
     fresh.load_state_dict(model.state_dict())
     loaded.apply(fresh)

@@ -21,6 +21,7 @@ from memloc_tl.analysis.rare_tokens import (
     RareTokenAttention,
     RareTokenAttentionAnalyzer,
     rare_token_attention,
+    rarest_positions,
 )
 from memloc_tl.analysis.runner import run_analyzers
 
@@ -43,5 +44,6 @@ __all__ = [
     "patching_sweep",
     "perturb_prefixes",
     "rare_token_attention",
+    "rarest_positions",
     "run_analyzers",
 ]

@@ -68,6 +68,16 @@ def dense_frequency_ranks(
     return ranks
 
 
+def rarest_positions(
+    prefix: Int[Tensor, " pos"], corpus_counts: Int[Tensor, " d_vocab"], k: int = 5
+) -> list[int]:
+    """Positions of the ``k`` rarest tokens of one prefix (ties: earlier position first)."""
+    if prefix.ndim != 1:
+        raise ValueError(f"prefix must be one paragraph's tokens [pos], got {tuple(prefix.shape)}")
+    counts = corpus_counts.to(prefix.device)[prefix]
+    return counts.argsort(stable=True)[:k].tolist()
+
+
 def mean_per_rank(
     by_rank: Float[Tensor, "... rank"], occupancy: Int[Tensor, " rank"]
 ) -> Float[Tensor, "... rank"]:

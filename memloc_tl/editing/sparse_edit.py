@@ -96,6 +96,15 @@ class WeightEdit:
     def count(self) -> int:
         return sum(int(m.sum()) for m in self.masks.values())
 
+    def __repr__(self) -> str:
+        if not self.masks:
+            return "WeightEdit(no weights)"
+        change = torch.cat([(self.after[n] - self.before[n]).abs().flatten() for n in self.masks])
+        return (
+            f"WeightEdit({self.count} weights in {len(self.masks)} matrices, "
+            f"max |delta| {float(change.max()):.3g})"
+        )
+
     def save(self, path: str | Path) -> None:
         """Save as safetensors (written to a temporary file, then renamed)."""
         path = Path(path)

@@ -22,13 +22,14 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import circuitsvis
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 from circuitsvis.utils.convert_props import convert_props
+from plotly.io.base_renderers import MimetypeRenderer
 
 _SOURCE_MAP = re.compile(r"^//# sourceMappingURL=.*$", re.MULTILINE)
 
@@ -100,16 +101,52 @@ def _display(obj: Any) -> None:
     display(obj)
 
 
-def notebook_mode() -> None:
+class OfflineNotebookRenderer(MimetypeRenderer):
+    """plotly renderer for Jupyter that needs no network.
+
+    plotly's own ``"notebook"`` renderer inlines plotly.js but loads MathJax from a CDN. This
+    one writes HTML with no external script: plotly.js is inlined in the first figure shown
+    (``plotly_js="once"``, the default: a saved notebook stays small and renders top to bottom)
+    or in every figure (``"each"``: any single output renders on its own).
+    """
+
+    def __init__(self, plotly_js: Literal["once", "each"] = "once") -> None:
+        if plotly_js not in ("once", "each"):
+            raise ValueError(f"plotly_js must be 'once' or 'each', got {plotly_js!r}")
+        self.plotly_js = plotly_js
+        # plotly renders with a shallow copy of the renderer: keep the state in a shared dict
+        self._state = {"sent": False}
+
+    def to_mimebundle(self, fig_dict: Any) -> dict[str, str]:
+        import plotly.io as pio
+
+        include = self.plotly_js == "each" or not self._state["sent"]
+        self._state["sent"] = True
+        html = pio.to_html(
+            fig_dict,
+            include_plotlyjs=include,
+            include_mathjax=False,
+            full_html=False,
+            default_width="100%",
+            default_height="525px",
+            config={"displaylogo": False},
+            validate=False,
+        )
+        return {"text/html": html}
+
+
+def notebook_mode(plotly_js: Literal["once", "each"] = "once") -> None:
     """Make plotly figures render offline in Jupyter and in saved notebooks.
 
-    Sets plotly's renderer to ``"plotly_mimetype+notebook"``: JupyterLab draws the figure from its
-    data, and the HTML output carries plotly.js inline (once per session), so no CDN is needed.
+    Registers :class:`OfflineNotebookRenderer` as ``"memloc_offline"`` and makes
+    ``"plotly_mimetype+memloc_offline"`` the default: JupyterLab draws a figure from its data
+    with its plotly extension where it has one, and from the self-contained HTML otherwise.
     circuitsvis views (:class:`CircuitsView`) are offline already.
     """
     import plotly.io as pio
 
-    pio.renderers.default = "plotly_mimetype+notebook"
+    pio.renderers["memloc_offline"] = OfflineNotebookRenderer(plotly_js)
+    pio.renderers.default = "plotly_mimetype+memloc_offline"
 
 
 _STYLE = """
@@ -140,10 +177,10 @@ class HtmlPage:
     """
 
     title: str
-    _body: list[str] = field(default_factory=list, repr=False)
-    _uses_plotly: bool = field(default=False, repr=False)
-    _uses_circuitsvis: bool = field(default=False, repr=False)
-    _ids: itertools.count = field(default_factory=itertools.count, repr=False)
+    _body: list[str] = field(default_factory=list, init=False, repr=False)
+    _uses_plotly: bool = field(default=False, init=False, repr=False)
+    _uses_circuitsvis: bool = field(default=False, init=False, repr=False)
+    _ids: itertools.count = field(default_factory=itertools.count, init=False, repr=False)
 
     def heading(self, text: str, level: int = 2) -> HtmlPage:
         if level not in range(1, 7):
