@@ -23,9 +23,11 @@ def test_head_and_component_figures_show_the_scores(organism: Organism) -> None:
     )
     both = comparison.figure()
     heatmaps = [trace for trace in both.data if trace.type == "heatmap"]
-    assert [
-        list(map(float, row)) for row in heatmaps[0].z
-    ] == comparison.memorized.max_abs.scores.tolist()
+    mp, nmp = comparison.memorized.max_abs.scores, comparison.non_memorized.max_abs.scores
+    assert [list(map(float, row)) for row in heatmaps[0].z] == torch.cat([mp, nmp], 1).tolist()
+    share = mp / mp.sum() - nmp / nmp.sum()
+    torch.testing.assert_close(torch.tensor(heatmaps[1].z, dtype=torch.float32), share)
+    assert comparison.share_difference().scores.sum().abs() < 1e-5  # shares sum to 1 each
     bars = [trace for trace in both.data if trace.type == "bar"]
     assert list(bars[0].x) == pytest.approx(comparison.layer_share_difference().tolist())
     assert list(comparison.memorized.figure().data[0].x) == list(

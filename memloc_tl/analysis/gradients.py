@@ -156,6 +156,20 @@ class GradientComparison(Drawable):
         """Memorized minus non-memorized layer share (positive: relatively more in that layer)."""
         return self.memorized.layer_share(statistic) - self.non_memorized.layer_share(statistic)
 
+    def share_difference(self, statistic: str = "max_abs") -> LayerComponentScores:
+        """Per layer x component: memorized minus non-memorized share of each map's total.
+
+        Shares, not raw values: the two sets' gradients differ in overall scale.
+        """
+        memorized = self.memorized.statistic(statistic).scores
+        non_memorized = self.non_memorized.statistic(statistic).scores
+        difference = memorized / memorized.sum() - non_memorized / non_memorized.sum()
+        return LayerComponentScores(
+            f"{statistic} share: memorized - non-memorized",
+            difference,
+            self.memorized.statistic(statistic).components,
+        )
+
     def to_frame(self) -> pd.DataFrame:
         return pd.concat(
             [

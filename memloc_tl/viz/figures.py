@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 from plotly.subplots import make_subplots
 
 if TYPE_CHECKING:
@@ -63,13 +64,37 @@ def gradient_comparison_figure(
     memorized = comparison.memorized.statistic(statistic)
     non_memorized = comparison.non_memorized.statistic(statistic)
     figure = make_subplots(
-        rows=1,
-        cols=3,
-        column_widths=[0.42, 0.42, 0.16],
-        subplot_titles=("memorized", "non-memorized", "layer share: MP - NMP"),
+        rows=2,
+        cols=2,
+        column_widths=[0.8, 0.2],
+        vertical_spacing=0.22,
+        specs=[[{"colspan": 2}, None], [{}, {}]],
+        subplot_titles=(
+            "memorized | non-memorized",
+            "share of the map's total: MP - NMP",
+            "layer share: MP - NMP",
+        ),
     )
-    figure.add_trace(_component_heatmap(memorized, coloraxis="coloraxis"), row=1, col=1)
-    figure.add_trace(_component_heatmap(non_memorized, coloraxis="coloraxis"), row=1, col=2)
+    # memorized and non-memorized side by side on one color scale, components prefixed
+    both = go.Heatmap(
+        z=torch.cat([memorized.scores, non_memorized.scores], 1).tolist(),
+        x=[f"MP {c}" for c in memorized.components] + [f"NMP {c}" for c in memorized.components],
+        y=[f"L{layer}" for layer in range(memorized.scores.shape[0])],
+        hovertemplate="%{y} %{x}: %{z:.3g}<extra></extra>",
+        colorscale="Viridis",
+        colorbar={"y": 0.8, "len": 0.4},
+    )
+    figure.add_trace(both, row=1, col=1)
+    figure.add_trace(
+        _component_heatmap(
+            comparison.share_difference(statistic),
+            colorscale="RdBu",
+            zmid=0,
+            colorbar={"y": 0.2, "len": 0.4},
+        ),
+        row=2,
+        col=1,
+    )
     difference = comparison.layer_share_difference(statistic)
     figure.add_trace(
         go.Bar(
@@ -78,13 +103,11 @@ def gradient_comparison_figure(
             orientation="h",
             showlegend=False,
         ),
-        row=1,
-        col=3,
+        row=2,
+        col=2,
     )
     figure.update_yaxes(autorange="reversed")
-    figure.update_layout(
-        title=f"gradient {statistic} per layer x component", coloraxis={"colorscale": "Viridis"}
-    )
+    figure.update_layout(title=f"gradient {statistic} per layer x component", height=700)
     return figure
 
 
