@@ -81,12 +81,14 @@ def test_scope_restricts_selection_to_one_head(organism: Organism) -> None:
         lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=0.5),
     ],
 )
-def test_out_of_mask_weights_are_bit_identical(make: Any) -> None:
+@pytest.mark.parametrize("mode", ["compact", "restore"])
+def test_out_of_mask_weights_are_bit_identical(make: Any, mode: str) -> None:
     torch.manual_seed(0)
     layer = torch.nn.Linear(16, 8)
     mask = torch.rand(8, 16) < 0.1
     before = {n: p.detach().clone() for n, p in layer.named_parameters()}
-    optimizer = MaskedOptimizer(make(list(layer.parameters())), {layer.weight: mask})
+    optimizer = MaskedOptimizer(make(list(layer.parameters())), {layer.weight: mask}, mode=mode)  # type: ignore[arg-type]
+    assert optimizer.mode == mode
     for _ in range(5):
         optimizer.zero_grad()
         layer(torch.randn(4, 16)).square().sum().backward()
@@ -107,7 +109,76 @@ def test_out_of_mask_weights_are_bit_identical(make: Any) -> None:
     assert not torch.equal(plain.weight[~mask], before["weight"][~mask])
 
 
-def test_state_dict_round_trip() -> None:
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1.0),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
+        lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.5),
+    ],
+)
+def test_compact_steps_equal_full_steps_on_the_masked_entries(make: Any) -> None:
+    """Compact mode runs the optimizer on the gathered entries only: same result as full steps."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(16, 8) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    mask = torch.rand(8, 16) < 0.2
+    optimizers = [
+        MaskedOptimizer(make(list(layer.parameters())), {layer.weight: mask}, mode=mode)
+        for layer, mode in zip(layers, ("compact", "restore"), strict=True)
+    ]
+    inputs = torch.randn(5, 4, 16)
+    for x in inputs:
+        for layer, optimizer in zip(layers, optimizers, strict=True):
+            optimizer.zero_grad()
+            layer(x).square().sum().backward()
+            optimizer.step()
+    torch.testing.assert_close(layers[0].weight, layers[1].weight, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(layers[0].weight[mask], layers[1].weight.new_zeros(int(mask.sum())))
+
+
+def test_compact_mode_with_a_closure_and_the_choice_of_mode() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    mask = torch.rand(4, 8) < 0.3
+    before = layer.weight.detach().clone()
+    optimizer = MaskedOptimizer(torch.optim.SGD(layer.parameters(), lr=0.01), {layer.weight: mask})
+    assert optimizer.mode == "compact"
+    x = torch.randn(3, 8)
+
+    def closure() -> float:
+        optimizer.zero_grad()
+        loss = layer(x).square().sum()
+        loss.backward()
+        return float(loss.detach())
+
+    first = optimizer.step(closure)
+    second = optimizer.step(closure)
+    assert first is not None
+    assert second is not None
+    assert second < first
+    assert torch.equal(layer.weight[~mask], before[~mask])
+    # L-BFGS mixes entries: auto picks restore, and compact is refused
+    lbfgs = MaskedOptimizer(torch.optim.LBFGS(layer.parameters()), {layer.weight: mask})
+    assert lbfgs.mode == "restore"
+    with pytest.raises(ValueError, match="restore"):
+        MaskedOptimizer(torch.optim.LBFGS(layer.parameters()), {layer.weight: mask}, mode="compact")
+    # a dense mask: restore is cheaper
+    dense = torch.ones(4, 8, dtype=torch.bool)
+    assert (
+        MaskedOptimizer(torch.optim.Adam([layer.weight]), {layer.weight: dense}).mode == "restore"
+    )
+    with pytest.raises(ValueError, match="mode"):
+        MaskedOptimizer(torch.optim.Adam([layer.weight]), {layer.weight: mask}, mode="fast")  # type: ignore[arg-type]
+    stepped = torch.optim.Adam([layer.weight])
+    layer(x).sum().backward()
+    stepped.step()
+    with pytest.raises(ValueError, match="not stepped"):
+        MaskedOptimizer(stepped, {layer.weight: mask}, mode="compact")
+
+
+def test_compact_state_dict_round_trip() -> None:
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 4)
     mask = torch.eye(4, dtype=torch.bool)
@@ -115,9 +186,38 @@ def test_state_dict_round_trip() -> None:
     layer(torch.randn(2, 4)).sum().backward()
     optimizer.step()
     state = optimizer.state_dict()
+    other = MaskedOptimizer(torch.optim.Adam(layer.parameters(), lr=0.1), {layer.weight: mask})
+    other.load_state_dict(state)
+    assert torch.equal(
+        other.state_dict()["optimizer"]["state"][0]["exp_avg"],
+        state["optimizer"]["state"][0]["exp_avg"],
+    )
+    wrong = MaskedOptimizer(
+        torch.optim.Adam(layer.parameters(), lr=0.1), {layer.weight: ~mask}, mode="compact"
+    )
+    with pytest.raises(ValueError, match="same masks"):
+        wrong.load_state_dict(state)
+    restore = MaskedOptimizer(
+        torch.optim.Adam(layer.parameters(), lr=0.1), {layer.weight: mask}, mode="restore"
+    )
+    with pytest.raises(ValueError, match="compact"):
+        restore.load_state_dict(state)
+
+
+def test_state_dict_round_trip() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    mask = torch.eye(4, dtype=torch.bool)
+    optimizer = MaskedOptimizer(
+        torch.optim.Adam(layer.parameters(), lr=0.1), {layer.weight: mask}, mode="restore"
+    )
+    layer(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
     other = MaskedOptimizer(
         torch.optim.Adam(layer.parameters(), lr=0.1),
         {layer.weight: torch.ones(4, 4, dtype=torch.bool)},
+        mode="restore",
     )
     other.load_state_dict(state)
     assert torch.equal(other.state_dict()["masks"][0], mask)
