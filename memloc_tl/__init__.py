@@ -6,6 +6,7 @@ Implements Stoehr et al. (2024), "Localizing Paragraph Memorization in Language 
 
 from memloc_tl.analysis import (
     ActivationGradients,
+    AttributionPatching,
     GradientComparison,
     GradientNorms,
     HeadIntervention,
@@ -15,6 +16,7 @@ from memloc_tl.analysis import (
     RareTokenAttentionAnalyzer,
     ablate_heads,
     activation_gradients,
+    attribution_patching,
     compare_gradient_norms,
     contrastive_gradient_norms,
     gradient_norms,
@@ -53,6 +55,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "PAPER_KEYWORDS",
     "ActivationGradients",
+    "AttributionPatching",
     "EditResult",
     "GradientComparison",
     "GradientNorms",
@@ -78,6 +81,7 @@ __all__ = [
     "__version__",
     "ablate_heads",
     "activation_gradients",
+    "attribution_patching",
     "build_organism",
     "compare_edits",
     "compare_gradient_norms",

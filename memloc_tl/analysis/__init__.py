@@ -1,6 +1,7 @@
 """Read-only analyzers, one module per experiment of the paper."""
 
 from memloc_tl.analysis.activation_grads import ActivationGradients, activation_gradients
+from memloc_tl.analysis.attribution import AttributionPatching, attribution_patching
 from memloc_tl.analysis.gradients import (
     GradientComparison,
     GradientNorms,
@@ -27,6 +28,7 @@ from memloc_tl.analysis.runner import run_analyzers
 
 __all__ = [
     "ActivationGradients",
+    "AttributionPatching",
     "GradientComparison",
     "GradientNorms",
     "HeadIntervention",
@@ -36,6 +38,7 @@ __all__ = [
     "RareTokenAttentionAnalyzer",
     "ablate_heads",
     "activation_gradients",
+    "attribution_patching",
     "compare_gradient_norms",
     "contrastive_gradient_norms",
     "contrastive_gradients",
