@@ -131,18 +131,21 @@ def edit_comparison_figure(
     table: pd.DataFrame, *, set_name: str = "edited", metric: str = "mean_em"
 ) -> go.Figure:
     """Before and after per mask, from :func:`~memloc_tl.editing.compare_edits`'s table (Fig. 5)."""
-    rows = table[(table["set"] == set_name) & (table["metric"] == metric)]
+    rows = table.loc[(table["set"] == set_name) & (table["metric"] == metric)]
     if len(rows) == 0:
         raise ValueError(f"the table has no rows for set {set_name!r} and metric {metric!r}")
+    return _before_after_bars(rows, "mask", f"{set_name} {metric} before and after", metric)
+
+
+def _before_after_bars(rows: pd.DataFrame, x: str, title: str, metric: str) -> go.Figure:
+    """Grouped bars of the ``before`` and ``after`` columns, one group per value of ``x``."""
     figure = go.Figure(
         [
-            go.Bar(name="before", x=rows["mask"].tolist(), y=rows["before"].tolist()),
-            go.Bar(name="after", x=rows["mask"].tolist(), y=rows["after"].tolist()),
+            go.Bar(name="before", x=rows[x].tolist(), y=rows["before"].tolist()),
+            go.Bar(name="after", x=rows[x].tolist(), y=rows["after"].tolist()),
         ]
     )
-    figure.update_layout(
-        barmode="group", title=f"{set_name} {metric} before and after", yaxis_title=metric
-    )
+    figure.update_layout(barmode="group", title=title, yaxis_title=metric)
     return figure
 
 
@@ -203,16 +206,7 @@ def intervention_figure(result: HeadIntervention) -> go.Figure:
 
 def edit_result_figure(result: EditResult, *, metric: str = "mean_em") -> go.Figure:
     """Before and after of one edit, per evaluated set."""
-    rows = result.evaluation[result.evaluation["metric"] == metric]
+    rows = result.evaluation.loc[result.evaluation["metric"] == metric]
     if len(rows) == 0:
         raise ValueError(f"the evaluation has no rows for metric {metric!r}")
-    figure = go.Figure(
-        [
-            go.Bar(name="before", x=rows["set"].tolist(), y=rows["before"].tolist()),
-            go.Bar(name="after", x=rows["set"].tolist(), y=rows["after"].tolist()),
-        ]
-    )
-    figure.update_layout(
-        barmode="group", title=f"{result.objective}: {metric} before and after", yaxis_title=metric
-    )
-    return figure
+    return _before_after_bars(rows, "set", f"{result.objective}: {metric} before and after", metric)
