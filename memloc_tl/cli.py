@@ -13,7 +13,7 @@ from memloc_tl.models import DEFAULT_MODEL, load_model
 from memloc_tl.organism import Organism, OrganismConfig, build_organism
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.report import memorization_report
-from memloc_tl.workbench import Workbench, load_workbench
+from memloc_tl.workbench import Workbench, load_workbench, organism_workbench
 
 ORGANISM = "organism"
 
@@ -29,6 +29,9 @@ def _organism(args: argparse.Namespace) -> Organism:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    out = None if args.report is None else _report_path(args)
+    if args.report is not None and out is None:
+        return 2
     organism = _organism(args)
     config = organism.config
     print(f"memloc-tl demo: the offline GPT-Neo organism ({organism.path})")
@@ -54,10 +57,9 @@ def run_demo(args: argparse.Namespace) -> int:
         prefix, continuation = example["prefix"], example["continuation"]
         print("\na memorized paragraph (prefix | greedy continuation reproduced exactly):")
         print("  " + " ".join(prefix.split())[-160:] + " | " + " ".join(continuation.split())[:160])
-    if args.report is not None:
+    if out is not None:
         name = "organism-tiny" if args.tiny else "organism"
-        bench = load_workbench(name, cache_dir=args.cache_dir, device=args.device)
-        return _write_report(args, bench)
+        return _write_report(args, organism_workbench(organism, name), out)
     return 0
 
 
@@ -69,10 +71,7 @@ def _report_path(args: argparse.Namespace) -> Path | None:
     return out
 
 
-def _write_report(args: argparse.Namespace, bench: Workbench) -> int:
-    out = _report_path(args)
-    if out is None:
-        return 2
+def _write_report(args: argparse.Namespace, bench: Workbench, out: Path) -> int:
     try:
         report = memorization_report(
             bench.model,
@@ -96,7 +95,8 @@ def _write_report(args: argparse.Namespace, bench: Workbench) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    if _report_path(args) is None:
+    out = _report_path(args)
+    if out is None:
         return 2
     name = args.model
     if name == ORGANISM and args.tiny:
@@ -113,7 +113,7 @@ def run_report(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"memloc report: {error}", file=sys.stderr)
         return 2
-    return _write_report(args, bench)
+    return _write_report(args, bench, out)
 
 
 def run_scan(args: argparse.Namespace) -> int:

@@ -59,6 +59,19 @@ class Workbench:
         )
 
 
+def organism_workbench(organism: Organism, name: str = "organism") -> Workbench:
+    """The workbench of an organism already built: all its paragraphs, its corpus counts."""
+    return Workbench(
+        name=name,
+        model=organism.model,
+        paragraphs=Paragraphs.concat(organism.planted, organism.control, organism.heldout),
+        corpus_counts=organism.corpus_counts,
+        general=organism.heldout,
+        edit_lr=ORGANISM_EDIT_LR,
+        organism=organism,
+    )
+
+
 def load_workbench(
     name: str = "organism",
     *,
@@ -89,15 +102,7 @@ def load_workbench(
             device=device,
             progress=progress,
         )
-        return Workbench(
-            name=name,
-            model=organism.model,
-            paragraphs=Paragraphs.concat(organism.planted, organism.control, organism.heldout),
-            corpus_counts=organism.corpus_counts,
-            general=organism.heldout,
-            edit_lr=ORGANISM_EDIT_LR,
-            organism=organism,
-        )
+        return organism_workbench(organism, name)
     if data is None:
         raise ValueError(
             f"model {name!r} needs data: pass data='texts.jsonl' (csv, json, jsonl or txt, one "

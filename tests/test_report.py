@@ -72,6 +72,18 @@ def test_cli_rejects_a_non_html_report(tmp_path: Path, organism: Organism) -> No
     code = main(["report", "--tiny", "--cache-dir", str(organism.path.parent), "--out", str(out)])
     assert code == 2
     assert not out.exists()
+    demo = ["demo", "--tiny", "--cache-dir", str(organism.path.parent), "--report", str(out)]
+    assert main(demo) == 2
+    assert not out.exists()
+
+
+def test_demo_writes_the_report_of_its_organism(tmp_path: Path, organism: Organism) -> None:
+    out = tmp_path / "demo.html"
+    cache = str(organism.path.parent)
+    assert main(["demo", "--tiny", "--cache-dir", cache, "--report", str(out)]) == 0
+    html = out.read_text(encoding="utf-8")
+    assert html.count("Plotly.newPlot") == 6
+    assert organism.model.cfg.model_name in html
 
 
 def test_the_report_opens_offline_in_chromium(report_file: Path) -> None:
