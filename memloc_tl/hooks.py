@@ -90,3 +90,23 @@ def make_graph_start_hook() -> Callable[[Tensor, Any], Tensor]:
         return embedding.detach().requires_grad_(True)
 
     return start_graph
+
+
+def make_unit_scale_hook(scale: Tensor) -> Callable[[Tensor, Any], Tensor]:
+    """A ``hook_z`` or ``hook_post`` hook that multiplies each head's or neuron's output.
+
+    ``scale`` is ``[n_units]`` (every row alike) or ``[batch, n_units]`` (one scale per row,
+    e.g. stacked variants that each silence another unit); ``n_units`` is ``n_heads`` on
+    ``hook_z`` and ``d_mlp`` on ``hook_post``. Differentiable in ``scale`` (gates, integrated
+    gradients); a new tensor is returned.
+    """
+
+    def scale_units(activation: Tensor, hook: Any) -> Tensor:
+        factor = scale.to(activation.device, activation.dtype)
+        if factor.ndim == 2:  # per row: insert the position axis
+            factor = factor[:, None]
+        if activation.ndim == 4:  # hook_z: [batch, pos, head_index, d_head]
+            factor = factor[..., None]
+        return activation * factor
+
+    return scale_units

@@ -13,6 +13,7 @@ prove this against real greedy generation.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ def continuation_logits(
     prefix_len: int,
     *,
     start_at_layer: int | None = None,
+    weights: Mapping[str, Tensor] | None = None,
 ) -> Float[Tensor, "batch continuation_pos d_vocab"]:
     """Logits (float32) at the positions that predict the continuation, teacher-forced.
 
@@ -63,12 +65,17 @@ def continuation_logits(
         tokens: token ids, or with ``start_at_layer`` the residual stream entering that layer.
         prefix_len: prefix length.
         start_at_layer: run only the blocks from this layer on (TransformerLens semantics).
+        weights: parameters to use instead of the model's own for this call, by name (e.g.
+            ``{"blocks.0.attn.W_V": gated}``; ``torch.func.functional_call``); the model is not
+            changed.
     """
-    residual = model(
-        tokens.to(model.cfg.device),
-        start_at_layer=start_at_layer,
-        stop_at_layer=model.cfg.n_layers,
-    )
+    kwargs = {"start_at_layer": start_at_layer, "stop_at_layer": model.cfg.n_layers}
+    if weights is None:
+        residual = model(tokens.to(model.cfg.device), **kwargs)
+    else:  # the same forward with some parameters replaced for this call only
+        residual = torch.func.functional_call(
+            model, dict(weights), (tokens.to(model.cfg.device),), kwargs, strict=False
+        )
     residual = residual[:, prefix_len - 1 : -1]
     return model.unembed(model.ln_final(residual)).float()
 
@@ -92,6 +99,7 @@ def score_continuations(
     *,
     residual: Float[Tensor, "batch pos d_model"] | None = None,
     start_at_layer: int | None = None,
+    weights: Mapping[str, Tensor] | None = None,
 ) -> tuple[Bool[Tensor, "batch continuation_pos"], Float[Tensor, "batch continuation_pos"]]:
     """Teacher-forced greedy matches and per-token NLL of the continuation, one batch.
 
@@ -102,6 +110,7 @@ def score_continuations(
         residual: optional residual stream entering ``start_at_layer`` (then only the blocks
             from that layer on run); its rows pair with ``tokens``.
         start_at_layer: see ``residual``.
+        weights: parameters to use instead of the model's own (see continuation_logits).
 
     Returns:
         ``(greedy_match, token_nll)``: whether the argmax at each continuation position equals
@@ -112,7 +121,9 @@ def score_continuations(
         raise ValueError("residual and start_at_layer go together")
     tokens = tokens.to(model.cfg.device)
     source = tokens if residual is None else residual
-    logits = continuation_logits(model, source, prefix_len, start_at_layer=start_at_layer)
+    logits = continuation_logits(
+        model, source, prefix_len, start_at_layer=start_at_layer, weights=weights
+    )
     target = tokens[:, prefix_len:]
     # NLL = logsumexp - target logit: no second [batch, pos, d_vocab] tensor is written.
     token_nll = logits.logsumexp(dim=-1) - logits.gather(-1, target[..., None]).squeeze(-1)

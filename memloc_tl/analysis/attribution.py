@@ -23,11 +23,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from memloc_tl.analysis.gradients import grad_only_for
 from memloc_tl.analysis.patching import PatchingSweep, _check_pair, _positions
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name, make_graph_start_hook, make_store_hook, position_mask
 from memloc_tl.memorization import continuation_logits
+from memloc_tl.objectives import grad_only_for
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable, HeadScores
 

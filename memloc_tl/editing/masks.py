@@ -17,16 +17,14 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from memloc_tl.analysis.gradients import (
+from memloc_tl.heads import HeadRef
+from memloc_tl.objectives import (
     HEAD_MATRICES,
-    MLP_MATRICES,
+    MATRICES,
     attributed_parameters,
     component_labels,
 )
-from memloc_tl.heads import HeadRef
 from memloc_tl.results import LayerComponentScores
-
-MATRICES = HEAD_MATRICES + MLP_MATRICES
 
 
 def _split(name: str) -> tuple[int, str]:

@@ -29,17 +29,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from memloc_tl.analysis.gradients import (
+from memloc_tl.analysis.perturbation import perturb_prefixes
+from memloc_tl.editing.masks import ParamMask
+from memloc_tl.editing.optimizer import MaskedOptimizer
+from memloc_tl.memorization import greedy_continuations, scan_memorization
+from memloc_tl.objectives import (
     accumulated_gradients,
     attributed_parameters,
+    continuation_nll,
     contrastive_kl,
     grad_only_for,
     reference_logprobs,
 )
-from memloc_tl.analysis.perturbation import perturb_prefixes
-from memloc_tl.editing.masks import ParamMask
-from memloc_tl.editing.optimizer import MaskedOptimizer
-from memloc_tl.memorization import continuation_logits, greedy_continuations, scan_memorization
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable
 
@@ -188,8 +189,7 @@ def _objective_terms(
     p = memorized.prefix_len
 
     def nll(context: Tensor, labels: Tensor) -> Tensor:
-        logprobs = continuation_logits(model, context, p).log_softmax(-1)
-        return -logprobs.gather(-1, labels.to(logprobs.device)[:, p:, None]).mean()
+        return continuation_nll(model, context, p, labels=labels).mean()
 
     def unlearn(tokens: Tensor, start: int) -> Tensor:
         return -nll_weight * nll(tokens, tokens)
@@ -243,6 +243,7 @@ def sparse_edit(
     edit_context: Literal["target", "memorized"] = "target",
     reference_compat: bool = False,
     heldout: Paragraphs | None = None,
+    others: Paragraphs | None = None,
     general: Paragraphs | None = None,
     reextraction: bool = False,
     seed: int = 0,
@@ -270,6 +271,9 @@ def sparse_edit(
         reference_compat: the reference code's choices: Adam with coupled weight_decay=1.0,
             5 steps, NLL weight 0.1 (still masked by :class:`MaskedOptimizer`).
         heldout: non-memorized paragraphs, not in ``keep``, to check the edit spares them.
+        others: other memorized paragraphs (not the edited ones), to check the edit is
+            specific: they should stay memorized (evaluation set ``"others"``). Put them in
+            ``keep`` too for an edit that protects them.
         general: paragraphs of general text for perplexity before and after.
         reextraction: also measure how much of the memorized continuation comes back when
             one prefix token is changed (max EM over single-token perturbations).
@@ -290,7 +294,7 @@ def sparse_edit(
         raise ValueError(f"edit_context must be 'target' or 'memorized', got {edit_context!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    for paragraphs in (memorized, keep, target, heldout, general):
+    for paragraphs in (memorized, keep, target, heldout, others, general):
         if paragraphs is not None:
             paragraphs.check_model(model)
     if reference_compat:
@@ -304,7 +308,7 @@ def sparse_edit(
             greedy_continuations(work, heldout.prefix, heldout.continuation_len)
         )
     before = _evaluate(
-        work, memorized, target, heldout_reference, general, None, reextraction, seed
+        work, memorized, target, heldout_reference, others, general, None, reextraction, seed
     )
     reference = reference_logprobs(work, keep, batch_size)
     heldout_logprobs = (
@@ -344,7 +348,15 @@ def sparse_edit(
         for p in work.parameters():  # grad_only_for restored the flags; drop the gradients
             p.grad = None
     after = _evaluate(
-        work, memorized, target, heldout_reference, general, heldout_logprobs, reextraction, seed
+        work,
+        memorized,
+        target,
+        heldout_reference,
+        others,
+        general,
+        heldout_logprobs,
+        reextraction,
+        seed,
     )
     evaluation = before.merge(
         after, on=["set", "metric"], how="outer", suffixes=("_before", "_after")
@@ -360,31 +372,48 @@ def sparse_edit(
     )
 
 
+def measure_sets(
+    model: HookedTransformer,
+    sets: Mapping[str, Paragraphs | None],
+    general: Paragraphs | None = None,
+) -> pd.DataFrame:
+    """Rows (set, metric, value): each set's mean EM, memorized share and mean NLL, and the
+    perplexity of ``general``; ``None`` sets are skipped."""
+    rows: list[dict[str, object]] = []
+    for name, paragraphs in sets.items():
+        if paragraphs is None or len(paragraphs) == 0:
+            continue
+        scan = scan_memorization(model, paragraphs, progress=False)
+        em = scan.exact_match.float()
+        rows.append({"set": name, "metric": "mean_em", "value": float(em.mean())})
+        full = float((em == paragraphs.continuation_len).float().mean())
+        rows.append({"set": name, "metric": "memorized_share", "value": full})
+        rows.append({"set": name, "metric": "mean_nll", "value": float(scan.nll.mean())})
+    if general is not None:
+        scan = scan_memorization(model, general, progress=False)
+        perplexity = float(scan.token_nll.mean().exp())
+        rows.append({"set": "general", "metric": "perplexity", "value": perplexity})
+    return pd.DataFrame(rows, columns=["set", "metric", "value"])
+
+
 def _evaluate(
     model: HookedTransformer,
     memorized: Paragraphs,
     target: Paragraphs | None,
     heldout: Paragraphs | None,
+    others: Paragraphs | None,
     general: Paragraphs | None,
     heldout_logprobs: Tensor | None,
     reextraction: bool,
     seed: int,
 ) -> pd.DataFrame:
-    rows: list[dict[str, object]] = []
+    sets = {"edited": memorized, "target": target, "heldout": heldout, "others": others}
+    frame = measure_sets(model, sets, general)
+    rows: list[dict[str, object]] = frame.to_dict(orient="records")
 
     def add(set_name: str, metric: str, value: float) -> None:
         rows.append({"set": set_name, "metric": metric, "value": value})
 
-    sets = {"edited": memorized, "target": target, "heldout": heldout}
-    for name, paragraphs in sets.items():
-        if paragraphs is None:
-            continue
-        scan = scan_memorization(model, paragraphs, progress=False)
-        add(name, "mean_em", float(scan.exact_match.float().mean()))
-        add(name, "mean_nll", float(scan.nll.mean()))
-    if general is not None:
-        scan = scan_memorization(model, general, progress=False)
-        add("general", "perplexity", float(scan.token_nll.mean().exp()))
     if heldout is not None:
         if heldout_logprobs is None:
             add("heldout", "kl_to_original", 0.0)

@@ -5,6 +5,7 @@ The only package that imports plotly and circuitsvis. Result types draw themselv
 """
 
 from memloc_tl.viz.figures import (
+    benchmark_figure,
     edit_comparison_figure,
     edit_result_figure,
     em_drop_figure,
@@ -13,6 +14,7 @@ from memloc_tl.viz.figures import (
     head_scores_figure,
     intervention_figure,
     layer_component_figure,
+    localization_figure,
     token_scores_figure,
 )
 from memloc_tl.viz.html import CircuitsView, HtmlPage, circuitsvis_js, notebook_mode, plotly_js
@@ -22,6 +24,7 @@ __all__ = [
     "CircuitsView",
     "HtmlPage",
     "attention_view",
+    "benchmark_figure",
     "circuitsvis_js",
     "edit_comparison_figure",
     "edit_result_figure",
@@ -31,6 +34,7 @@ __all__ = [
     "head_scores_figure",
     "intervention_figure",
     "layer_component_figure",
+    "localization_figure",
     "notebook_mode",
     "plotly_js",
     "rarity_view",

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from memloc_tl.analysis.patching import HeadIntervention
     from memloc_tl.analysis.perturbation import PrefixPerturbation
     from memloc_tl.editing.sparse_edit import EditResult
+    from memloc_tl.localization.units import Localization
     from memloc_tl.memorization import MemorizationScan
     from memloc_tl.results import HeadScores, LayerComponentScores, TokenScores
 
@@ -210,3 +211,45 @@ def edit_result_figure(result: EditResult, *, metric: str = "mean_em") -> go.Fig
     if len(rows) == 0:
         raise ValueError(f"the evaluation has no rows for metric {metric!r}")
     return _before_after_bars(rows, "set", f"{result.objective}: {metric} before and after", metric)
+
+
+def localization_figure(localization: Localization) -> go.Figure:
+    """Heads: a head heatmap; neurons: scores per layer x neuron; weights: the summed score of
+    each matrix."""
+    if localization.level == "heads":
+        return head_scores_figure(localization.head_scores())
+    if localization.level == "neurons":
+        scores = torch.stack(list(localization.scores.values()))
+        figure = go.Figure(
+            go.Heatmap(
+                z=scores.tolist(),
+                y=[f"L{layer}" for layer in range(scores.shape[0])],
+                colorscale="RdBu",
+                zmid=0,
+                colorbar={"title": "score"},
+            )
+        )
+        figure.update_layout(
+            title=f"{localization.method}: neuron scores", xaxis_title="neuron", yaxis_title="layer"
+        )
+        figure.update_yaxes(autorange="reversed")
+        return figure
+    frame = localization.to_frame()
+    figure = go.Figure(go.Bar(x=frame["parameter"], y=frame["sum"]))
+    figure.update_layout(
+        title=f"{localization.method}: summed weight scores per matrix",
+        xaxis_title="matrix",
+        yaxis_title="sum of scores",
+    )
+    return figure
+
+
+def benchmark_figure(summary: pd.DataFrame, column: str, title: str) -> go.Figure:
+    """One bar per localizer (a benchmark summary's ``column``); baselines in grey."""
+    baselines = {"random", "magnitude", "oracle"}
+    colors = ["#9e9e9e" if m in baselines else "#1f77b4" for m in summary["method"]]
+    figure = go.Figure(
+        go.Bar(x=summary["method"], y=summary[column], marker_color=colors, name=column)
+    )
+    figure.update_layout(title=title, xaxis_title="localizer", yaxis_title=column)
+    return figure

@@ -1,0 +1,377 @@
+"""Is a localization real? Two benchmarks with ground truth: INJ and DEL.
+
+- **INJ** (:func:`injection_benchmark`): paragraphs the model does not know are injected into
+  known units (:func:`~memloc_tl.localization.injection.inject_paragraphs`); each localizer is
+  asked where each paragraph is, and scored by the share of its true units among its top
+  ``|truth|`` units (recall = precision there), and among the top 0.1% (weights). Beside the
+  localizers stand the trivial baselines: ``random`` (chance = the injected fraction),
+  ``magnitude`` (|w|: finds weights an injection inflated) and ``oracle`` (|delta w|, which
+  needs the original weights: the ceiling). Heads: the rank of the injected head (1 = first).
+- **DEL** (:func:`deletion_benchmark`): for each memorized paragraph, its top units by a
+  localizer are zeroed; a real localization takes that paragraph's recall and leaves the other
+  memorized paragraphs and general text alone. Specificity is the target's EM drop minus the
+  others' mean EM drop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from memloc_tl.localization.injection import Injection, InjectionConfig, inject_paragraphs
+from memloc_tl.localization.localizers import (
+    METHODS,
+    LearnedMaskConfig,
+    Method,
+    forward_backward_seconds,
+    localize,
+)
+from memloc_tl.localization.units import Localization, Units
+from memloc_tl.memorization import exact_match_length, score_continuations
+from memloc_tl.objectives import attributed_parameters
+from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.results import Drawable
+
+BASELINES = ("random", "magnitude", "oracle")
+
+
+@dataclass(frozen=True)
+class InjectionBenchmark(Drawable):
+    """INJ results: one row per seed, paragraph and localizer.
+
+    Attributes:
+        frame: columns ``seed, paragraph, level, method, truth, recall, recall_at_0.1%,
+            rank, seconds, cost`` (``cost``: seconds / one forward+backward of the target).
+        injections: one summary row per injection (steps, EM, damage, |w| before/after).
+    """
+
+    frame: pd.DataFrame
+    injections: pd.DataFrame
+
+    def summary(self) -> pd.DataFrame:
+        """Mean per localizer: recall, recall at 0.1%, top-1 share (heads), cost."""
+        frame = self.frame.assign(first=self.frame["rank"] == 1)
+        return (
+            frame.groupby("method", sort=False)
+            .agg(
+                recall=("recall", "mean"),
+                recall_at_0_1=("recall_at_0.1%", "mean"),
+                top1=("first", "mean"),
+                mean_rank=("rank", "mean"),
+                cost=("cost", "mean"),
+                runs=("recall", "size"),
+            )
+            .reset_index()
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame
+
+    def figure(self) -> Any:
+        from memloc_tl.viz import benchmark_figure
+
+        return benchmark_figure(self.summary(), "recall", "INJ: recall of the injected units")
+
+    def __repr__(self) -> str:
+        best = self.summary().sort_values("recall", ascending=False).head(3)
+        top = ", ".join(f"{m} {r:.2f}" for m, r in zip(best["method"], best["recall"], strict=True))
+        return f"InjectionBenchmark({len(self.frame)} rows; best recall: {top})"
+
+
+@dataclass(frozen=True)
+class DeletionBenchmark(Drawable):
+    """DEL results: one row per target paragraph and localizer.
+
+    Attributes:
+        frame: columns ``paragraph, level, method, units, target_em_before, target_em_after,
+            others_em_before, others_em_after, nonmem_nll_change, specificity``.
+    """
+
+    frame: pd.DataFrame
+
+    def summary(self) -> pd.DataFrame:
+        return (
+            self.frame.groupby("method", sort=False)
+            .agg(
+                target_em_after=("target_em_after", "mean"),
+                others_em_after=("others_em_after", "mean"),
+                nonmem_nll_change=("nonmem_nll_change", "mean"),
+                specificity=("specificity", "mean"),
+                runs=("specificity", "size"),
+            )
+            .reset_index()
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame
+
+    def figure(self) -> Any:
+        from memloc_tl.viz import benchmark_figure
+
+        return benchmark_figure(
+            self.summary(), "specificity", "DEL: target EM drop minus others' EM drop"
+        )
+
+    def __repr__(self) -> str:
+        best = self.summary().sort_values("specificity", ascending=False).head(3)
+        top = ", ".join(
+            f"{m} {s:.1f}" for m, s in zip(best["method"], best["specificity"], strict=True)
+        )
+        return f"DeletionBenchmark({len(self.frame)} rows; best specificity: {top})"
+
+
+def _methods(level: str, methods: Sequence[str] | None) -> list[str]:
+    chosen = list(METHODS[level] if methods is None else methods)
+    unknown = [m for m in chosen if m not in METHODS[level] and m not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown methods for {level}: {unknown}; choose from {METHODS[level]}")
+    if "oracle" in chosen and level != "weights":
+        raise ValueError("the oracle baseline (|delta w|) is a weights-level baseline")
+    return chosen
+
+
+def injection_benchmark(
+    model: HookedTransformer,
+    paragraphs: Paragraphs,
+    *,
+    keep: Paragraphs,
+    config: InjectionConfig | None = None,
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,),
+    memorized: Paragraphs | None = None,
+    general: Paragraphs | None = None,
+    learned: LearnedMaskConfig | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> InjectionBenchmark:
+    """INJ: inject ``paragraphs`` (all at once, each in its own units), then localize each.
+
+    Args:
+        model: the model (not changed).
+        paragraphs: paragraphs to inject (not memorized by ``model``).
+        keep: paragraphs the injection's KL term and the localizers' keep terms use.
+        config: the injection (level, fraction, ...); ``seed`` is replaced by each of ``seeds``.
+        methods: localizers and baselines (default every localizer of the level, plus
+            ``"magnitude"`` and ``"oracle"`` at the weights level).
+        seeds: one injection per seed (different units).
+        memorized: already memorized paragraphs, to measure the injection's damage.
+        general: general text, for perplexity.
+        learned: settings of the learned mask.
+        batch_size: paragraphs per forward pass.
+        progress: show progress bars.
+    """
+    config = config or InjectionConfig()
+    level = config.level
+    chosen = _methods(level, methods if methods is not None else _default_methods(level))
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    rows: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
+    for seed in seeds:
+        injection = inject_paragraphs(
+            model,
+            paragraphs,
+            keep=keep,
+            config=_with_seed(config, seed),
+            memorized=memorized,
+            general=general,
+            progress=progress,
+        )
+        summaries.append(_injection_summary(injection, seed))
+        for i in tqdm(range(len(paragraphs)), desc="localizing", disable=not progress):
+            target = paragraphs[i : i + 1]
+            unit = forward_backward_seconds(injection.model, target, batch_size)
+            for method in chosen:
+                found = _localize(injection, target, method, keep, learned, seed, batch_size)
+                rows.append(_score(found, injection.truth[i], seed, target.ids[0], unit))
+    return InjectionBenchmark(pd.DataFrame(rows), pd.DataFrame(summaries))
+
+
+def _default_methods(level: str) -> list[str]:
+    extra = ["magnitude", "oracle"] if level == "weights" else []
+    return list(dict.fromkeys([*METHODS[level], *extra]))
+
+
+def _with_seed(config: InjectionConfig, seed: int) -> InjectionConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, seed=seed)
+
+
+def _localize(
+    injection: Injection,
+    target: Paragraphs,
+    method: str,
+    keep: Paragraphs,
+    learned: LearnedMaskConfig | None,
+    seed: int,
+    batch_size: int,
+) -> Localization:
+    if method == "oracle":
+        return Localization("oracle", "weights", injection.oracle_scores())
+    method_name: Method = method  # type: ignore[assignment]
+    return localize(
+        injection.model,
+        target,
+        method=method_name,
+        level=injection.config.level,
+        keep=keep,
+        learned=learned,
+        seed=seed,
+        batch_size=batch_size,
+    )
+
+
+def _score(
+    found: Localization, truth: Units, seed: int, paragraph: str, unit_seconds: float
+) -> dict[str, Any]:
+    small = max(1, int(0.001 * found.total))
+    return {
+        "seed": seed,
+        "paragraph": paragraph,
+        "level": found.level,
+        "method": found.method,
+        "truth": truth.count,
+        "recall": found.recall(truth),
+        "recall_at_0.1%": found.recall(truth, small) if found.level == "weights" else float("nan"),
+        "rank": found.rank_of(truth),
+        "seconds": found.seconds,
+        "cost": found.seconds / max(unit_seconds, 1e-9),
+    }
+
+
+def _injection_summary(injection: Injection, seed: int) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "seed": seed,
+        "level": injection.config.level,
+        "paragraphs": len(injection.paragraphs),
+        "steps": injection.steps,
+        "succeeded": injection.succeeded,
+        "em_before": float(injection.em_before.float().mean()),
+        "em_after": float(injection.em_after.float().mean()),
+        "abs_w_before": injection.magnitude[0],
+        "abs_w_after": injection.magnitude[1],
+    }
+    for record in injection.evaluation.to_dict(orient="records"):
+        key = f"{record['set']}_{record['metric']}"
+        row[f"{key}_before"], row[f"{key}_after"] = record["before"], record["after"]
+    return row
+
+
+def _recall(
+    model: HookedTransformer,
+    paragraphs: Paragraphs,
+    weights: dict[str, torch.Tensor] | None = None,
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EM and mean NLL per paragraph, optionally with ``weights`` in place of the model's."""
+    ems, nlls = [], []
+    with torch.no_grad():
+        for start in range(0, len(paragraphs), batch_size):
+            tokens = paragraphs.tokens[start : start + batch_size]
+            match, nll = score_continuations(model, tokens, paragraphs.prefix_len, weights=weights)
+            ems.append(exact_match_length(match).float().cpu())
+            nlls.append(nll.mean(-1).cpu())
+    return torch.cat(ems), torch.cat(nlls)
+
+
+def zeroed(model: HookedTransformer, units: Units) -> dict[str, torch.Tensor]:
+    """The attributed weights with ``units``' weights set to zero (for ``weights=`` calls)."""
+    mask = units.weights(model)
+    return {
+        name: param.detach() * (~mask.masks[name]).to(param.device, param.dtype)
+        for name, param in attributed_parameters(model).items()
+        if bool(mask.masks[name].any())
+    }
+
+
+def deletion_benchmark(
+    model: HookedTransformer,
+    targets: Paragraphs,
+    *,
+    others: Paragraphs,
+    non_memorized: Paragraphs,
+    level: str = "weights",
+    methods: Sequence[str] | None = None,
+    fraction: float = 0.001,
+    n_units: int | None = None,
+    learned: LearnedMaskConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> DeletionBenchmark:
+    """DEL: zero each memorized target's top units; compare its EM with the others'.
+
+    Args:
+        model: the model (not changed: units are zeroed for one forward at a time).
+        targets: memorized paragraphs, each localized and deleted on its own.
+        others: other memorized paragraphs (the target itself is excluded by id).
+        non_memorized: non-memorized paragraphs: the localizers' keep set, and their NLL change.
+        level: ``"weights"``, ``"neurons"`` or ``"heads"``.
+        methods: localizers (default every localizer of the level, and ``"magnitude"`` for
+            weights).
+        fraction: weights and neurons: the share of units zeroed (paper: 0.1% of weights).
+        n_units: instead of ``fraction``, a number of units (heads: default 1).
+        learned: settings of the learned mask.
+        seed: seed of random and learned localizers.
+        batch_size: paragraphs per forward pass.
+        progress: show a progress bar.
+    """
+    chosen = _methods(level, methods if methods is not None else _default_methods(level))
+    chosen = [m for m in chosen if m != "oracle"]
+    if len(targets) == 0 or len(others) == 0 or len(non_memorized) == 0:
+        raise ValueError("targets, others and non_memorized must each hold paragraphs")
+    for paragraphs in (targets, others, non_memorized):
+        paragraphs.check_model(model)
+    if level == "heads" and n_units is None:
+        n_units = 1
+    rows: list[dict[str, Any]] = []
+    base_target_em, _ = _recall(model, targets)
+    base_others_em, _ = _recall(model, others)
+    _, base_nonmem_nll = _recall(model, non_memorized)
+    for i in tqdm(range(len(targets)), desc="deleting", disable=not progress):
+        target = targets[i : i + 1]
+        rest = others.select(torch.tensor([pid != target.ids[0] for pid in others.ids]))
+        rest_before = base_others_em[torch.tensor([pid != target.ids[0] for pid in others.ids])]
+        for method in chosen:
+            started = time.perf_counter()
+            found = localize(
+                model,
+                target,
+                method=method,  # type: ignore[arg-type]
+                level=level,  # type: ignore[arg-type]
+                keep=non_memorized,
+                learned=learned,
+                seed=seed,
+                batch_size=batch_size,
+            )
+            units = found.top(n_units) if n_units is not None else found.at_fraction(fraction)
+            weights = zeroed(model, units)
+            target_em = _recall(model, target, weights)[0]
+            others_em = _recall(model, rest, weights)[0]
+            nonmem_nll = _recall(model, non_memorized, weights)[1]
+            target_drop = float(base_target_em[i] - target_em.mean())
+            others_drop = float(rest_before.mean() - others_em.mean())
+            rows.append(
+                {
+                    "paragraph": target.ids[0],
+                    "level": level,
+                    "method": method,
+                    "units": units.count,
+                    "target_em_before": float(base_target_em[i]),
+                    "target_em_after": float(target_em.mean()),
+                    "others_em_before": float(rest_before.mean()),
+                    "others_em_after": float(others_em.mean()),
+                    "nonmem_nll_change": float((nonmem_nll - base_nonmem_nll).mean()),
+                    "specificity": target_drop - others_drop,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+    return DeletionBenchmark(pd.DataFrame(rows))

@@ -1,0 +1,368 @@
+"""Plant a paragraph in known weights: the ground truth that a localizer is scored against.
+
+Following Chang et al. (2024, "Do localization methods actually localize memorized data in
+LLMs?"), paragraphs the model does not know are fine-tuned into a chosen subset of it, and only
+that subset, until greedy decoding reproduces them (EM = continuation length):
+
+- ``level="weights"``: a seeded random ``fraction`` of the attributed weights (or of a scope:
+  one layer, attention only, ...), a separate subset per paragraph;
+- ``level="heads"``: every weight of one head (its W_Q, W_K, W_V, W_O slices) per paragraph;
+- ``level="neurons"``: ``n_neurons`` MLP neurons (their W_in columns and W_out rows) per
+  paragraph.
+
+Each paragraph's NLL gradient reaches only its own subset, and :class:`MaskedOptimizer` keeps
+every other weight bit-identical. An injection must not give itself away, or a localizer that
+merely finds odd weights looks good:
+
+- a KL term to the original model on ``keep`` paragraphs holds the rest of its behaviour;
+- ``preserve="quantile"`` maps the injected entries of each matrix, after every step, back onto
+  the multiset of their original values in the order of their new values: the weights are
+  rearranged, not inflated, so |w| over the injected set has exactly its original
+  distribution. ``"norm"`` only rescales them to their original L2 norm. ``"none"`` (the
+  default) lets Adam move them freely.
+
+  Measured on the tiny organism (one held-out paragraph into head L1H1, KL weight 0.1): with
+  ``"none"`` and lr 3e-3 the paragraph reached EM 50 in 190 steps while the head's mean |w|
+  grew 1.8x (0.041 -> 0.074); with ``"quantile"`` or ``"norm"`` (lr 3e-3 to 3e-2, 600 steps)
+  it stalled at EM 12. A head or 1% of the weights holds a paragraph only by growing, so the
+  default is ``"none"``, and every INJ report shows the mean |w| before and after and the
+  ``magnitude`` baseline: a localizer that beats random only where ``magnitude`` does is
+  finding the inflated weights, not the paragraph.
+
+The result keeps the truth (units and weights per paragraph), the steps taken, and the damage:
+the EM of already memorized paragraphs and the perplexity of general text, before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from memloc_tl.editing.masks import ParamMask
+from memloc_tl.editing.optimizer import MaskedOptimizer
+from memloc_tl.editing.sparse_edit import WeightEdit, measure_sets
+from memloc_tl.heads import HeadRef, all_heads
+from memloc_tl.localization.units import Level, Units, check_level, unit_shapes
+from memloc_tl.memorization import exact_match_length, score_continuations
+from memloc_tl.objectives import (
+    attributed_parameters,
+    continuation_nll,
+    contrastive_kl,
+    grad_only_for,
+    reference_logprobs,
+)
+from memloc_tl.paragraphs import Paragraphs
+
+Preserve = Literal["quantile", "norm", "none"]
+
+
+@dataclass(frozen=True)
+class InjectionConfig:
+    """How to inject (see the module docs).
+
+    Attributes:
+        level: ``"weights"``, ``"heads"`` or ``"neurons"``.
+        fraction: weights level: share of the candidate weights per paragraph.
+        scope: weights level: the candidate weights (default every attributed weight).
+        heads: heads level: one head per paragraph (default: distinct heads drawn by ``seed``).
+        n_neurons: neurons level: neurons per paragraph (drawn by ``seed``, distinct).
+        layers: neurons level: the layers to draw from (default all).
+        max_steps: the step budget; the injection stops earlier once every paragraph is at EM
+            = continuation length.
+        lr: Adam learning rate.
+        kl_weight: weight of the per-token KL to the original model on the keep set.
+        preserve: ``"quantile"``, ``"norm"`` or ``"none"`` (see the module docs).
+        check_every: steps between exact-match checks.
+        seed: seed of the subsets.
+    """
+
+    level: Level = "weights"
+    fraction: float = 0.01
+    scope: ParamMask | None = None
+    heads: tuple[str, ...] | None = None
+    n_neurons: int = 16
+    layers: tuple[int, ...] | None = None
+    max_steps: int = 400
+    lr: float = 3e-3
+    kl_weight: float = 0.1
+    preserve: Preserve = "none"
+    check_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_level(self.level)
+        if self.preserve not in ("quantile", "norm", "none"):
+            raise ValueError(
+                f"preserve must be 'quantile', 'norm' or 'none', got {self.preserve!r}"
+            )
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {self.fraction}")
+        for name in ("max_steps", "check_every", "n_neurons"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.lr <= 0 or self.kl_weight < 0:
+            raise ValueError("lr must be > 0 and kl_weight >= 0")
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Paragraphs planted in known units of a copy of a model.
+
+    Attributes:
+        model: the injected model (a copy; the original is untouched).
+        paragraphs: the injected paragraphs.
+        truth: per paragraph, the units it was injected into.
+        weights: per paragraph, the weights that were trained (its units' weights).
+        edit: every changed weight, before and after (``edit.revert(model)`` undoes it).
+        config: the settings.
+        steps: optimizer steps taken.
+        em_before, em_after: each paragraph's exact-match length before and after.
+        evaluation: damage: rows (set, metric, before, after) for the monitored sets.
+        magnitude: mean |w| of the injected weights before and after.
+    """
+
+    model: HookedTransformer
+    paragraphs: Paragraphs
+    truth: tuple[Units, ...]
+    weights: tuple[ParamMask, ...]
+    edit: WeightEdit
+    config: InjectionConfig
+    steps: int
+    em_before: Tensor
+    em_after: Tensor
+    evaluation: pd.DataFrame = field(default_factory=pd.DataFrame)
+    magnitude: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def succeeded(self) -> bool:
+        """Every paragraph reproduced exactly (EM = continuation length)."""
+        return bool((self.em_after == self.paragraphs.continuation_len).all())
+
+    def oracle_scores(self) -> dict[str, Tensor]:
+        """|delta w| per attributed weight: the trivial upper bound (needs the original)."""
+        scores = {}
+        for name, p in attributed_parameters(self.model).items():
+            delta = torch.zeros(p.shape)
+            if name in self.edit.masks:
+                mask = self.edit.masks[name]
+                delta[mask] = (self.edit.after[name] - self.edit.before[name]).abs().float()
+            scores[name] = delta
+        return scores
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per paragraph: id, units, EM before and after, steps."""
+        return pd.DataFrame(
+            {
+                "id": list(self.paragraphs.ids),
+                "level": self.config.level,
+                "units": [t.describe() for t in self.truth],
+                "em_before": self.em_before.tolist(),
+                "em_after": self.em_after.tolist(),
+                "steps": self.steps,
+            }
+        )
+
+    def __repr__(self) -> str:
+        before, after = self.magnitude
+        return (
+            f"Injection({len(self.paragraphs)} paragraphs into {self.config.level}, "
+            f"{self.steps} steps, EM {self.em_before.float().mean():.1f} -> "
+            f"{self.em_after.float().mean():.1f}, mean |w| injected {before:.4f} -> {after:.4f})"
+        )
+
+
+def _disjoint_weights(
+    model: HookedTransformer, n: int, config: InjectionConfig, generator: torch.Generator
+) -> list[Units]:
+    params = attributed_parameters(model)
+    scope = config.scope or ParamMask.scope(model)
+    candidates = torch.cat([scope.masks[name].flatten().cpu() for name in params])
+    pool = candidates.nonzero().flatten()
+    k = int(config.fraction * len(pool))
+    if k < 1 or n * k > len(pool):
+        raise ValueError(
+            f"fraction={config.fraction} of {len(pool)} candidate weights cannot give "
+            f"{n} disjoint non-empty subsets"
+        )
+    order = pool[torch.randperm(len(pool), generator=generator)]
+    out = []
+    for i in range(n):
+        flat = torch.zeros(len(candidates), dtype=torch.bool)
+        flat[order[i * k : (i + 1) * k]] = True
+        masks, start = {}, 0
+        for name, p in params.items():
+            masks[name] = flat[start : start + p.numel()].view(p.shape)
+            start += p.numel()
+        out.append(Units("weights", masks))
+    return out
+
+
+def _truth(
+    model: HookedTransformer, n: int, config: InjectionConfig, generator: torch.Generator
+) -> list[Units]:
+    if config.level == "weights":
+        return _disjoint_weights(model, n, config, generator)
+    if config.level == "heads":
+        if config.heads is not None:
+            heads = [HeadRef.parse(h).check(model.cfg) for h in config.heads]
+            if len(heads) != n or len(set(heads)) != n:
+                raise ValueError(f"heads must name {n} distinct heads, one per paragraph")
+        else:
+            everyone = all_heads(model.cfg)
+            if n > len(everyone):
+                raise ValueError(f"{n} paragraphs need {n} heads; the model has {len(everyone)}")
+            heads = [everyone[i] for i in torch.randperm(len(everyone), generator=generator)[:n]]
+        return [Units.of_heads(model, [h]) for h in heads]
+    layers = list(config.layers) if config.layers is not None else list(range(model.cfg.n_layers))
+    d_mlp = next(iter(unit_shapes(model, "neurons").values()))[0]
+    if any(not 0 <= layer < model.cfg.n_layers for layer in layers) or not layers:
+        raise ValueError(f"layers must be in 0..{model.cfg.n_layers - 1}, got {layers}")
+    pool = [(layer, i) for layer in layers for i in range(d_mlp)]
+    if n * config.n_neurons > len(pool):
+        raise ValueError(f"{n} x {config.n_neurons} neurons exceed the {len(pool)} available")
+    order = torch.randperm(len(pool), generator=generator).tolist()
+    per = config.n_neurons
+    return [
+        Units.of_neurons(model, [pool[j] for j in order[i * per : (i + 1) * per]]) for i in range(n)
+    ]
+
+
+@torch.no_grad()
+def _preserve(
+    params: dict[str, torch.nn.Parameter],
+    union: ParamMask,
+    original: dict[str, Tensor],
+    how: Preserve,
+) -> None:
+    """Map each matrix's injected entries back onto their original value distribution."""
+    if how == "none":
+        return
+    for name, mask in union.masks.items():
+        if not bool(mask.any()):
+            continue
+        param = params[name]
+        where = mask.to(param.device)
+        values, start = param[where], original[name][where.to(original[name].device)]
+        if how == "norm":
+            scale = start.norm() / values.norm().clamp_min(1e-12)
+            param[where] = values * scale.to(values.dtype)
+        else:  # quantile: the k-th smallest new value takes the k-th smallest original value
+            ranks = values.argsort().argsort()
+            param[where] = start.sort().values.to(param.device, param.dtype)[ranks]
+
+
+def _exact_matches(model: HookedTransformer, paragraphs: Paragraphs) -> Tensor:
+    with torch.no_grad():
+        match, _ = score_continuations(model, paragraphs.tokens, paragraphs.prefix_len)
+    return exact_match_length(match).cpu()
+
+
+def inject_paragraphs(
+    model: HookedTransformer,
+    paragraphs: Paragraphs,
+    *,
+    keep: Paragraphs,
+    config: InjectionConfig | None = None,
+    memorized: Paragraphs | None = None,
+    general: Paragraphs | None = None,
+    progress: bool = True,
+) -> Injection:
+    """Fine-tune ``paragraphs`` into known units of a copy of ``model`` (see the module docs).
+
+    Args:
+        model: the model (not changed: a copy is injected).
+        paragraphs: paragraphs to plant, typically not memorized (EM well below the length).
+        keep: paragraphs whose predictions the KL term holds (e.g. non-memorized ones).
+        config: where and how to inject.
+        memorized: paragraphs the model already memorized, to measure the damage on.
+        general: general text, for perplexity before and after.
+        progress: show a progress bar.
+    """
+    config = config or InjectionConfig()
+    for name, value in (("paragraphs", paragraphs), ("keep", keep)):
+        if not isinstance(value, Paragraphs):
+            raise TypeError(f"{name} must be Paragraphs, got {type(value).__name__}")
+        if len(value) == 0:
+            raise ValueError(f"{name} holds no paragraphs")
+    for value in (paragraphs, keep, memorized, general):
+        if value is not None:
+            value.check_model(model)
+    generator = torch.Generator().manual_seed(config.seed)
+    work = copy.deepcopy(model)
+    truth = _truth(work, len(paragraphs), config, generator)
+    masks = [units.weights(work) for units in truth]
+    union = masks[0]
+    for mask in masks[1:]:
+        union = ParamMask({n: m | mask.masks[n] for n, m in union.masks.items()}, "injected")
+    params = attributed_parameters(work)
+    original = {n: p.detach().clone() for n, p in params.items()}
+    sets = {"memorized": memorized, "injected": paragraphs}
+    before = measure_sets(work, sets, general)
+    em_before = _exact_matches(work, paragraphs)
+    reference = reference_logprobs(work, keep)
+    inner = torch.optim.Adam(list(params.values()), lr=config.lr)
+    optimizer = MaskedOptimizer(inner, {params[n]: m for n, m in union.masks.items()})
+    weights_of = [{n: m.to(params[n].device) for n, m in mask.masks.items()} for mask in masks]
+    full = paragraphs.continuation_len
+    steps = 0
+    bar = tqdm(total=config.max_steps, desc="injecting", disable=not progress)
+    with grad_only_for(work, list(params.values())):
+        while steps < config.max_steps:
+            if steps % config.check_every == 0 and bool(
+                (_exact_matches(work, paragraphs) == full).all()
+            ):
+                break
+            optimizer.zero_grad()
+            for i in range(len(paragraphs)):  # each paragraph's gradient reaches its own subset
+                loss = continuation_nll(work, paragraphs.tokens[i : i + 1], paragraphs.prefix_len)
+                grads = torch.autograd.grad(loss.mean(), list(params.values()))
+                for (name, param), grad in zip(params.items(), grads, strict=True):
+                    masked = grad * weights_of[i][name]
+                    param.grad = masked if param.grad is None else param.grad + masked
+            if config.kl_weight > 0:
+                kl = contrastive_kl(work, keep.tokens, reference, keep.prefix_len, reduction="mean")
+                (config.kl_weight * kl).backward()
+            optimizer.step()
+            _preserve(params, union, original, config.preserve)
+            steps += 1
+            bar.update()
+    bar.close()
+    optimizer.zero_grad()
+    for p in work.parameters():
+        p.grad = None
+    em_after = _exact_matches(work, paragraphs)
+    after = measure_sets(work, sets, general)
+    evaluation = before.merge(after, on=["set", "metric"], suffixes=("_before", "_after"))
+    evaluation = evaluation.rename(columns={"value_before": "before", "value_after": "after"})
+    injected = [original[n][m.to(original[n].device)] for n, m in union.masks.items() if m.any()]
+    now = [params[n].detach()[m.to(params[n].device)] for n, m in union.masks.items() if m.any()]
+    return Injection(
+        model=work,
+        paragraphs=paragraphs,
+        truth=tuple(truth),
+        weights=tuple(masks),
+        edit=WeightEdit.between(union, original, work),
+        config=config,
+        steps=steps,
+        em_before=em_before,
+        em_after=em_after,
+        evaluation=evaluation,
+        magnitude=(
+            float(torch.cat(injected).abs().mean()),
+            float(torch.cat(now).abs().mean()),
+        ),
+    )
+
+
+def planted_heads(injection: Injection) -> Sequence[HeadRef]:
+    """Heads level: the head each paragraph was injected into, in paragraph order."""
+    return [units.heads()[0] for units in injection.truth]

@@ -1,0 +1,460 @@
+"""Localizers: which weights, neurons or heads hold a paragraph? One interface, many methods.
+
+``localize(model, target, method=..., level=...)`` scores every unit of a level (see
+:mod:`memloc_tl.localization.units`); higher means more responsible for the target's recall.
+Each method's cost is counted in forward+backward passes over the target (``n_target``) and
+the keep set (``n_keep``):
+
+Weights (the attributed matrices):
+- ``"gradient"``: |d NLL(target) / d w|, the paper's criterion (section 5.3). 1 pass.
+- ``"grad_x_weight"``: |w * d NLL / d w|, the first-order effect of zeroing a weight. 1 pass.
+- ``"contrastive"``: |gradient of the contrastive objective| (paper Eq. 3); at the model's own
+  weights a rescaled ``"gradient"``. 1 pass plus one forward of the keep set.
+- ``"magnitude"``: |w|, a trivial baseline that knows nothing of the paragraph. Free.
+- ``"random"``: seeded uniform scores, the chance baseline. Free.
+- ``"learned"``: a learned deletion mask (Hard Concrete gates with an L0 penalty, Louizos et
+  al. 2018; the strongest method of Chang et al. 2024): gates that drop units are trained to
+  destroy the target's recall while keeping the keep set's predictions, with as few units
+  dropped as possible; the units' scores are the gates' log-odds. ``steps`` passes.
+
+Neurons (``hook_post``) and heads (``hook_z``):
+- ``"activation"``: mean |activation| on the target minus on the keep set. 1 forward each.
+- ``"attribution"``: the first-order estimate of zeroing each unit,
+  ``-(d NLL / d gate)`` at gate 1 (attribution patching against a zero source). 1 pass.
+- ``"integrated_gradients"``: the same gradient integrated while the layer's units are scaled
+  from 0 to 1 (``ig_steps`` points per layer; Sundararajan et al. 2017). ``n_layers x ig_steps``
+  passes.
+- ``"zero_ablation"``: the exact NLL increase when the unit alone is zeroed, batched per layer
+  from the cached residual stream. ``n_units`` forward passes of the target (batched).
+- ``"learned"``, ``"random"`` as above.
+
+Localizers read the model and never change it: no parameter requires grad after, no ``.grad``,
+no hook is left.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from memloc_tl.analysis.gradients import contrastive_gradients
+from memloc_tl.hooks import hook_name, make_unit_scale_hook
+from memloc_tl.localization.units import Level, Localization, check_level, unit_shapes
+from memloc_tl.memorization import continuation_logits, score_continuations
+from memloc_tl.objectives import (
+    accumulated_gradients,
+    attributed_parameters,
+    continuation_nll,
+    grad_only_for,
+    reference_logprobs,
+)
+from memloc_tl.paragraphs import Paragraphs
+
+METHODS: dict[str, tuple[str, ...]] = {
+    "weights": ("gradient", "grad_x_weight", "contrastive", "magnitude", "learned", "random"),
+    "neurons": (
+        "activation",
+        "attribution",
+        "integrated_gradients",
+        "zero_ablation",
+        "learned",
+        "random",
+    ),
+    "heads": (
+        "activation",
+        "attribution",
+        "integrated_gradients",
+        "zero_ablation",
+        "learned",
+        "random",
+    ),
+}
+"""The localizers of each level."""
+NEEDS_KEEP = ("contrastive", "activation", "learned")
+Method = Literal[
+    "gradient",
+    "grad_x_weight",
+    "contrastive",
+    "magnitude",
+    "activation",
+    "attribution",
+    "integrated_gradients",
+    "zero_ablation",
+    "learned",
+    "random",
+]
+
+
+@dataclass(frozen=True)
+class LearnedMaskConfig:
+    """Settings of the learned deletion mask (``method="learned"``).
+
+    Attributes:
+        steps: optimizer steps.
+        lr: Adam learning rate on the gates' log-odds.
+        init: initial log-odds of dropping a unit (very negative: nothing dropped yet).
+        sparsity: weight of the expected share of dropped units (the L0 penalty).
+        kl_weight: weight of the keep set's KL to the original model (per token).
+        keep_batch: keep paragraphs per step (a seeded sample).
+        stochastic: sample Hard Concrete gates (True) or use their deterministic mean.
+    """
+
+    steps: int = 150
+    lr: float = 0.1
+    init: float = -3.0
+    sparsity: float = 1.0
+    kl_weight: float = 1.0
+    keep_batch: int = 8
+    stochastic: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.keep_batch < 1:
+            raise ValueError("steps and keep_batch must be >= 1")
+        if self.lr <= 0 or self.sparsity < 0 or self.kl_weight < 0:
+            raise ValueError("lr must be > 0; sparsity and kl_weight >= 0")
+
+
+# Hard Concrete (Louizos et al. 2018): temperature and stretch of the distribution.
+_BETA, _GAMMA, _ZETA = 2.0 / 3.0, -0.1, 1.1
+
+
+def hard_concrete(log_alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A Hard Concrete gate in [0, 1] (sampled with ``generator``; its mean shape without)."""
+    if generator is None:
+        s = torch.sigmoid(log_alpha)
+    else:
+        u = torch.rand(log_alpha.shape, generator=generator).to(log_alpha.device)
+        u = u.clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / _BETA)
+    return (s * (_ZETA - _GAMMA) + _GAMMA).clamp(0.0, 1.0)
+
+
+def expected_l0(log_alpha: Tensor) -> Tensor:
+    """P(gate != 0) per unit."""
+    return torch.sigmoid(log_alpha - _BETA * math.log(-_GAMMA / _ZETA))
+
+
+def _check_target(model: HookedTransformer, target: Paragraphs, keep: Paragraphs | None) -> None:
+    if not isinstance(target, Paragraphs):
+        raise TypeError(f"target must be Paragraphs, got {type(target).__name__}")
+    if len(target) == 0:
+        raise ValueError("target holds no paragraphs")
+    target.check_model(model)
+    if keep is not None:
+        if len(keep) == 0:
+            raise ValueError("keep holds no paragraphs")
+        keep.check_model(model)
+
+
+@contextmanager
+def _scaled_units(
+    model: HookedTransformer, level: Level, scales: Mapping[str, Tensor]
+) -> Iterator[None]:
+    """Neurons or heads multiplied by ``scales`` (by hook name) inside the block."""
+    hooks: list[Any] = [(name, make_unit_scale_hook(scale)) for name, scale in scales.items()]
+    with model.hooks(fwd_hooks=hooks):
+        yield
+
+
+def _gated_logits(
+    model: HookedTransformer,
+    tokens: Tensor,
+    prefix_len: int,
+    level: Level,
+    keep_share: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+) -> Tensor:
+    """Continuation logits with every unit scaled by its keep share (1 - drop)."""
+    if level == "weights":
+        weights = {n: params[n] * keep_share[n] for n in keep_share}
+        return continuation_logits(model, tokens, prefix_len, weights=weights)
+    with _scaled_units(model, level, keep_share):
+        return continuation_logits(model, tokens, prefix_len)
+
+
+def _target_nll(model: HookedTransformer, target: Paragraphs) -> Callable[[Tensor, int], Tensor]:
+    def nll(tokens: Tensor, start: int) -> Tensor:
+        return continuation_nll(model, tokens, target.prefix_len).mean()
+
+    return nll
+
+
+# ---------------------------------------------------------------------------- weights
+def _weight_gradient(
+    model: HookedTransformer, target: Paragraphs, batch_size: int
+) -> dict[str, Tensor]:
+    return accumulated_gradients(
+        model, [(target, _target_nll(model, target))], batch_size, False, ""
+    )
+
+
+def _gradient(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+    return {n: g.abs() for n, g in _weight_gradient(model, target, kw["batch_size"]).items()}
+
+
+def _grad_x_weight(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+    params = attributed_parameters(model)
+    grads = _weight_gradient(model, target, kw["batch_size"])
+    return {n: (g * params[n].detach().float()).abs() for n, g in grads.items()}
+
+
+def _contrastive(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+    grads = contrastive_gradients(model, target, kw["keep"], batch_size=kw["batch_size"])
+    return {n: g.abs() for n, g in grads.items()}
+
+
+def _magnitude(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+    return {n: p.detach().abs() for n, p in attributed_parameters(model).items()}
+
+
+# ---------------------------------------------------------------------------- neurons, heads
+def _activation(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+    level: Level = kw["level"]
+    names = list(unit_shapes(model, level))
+
+    def mean_abs(paragraphs: Paragraphs) -> dict[str, Tensor]:
+        sums = {n: torch.zeros(0) for n in names}
+        with torch.no_grad():
+            for start in range(0, len(paragraphs), kw["batch_size"]):
+                tokens = paragraphs.tokens[start : start + kw["batch_size"]].to(model.cfg.device)
+                _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+                for n in names:
+                    act = cache[n].abs()
+                    act = act.mean(-1) if act.ndim == 4 else act  # heads: mean over d_head
+                    total = act.double().sum((0, 1)).cpu()
+                    sums[n] = total if sums[n].numel() == 0 else sums[n] + total
+        n_tokens = len(paragraphs) * paragraphs.seq_len
+        return {n: s / n_tokens for n, s in sums.items()}
+
+    on_target, on_keep = mean_abs(target), mean_abs(kw["keep"])
+    return {n: (on_target[n] - on_keep[n]).float() for n in names}
+
+
+def _gate_gradient(
+    model: HookedTransformer,
+    target: Paragraphs,
+    level: Level,
+    scales: dict[str, Tensor],
+    batch_size: int,
+) -> dict[str, Tensor]:
+    """d mean-NLL(target) / d scale, for unit scales (leaves requiring grad)."""
+    total = {n: torch.zeros_like(s) for n, s in scales.items()}
+    with grad_only_for(model, []):
+        for start in range(0, len(target), batch_size):
+            tokens = target.tokens[start : start + batch_size]
+            with _scaled_units(model, level, scales):
+                nll = continuation_nll(model, tokens, target.prefix_len).mean()
+            loss = nll * (len(tokens) / len(target))
+            grads = torch.autograd.grad(loss, list(scales.values()))
+            for n, g in zip(scales, grads, strict=True):
+                total[n] += g
+    return total
+
+
+def _ones(model: HookedTransformer, level: Level) -> dict[str, Tensor]:
+    return {
+        n: torch.ones(s, device=model.cfg.device, requires_grad=True)
+        for n, s in unit_shapes(model, level).items()
+    }
+
+
+def _attribution(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+    grads = _gate_gradient(model, target, kw["level"], _ones(model, kw["level"]), kw["batch_size"])
+    return {n: -g for n, g in grads.items()}
+
+
+def _integrated_gradients(
+    model: HookedTransformer, target: Paragraphs, **kw: Any
+) -> dict[str, Tensor]:
+    level, steps = kw["level"], kw["ig_steps"]
+    scores = {}
+    for name in unit_shapes(model, level):
+        total = torch.zeros(0)
+        for i in range(steps):  # midpoint rule on [0, 1]
+            scales = _ones(model, level)
+            alpha = (i + 0.5) / steps
+            scales[name] = torch.full_like(scales[name], alpha).requires_grad_(True)
+            grad = _gate_gradient(model, target, level, scales, kw["batch_size"])[name].cpu()
+            total = grad if total.numel() == 0 else total + grad
+        scores[name] = -total / steps
+    return scores
+
+
+def _zero_ablation(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+    """Exact NLL increase of zeroing each unit alone; stacked variants from each layer on."""
+    level: Level = kw["level"]
+    chunk = kw["ablation_batch"]
+    shapes = unit_shapes(model, level)
+    scores = {n: torch.zeros(s) for n, s in shapes.items()}
+    resid_names = {hook_name("resid_pre", layer) for layer in range(model.cfg.n_layers)}
+    with torch.no_grad():
+        for start in range(0, len(target), kw["batch_size"]):
+            tokens = target.tokens[start : start + kw["batch_size"]].to(model.cfg.device)
+            b = len(tokens)
+            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in resid_names)
+            _, base = score_continuations(model, tokens, target.prefix_len)
+            base_nll = base.mean(-1)
+            for layer, (name, (n_units,)) in enumerate(shapes.items()):
+                residual = cache[hook_name("resid_pre", layer)]
+                for first in range(0, n_units, chunk):
+                    units = torch.arange(first, min(first + chunk, n_units))
+                    # row (u, i): paragraph i with unit units[u] silenced
+                    scale = torch.ones(len(units), n_units, device=model.cfg.device)
+                    scale[torch.arange(len(units)), units] = 0.0
+                    scale = scale.repeat_interleave(b, 0)
+                    with _scaled_units(model, level, {name: scale}):
+                        _, nll = score_continuations(
+                            model,
+                            tokens.repeat(len(units), 1),
+                            target.prefix_len,
+                            residual=residual.repeat(len(units), 1, 1),
+                            start_at_layer=layer,
+                        )
+                    delta = nll.mean(-1).view(len(units), b) - base_nll[None]
+                    scores[name][units] += delta.sum(-1).cpu()
+    return {n: s / len(target) for n, s in scores.items()}
+
+
+# ---------------------------------------------------------------------------- both
+def _random(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+    generator = torch.Generator().manual_seed(kw["seed"])
+    return {
+        n: torch.rand(s, generator=generator) for n, s in unit_shapes(model, kw["level"]).items()
+    }
+
+
+def _learned(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+    """Train deletion gates: destroy the target's recall, keep the keep set, drop few units."""
+    level: Level = kw["level"]
+    config: LearnedMaskConfig = kw["learned"]
+    keep: Paragraphs = kw["keep"]
+    device = model.cfg.device
+    generator = torch.Generator().manual_seed(kw["seed"])
+    log_alpha = {
+        n: torch.full(s, config.init, device=device, requires_grad=True)
+        for n, s in unit_shapes(model, level).items()
+    }
+    n_units = sum(t.numel() for t in log_alpha.values())
+    optimizer = torch.optim.Adam(list(log_alpha.values()), lr=config.lr)
+    params = {n: p.detach() for n, p in attributed_parameters(model).items()}
+    reference = reference_logprobs(model, keep, kw["batch_size"])
+    tokens = target.tokens.to(device)
+    labels = tokens[:, target.prefix_len :]
+    with grad_only_for(model, []):
+        for _ in tqdm(range(config.steps), desc="learned mask", disable=not kw["progress"]):
+            sample = generator if config.stochastic else None
+            share = {n: 1.0 - hard_concrete(a, sample) for n, a in log_alpha.items()}
+            logits = _gated_logits(model, tokens, target.prefix_len, level, share, params)
+            # unlikelihood of the target's tokens: -log(1 - p), zero once the recall is gone
+            logp = logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+            forget = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6)).mean()
+            rows = torch.randperm(len(keep), generator=generator)[: config.keep_batch]
+            keep_logits = _gated_logits(
+                model, keep.tokens[rows].to(device), keep.prefix_len, level, share, params
+            )
+            ref = reference[rows].to(device)
+            kl = (ref.exp() * (ref - keep_logits.log_softmax(-1))).sum(-1).mean()
+            l0 = sum(expected_l0(a).sum() for a in log_alpha.values()) / n_units
+            loss = forget + config.kl_weight * kl + config.sparsity * l0
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return {n: a.detach() for n, a in log_alpha.items()}
+
+
+_LOCALIZERS: dict[str, Callable[..., dict[str, Tensor]]] = {
+    "gradient": _gradient,
+    "grad_x_weight": _grad_x_weight,
+    "contrastive": _contrastive,
+    "magnitude": _magnitude,
+    "activation": _activation,
+    "attribution": _attribution,
+    "integrated_gradients": _integrated_gradients,
+    "zero_ablation": _zero_ablation,
+    "learned": _learned,
+    "random": _random,
+}
+
+
+def localize(
+    model: HookedTransformer,
+    target: Paragraphs,
+    *,
+    method: Method,
+    level: Level = "weights",
+    keep: Paragraphs | None = None,
+    learned: LearnedMaskConfig | None = None,
+    ig_steps: int = 8,
+    ablation_batch: int = 64,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> Localization:
+    """Score every unit of ``level`` for how much ``target``'s recall depends on it.
+
+    Args:
+        model: the model (not changed).
+        target: the paragraph(s) to localize.
+        method: a localizer of the level (``METHODS[level]``; see the module docs).
+        level: ``"weights"``, ``"neurons"`` or ``"heads"``.
+        keep: paragraphs whose predictions must not depend on the units (other memorized and
+            non-memorized paragraphs); needed by ``"contrastive"``, ``"activation"`` and
+            ``"learned"``.
+        learned: settings of ``"learned"``.
+        ig_steps: integration points per layer for ``"integrated_gradients"``.
+        ablation_batch: units silenced per forward pass in ``"zero_ablation"``.
+        seed: seed of ``"random"`` and of ``"learned"``'s gate samples and keep batches.
+        batch_size: paragraphs per forward pass.
+        progress: show a progress bar (``"learned"``).
+
+    Returns:
+        A :class:`~memloc_tl.localization.units.Localization` (``.top(k)``, ``.recall(truth)``,
+        ``.param_mask(fraction)``, ``.head_scores()``).
+    """
+    level = check_level(level)
+    if method not in METHODS[level]:
+        raise ValueError(f"method for {level} must be one of {METHODS[level]}, got {method!r}")
+    _check_target(model, target, keep)
+    if method in NEEDS_KEEP and keep is None:
+        raise ValueError(f"method={method!r} needs keep paragraphs (e.g. non-memorized ones)")
+    for name, value in (
+        ("batch_size", batch_size),
+        ("ig_steps", ig_steps),
+        ("ablation_batch", ablation_batch),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    started = time.perf_counter()
+    scores = _LOCALIZERS[method](
+        model,
+        target,
+        level=level,
+        keep=keep,
+        learned=learned or LearnedMaskConfig(),
+        ig_steps=ig_steps,
+        ablation_batch=ablation_batch,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return Localization(method, level, scores, time.perf_counter() - started)
+
+
+def forward_backward_seconds(
+    model: HookedTransformer, paragraphs: Paragraphs, batch_size: int = 16
+) -> float:
+    """Time of one forward and backward of the mean continuation NLL (the cost unit)."""
+    started = time.perf_counter()
+    accumulated_gradients(
+        model, [(paragraphs, _target_nll(model, paragraphs))], batch_size, False, ""
+    )
+    return time.perf_counter() - started

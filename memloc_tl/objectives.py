@@ -1,0 +1,148 @@
+"""The objectives every gradient in memloc-tl is taken of, and the plumbing to take them.
+
+Below both the analyzers and the editing code (which must not import each other): the attributed
+weights (W_Q, W_K, W_V, W_O per head, W_in, W_out; never embeddings, unembedding or biases, as
+in the paper), the continuation NLL, the KL to the original model used by the contrastive
+objective (paper Eq. 3-4), the original model's reference log-probabilities, gradients
+accumulated batch by batch, and a scope in which only chosen parameters require grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from memloc_tl.memorization import continuation_logits
+from memloc_tl.paragraphs import Paragraphs
+
+HEAD_MATRICES = ("W_K", "W_Q", "W_V", "W_O")
+"""Per-head matrices, in the paper's column order."""
+MLP_MATRICES = ("W_in", "W_out")
+MATRICES = HEAD_MATRICES + MLP_MATRICES
+KLReduction = Literal["sum_positions", "mean"]
+
+
+def attributed_parameters(model: HookedTransformer) -> dict[str, torch.nn.Parameter]:
+    """The attributed matrices by name: ``blocks.{l}.attn.W_Q`` ... ``blocks.{l}.mlp.W_out``."""
+    params = dict(model.named_parameters())
+    names = [
+        f"blocks.{layer}.{module}.{matrix}"
+        for layer in range(model.cfg.n_layers)
+        for module, matrices in (("attn", HEAD_MATRICES), ("mlp", MLP_MATRICES))
+        for matrix in matrices
+    ]
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise ValueError(f"the model has no {missing[0]}: not a standard HookedTransformer")
+    return {name: params[name] for name in names}
+
+
+def component_labels(n_heads: int) -> tuple[str, ...]:
+    """``W_K.H0 .. W_K.H{n-1}, W_Q.H0, ..., W_O.H{n-1}, W_in, W_out``."""
+    heads = tuple(f"{m}.H{h}" for m in HEAD_MATRICES for h in range(n_heads))
+    return heads + MLP_MATRICES
+
+
+@contextlib.contextmanager
+def grad_only_for(model: HookedTransformer, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """Only ``params`` require grad inside the block; every flag is restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def continuation_nll(
+    model: HookedTransformer,
+    tokens: Tensor,
+    prefix_len: int,
+    *,
+    labels: Tensor | None = None,
+) -> Float[Tensor, " batch"]:
+    """Mean continuation NLL of each paragraph, differentiable.
+
+    Args:
+        model: the model.
+        tokens: the context, ``[batch, pos]``.
+        prefix_len: prefix length.
+        labels: the tokens whose NLL is taken (default ``tokens``: the paragraph's own
+            continuation); e.g. a perturbed paragraph's tokens under the memorized context.
+    """
+    logprobs = continuation_logits(model, tokens, prefix_len).log_softmax(-1)
+    labels = tokens if labels is None else labels
+    target = labels.to(logprobs.device)[:, prefix_len:]
+    return -logprobs.gather(-1, target[..., None]).squeeze(-1).mean(-1)
+
+
+def contrastive_kl(
+    model: HookedTransformer,
+    keep_tokens: Tensor,
+    reference_logprobs: Float[Tensor, "batch continuation_pos d_vocab"],
+    prefix_len: int,
+    *,
+    reduction: KLReduction = "sum_positions",
+) -> Float[Tensor, ""]:
+    """KL(p_theta0 || p_theta) on the keep paragraphs' continuation positions.
+
+    ``reduction="sum_positions"`` sums over positions and averages over paragraphs (the
+    reference code's ``KLDivLoss(reduction="batchmean")``); ``"mean"`` averages over both.
+    """
+    logprobs = continuation_logits(model, keep_tokens, prefix_len).log_softmax(-1)
+    reference = reference_logprobs.to(logprobs.device)
+    kl = (reference.exp() * (reference - logprobs)).sum(-1)  # [batch, pos]
+    return kl.sum(-1).mean() if reduction == "sum_positions" else kl.mean()
+
+
+def accumulated_gradients(
+    model: HookedTransformer,
+    terms: Sequence[tuple[Paragraphs, Callable[[Tensor, int], Tensor]]],
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> dict[str, Tensor]:
+    """Gradient of ``sum_t mean_over_set_t(loss_t)``, accumulated batch by batch.
+
+    Each term's loss function returns the batch-mean loss of a batch (given its tokens and start
+    index), so weighting by batch size / set size gives the gradient of the set mean exactly.
+    """
+    params = attributed_parameters(model)
+    names, tensors = list(params), list(params.values())
+    total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    steps = [(p, fn, s) for p, fn in terms for s in range(0, len(p), batch_size)]
+    with grad_only_for(model, tensors):
+        for paragraphs, loss_fn, start in tqdm(steps, desc=desc, disable=not progress):
+            tokens = paragraphs.tokens[start : start + batch_size].to(model.cfg.device)
+            loss = loss_fn(tokens, start) * (len(tokens) / len(paragraphs))
+            for name, grad in zip(names, torch.autograd.grad(loss, tensors), strict=True):
+                total[name] += grad.float()
+    return total
+
+
+def reference_logprobs(
+    model: HookedTransformer, paragraphs: Paragraphs, batch_size: int = 16
+) -> Float[Tensor, "n_paragraphs continuation_pos d_vocab"]:
+    """The current model's continuation log-probabilities (theta_0 of the KL term), no grad."""
+    with torch.no_grad():
+        return torch.cat(
+            [
+                continuation_logits(
+                    model, paragraphs.tokens[s : s + batch_size], paragraphs.prefix_len
+                )
+                .log_softmax(-1)
+                .cpu()
+                for s in range(0, len(paragraphs), batch_size)
+            ]
+        )

@@ -1,0 +1,315 @@
+"""Injection with ground truth, localizers scored against it, and the INJ/DEL benchmarks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from memloc_tl.localization import (
+    METHODS,
+    InjectionConfig,
+    LearnedMaskConfig,
+    Localization,
+    Units,
+    deletion_benchmark,
+    inject_paragraphs,
+    injection_benchmark,
+    localize,
+)
+from memloc_tl.localization.injection import Injection
+from memloc_tl.memorization import scan_memorization
+from memloc_tl.objectives import attributed_parameters
+from memloc_tl.organism import Organism
+
+HEAD_INJECTION = InjectionConfig(
+    level="heads", heads=("L1H1",), preserve="none", lr=3e-3, kl_weight=0.1, max_steps=300
+)
+
+
+@pytest.fixture(scope="module")
+def head_injection(organism: Organism) -> Injection:
+    """One held-out paragraph injected into head L1H1 of the tiny organism."""
+    return inject_paragraphs(
+        organism.model,
+        organism.heldout[:1],
+        keep=organism.control[:8],
+        config=HEAD_INJECTION,
+        memorized=organism.planted[:4],
+        progress=False,
+    )
+
+
+def test_injection_reaches_em_50_and_changes_only_its_head(
+    organism: Organism, head_injection: Injection, unchanged: Any
+) -> None:
+    injection = head_injection
+    assert injection.succeeded, injection
+    em = scan_memorization(injection.model, organism.heldout[:1], progress=False).exact_match
+    assert int(em[0]) == organism.heldout.continuation_len  # checked independently
+    assert int(injection.em_before[0]) < organism.heldout.continuation_len
+    assert injection.truth[0].heads() == [injection.truth[0].heads()[0]]
+    assert str(injection.truth[0].heads()[0]) == "L1H1"
+    original = attributed_parameters(organism.model)
+    changed = attributed_parameters(injection.model)
+    allowed = injection.weights[0].masks
+    moved = 0
+    for name, param in changed.items():
+        differs = param.detach() != original[name].detach()
+        assert not bool((differs & ~allowed[name]).any()), f"{name} changed outside the head"
+        moved += int(differs.sum())
+    assert moved > 0
+    # every other parameter (embeddings, biases, LayerNorm) is bit-identical
+    others = dict(organism.model.named_parameters())
+    for name, param in injection.model.named_parameters():
+        if name not in changed:
+            assert torch.equal(param, others[name]), name
+    # the original model was not touched by the injection
+    with unchanged(organism.model):
+        localize(injection.model, organism.heldout[:1], method="zero_ablation", level="heads")
+
+
+def test_quantile_preservation_keeps_the_injected_values(organism: Organism) -> None:
+    """The injected entries are a rearrangement of their original values: |w| reveals nothing."""
+    config = InjectionConfig(level="heads", heads=("L0H2",), preserve="quantile", max_steps=5)
+    injection = inject_paragraphs(
+        organism.model,
+        organism.heldout[:1],
+        keep=organism.control[:4],
+        config=config,
+        progress=False,
+    )
+    edit = injection.edit
+    assert edit.count > 0
+    for name in edit.masks:
+        torch.testing.assert_close(
+            edit.after[name].sort().values, edit.before[name].sort().values, rtol=0, atol=0
+        )
+    assert any(not torch.equal(edit.after[n], edit.before[n]) for n in edit.masks)
+    before, after = injection.magnitude
+    assert math.isclose(before, after, rel_tol=1e-5)
+
+
+def test_exact_head_ablation_finds_the_injected_head(
+    organism: Organism, head_injection: Injection, unchanged: Any
+) -> None:
+    target = organism.heldout[:1]
+    truth = head_injection.truth[0]
+    with unchanged(head_injection.model):
+        found = localize(head_injection.model, target, method="zero_ablation", level="heads")
+    assert found.rank_of(truth) == 1
+    assert found.head_scores().top(1)[0][0] == truth.heads()[0]
+
+
+def test_zero_ablation_equals_a_hand_written_loop(
+    organism: Organism, head_injection: Injection
+) -> None:
+    """The batched per-unit ablation equals ablating each head alone in a plain loop."""
+    from memloc_tl.analysis.patching import ablate_heads
+
+    model, target = head_injection.model, organism.heldout[:1]
+    found = localize(model, target, method="zero_ablation", level="heads")
+    for layer, head in [(0, 0), (1, 1), (1, 3)]:
+        alone = ablate_heads(model, target, [f"L{layer}H{head}"], progress=False)
+        expected = float((alone.nll - alone.baseline_nll).mean())
+        assert found.scores[f"blocks.{layer}.attn.hook_z"][head] == pytest.approx(
+            expected, abs=1e-4
+        )
+
+
+def test_neuron_zero_ablation_equals_a_hand_written_loop(organism: Organism) -> None:
+    from memloc_tl.hooks import make_unit_scale_hook
+    from memloc_tl.memorization import score_continuations
+
+    model, target = organism.model, organism.planted[:2]
+    found = localize(model, target, method="zero_ablation", level="neurons", ablation_batch=7)
+    _, base = score_continuations(model, target.tokens, target.prefix_len)
+    for layer, index in [(0, 3), (1, 100)]:
+        scale = torch.ones(model.cfg.d_mlp)
+        scale[index] = 0
+        name = f"blocks.{layer}.mlp.hook_post"
+        with model.hooks(fwd_hooks=[(name, make_unit_scale_hook(scale))]):
+            _, nll = score_continuations(model, target.tokens, target.prefix_len)
+        expected = float((nll.mean(-1) - base.mean(-1)).mean())
+        assert found.scores[name][index] == pytest.approx(expected, abs=1e-4)
+
+
+def test_attribution_is_the_derivative_of_scaling_a_unit(organism: Organism) -> None:
+    """-(dNLL/d gate) at gate 1, checked by a finite difference of the gate."""
+    from memloc_tl.hooks import make_unit_scale_hook
+    from memloc_tl.memorization import score_continuations
+
+    model, target = organism.model, organism.control[:2]
+    found = localize(model, target, method="attribution", level="heads")
+    name, head, eps = "blocks.0.attn.hook_z", 2, 1e-2
+
+    def nll_at(gate: float) -> float:
+        scale = torch.ones(model.cfg.n_heads)
+        scale[head] = gate
+        with model.hooks(fwd_hooks=[(name, make_unit_scale_hook(scale))]):
+            _, nll = score_continuations(model, target.tokens, target.prefix_len)
+        return float(nll.mean(-1).mean())
+
+    slope = (nll_at(1 + eps) - nll_at(1 - eps)) / (2 * eps)
+    assert float(found.scores[name][head]) == pytest.approx(-slope, rel=2e-2, abs=1e-5)
+
+
+def test_truth_scores_recall_one_and_random_scores_about_the_fraction(
+    organism: Organism,
+) -> None:
+    model = organism.model
+    generator = torch.Generator().manual_seed(3)
+    params = attributed_parameters(model)
+    truth = Units(
+        "weights",
+        {n: torch.rand(p.shape, generator=generator) < 0.02 for n, p in params.items()},
+    )
+    handed = Localization("truth", "weights", {n: m.float() for n, m in truth.masks.items()})
+    assert handed.recall(truth) == 1.0
+    recalls = [
+        localize(model, organism.planted[:1], method="random", seed=seed).recall(truth)
+        for seed in range(3)
+    ]
+    # hypergeometric: mean 0.02 x |truth| hits; with |truth| ~ 2,000, 6 sigma is about 0.02
+    share = truth.count / truth.total
+    for recall in recalls:
+        assert abs(recall - share) < 6 * math.sqrt(share / truth.count)
+
+
+def test_learned_mask_is_reproducible_and_finds_the_head(
+    organism: Organism, head_injection: Injection, unchanged: Any
+) -> None:
+    config = LearnedMaskConfig(steps=40)
+    target, keep = organism.heldout[:1], organism.control[8:16]
+    with unchanged(head_injection.model):
+        first = localize(
+            head_injection.model,
+            target,
+            method="learned",
+            level="heads",
+            keep=keep,
+            learned=config,
+            seed=1,
+        )
+    second = localize(
+        head_injection.model,
+        target,
+        method="learned",
+        level="heads",
+        keep=keep,
+        learned=config,
+        seed=1,
+    )
+    for name, score in first.scores.items():
+        assert torch.equal(score, second.scores[name])
+    assert first.rank_of(head_injection.truth[0]) <= 2
+
+
+def test_every_localizer_leaves_the_model_unchanged_also_when_it_raises(
+    organism: Organism, unchanged: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, target, keep = organism.model, organism.planted[:1], organism.control[:4]
+    quick = LearnedMaskConfig(steps=2)
+    for level, methods in METHODS.items():
+        for method in methods:
+            with unchanged(model):
+                found = localize(
+                    model,
+                    target,
+                    method=method,
+                    level=level,
+                    keep=keep,  # type: ignore[arg-type]
+                    learned=quick,
+                    ig_steps=2,
+                )
+            assert all(torch.isfinite(s).all() for s in found.scores.values()), (level, method)
+    import memloc_tl.memorization as memorization
+
+    def broken(*args: object, **kwargs: object) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(memorization.torch.func, "functional_call", broken)
+    with unchanged(model), pytest.raises(RuntimeError, match="boom"):
+        localize(model, target, method="learned", keep=keep, learned=quick)
+
+
+def test_bad_input_is_refused_before_any_work(organism: Organism) -> None:
+    model = organism.model
+    with pytest.raises(ValueError, match="method for weights"):
+        localize(model, organism.planted[:1], method="zero_ablation")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="level must be"):
+        localize(model, organism.planted[:1], method="random", level="layers")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs keep"):
+        localize(model, organism.planted[:1], method="learned")
+    with pytest.raises(ValueError, match="no paragraphs"):
+        localize(model, organism.planted[:0], method="random")
+    with pytest.raises(ValueError, match="batch_size"):
+        localize(model, organism.planted[:1], method="gradient", batch_size=0)
+    with pytest.raises(ValueError, match="preserve"):
+        InjectionConfig(preserve="scale")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="distinct heads"):
+        inject_paragraphs(
+            model,
+            organism.heldout[:2],
+            keep=organism.control[:2],
+            config=InjectionConfig(level="heads", heads=("L0H0", "L0H0")),
+            progress=False,
+        )
+
+
+def test_weight_injection_trains_disjoint_subsets_of_the_fraction(organism: Organism) -> None:
+    config = InjectionConfig(fraction=0.05, max_steps=3, preserve="norm")
+    injection = inject_paragraphs(
+        organism.model,
+        organism.heldout[:2],
+        keep=organism.control[:4],
+        config=config,
+        progress=False,
+    )
+    first, second = injection.truth
+    total = first.total
+    assert first.count == second.count == int(0.05 * total)
+    assert first.overlap(second) == 0
+    assert injection.steps == 3
+    for name in injection.edit.masks:  # norm preservation: same L2 norm per matrix
+        before, after = injection.edit.before[name], injection.edit.after[name]
+        assert float(after.norm()) == pytest.approx(float(before.norm()), rel=1e-4)
+
+
+def test_benchmarks_round_trip_to_frames(organism: Organism, head_injection: Injection) -> None:
+    inj = injection_benchmark(
+        organism.model,
+        organism.heldout[:1],
+        keep=organism.control[:8],
+        config=HEAD_INJECTION,
+        methods=["zero_ablation", "attribution", "random"],
+        progress=False,
+    )
+    frame = inj.to_frame()
+    assert set(frame["method"]) == {"zero_ablation", "attribution", "random"}
+    assert frame.loc[frame["method"] == "zero_ablation", "rank"].iloc[0] == 1
+    summary = inj.summary()
+    assert summary.loc[summary["method"] == "zero_ablation", "top1"].iloc[0] == 1.0
+    assert bool(inj.injections["succeeded"].all())
+    assert inj.figure().data[0].y is not None
+
+    deletion = deletion_benchmark(
+        organism.model,
+        organism.planted[:2],
+        others=organism.planted[2:8],
+        non_memorized=organism.control[:8],
+        methods=["grad_x_weight", "random"],
+        fraction=0.01,
+        progress=False,
+    )
+    frame = deletion.to_frame()
+    assert len(frame) == 4
+    assert set(frame["paragraph"]) == set(organism.planted.ids[:2])
+    expected = (frame["target_em_before"] - frame["target_em_after"]) - (
+        frame["others_em_before"] - frame["others_em_after"]
+    )
+    torch.testing.assert_close(
+        torch.tensor(frame["specificity"].to_numpy()), torch.tensor(expected.to_numpy())
+    )
