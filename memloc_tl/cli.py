@@ -1,4 +1,4 @@
-"""The ``memloc`` command: ``memloc demo`` (offline), ``memloc scan`` and ``memloc report``."""
+"""The ``memloc`` command: ``demo`` (offline), ``scan``, ``report`` and ``localize-benchmark``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from memloc_tl.files import atomic_write
 from memloc_tl.memorization import scan_memorization, summarize
 from memloc_tl.models import DEFAULT_MODEL, load_model
 from memloc_tl.organism import Organism, OrganismConfig, build_organism
@@ -149,6 +150,47 @@ def run_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_localize_benchmark(args: argparse.Namespace) -> int:
+    from memloc_tl.localization import METHODS, InjectionConfig, LearnedMaskConfig
+    from memloc_tl.localization.benchmark import BASELINES, organism_benchmark
+
+    out: Path | None = args.out
+    if out is not None and out.suffix.lower() != ".csv":
+        print(f"--out must end in .csv, got {out.name}", file=sys.stderr)
+        return 2
+    methods = None if args.methods is None else args.methods.split(",")
+    known = set(METHODS[args.level]) | set(BASELINES)
+    if methods is not None and not set(methods) <= known:
+        unknown = sorted(set(methods) - known)
+        print(
+            f"unknown methods for {args.level}: {unknown}; choose from {sorted(known)}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.seeds < 1 or args.paragraphs < 1 or args.learned_steps < 1:
+        print("--seeds, --paragraphs and --learned-steps must be >= 1", file=sys.stderr)
+        return 2
+    organism = _organism(args)
+    result = organism_benchmark(
+        organism,
+        benchmark=args.benchmark,
+        level=args.level,
+        methods=methods,
+        seeds=range(args.seeds),
+        n_paragraphs=args.paragraphs,
+        config=InjectionConfig(fraction=args.fraction, max_steps=args.max_steps),
+        fraction=args.delete_fraction,
+        learned=LearnedMaskConfig(steps=args.learned_steps),
+    )
+    if args.benchmark == "inj":
+        print(result.injections.to_string(index=False))  # type: ignore[union-attr]
+    print(result.summary().to_string(index=False, float_format="{:.3f}".format))
+    if out is not None:
+        atomic_write(out, lambda tmp: result.to_frame().to_csv(tmp, index=False))
+        print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memloc",
@@ -211,6 +253,31 @@ def build_parser() -> argparse.ArgumentParser:
     organism_options(report)
     report_options(report)
     report.set_defaults(run=run_report)
+
+    bench = commands.add_parser(
+        "localize-benchmark",
+        help="is a localization real? INJ (planted ground truth) or DEL on the organism",
+    )
+    bench.add_argument("--benchmark", choices=["inj", "del"], default="inj")
+    bench.add_argument("--level", choices=["weights", "neurons", "heads"], default="heads")
+    bench.add_argument(
+        "--methods", default=None, help="comma-separated localizers (default: all of the level)"
+    )
+    bench.add_argument("--seeds", type=int, default=1, help="INJ: injections (one per seed)")
+    bench.add_argument(
+        "--paragraphs", type=int, default=2, help="INJ: paragraphs per injection; DEL: targets"
+    )
+    bench.add_argument(
+        "--fraction", type=float, default=0.01, help="INJ weights: share injected per paragraph"
+    )
+    bench.add_argument("--max-steps", type=int, default=400, help="INJ: step budget")
+    bench.add_argument(
+        "--delete-fraction", type=float, default=0.001, help="DEL: share of units zeroed"
+    )
+    bench.add_argument("--learned-steps", type=int, default=150, help="learned mask: steps")
+    bench.add_argument("--out", type=Path, default=None, help="per-run results, .csv")
+    organism_options(bench)
+    bench.set_defaults(run=run_localize_benchmark)
     return parser
 
 

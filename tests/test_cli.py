@@ -1,4 +1,4 @@
-"""The memloc command: demo and scan."""
+"""The memloc command: demo, scan and localize-benchmark."""
 
 from __future__ import annotations
 
@@ -58,3 +58,30 @@ def test_demo_prints_the_summary(
     assert line.split()[2:4] == [str(n_top), str(len(memorized))]
     assert "acceptance passed" in out
     assert "control x1" in out
+
+
+def test_localize_benchmark_writes_the_inj_table(
+    organism: Organism, organism_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "inj.csv"
+    argv = ["localize-benchmark", "--tiny", "--cache-dir", str(organism_cache), "--level"]
+    argv += ["heads", "--methods", "zero_ablation,random", "--paragraphs", "1", "--out", str(out)]
+    assert main(argv) == 0
+    frame = pd.read_csv(out)
+    assert sorted(frame["method"]) == ["random", "zero_ablation"]
+    # the exact ablation sweep ranks the injected head first (the truth is in the table)
+    assert frame.loc[frame["method"] == "zero_ablation", "rank"].iloc[0] == 1
+    assert "zero_ablation" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".*tmp"))  # written atomically, nothing left over
+
+
+def test_localize_benchmark_refuses_bad_options_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "empty-cache"  # nothing may be built for a refused command
+    base = ["localize-benchmark", "--tiny", "--cache-dir", str(cache)]
+    assert main([*base, "--out", str(tmp_path / "x.json")]) == 2
+    assert main([*base, "--level", "heads", "--methods", "gradient"]) == 2
+    assert "unknown methods for heads" in capsys.readouterr().err
+    assert main([*base, "--seeds", "0"]) == 2
+    assert not cache.exists()

@@ -188,3 +188,25 @@ def test_edited_model_saves_and_reloads_with_load_model(
         assert torch.equal(reloaded(tokens), result.model(tokens))
     with pytest.raises(FileExistsError):
         save_hooked_model(result.model, directory)
+
+
+def test_edit_reports_the_other_memorized_paragraphs(
+    organism: Organism, sets: dict[str, Any]
+) -> None:
+    """Specificity: the evaluation scores other memorized paragraphs, checked by a scan."""
+    from memloc_tl.memorization import scan_memorization
+
+    others = organism.planted[[2, 3, 4, 5]]
+    result = sparse_edit(
+        organism.model, sets["memorized"], keep=sets["keep"], others=others, **SETTINGS
+    )
+    before, after = result.metric("others", "mean_em")
+    assert before == float(
+        scan_memorization(organism.model, others, progress=False).exact_match.float().mean()
+    )
+    assert after == float(
+        scan_memorization(result.model, others, progress=False).exact_match.float().mean()
+    )
+    share_before, _ = result.metric("others", "memorized_share")
+    assert share_before == 1.0
+    assert "other memorized" in repr(result)

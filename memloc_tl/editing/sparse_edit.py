@@ -32,6 +32,7 @@ from transformer_lens import HookedTransformer
 from memloc_tl.analysis.perturbation import perturb_prefixes
 from memloc_tl.editing.masks import ParamMask
 from memloc_tl.editing.optimizer import MaskedOptimizer
+from memloc_tl.files import atomic_write
 from memloc_tl.memorization import greedy_continuations, scan_memorization
 from memloc_tl.objectives import (
     accumulated_gradients,
@@ -114,9 +115,8 @@ class WeightEdit:
             tensors[f"{name}.mask"] = mask.to(torch.uint8).contiguous()
             tensors[f"{name}.before"] = self.before[name].contiguous()
             tensors[f"{name}.after"] = self.after[name].contiguous()
-        partial = path.with_name(path.name + ".partial")
-        save_file(tensors, str(partial), metadata={"format": "memloc-tl weight edit v1"})
-        partial.replace(path)
+        metadata = {"format": "memloc-tl weight edit v1"}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> WeightEdit:
@@ -169,9 +169,14 @@ class EditResult(Drawable):
 
     def __repr__(self) -> str:
         before, after = self.metric("edited", "mean_em") if not self.evaluation.empty else (0, 0)
+        others = ""
+        sets = set(self.evaluation["set"]) if "set" in self.evaluation.columns else set()
+        if "others" in sets:
+            was, now = self.metric("others", "mean_em")
+            others = f", other memorized {was:.1f} -> {now:.1f}"
         return (
             f"EditResult({self.objective}, {self.mask!r}, "
-            f"edited mean EM {before:.1f} -> {after:.1f})"
+            f"edited mean EM {before:.1f} -> {after:.1f}{others})"
         )
 
 

@@ -5,6 +5,8 @@ from memloc_tl.localization.benchmark import (
     InjectionBenchmark,
     deletion_benchmark,
     injection_benchmark,
+    organism_benchmark,
+    organism_sets,
 )
 from memloc_tl.localization.injection import Injection, InjectionConfig, inject_paragraphs
 from memloc_tl.localization.localizers import METHODS, LearnedMaskConfig, localize
@@ -23,4 +25,6 @@ __all__ = [
     "inject_paragraphs",
     "injection_benchmark",
     "localize",
+    "organism_benchmark",
+    "organism_sets",
 ]

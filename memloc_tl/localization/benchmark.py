@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -200,8 +201,6 @@ def _default_methods(level: str) -> list[str]:
 
 
 def _with_seed(config: InjectionConfig, seed: int) -> InjectionConfig:
-    import dataclasses
-
     return dataclasses.replace(config, seed=seed)
 
 
@@ -375,3 +374,97 @@ def deletion_benchmark(
                 }
             )
     return DeletionBenchmark(pd.DataFrame(rows))
+
+
+@dataclass(frozen=True)
+class OrganismSets:
+    """The organism's sets as the benchmarks use them.
+
+    Attributes:
+        inject: held-out paragraphs (never trained on): what INJ plants.
+        memorized: the most repeated planted tier (memorized): DEL's targets and others, and
+            where INJ measures its damage.
+        keep: control paragraphs plus the second half of ``memorized``: the KL and keep terms.
+        non_memorized: control paragraphs (trained on once, not memorized).
+        general: the other half of the held-out set, for perplexity.
+    """
+
+    inject: Paragraphs
+    memorized: Paragraphs
+    keep: Paragraphs
+    non_memorized: Paragraphs
+    general: Paragraphs
+
+
+def organism_sets(organism: Any) -> OrganismSets:
+    """Split an :class:`~memloc_tl.organism.Organism`'s paragraphs for INJ and DEL."""
+    tiers = torch.tensor(organism.planted.meta["tier"])
+    memorized = organism.planted.select(tiers == 0)
+    half_heldout = len(organism.heldout) // 2
+    half_control = len(organism.control) // 2
+    return OrganismSets(
+        inject=organism.heldout[:half_heldout],
+        memorized=memorized,
+        keep=Paragraphs.concat(organism.control[:half_control], memorized[len(memorized) // 2 :]),
+        non_memorized=organism.control[:half_control],
+        general=organism.heldout[half_heldout:],
+    )
+
+
+def organism_benchmark(
+    organism: Any,
+    *,
+    benchmark: str = "inj",
+    level: str = "heads",
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,),
+    n_paragraphs: int = 2,
+    config: InjectionConfig | None = None,
+    fraction: float = 0.001,
+    learned: LearnedMaskConfig | None = None,
+    progress: bool = True,
+) -> InjectionBenchmark | DeletionBenchmark:
+    """INJ or DEL on an organism's own sets (see :func:`organism_sets`).
+
+    Args:
+        organism: a built :class:`~memloc_tl.organism.Organism`.
+        benchmark: ``"inj"`` or ``"del"``.
+        level: ``"weights"``, ``"neurons"`` or ``"heads"``.
+        methods: localizers and baselines (default: all of the level).
+        seeds: INJ: one injection per seed.
+        n_paragraphs: INJ: paragraphs injected at once; DEL: memorized targets.
+        config: INJ: the injection (its ``level`` is replaced by ``level``).
+        fraction: DEL: share of the units zeroed (heads: one head).
+        learned: settings of the learned mask.
+        progress: show progress bars.
+    """
+    if benchmark not in ("inj", "del"):
+        raise ValueError(f"benchmark must be 'inj' or 'del', got {benchmark!r}")
+    if isinstance(n_paragraphs, bool) or not isinstance(n_paragraphs, int) or n_paragraphs < 1:
+        raise ValueError(f"n_paragraphs must be an int >= 1, got {n_paragraphs!r}")
+    sets = organism_sets(organism)
+    if benchmark == "inj":
+        config = dataclasses.replace(config or InjectionConfig(), level=level)  # type: ignore[arg-type]
+        return injection_benchmark(
+            organism.model,
+            sets.inject[:n_paragraphs],
+            keep=sets.keep,
+            config=config,
+            methods=methods,
+            seeds=seeds,
+            memorized=sets.memorized[: len(sets.memorized) // 2],
+            general=sets.general,
+            learned=learned,
+            progress=progress,
+        )
+    return deletion_benchmark(
+        organism.model,
+        sets.memorized[:n_paragraphs],
+        others=sets.memorized,
+        non_memorized=sets.non_memorized,
+        level=level,
+        methods=methods,
+        fraction=fraction,
+        learned=learned,
+        progress=progress,
+    )

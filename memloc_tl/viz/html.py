@@ -18,7 +18,6 @@ import itertools
 import json
 import os
 import re
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,8 @@ import plotly.graph_objects as go
 import plotly.offline
 from circuitsvis.utils.convert_props import convert_props
 from plotly.io.base_renderers import MimetypeRenderer
+
+from memloc_tl.files import atomic_write_text
 
 _SOURCE_MAP = re.compile(r"^//# sourceMappingURL=.*$", re.MULTILINE)
 
@@ -250,17 +251,5 @@ class HtmlPage:
         path = Path(path)
         if path.suffix.lower() not in (".html", ".htm"):
             raise ValueError(f"the page must be written to a .html file, got {path.name!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.html()
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(text)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a page is not
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, self.html())
         return path
