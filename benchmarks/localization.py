@@ -15,94 +15,78 @@ import argparse
 import time
 
 import pandas as pd
-import torch
 
-from memloc_tl import OrganismConfig, Paragraphs, build_organism
-from memloc_tl.localization import (
-    InjectionConfig,
-    LearnedMaskConfig,
-    deletion_benchmark,
-    injection_benchmark,
-)
+from memloc_tl import OrganismConfig, build_organism
+from memloc_tl.localization import InjectionBenchmark, InjectionConfig, LearnedMaskConfig
+from memloc_tl.localization.benchmark import organism_benchmark
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny organism")
     parser.add_argument("--part", choices=["weights", "heads", "del", "all"], default="all")
-    parser.add_argument("--seeds", type=int, default=3, help="injections per level")
+    parser.add_argument("--seeds", type=int, default=2, help="injections per level")
     parser.add_argument("--paragraphs", type=int, default=2, help="paragraphs per injection")
     parser.add_argument("--learned-steps", type=int, default=150)
     args = parser.parse_args()
-    pd.set_option("display.width", 160)
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_columns", 30)
     organism = build_organism(OrganismConfig.tiny() if args.tiny else OrganismConfig())
-    model = organism.model
-    tiers = torch.tensor(organism.planted.meta["tier"])
-    top = organism.planted.select(tiers == 0)
-    # the KL keeps non-memorized and other memorized paragraphs (those DEL and damage use)
-    keep = Paragraphs.concat(organism.control[:16], top[8:16])
-    learned = LearnedMaskConfig(steps=args.learned_steps)
-    seeds = list(range(args.seeds))
-    general = organism.heldout[len(organism.heldout) // 2 :]
-    cfg = model.cfg
+    cfg = organism.model.cfg
     print(f"organism {organism.config.key()}: {cfg.n_layers} layers x {cfg.n_heads} heads")
+    learned = LearnedMaskConfig(steps=args.learned_steps)
+    common = {"seeds": range(args.seeds), "n_paragraphs": args.paragraphs, "learned": learned}
+    damage = ["seed", "steps", "em_after", "abs_w_before", "abs_w_after"]
+    damage += ["memorized_mean_em_before", "memorized_mean_em_after"]
 
     if args.part in ("weights", "all"):
         started = time.perf_counter()
-        result = injection_benchmark(
-            model,
-            organism.heldout[: args.paragraphs],
-            keep=keep,
-            config=InjectionConfig(level="weights", fraction=0.01, max_steps=600),
+        result = organism_benchmark(
+            organism,
+            benchmark="inj",
+            level="weights",
             methods=["random", "magnitude", "oracle", "gradient", "grad_x_weight", "learned"],
-            seeds=seeds,
-            memorized=top[:8],
-            general=general,
-            learned=learned,
+            config=InjectionConfig(fraction=0.01, max_steps=400),
             progress=False,
+            **common,
         )
+        assert isinstance(result, InjectionBenchmark)
         print(f"\nINJ, weights (1% per paragraph), {time.perf_counter() - started:.0f} s")
-        print(result.injections.to_string(index=False))
-        summary = result.summary()
-        print(summary.to_string(index=False))
+        print(result.injections[[*damage, "general_perplexity_before", "general_perplexity_after"]])
+        summary = result.summary().drop(columns=["top1", "mean_rank"])
+        print(summary.to_string(index=False, float_format="{:.4f}".format))
         by = summary.set_index("method")["recall"]
         best = by.drop(["oracle", "magnitude", "random"]).max()
-        print(f"goal: best localizer recall >= 0.50 -> {best:.3f}")
-        print(f"goal: |w| recall within 2x of random -> {by['magnitude'] / by['random']:.2f}x")
+        print(f"goal: best localizer recall at 1% >= 0.50 -> {best:.3f}")
+        print(f"goal: |w| recall within 2x of random -> {by['magnitude'] / by['random']:.1f}x")
 
     if args.part in ("heads", "all"):
         started = time.perf_counter()
-        result = injection_benchmark(
-            model,
-            organism.heldout[: args.paragraphs],
-            keep=keep,
-            config=InjectionConfig(level="heads", max_steps=600),
-            seeds=seeds,
-            memorized=top[:8],
-            learned=learned,
-            progress=False,
+        result = organism_benchmark(
+            organism, benchmark="inj", level="heads", progress=False, **common
         )
+        assert isinstance(result, InjectionBenchmark)
         print(f"\nINJ, heads (one head per paragraph), {time.perf_counter() - started:.0f} s")
-        print(result.injections.to_string(index=False))
-        summary = result.summary()
-        print(summary.to_string(index=False))
-        best = summary.drop(summary.index[summary["method"] == "random"])["top1"].max()
-        print(f"goal: injected head ranked first in >= 90% of runs -> {best:.0%}")
+        print(result.injections[damage])
+        summary = result.summary().drop(columns=["recall_at_0_1"])
+        print(summary.to_string(index=False, float_format="{:.3f}".format))
+        localizers = summary[summary["method"] != "random"]
+        print(f"goal: injected head first in >= 90% of runs -> {localizers['top1'].max():.0%}")
 
     if args.part in ("del", "all"):
         started = time.perf_counter()
-        result = deletion_benchmark(
-            model,
-            top[:4],
-            others=top,
-            non_memorized=organism.control[:16],
+        result = organism_benchmark(
+            organism,
+            benchmark="del",
+            level="weights",
             methods=["gradient", "grad_x_weight", "learned", "random"],
-            fraction=0.001,
+            n_paragraphs=args.paragraphs,
             learned=learned,
+            fraction=0.001,
             progress=False,
         )
         print(f"\nDEL, zero the top 0.1% of weights, {time.perf_counter() - started:.0f} s")
-        print(result.summary().to_string(index=False))
+        print(result.summary().to_string(index=False, float_format="{:.3f}".format))
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ class InjectionConfig:
         kl_weight: weight of the per-token KL to the original model on the keep set.
         preserve: ``"quantile"``, ``"norm"`` or ``"none"`` (see the module docs).
         check_every: steps between exact-match checks.
-        seed: seed of the subsets.
+        keep_batch: keep paragraphs in each step's KL term (a seeded sample of ``keep``).
+        seed: seed of the subsets and of the keep samples.
     """
 
     level: Level = "weights"
@@ -95,6 +96,7 @@ class InjectionConfig:
     kl_weight: float = 0.1
     preserve: Preserve = "none"
     check_every: int = 10
+    keep_batch: int = 8
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -105,7 +107,7 @@ class InjectionConfig:
             )
         if not 0.0 < self.fraction < 1.0:
             raise ValueError(f"fraction must be in (0, 1), got {self.fraction}")
-        for name in ("max_steps", "check_every", "n_neurons"):
+        for name in ("max_steps", "check_every", "n_neurons", "keep_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -329,7 +331,10 @@ def inject_paragraphs(
                     masked = grad * weights_of[i][name]
                     param.grad = masked if param.grad is None else param.grad + masked
             if config.kl_weight > 0:
-                kl = contrastive_kl(work, keep.tokens, reference, keep.prefix_len, reduction="mean")
+                rows = torch.randperm(len(keep), generator=generator)[: config.keep_batch]
+                kl = contrastive_kl(
+                    work, keep.tokens[rows], reference[rows], keep.prefix_len, reduction="mean"
+                )
                 (config.kl_weight * kl).backward()
             optimizer.step()
             _preserve(params, union, original, config.preserve)

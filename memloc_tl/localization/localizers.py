@@ -98,29 +98,54 @@ Method = Literal[
 class LearnedMaskConfig:
     """Settings of the learned deletion mask (``method="learned"``).
 
+    ``None`` takes the level's default (:data:`LEARNED_DEFAULTS`, tuned on the organism: heads
+    and neurons ``lr=0.1, init=-2, sparsity=1``; weights, where there are far more gates,
+    ``lr=0.3, init=-4, sparsity=3``).
+
     Attributes:
         steps: optimizer steps.
         lr: Adam learning rate on the gates' log-odds.
-        init: initial log-odds of dropping a unit (very negative: nothing dropped yet).
+        init: initial log-odds of dropping a unit (negative: little dropped yet).
         sparsity: weight of the expected share of dropped units (the L0 penalty).
         kl_weight: weight of the keep set's KL to the original model (per token).
         keep_batch: keep paragraphs per step (a seeded sample).
-        stochastic: sample Hard Concrete gates (True) or use their deterministic mean.
+        stochastic: sample Hard Concrete gates (True), or use the deterministic sigmoid
+            relaxation (False, the default: on a weights-level injection into the default
+            organism it recovered 8.4% of the injected weights, the Hard Concrete samples 1.4-1.9%).
     """
 
     steps: int = 150
-    lr: float = 0.1
-    init: float = -3.0
-    sparsity: float = 1.0
+    lr: float | None = None
+    init: float | None = None
+    sparsity: float | None = None
     kl_weight: float = 1.0
     keep_batch: int = 8
-    stochastic: bool = True
+    stochastic: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.keep_batch < 1:
             raise ValueError("steps and keep_batch must be >= 1")
-        if self.lr <= 0 or self.sparsity < 0 or self.kl_weight < 0:
-            raise ValueError("lr must be > 0; sparsity and kl_weight >= 0")
+        if (self.lr is not None and self.lr <= 0) or self.kl_weight < 0:
+            raise ValueError("lr must be > 0 and kl_weight >= 0")
+        if self.sparsity is not None and self.sparsity < 0:
+            raise ValueError("sparsity must be >= 0")
+
+    def resolved(self, level: Level) -> tuple[float, float, float]:
+        """``(lr, init, sparsity)`` with the level's defaults filled in."""
+        lr, init, sparsity = LEARNED_DEFAULTS[level]
+        return (
+            lr if self.lr is None else self.lr,
+            init if self.init is None else self.init,
+            sparsity if self.sparsity is None else self.sparsity,
+        )
+
+
+LEARNED_DEFAULTS: dict[str, tuple[float, float, float]] = {
+    "weights": (0.3, -4.0, 3.0),
+    "neurons": (0.1, -2.0, 1.0),
+    "heads": (0.1, -2.0, 1.0),
+}
+"""Per level: the learned mask's (lr, init, sparsity)."""
 
 
 # Hard Concrete (Louizos et al. 2018): temperature and stretch of the distribution.
@@ -128,13 +153,16 @@ _BETA, _GAMMA, _ZETA = 2.0 / 3.0, -0.1, 1.1
 
 
 def hard_concrete(log_alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """A Hard Concrete gate in [0, 1] (sampled with ``generator``; its mean shape without)."""
+    """A gate in [0, 1]: a Hard Concrete sample (with ``generator``), else ``sigmoid``.
+
+    Without a generator the gate is the plain sigmoid of the log-odds (a deterministic
+    relaxation: never exactly 0, so every gate gets a gradient from the first step on).
+    """
     if generator is None:
-        s = torch.sigmoid(log_alpha)
-    else:
-        u = torch.rand(log_alpha.shape, generator=generator).to(log_alpha.device)
-        u = u.clamp(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / _BETA)
+        return torch.sigmoid(log_alpha)
+    u = torch.rand(log_alpha.shape, generator=generator).to(log_alpha.device)
+    u = u.clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / _BETA)
     return (s * (_ZETA - _GAMMA) + _GAMMA).clamp(0.0, 1.0)
 
 
@@ -339,12 +367,13 @@ def _learned(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[st
     keep: Paragraphs = kw["keep"]
     device = model.cfg.device
     generator = torch.Generator().manual_seed(kw["seed"])
+    lr, init, sparsity = config.resolved(level)
     log_alpha = {
-        n: torch.full(s, config.init, device=device, requires_grad=True)
+        n: torch.full(s, float(init), device=device, requires_grad=True)
         for n, s in unit_shapes(model, level).items()
     }
     n_units = sum(t.numel() for t in log_alpha.values())
-    optimizer = torch.optim.Adam(list(log_alpha.values()), lr=config.lr)
+    optimizer = torch.optim.Adam(list(log_alpha.values()), lr=lr)
     params = {n: p.detach() for n, p in attributed_parameters(model).items()}
     reference = reference_logprobs(model, keep, kw["batch_size"])
     tokens = target.tokens.to(device)
@@ -364,7 +393,7 @@ def _learned(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[st
             ref = reference[rows].to(device)
             kl = (ref.exp() * (ref - keep_logits.log_softmax(-1))).sum(-1).mean()
             l0 = sum(expected_l0(a).sum() for a in log_alpha.values()) / n_units
-            loss = forget + config.kl_weight * kl + config.sparsity * l0
+            loss = forget + config.kl_weight * kl + sparsity * l0
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
