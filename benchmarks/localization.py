@@ -16,15 +16,16 @@ import time
 
 import pandas as pd
 
-from memloc_tl import OrganismConfig, build_organism
+from memloc_tl import OrganismConfig, Paragraphs, build_organism, sparse_edit
 from memloc_tl.localization import InjectionBenchmark, InjectionConfig, LearnedMaskConfig
-from memloc_tl.localization.benchmark import organism_benchmark
+from memloc_tl.localization.benchmark import organism_benchmark, organism_sets
+from memloc_tl.workbench import ORGANISM_EDIT_LR
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny organism")
-    parser.add_argument("--part", choices=["weights", "heads", "del", "all"], default="all")
+    parser.add_argument("--part", choices=["weights", "heads", "del", "edit", "all"], default="all")
     parser.add_argument("--seeds", type=int, default=2, help="injections per level")
     parser.add_argument("--paragraphs", type=int, default=2, help="paragraphs per injection")
     parser.add_argument("--learned-steps", type=int, default=150)
@@ -87,6 +88,47 @@ def main() -> None:
         )
         print(f"\nDEL, zero the top 0.1% of weights, {time.perf_counter() - started:.0f} s")
         print(result.summary().to_string(index=False, float_format="{:.3f}".format))
+
+    if args.part in ("edit", "all"):
+        # Sparse unlearning of one memorized paragraph (0.1% gradient mask, the paper's
+        # one-paragraph protocol) with the KL on non-memorized paragraphs only (the paper) and
+        # with the other memorized paragraphs in the KL set too.
+        sets = organism_sets(organism)
+        others = sets.memorized[args.paragraphs :]
+        rows = []
+        for i in range(args.paragraphs):
+            for keep_name, keep in (
+                ("non-memorized", sets.non_memorized),
+                ("+ other memorized", Paragraphs.concat(sets.non_memorized, others)),
+            ):
+                result = sparse_edit(
+                    organism.model,
+                    sets.memorized[i : i + 1],
+                    keep=keep,
+                    others=others,
+                    general=sets.general,
+                    fraction=0.001,
+                    steps=10,
+                    lr=ORGANISM_EDIT_LR,
+                    progress=False,
+                )
+                target = result.metric("edited", "mean_em")
+                kept = result.metric("others", "mean_em")
+                ppl = result.metric("general", "perplexity")
+                rows.append(
+                    {
+                        "target": i,
+                        "keep": keep_name,
+                        "target_em": target[1],
+                        "others_em": kept[1],
+                        "others_em_before": kept[0],
+                        "perplexity_rise": ppl[1] / ppl[0] - 1,
+                    }
+                )
+        frame = pd.DataFrame(rows)
+        print("\nsparse unlearning, 0.1% gradient mask, 10 steps, one paragraph per run")
+        print(frame.groupby("keep").mean(numeric_only=True).drop(columns="target"))
+        print("goal: target EM <= 10, others mean EM >= 45, perplexity rise <= 2%")
 
 
 if __name__ == "__main__":

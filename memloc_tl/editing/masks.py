@@ -120,7 +120,7 @@ class ParamMask:
         )
         chosen = torch.zeros_like(scores, dtype=torch.bool)
         chosen[torch.topk(scores, k).indices] = True
-        return cls(_unflatten(chosen, names, grads), "gradient")
+        return cls(unflatten_like(chosen, names, grads), "gradient")
 
     @classmethod
     def random(
@@ -145,7 +145,7 @@ class ParamMask:
         picked = pool[torch.randperm(len(pool), generator=generator)[:k]]
         chosen = torch.zeros(len(candidates), dtype=torch.bool)
         chosen[picked] = True
-        return cls(_unflatten(chosen, names, tensors), "random")
+        return cls(unflatten_like(chosen, names, tensors), "random")
 
     # ------------------------------------------------------------------ views
     @property
@@ -213,7 +213,8 @@ def _count(fraction: float, candidates: int) -> int:
     return k
 
 
-def _unflatten(flat: Tensor, names: list[str], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def unflatten_like(flat: Tensor, names: list[str], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Split a flat tensor into tensors shaped like ``like[name]``, in ``names`` order."""
     masks, start = {}, 0
     for name in names:
         tensor = like[name]

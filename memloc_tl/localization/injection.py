@@ -46,7 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from memloc_tl.editing.masks import ParamMask
+from memloc_tl.editing.masks import ParamMask, unflatten_like
 from memloc_tl.editing.optimizer import MaskedOptimizer
 from memloc_tl.editing.sparse_edit import WeightEdit, measure_sets
 from memloc_tl.heads import HeadRef, all_heads
@@ -200,11 +200,7 @@ def _disjoint_weights(
     for i in range(n):
         flat = torch.zeros(len(candidates), dtype=torch.bool)
         flat[order[i * k : (i + 1) * k]] = True
-        masks, start = {}, 0
-        for name, p in params.items():
-            masks[name] = flat[start : start + p.numel()].view(p.shape)
-            start += p.numel()
-        out.append(Units("weights", masks))
+        out.append(Units("weights", unflatten_like(flat, list(params), params)))
     return out
 
 

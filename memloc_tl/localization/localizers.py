@@ -59,24 +59,18 @@ from memloc_tl.objectives import (
 )
 from memloc_tl.paragraphs import Paragraphs
 
+_UNIT_METHODS = (
+    "activation",
+    "attribution",
+    "integrated_gradients",
+    "zero_ablation",
+    "learned",
+    "random",
+)
 METHODS: dict[str, tuple[str, ...]] = {
     "weights": ("gradient", "grad_x_weight", "contrastive", "magnitude", "learned", "random"),
-    "neurons": (
-        "activation",
-        "attribution",
-        "integrated_gradients",
-        "zero_ablation",
-        "learned",
-        "random",
-    ),
-    "heads": (
-        "activation",
-        "attribution",
-        "integrated_gradients",
-        "zero_ablation",
-        "learned",
-        "random",
-    ),
+    "neurons": _UNIT_METHODS,
+    "heads": _UNIT_METHODS,
 }
 """The localizers of each level."""
 NEEDS_KEEP = ("contrastive", "activation", "learned")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from memloc_tl.editing.masks import ParamMask
+from memloc_tl.editing.masks import ParamMask, unflatten_like
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name
 from memloc_tl.objectives import HEAD_MATRICES, attributed_parameters
@@ -55,14 +55,6 @@ def unit_shapes(model: HookedTransformer, level: Level) -> dict[str, tuple[int, 
 
 def _flat(tensors: Mapping[str, Tensor]) -> Tensor:
     return torch.cat([t.detach().flatten().float().cpu() for t in tensors.values()])
-
-
-def _unflat(flat: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out, start = {}, 0
-    for name, tensor in like.items():
-        out[name] = flat[start : start + tensor.numel()].view(tensor.shape)
-        start += tensor.numel()
-    return out
 
 
 @dataclass(frozen=True)
@@ -214,7 +206,7 @@ class Localization(Drawable):
         flat = _flat(self.scores).nan_to_num(nan=-torch.inf)
         chosen = torch.zeros(len(flat), dtype=torch.bool)
         chosen[flat.argsort(descending=True, stable=True)[:count]] = True
-        masks = _unflat(chosen, self.scores)
+        masks = unflatten_like(chosen, list(self.scores), self.scores)
         return Units(self.level, masks)
 
     def at_fraction(self, fraction: float) -> Units:
