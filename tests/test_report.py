@@ -54,8 +54,14 @@ def test_the_report_holds_the_library_results(
     assert report.sweep.paragraphs.ids == report.memorized.ids
     assert set(report.edits["mask"]) == {"gradient", "random"}
     assert set(report.perturbation) == {"memorized", "non-memorized"}
+    assert report.deletion is not None
+    deletion = report.deletion.to_frame()
+    assert set(deletion["paragraph"]) == set(report.memorized.ids[:2])
+    assert set(deletion["method"]) == {"gradient", "grad_x_weight", "random"}
+    assert (deletion["target_em_before"] == 50).all()
     html = report.page().html()
-    assert html.count("Plotly.newPlot") == 6
+    assert "Deletion specificity" in html
+    assert html.count("Plotly.newPlot") == 7
     assert html.count('class="memloc-view"') == 3
     assert str(report.rare.top(1)[0][0]) in html
 
@@ -82,7 +88,7 @@ def test_demo_writes_the_report_of_its_organism(tmp_path: Path, organism: Organi
     cache = str(organism.path.parent)
     assert main(["demo", "--tiny", "--cache-dir", cache, "--report", str(out)]) == 0
     html = out.read_text(encoding="utf-8")
-    assert html.count("Plotly.newPlot") == 6
+    assert html.count("Plotly.newPlot") == 7
     assert organism.model.cfg.model_name in html
 
 
@@ -101,10 +107,11 @@ def test_the_report_opens_offline_in_chromium(report_file: Path) -> None:
     assert seen.errors == []
     assert seen.console_errors == []
     assert seen.network_requests == []
-    assert seen.facts["figures"] == 6
-    assert seen.facts["drawn"] == 6
+    assert seen.facts["figures"] == 7
+    assert seen.facts["drawn"] == 7
     assert seen.facts["views"] == [1, 1, 1]
     headings = seen.facts["headings"]
     assert isinstance(headings, list)
-    assert len(headings) == 6
-    assert headings[-1].startswith("6. Sparse unlearning")
+    assert len(headings) == 7
+    assert headings[-2].startswith("6. Sparse unlearning")
+    assert headings[-1].startswith("7. Is the localization real?")
