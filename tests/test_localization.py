@@ -247,6 +247,14 @@ def test_bad_input_is_refused_before_any_work(organism: Organism) -> None:
         localize(model, organism.planted[:0], method="random")
     with pytest.raises(ValueError, match="batch_size"):
         localize(model, organism.planted[:1], method="gradient", batch_size=0)
+    with pytest.raises(ValueError, match="no paragraph besides target"):
+        deletion_benchmark(
+            model,
+            organism.planted[:1],
+            others=organism.planted[:1],
+            non_memorized=organism.control[:2],
+            progress=False,
+        )
     with pytest.raises(ValueError, match="preserve"):
         InjectionConfig(preserve="scale")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="distinct heads"):

@@ -329,6 +329,12 @@ def deletion_benchmark(
         raise ValueError("targets, others and non_memorized must each hold paragraphs")
     for paragraphs in (targets, others, non_memorized):
         paragraphs.check_model(model)
+    lonely = [pid for pid in targets.ids if all(other == pid for other in others.ids)]
+    if lonely:
+        raise ValueError(
+            f"others holds no paragraph besides target {lonely[0]!r}: pass other memorized "
+            "paragraphs to compare with"
+        )
     if level == "heads" and n_units is None:
         n_units = 1
     rows: list[dict[str, Any]] = []
