@@ -36,7 +36,6 @@ the EM of already memorized paragraphs and the perplexity of general text, befor
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -51,7 +50,7 @@ from memloc_tl.editing.optimizer import MaskedOptimizer
 from memloc_tl.editing.sparse_edit import WeightEdit, measure_sets
 from memloc_tl.heads import HeadRef, all_heads
 from memloc_tl.localization.units import Level, Units, check_level, unit_shapes
-from memloc_tl.memorization import exact_match_length, score_continuations
+from memloc_tl.memorization import scan_memorization
 from memloc_tl.objectives import (
     attributed_parameters,
     continuation_nll,
@@ -259,9 +258,7 @@ def _preserve(
 
 
 def _exact_matches(model: HookedTransformer, paragraphs: Paragraphs) -> Tensor:
-    with torch.no_grad():
-        match, _ = score_continuations(model, paragraphs.tokens, paragraphs.prefix_len)
-    return exact_match_length(match).cpu()
+    return scan_memorization(model, paragraphs, progress=False).exact_match.cpu()
 
 
 def inject_paragraphs(
@@ -362,8 +359,3 @@ def inject_paragraphs(
             float(torch.cat(now).abs().mean()),
         ),
     )
-
-
-def planted_heads(injection: Injection) -> Sequence[HeadRef]:
-    """Heads level: the head each paragraph was injected into, in paragraph order."""
-    return [units.heads()[0] for units in injection.truth]
