@@ -17,10 +17,11 @@ import time
 
 import pandas as pd
 import torch
+from common import add_subject_args, describe, load_subject, synchronize
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from memloc_tl import OrganismConfig, Paragraphs, build_organism, scan_memorization
+from memloc_tl import Paragraphs, scan_memorization
 from memloc_tl.analysis.gradients import attributed_parameters
 from memloc_tl.editing import MaskedOptimizer, ParamMask, compare_edits
 
@@ -30,13 +31,14 @@ def step_time(optimizer: torch.optim.Optimizer | MaskedOptimizer, repeats: int) 
     for _ in range(repeats):
         started = time.perf_counter()
         optimizer.step()
+        synchronize()
         times.append(time.perf_counter() - started)
     return min(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="use the tiny organism")
+    add_subject_args(parser)
     parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--fraction", type=float, default=0.001)
     parser.add_argument(
@@ -47,8 +49,8 @@ def main() -> None:
         help="also run the paper's protocol: N runs, one memorized paragraph each",
     )
     args = parser.parse_args()
-    organism = build_organism(OrganismConfig.tiny() if args.tiny else OrganismConfig())
-    model = organism.model
+    subject = load_subject(args)
+    model = subject.model
 
     params = attributed_parameters(model)
     mask = ParamMask.random(model, fraction=args.fraction, seed=0)
@@ -58,7 +60,8 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         for name, p in copies.items():
             # the same gradients for both: zero outside the mask, as the reference code left them
-            p.grad = torch.randn(p.shape, generator=generator) * 1e-3 * mask.masks[name]
+            noise = torch.randn(p.shape, generator=generator).to(p.device)
+            p.grad = noise * 1e-3 * mask.masks[name].to(p.device)
         adam = torch.optim.Adam(list(copies.values()), lr=1e-5)
         if masked is None:
             return adam
@@ -73,6 +76,7 @@ def main() -> None:
         step_time(optimizer, 3)
     t_dense, t_compact, t_restore = (step_time(o, 30) for o in (dense, compact, restore))
     n_weights = sum(p.numel() for p in params.values())
+    print(describe(subject))
     print(f"{n_weights} attributed weights, mask {mask.count}; same gradients (zero outside)")
     print(f"dense Adam step                     {t_dense * 1e3:8.3f} ms")
     print(f"masked Adam step, compact (default) {t_compact * 1e3:8.3f} ms")
@@ -80,8 +84,10 @@ def main() -> None:
     print(f"compact / dense = {t_compact / t_dense:6.2f}x   (goal <= 1.2)")
     print(f"restore / dense = {t_restore / t_dense:6.2f}x   (any optimizer, e.g. L-BFGS)")
 
-    everything = Paragraphs.concat(organism.planted, organism.control, organism.heldout)
-    scan = scan_memorization(model, everything, progress=False)
+    organism = subject.organism
+    if organism is None:
+        return  # random weights: nothing memorized to unlearn
+    scan = scan_memorization(model, subject.everything, progress=False)
     memorized, non_memorized = scan.memorized()[:8], scan.non_memorized()
     table, _ = compare_edits(
         model,

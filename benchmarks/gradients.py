@@ -17,20 +17,22 @@ import argparse
 import time
 from collections.abc import Callable
 
-from memloc_tl import OrganismConfig, Paragraphs, build_organism, scan_memorization
+from common import add_subject_args, describe, load_subject, synchronize
+
+from memloc_tl import scan_memorization
 from memloc_tl.analysis import compare_gradient_norms, gradient_norms
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="use the tiny organism")
+    add_subject_args(parser)
     parser.add_argument("--paragraphs", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    organism = build_organism(OrganismConfig.tiny() if args.tiny else OrganismConfig())
-    model = organism.model
-    paragraphs = organism.planted[: args.paragraphs]
+    subject = load_subject(args)
+    model = subject.model
+    paragraphs = subject.planted[: args.paragraphs]
     bs = args.batch_size
 
     def ours() -> None:
@@ -48,13 +50,15 @@ def main() -> None:
     bare()
     t_ours = min(_timed(ours) for _ in range(args.repeats))
     t_bare = min(_timed(bare) for _ in range(args.repeats))
-    print(f"device {model.cfg.device}, {len(paragraphs)} paragraphs, batch {bs}")
+    print(describe(subject))
+    print(f"{len(paragraphs)} paragraphs, batch {bs}")
     print(f"gradient_norms          {t_ours:8.3f} s")
     print(f"bare forward+backward   {t_bare:8.3f} s")
     print(f"ours / bare = {t_ours / t_bare:6.2f}x   (goal <= 1.3)")
 
-    everything = Paragraphs.concat(organism.planted, organism.control, organism.heldout)
-    scan = scan_memorization(model, everything, progress=False)
+    if subject.organism is None:
+        return  # random weights: no memorized paragraphs to compare
+    scan = scan_memorization(model, subject.everything, progress=False)
     comparison = compare_gradient_norms(
         model, scan.memorized(), scan.non_memorized(), progress=False
     )
@@ -67,6 +71,7 @@ def main() -> None:
 def _timed(fn: Callable[[], None]) -> float:
     started = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - started
 
 

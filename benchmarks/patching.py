@@ -19,22 +19,22 @@ import argparse
 import time
 
 import torch
+from common import add_subject_args, describe, load_subject, synchronize
 from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
 
-from memloc_tl import OrganismConfig, build_organism
 from memloc_tl.analysis import attribution_patching, patching_sweep
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="use the tiny organism")
+    add_subject_args(parser)
     parser.add_argument("--paragraphs", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
-    organism = build_organism(OrganismConfig.tiny() if args.tiny else OrganismConfig())
-    model = organism.model
-    n = min(args.paragraphs, len(organism.planted), len(organism.control))
-    target, source = organism.planted[list(range(n))], organism.control[list(range(n))]
+    subject = load_subject(args)
+    model = subject.model
+    n = min(args.paragraphs, len(subject.planted), len(subject.control))
+    target, source = subject.planted[list(range(n))], subject.control[list(range(n))]
     tokens = target.tokens.to(model.cfg.device)
 
     def mean_nll(logits: torch.Tensor) -> torch.Tensor:
@@ -50,12 +50,12 @@ def main() -> None:
         _, source_cache = model.run_with_cache(source.tokens.to(model.cfg.device))
         theirs = get_act_patch_attn_head_out_all_pos(model, tokens, source_cache, mean_nll)
         baseline = mean_nll(model(tokens))
+    synchronize()
     t_theirs = time.perf_counter() - started
 
     ours = sweep.delta_nll.mean(-1) + baseline.cpu()
-    print(
-        f"device {model.cfg.device}, {n} paragraphs, {model.cfg.n_layers}x{model.cfg.n_heads} heads"
-    )
+    print(describe(subject))
+    print(f"{n} paragraphs, batch {args.batch_size} target paragraphs x all heads")
     print(f"patching_sweep                           {t_ours:8.3f} s")
     print(f"get_act_patch_attn_head_out_all_pos      {t_theirs:8.3f} s")
     print(f"theirs / ours = {t_theirs / t_ours:6.2f}x   (goal >= 3)")

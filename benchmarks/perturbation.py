@@ -3,7 +3,8 @@
 Run by hand: ``python benchmarks/perturbation.py [--tiny] [--paragraphs 8]``. On the organism's
 memorized paragraphs it times, in one run,
 
-- ``perturb_prefixes`` (every single-token variant scored by one teacher-forced pass, batched);
+- ``perturb_prefixes`` (every single-token variant scored by one teacher-forced pass, batched),
+  with the shared-prefix KV cache (default) and without it;
 - the reference approach: KV-cached greedy generation of 50 tokens for every variant, then EM;
 
 checks that both give the same EM, prints the ratio (goal: at least 4x), and prints the mean
@@ -17,49 +18,66 @@ import argparse
 import time
 
 import torch
+from common import add_subject_args, describe, load_subject
 
-from memloc_tl import OrganismConfig, build_organism, greedy_continuations, scan_memorization
+from memloc_tl import greedy_continuations, scan_memorization
 from memloc_tl.analysis import perturb_prefixes
-from memloc_tl.paragraphs import Paragraphs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="use the tiny organism")
+    add_subject_args(parser)
     parser.add_argument("--paragraphs", type=int, default=8, help="memorized paragraphs timed")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--generate-batch-size", type=int, default=64)
     args = parser.parse_args()
-    organism = build_organism(OrganismConfig.tiny() if args.tiny else OrganismConfig())
-    model = organism.model
-    everything = Paragraphs.concat(organism.planted, organism.control, organism.heldout)
-    scan = scan_memorization(model, everything, progress=False)
+    subject = load_subject(args)
+    model = subject.model
+    scan = scan_memorization(model, subject.everything, progress=False)
     memorized, non_memorized = scan.memorized(), scan.non_memorized()
-    timed = memorized[: args.paragraphs]
+    timed = (memorized if subject.organism is not None else subject.planted)[: args.paragraphs]
 
-    started = time.perf_counter()
-    fast = perturb_prefixes(
-        model, timed, build_perturbed=False, batch_size=args.batch_size, progress=False
-    )
-    t_fast = time.perf_counter() - started
+    def perturb(shared_prefix: bool) -> tuple[float, torch.Tensor]:
+        started = time.perf_counter()
+        result = perturb_prefixes(
+            model,
+            timed,
+            build_perturbed=False,
+            batch_size=args.batch_size,
+            shared_prefix=shared_prefix,
+            progress=False,
+        )
+        return time.perf_counter() - started, result.replacements
+
+    perturb(True)  # warm up
+    t_shared, replacements = perturb(True)
+    t_plain, _ = perturb(False)
+    fast = perturb_prefixes(model, timed, build_perturbed=False, progress=False)
 
     n, p, _ = fast.em.shape
     variants = timed.tokens.repeat_interleave(p - 1, dim=0).clone()
     rows = torch.arange(n).repeat_interleave(p - 1)
     positions = torch.arange(1, p).repeat(n)
-    variants[torch.arange(len(variants)), positions] = fast.replacements[rows, positions, 0]
+    variants[torch.arange(len(variants)), positions] = replacements[rows, positions, 0]
     started = time.perf_counter()
-    generated = greedy_continuations(model, variants[:, :p], 50, batch_size=64)
+    generated = greedy_continuations(
+        model, variants[:, :p], 50, batch_size=args.generate_batch_size
+    )
     em_generated = (generated == variants[:, p:]).long().cumprod(-1).sum(-1)
     t_generate = time.perf_counter() - started
 
     agree = int((em_generated == fast.em[rows, positions, 0]).sum())
-    print(
-        f"device {model.cfg.device}, {n} paragraphs x {p - 1} positions = {len(variants)} variants"
-    )
-    print(f"perturb_prefixes (teacher-forced) {t_fast:8.3f} s")
-    print(f"one generation per variant        {t_generate:8.3f} s")
-    print(f"generation / fast = {t_generate / t_fast:6.2f}x   (goal >= 4)")
+    print(describe(subject))
+    print(f"{n} paragraphs x {p - 1} positions = {len(variants)} variants, batch {args.batch_size}")
+    print(f"perturb_prefixes, shared-prefix cache {t_shared:8.3f} s")
+    print(f"perturb_prefixes, every position      {t_plain:8.3f} s")
+    print(f"one generation per variant            {t_generate:8.3f} s")
+    print(f"generation / shared = {t_generate / t_shared:6.2f}x   (goal >= 4)")
+    print(f"generation / plain  = {t_generate / t_plain:6.2f}x")
+    print(f"plain / shared      = {t_plain / t_shared:6.2f}x")
     print(f"EM agrees on {agree}/{len(variants)} variants")
+    if subject.organism is None:
+        return  # random weights: no memorized paragraphs to compare
 
     for name, paragraphs in (("memorized", memorized), ("non-memorized", non_memorized)):
         result = perturb_prefixes(

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from common import add_subject_args, describe, load_subject, synchronize
 
-from memloc_tl import OrganismConfig, build_organism, greedy_continuations, scan_memorization
-from memloc_tl.paragraphs import Paragraphs
+from memloc_tl import greedy_continuations, scan_memorization
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -27,19 +27,19 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - started)
     return min(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="use the tiny organism")
+    add_subject_args(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    organism = build_organism(OrganismConfig.tiny() if args.tiny else OrganismConfig())
-    model = organism.model
-    paragraphs = Paragraphs.concat(organism.planted, organism.control, organism.heldout)
+    subject = load_subject(args)
+    model, paragraphs = subject.model, subject.everything
     tokens = paragraphs.tokens.to(model.cfg.device)
     bs = args.batch_size
 
@@ -59,10 +59,8 @@ def main() -> None:
     t_scan = best_of(scan, args.repeats)
     t_forward = best_of(forward, args.repeats)
     t_generate = best_of(generate, max(1, args.repeats // 2))
-    print(
-        f"device {model.cfg.device}, {len(paragraphs)} paragraphs, batch {bs}, "
-        f"torch threads {torch.get_num_threads()}"
-    )
+    print(describe(subject))
+    print(f"{len(paragraphs)} paragraphs, batch {bs}")
     print(f"scan              {t_scan:8.3f} s")
     print(f"bare forward      {t_forward:8.3f} s")
     print(f"greedy generation {t_generate:8.3f} s")

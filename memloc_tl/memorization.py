@@ -22,7 +22,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable
@@ -53,6 +54,7 @@ def continuation_logits(
     *,
     start_at_layer: int | None = None,
     weights: Mapping[str, Tensor] | None = None,
+    past_kv_cache: TransformerLensKeyValueCache | None = None,
 ) -> Float[Tensor, "batch continuation_pos d_vocab"]:
     """Logits (float32) at the positions that predict the continuation, teacher-forced.
 
@@ -68,16 +70,78 @@ def continuation_logits(
         weights: parameters to use instead of the model's own for this call, by name (e.g.
             ``{"blocks.0.attn.W_V": gated}``; ``torch.func.functional_call``); the model is not
             changed.
+        past_kv_cache: a frozen cache holding the keys and values of the first ``m`` positions
+            of ``tokens`` (``m < prefix_len``, see :class:`PrefixKV`); only positions ``m``
+            onwards are computed. Token ids only.
     """
-    kwargs = {"start_at_layer": start_at_layer, "stop_at_layer": model.cfg.n_layers}
+    kwargs: dict[str, Any] = {"start_at_layer": start_at_layer, "stop_at_layer": model.cfg.n_layers}
+    skipped = 0
+    if past_kv_cache is not None:
+        skipped = past_kv_cache.entries[0].past_keys.shape[1]
+        if start_at_layer is not None or weights is not None:
+            raise ValueError("past_kv_cache cannot be combined with start_at_layer or weights")
+        if not 0 <= skipped < prefix_len:
+            raise ValueError(f"the cache holds {skipped} positions; it must hold < {prefix_len}")
+        tokens = tokens[:, skipped:]
+        # An explicit all-ones mask: TransformerLens would otherwise guess padding from the
+        # tokenizer's pad token, which may occur in real text.
+        kwargs["past_kv_cache"] = past_kv_cache
+        kwargs["attention_mask"] = torch.ones_like(tokens, device=model.cfg.device)
     if weights is None:
         residual = model(tokens.to(model.cfg.device), **kwargs)
     else:  # the same forward with some parameters replaced for this call only
         residual = torch.func.functional_call(
             model, dict(weights), (tokens.to(model.cfg.device),), kwargs, strict=False
         )
-    residual = residual[:, prefix_len - 1 : -1]
+    residual = residual[:, prefix_len - 1 - skipped : -1]
     return model.unembed(model.ln_final(residual)).float()
+
+
+@dataclass(frozen=True)
+class PrefixKV:
+    """Every layer's keys and values for a batch of token windows, to share among variants.
+
+    A variant that differs from its window only from position ``m`` on has the same keys and
+    values at positions ``< m`` (attention is causal), so those need not be computed again:
+    :meth:`cache` hands them to TransformerLens as a frozen ``past_kv_cache``. This is what
+    makes prefix perturbation cheaper than one full forward per variant.
+
+    Attributes:
+        keys: per layer, ``[batch, pos, n_key_value_heads, d_head]``.
+        values: per layer, the same shape.
+    """
+
+    keys: tuple[Float[Tensor, "batch pos kv_head d_head"], ...]
+    values: tuple[Float[Tensor, "batch pos kv_head d_head"], ...]
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> PrefixKV:
+        """One forward pass over ``tokens`` (no unembedding) that records the keys and values."""
+        tokens = tokens.to(model.cfg.device)
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(tokens))
+        model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), return_type=None)
+        return cls(
+            keys=tuple(entry.past_keys for entry in cache.entries),
+            values=tuple(entry.past_values for entry in cache.entries),
+        )
+
+    def cache(self, rows: Int[Tensor, " batch"], length: int) -> TransformerLensKeyValueCache:
+        """A frozen cache with the first ``length`` positions of the windows ``rows``."""
+        cache = TransformerLensKeyValueCache(
+            entries=[],
+            previous_attention_mask=torch.ones(
+                len(rows), length, dtype=torch.int, device=self.keys[0].device
+            ),
+        )
+        for keys, values in zip(self.keys, self.values, strict=True):
+            entry = TransformerLensKeyValueCacheEntry(
+                past_keys=keys[rows.to(keys.device), :length],
+                past_values=values[rows.to(values.device), :length],
+            )
+            cache.entries.append(entry)
+        cache.freeze()
+        return cache
 
 
 def continuation_logprobs(
@@ -100,6 +164,7 @@ def score_continuations(
     residual: Float[Tensor, "batch pos d_model"] | None = None,
     start_at_layer: int | None = None,
     weights: Mapping[str, Tensor] | None = None,
+    past_kv_cache: TransformerLensKeyValueCache | None = None,
 ) -> tuple[Bool[Tensor, "batch continuation_pos"], Float[Tensor, "batch continuation_pos"]]:
     """Teacher-forced greedy matches and per-token NLL of the continuation, one batch.
 
@@ -111,6 +176,8 @@ def score_continuations(
             from that layer on run); its rows pair with ``tokens``.
         start_at_layer: see ``residual``.
         weights: parameters to use instead of the model's own (see continuation_logits).
+        past_kv_cache: keys and values of the first positions of ``tokens`` (see
+            continuation_logits and :class:`PrefixKV`); only the later positions run.
 
     Returns:
         ``(greedy_match, token_nll)``: whether the argmax at each continuation position equals
@@ -122,7 +189,12 @@ def score_continuations(
     tokens = tokens.to(model.cfg.device)
     source = tokens if residual is None else residual
     logits = continuation_logits(
-        model, source, prefix_len, start_at_layer=start_at_layer, weights=weights
+        model,
+        source,
+        prefix_len,
+        start_at_layer=start_at_layer,
+        weights=weights,
+        past_kv_cache=past_kv_cache,
     )
     target = tokens[:, prefix_len:]
     # NLL = logsumexp - target logit: no second [batch, pos, d_vocab] tensor is written.

@@ -230,3 +230,25 @@ def test_state_dict_round_trip() -> None:
             torch.optim.SGD(layer.parameters(), lr=0.1),
             {layer.weight: torch.ones(3, dtype=torch.bool)},
         )
+
+
+@pytest.mark.parametrize("mode", ["compact", "restore"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradients_outside_the_mask_change_nothing_there(mode: str, bad: float) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    mask = torch.rand(8, 16) < 0.1
+    before = layer.weight.detach().clone()
+    optimizer = MaskedOptimizer(
+        torch.optim.Adam([layer.weight], lr=1e-2, weight_decay=0.1),
+        {layer.weight: mask},
+        mode=mode,  # type: ignore[arg-type]
+    )
+    for _ in range(3):
+        grad = torch.randn(8, 16)
+        grad[~mask] = bad  # what a diverging loss gives outside the mask
+        layer.weight.grad = grad
+        optimizer.step()
+    assert torch.equal(layer.weight[~mask], before[~mask])
+    assert torch.isfinite(layer.weight).all()
+    assert not torch.equal(layer.weight[mask], before[mask])

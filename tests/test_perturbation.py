@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from memloc_tl.analysis import perturb_prefixes
-from memloc_tl.memorization import greedy_continuations, scan_memorization
+from memloc_tl.memorization import (
+    PrefixKV,
+    greedy_continuations,
+    scan_memorization,
+    score_continuations,
+)
 from memloc_tl.organism import Organism
 from memloc_tl.paragraphs import Paragraphs
 
@@ -115,3 +120,39 @@ def test_seeded_and_validated(organism: Organism) -> None:
         perturb_prefixes(organism.model, paragraphs, n_samples=0)
     with pytest.raises(TypeError, match="Paragraphs"):
         perturb_prefixes(organism.model, paragraphs.tokens)  # type: ignore[arg-type]
+
+
+def test_shared_prefix_cache_gives_the_same_scores(organism: Organism, unchanged: Any) -> None:
+    # Positions mixed within a batch (batch_size 7 does not divide 49) and paragraphs in two
+    # chunks: the cached path must agree with recomputing every position.
+    paragraphs = organism.planted[[0, 3, 9]]
+    kwargs: dict[str, Any] = {
+        "n_samples": 2,
+        "seed": 5,
+        "build_perturbed": False,
+        "batch_size": 7,
+        "progress": False,
+        "include_first": True,
+    }
+    with unchanged(organism.model):
+        cached = perturb_prefixes(organism.model, paragraphs, shared_prefix=True, **kwargs)
+    plain = perturb_prefixes(organism.model, paragraphs, shared_prefix=False, **kwargs)
+    assert torch.equal(cached.em, plain.em)
+    torch.testing.assert_close(cached.nll, plain.nll, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+def test_prefix_kv_cache_reproduces_the_full_forward(organism: Organism) -> None:
+    model = organism.model
+    tokens = organism.planted.tokens[:3]
+    shared = PrefixKV.build(model, tokens)
+    assert len(shared.keys) == model.cfg.n_layers
+    assert shared.keys[0].shape == (3, 100, model.cfg.n_heads, model.cfg.d_head)
+    rows = torch.tensor([2, 0])
+    cache = shared.cache(rows, 30)
+    match, nll = score_continuations(model, tokens[rows], 50, past_kv_cache=cache)
+    full_match, full_nll = score_continuations(model, tokens[rows], 50)
+    assert torch.equal(match, full_match)
+    torch.testing.assert_close(nll, full_nll, atol=1e-4, rtol=1e-4)
+    assert cache.entries[0].past_keys.shape[1] == 30  # frozen: the call did not grow it
+    with pytest.raises(ValueError, match="must hold < 50"):
+        score_continuations(model, tokens[rows], 50, past_kv_cache=shared.cache(rows, 50))

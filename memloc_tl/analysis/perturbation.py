@@ -27,7 +27,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from memloc_tl.memorization import exact_match_length, greedy_continuations, score_continuations
+from memloc_tl.memorization import (
+    PrefixKV,
+    exact_match_length,
+    greedy_continuations,
+    score_continuations,
+)
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable, TokenScores
 
@@ -158,6 +163,7 @@ def perturb_prefixes(
     seed: int = 0,
     build_perturbed: bool = True,
     batch_size: int = 32,
+    shared_prefix: bool = True,
     progress: bool = True,
 ) -> PrefixPerturbation:
     """Replace each prefix token in turn and measure how recall of the continuation changes.
@@ -174,6 +180,10 @@ def perturb_prefixes(
         seed: seed of the replacements.
         build_perturbed: also build each paragraph's PMP (needs one greedy generation each).
         batch_size: variants per forward pass.
+        shared_prefix: reuse the unperturbed paragraph's keys and values before the perturbed
+            position (:class:`memloc_tl.memorization.PrefixKV`) instead of recomputing them;
+            the same numbers up to float rounding, about a quarter less compute for 50-token
+            prefixes.
         progress: show a progress bar.
 
     Returns:
@@ -207,19 +217,30 @@ def perturb_prefixes(
     baseline_em = exact_match_length(base_match).cpu()
     baseline_nll = base_nll.mean(-1).cpu()
 
-    # Every variant: (paragraph, position, sample), generated batch by batch.
-    rows, cols, samples = torch.meshgrid(torch.arange(n), positions, torch.arange(s), indexing="ij")
+    # Every variant (paragraph, position, sample), ordered by position so that a batch shares
+    # its paragraphs' keys and values up to its first perturbed position.
+    cols, rows, samples = torch.meshgrid(positions, torch.arange(n), torch.arange(s), indexing="ij")
     rows, cols, samples = rows.flatten(), cols.flatten(), samples.flatten()
     em = torch.full((n, p, s), -1, dtype=torch.long)
     nll = torch.full((n, p, s), torch.nan)
+    # Keys and values of every unperturbed paragraph, chunk by chunk to bound memory.
+    chunk = max(batch_size, 1)
+    bar = tqdm(total=len(rows), desc="perturbing", disable=not progress)
     with torch.no_grad():
-        for start in tqdm(range(0, len(rows), batch_size), desc="perturbing", disable=not progress):
-            r, c, k = (t[start : start + batch_size] for t in (rows, cols, samples))
-            variants = tokens[r].clone()
-            variants[torch.arange(len(r)), c] = replacements[r, c, k]
-            match, token_nll = score_continuations(model, variants, p)
-            em[r, c, k] = exact_match_length(match).cpu()
-            nll[r, c, k] = token_nll.mean(-1).cpu()
+        for first_row in range(0, n, chunk):
+            in_chunk = (rows >= first_row) & (rows < first_row + chunk)
+            r_chunk, c_chunk, k_chunk = rows[in_chunk], cols[in_chunk], samples[in_chunk]
+            shared = PrefixKV.build(model, tokens[first_row : first_row + chunk])
+            for start in range(0, len(r_chunk), batch_size):
+                r, c, k = (t[start : start + batch_size] for t in (r_chunk, c_chunk, k_chunk))
+                variants = tokens[r].clone()
+                variants[torch.arange(len(r)), c] = replacements[r, c, k]
+                cache = shared.cache(r - first_row, int(c.min())) if shared_prefix else None
+                match, token_nll = score_continuations(model, variants, p, past_kv_cache=cache)
+                em[r, c, k] = exact_match_length(match).cpu()
+                nll[r, c, k] = token_nll.mean(-1).cpu()
+                bar.update(len(r))
+    bar.close()
 
     result = PrefixPerturbation(
         paragraphs=paragraphs,

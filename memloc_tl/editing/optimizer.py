@@ -11,8 +11,9 @@ decay), in one of two ways:
   costs in proportion to the mask (0.1% of the weights), not to the model.
 - ``"restore"``: for any optimizer (also ones that mix entries, such as L-BFGS), the wrapped
   optimizer steps on the full parameters (out-of-mask gradients zeroed) and the pre-step value
-  of every out-of-mask entry is written back: three of torch's multi-tensor ``_foreach``
-  passes and one reusable buffer the size of the parameters.
+  of every out-of-mask entry is selected back (``torch.where``, so even a NaN or Inf step
+  outside the mask leaves it bit-identical), with one reusable buffer the size of the
+  parameters.
 
 ``"auto"`` (the default) picks compact for the elementwise optimizers of ``torch.optim`` when the
 masks select under half of the entries, restore otherwise.
@@ -28,9 +29,7 @@ import torch
 from torch import Tensor
 
 # torch's multi-tensor kernels, which its own optimizers use
-_foreach_mul_ = torch._foreach_mul_  # pyright: ignore[reportPrivateImportUsage]
 _foreach_copy_ = torch._foreach_copy_  # pyright: ignore[reportPrivateImportUsage]
-_foreach_lerp_ = torch._foreach_lerp_  # pyright: ignore[reportPrivateImportUsage]
 
 ELEMENTWISE = (
     torch.optim.SGD,
@@ -87,8 +86,7 @@ class MaskedOptimizer:
             self._masks[id(param)] = mask.to(param.device)
         self._params = params
         self._before: list[Tensor] | None = None  # pre-step values, reused between steps
-        self._float_masks: list[Tensor] | None = None
-        self._float_keep: list[Tensor] | None = None
+        self._keep_masks: list[Tensor] | None = None
         if mode == "auto":
             selected = sum(int(m.sum()) for m in self._masks.values())
             sparse = selected < 0.5 * max(1, sum(p.numel() for p in params))
@@ -176,36 +174,32 @@ class MaskedOptimizer:
         return loss
 
     def _restore_step(self, closure: Callable[[], float] | None) -> float | None:
-        params, weights = self._params, self._weights()
-        with_grad = [
-            (p.grad, w) for p, w in zip(params, weights, strict=True) if p.grad is not None
-        ]
-        if with_grad:
-            grads, grad_weights = zip(*with_grad, strict=True)
-            _foreach_mul_(list(grads), list(grad_weights))
+        params, keep = self._params, self._keep()
+        # Out-of-mask gradients become exactly 0 (masked_fill, not a product: NaN * 0 is NaN).
+        for param, frozen in zip(params, keep, strict=True):
+            if param.grad is not None:
+                param.grad.masked_fill_(frozen, 0)
         if self._before is None:
             self._before = [p.detach().clone() for p in params]
         else:
             _foreach_copy_(self._before, params)
         loss = self.optimizer.step(closure)
-        # lerp(new, old, 1 - mask): exactly old where the mask is 0, exactly new where it is 1.
-        _foreach_lerp_(params, self._before, self._keep_weights())
+        # A select, not arithmetic: the old value comes back bit for bit, even where the
+        # optimizer wrote NaN or Inf.
+        for param, before, frozen in zip(params, self._before, keep, strict=True):
+            torch.where(frozen, before, param.detach(), out=param.detach())
         return loss
 
-    def _keep_weights(self) -> list[Tensor]:
-        """Per parameter, 1 where the old value must be kept (outside the mask), else 0."""
-        if self._float_keep is None:
-            self._float_keep = [1 - w for w in self._weights()]
-        return self._float_keep
-
-    def _weights(self) -> list[Tensor]:
-        """Per parameter, the mask as 0/1 in the parameter's dtype (all zeros: frozen)."""
-        if self._float_masks is None:
-            self._float_masks = [
-                self._masks[id(p)].to(p.dtype) if id(p) in self._masks else torch.zeros_like(p)
+    def _keep(self) -> list[Tensor]:
+        """Per parameter, True where the old value must be kept (outside the mask)."""
+        if self._keep_masks is None:
+            self._keep_masks = [
+                ~self._masks[id(p)]
+                if id(p) in self._masks
+                else torch.ones_like(p, dtype=torch.bool)
                 for p in self._params
             ]
-        return self._float_masks
+        return self._keep_masks
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -241,5 +235,4 @@ class MaskedOptimizer:
         self._masks = {
             id(p): m.to(p.device) for p, m in zip(self._params, masks, strict=True) if m is not None
         }
-        self._float_masks = None
-        self._float_keep = None
+        self._keep_masks = None

@@ -1,0 +1,113 @@
+"""What every benchmark runs on: the organism or GPT-Neo 125M's layout, on a chosen device.
+
+``--layout organism`` (default) uses the default organism (``--tiny``: the tiny one) and its
+planted / control / held-out paragraphs. ``--layout gpt-neo-125m`` builds GPT-Neo 125M's
+architecture (12 layers, d_model 768, 12 heads, alternating global/local attention, vocabulary
+50257) with random weights as a local ``transformers`` checkpoint, since no hub is reachable,
+and loads it through :func:`memloc_tl.load_model` like the real weights; its "planted" set is
+the organism's planted texts, so memorization numbers on it are meaningless, only timings count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer
+
+from memloc_tl import OrganismConfig, Paragraphs, build_organism, load_model
+from memloc_tl.organism import Organism
+
+GPT_NEO_125M_VOCAB = 50257
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A model to time and three paragraph sets of it."""
+
+    model: HookedTransformer
+    planted: Paragraphs
+    control: Paragraphs
+    heldout: Paragraphs
+    organism: Organism | None  # None for the GPT-Neo 125M layout
+    label: str
+
+    @property
+    def everything(self) -> Paragraphs:
+        return Paragraphs.concat(self.planted, self.control, self.heldout)
+
+
+def add_subject_args(parser: argparse.ArgumentParser) -> None:
+    """``--tiny``, ``--layout`` and ``--device``."""
+    parser.add_argument("--tiny", action="store_true", help="use the tiny organism")
+    parser.add_argument(
+        "--layout",
+        choices=["organism", "gpt-neo-125m"],
+        default="organism",
+        help="the organism, or GPT-Neo 125M's architecture with random weights",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device of the model (default: cuda if available)",
+    )
+
+
+def gpt_neo_125m_layout(directory: Path, tokenizer: object) -> Path:
+    """Save a random-weight GPT-Neo 125M (architecture only) with ``tokenizer`` to ``directory``."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    config = GPTNeoConfig(
+        vocab_size=GPT_NEO_125M_VOCAB,
+        max_position_embeddings=2048,
+        hidden_size=768,
+        num_layers=12,
+        attention_types=[[["global", "local"], 6]],
+        num_heads=12,
+        window_size=256,
+        architectures=["GPTNeoForCausalLM"],
+    )
+    torch.manual_seed(0)
+    GPTNeoForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)  # type: ignore[attr-defined]
+    return directory
+
+
+def load_subject(args: argparse.Namespace) -> Subject:
+    organism = build_organism(OrganismConfig.tiny() if args.tiny else OrganismConfig())
+    if args.layout == "organism":
+        model = organism.model.to(args.device)
+        return Subject(
+            model, organism.planted, organism.control, organism.heldout, organism, "organism"
+        )
+    with tempfile.TemporaryDirectory() as directory:
+        path = gpt_neo_125m_layout(Path(directory), organism.model.tokenizer)
+        model = load_model(path, device=args.device)
+    return Subject(
+        model,
+        organism.planted,
+        organism.control,
+        organism.heldout,
+        None,
+        "GPT-Neo 125M layout (random weights)",
+    )
+
+
+def describe(subject: Subject) -> str:
+    cfg = subject.model.cfg
+    on_gpu = "cuda" in str(cfg.device)
+    card = torch.cuda.get_device_name(cfg.device) if on_gpu else "CPU"
+    return (
+        f"{subject.label}: {cfg.n_layers} layers x {cfg.n_heads} heads, d_model {cfg.d_model}, "
+        f"d_vocab {cfg.d_vocab}; device {cfg.device} ({card}), "
+        f"torch threads {torch.get_num_threads()}"
+    )
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a wall-clock time covers it (no-op on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
