@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +29,8 @@ from urllib.parse import urlparse
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions.neo import convert_neo_weights
+
+from memloc_tl.files import atomic_directory, read_json, verify_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -149,22 +150,14 @@ def load_model(
                 "load_model(hf_model, tokenizer=tokenizer)"
             )
         name = getattr(source.config, "name_or_path", "") or "gpt-neo"
-        # TransformerLens re-loads the tokenizer from its ``name_or_path`` (to set
-        # add_bos_token). An in-memory tokenizer may have none, or a hub name: hand it over
-        # through a temporary directory so that nothing touches the network.
-        from transformers import AutoTokenizer
-
-        with tempfile.TemporaryDirectory(prefix="memloc-tokenizer-") as directory:
-            tokenizer.save_pretrained(directory)
-            saved = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-            return _hooked_from_hf(
-                source,
-                saved,
-                name=name,
-                device=device,
-                process_weights=process_weights,
-                dtype=dtype,
-            )
+        return _hooked_from_hf(
+            source,
+            tokenizer,
+            name=name,
+            device=device,
+            process_weights=process_weights,
+            dtype=dtype,
+        )
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             "source must be a hub name, a checkpoint directory or a transformers GPT-Neo model, "
@@ -214,7 +207,7 @@ def _hooked_from_hf(
             key: value.detach().to(dtype).clone()
             for key, value in convert_neo_weights(hf_model, cfg).items()
         }
-    model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
+    model = _hooked_transformer(cfg, tokenizer)
     model.load_and_process_state_dict(
         state_dict,
         fold_ln=process_weights,
@@ -226,6 +219,21 @@ def _hooked_from_hf(
     return model.eval()
 
 
+def _hooked_transformer(cfg: HookedTransformerConfig, tokenizer: Any) -> HookedTransformer:
+    """``HookedTransformer(cfg, tokenizer)`` for any tokenizer object, offline.
+
+    TransformerLens re-loads the tokenizer from its ``name_or_path`` (to set add_bos_token).
+    A tokenizer made in memory has none, or a hub name: it is handed over through a temporary
+    directory, so that nothing touches the network.
+    """
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="memloc-tokenizer-") as directory:
+        tokenizer.save_pretrained(directory)
+        saved = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        return HookedTransformer(cfg, saved, move_to_device=False, default_padding_side="right")
+
+
 def _load_local(
     path: Path,
     *,
@@ -234,25 +242,45 @@ def _load_local(
     process_weights: bool,
     dtype: torch.dtype,
 ) -> HookedTransformer:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: it is not a Hugging Face checkpoint")
     weights = [*path.glob("*.safetensors"), *path.glob("pytorch_model*.bin")]
     if not weights:
         raise FileNotFoundError(f"{path} has no weights (model.safetensors or pytorch_model.bin)")
-    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path / 'config.json'} cannot be read: {error}") from error
+    except Exception as error:  # transformers' config validators raise their own types
+        if type(error).__module__.startswith(("transformers", "huggingface_hub")):
+            raise ValueError(f"{path / 'config.json'} is not a valid config: {error}") from error
+        raise
     # Validate before loading weights, so a wrong architecture fails fast and clearly.
     hooked_config_from_neo(hf_config, model_name=path.name, process_weights=process_weights)
     if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as error:
-            raise FileNotFoundError(
-                f"{path} has no usable tokenizer files ({error}); save the tokenizer with "
-                "tokenizer.save_pretrained(directory) or pass load_model(path, tokenizer=...)"
-            ) from error
-    hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        tokenizer = _local_tokenizer(path)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=dtype, output_loading_info=True
+    )
+    hf_model, info = loaded
+    # Weights the config expects but the files lack (or of another shape) would be left at
+    # their random initialization; tensors beyond the config would be dropped. Either way the
+    # checkpoint is not what it claims to be. (GPT-Neo's causal-mask buffers do not count.)
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not k.endswith(MASK_BUFFERS)]
+    problems = {
+        "missing": list(info.get("missing_keys", ())),
+        "unexpected": unexpected,
+        "mismatched": [str(k) for k in info.get("mismatched_keys", ())],
+        "errors": list(info.get("error_msgs", ())),
+    }
+    if any(problems.values()):
+        found = {k: v[:5] for k, v in problems.items() if v}
+        raise ValueError(
+            f"the weights in {path} do not fit its config.json ({found}): the checkpoint is "
+            "incomplete, or its config.json belongs to another model"
+        )
     return _hooked_from_hf(
         hf_model,
         tokenizer,
@@ -263,22 +291,46 @@ def _load_local(
     )
 
 
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias")
+"""Buffers that older GPT-Neo checkpoints store and ``transformers`` rebuilds."""
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
+"""Any one of these marks a directory that holds a tokenizer."""
+
+
+def _local_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in ``path``, or a clear error saying how to provide one."""
+    from transformers import AutoTokenizer
+
+    fix = (
+        "save it with tokenizer.save_pretrained(directory) or pass load_model(path, tokenizer=...)"
+    )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); {fix}"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise FileNotFoundError(f"{path} has no usable tokenizer ({error}); {fix}") from error
+    if len(tokenizer) < 2:
+        raise FileNotFoundError(f"the tokenizer in {path} has {len(tokenizer)} token(s); {fix}")
+    return tokenizer
+
+
 def save_hooked_model(model: HookedTransformer, directory: str | os.PathLike[str]) -> Path:
     """Save a HookedTransformer as it is (processed and possibly edited weights) for load_model.
 
     An edited model cannot always go back to a Hugging Face GPT-Neo checkpoint: weight
     processing folds LayerNorm into biases GPT-Neo's q/k/v projections do not have. This writes
     the TransformerLens config, state dict and tokenizer instead; ``load_model(directory)``
-    reloads them exactly. Files are written to a temporary directory that is then renamed.
+    reloads them exactly, after checking the files' SHA-256 (``checksums.json``). Files are
+    written to a temporary directory that is then renamed; an existing non-empty ``directory``
+    is a ``FileExistsError`` before anything is written.
     """
     from safetensors.torch import save_file
 
-    target = Path(directory)
-    if target.exists() and any(target.iterdir()):
-        raise FileExistsError(f"{target} exists and is not empty")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_directory(directory) as staging:
         config = dict(model.cfg.to_dict())  # to_dict returns the live __dict__: copy it
         config["dtype"] = str(config["dtype"]).removeprefix("torch.")
         config.pop("device", None)
@@ -287,29 +339,29 @@ def save_hooked_model(model: HookedTransformer, directory: str | os.PathLike[str
         save_file(state, str(staging / HOOKED_WEIGHTS))
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(staging)
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return Path(directory)
 
 
 def _load_hooked(
     path: Path, *, tokenizer: Any, device: str | torch.device | None
 ) -> HookedTransformer:
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
-    config = json.loads((path / HOOKED_CONFIG).read_text())
+    fix = "save the model again (save_hooked_model) or restore the directory from a backup"
+    verify_checksums(path, fix=fix, required=False)  # directories saved before 0.2 have none
+    config = read_json(path / HOOKED_CONFIG, fix=fix)
     config["dtype"] = getattr(torch, config["dtype"])
     config["device"] = device
     cfg = HookedTransformerConfig.from_dict(config)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
-    model.load_state_dict(load_file(str(path / HOOKED_WEIGHTS)))
+        tokenizer = _local_tokenizer(path)
+    model = _hooked_transformer(cfg, tokenizer)
+    try:
+        model.load_state_dict(load_file(str(path / HOOKED_WEIGHTS)))
+    except RuntimeError as error:  # missing, unexpected or mis-shaped tensors
+        raise ValueError(
+            f"{path / HOOKED_WEIGHTS} does not match {path / HOOKED_CONFIG}: {error}"
+        ) from error
     model.move_model_modules_to_device()
     return model.eval()
 

@@ -28,31 +28,33 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from memloc_tl.files import atomic_directory, read_json, verify_checksums
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
 from memloc_tl.models import load_model
 from memloc_tl.paragraphs import Paragraphs, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 """Bumped whenever a change to the build changes what it produces (part of the cache key)."""
 
 EOS_TOKEN = "<|endoftext|>"
 MANIFEST = "manifest.json"
-COUNTS_FILE = "corpus_token_counts.pt"
+COUNTS_FILE = "corpus_token_counts.safetensors"
+LOCK_WAIT_SECONDS = 3600
+"""How long a builder waits for another process building the same organism."""
 
 
 @dataclass(frozen=True)
@@ -463,6 +465,26 @@ def build_organism(
     if (target / MANIFEST).is_file() and not rebuild:
         return load_organism(target, device=device)
     root.mkdir(parents=True, exist_ok=True)
+    # One builder per configuration: the others wait here, then load its result.
+    lock = FileLock(root / f".{target.name}.lock", timeout=LOCK_WAIT_SECONDS)
+    with lock:
+        if (target / MANIFEST).is_file() and not rebuild:
+            return load_organism(target, device=device)
+        report = _build_into(target, config, device=device, progress=progress)
+    acceptance = report["acceptance"]
+    if acceptance["passed"]:
+        logger.info("organism %s passed its acceptance: %s", config.key(), acceptance)
+    else:
+        logger.warning("organism %s missed its acceptance: %s", config.key(), acceptance)
+    return load_organism(target, device=device)
+
+
+def _build_into(
+    target: Path, config: OrganismConfig, *, device: str | torch.device | None, progress: bool
+) -> dict[str, Any]:
+    """Train, evaluate and write one organism to ``target`` (atomically, checksummed)."""
+    from safetensors.torch import save_file
+
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     texts = corpus_texts()
@@ -478,13 +500,12 @@ def build_organism(
     paragraphs = _paragraph_sets(windows, sets, repetitions, tiers, config, fingerprint)
     counts = torch.bincount(stream, minlength=config.vocab_size)
 
-    # Write into a temporary sibling, then rename: a crash never leaves a half-written build,
-    # and the manifest (written last) marks a complete one.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
+    # A temporary sibling renamed onto the target (files.atomic_directory): a crash never
+    # leaves a half-written build; checksums.json, written last, lets every load verify it.
+    with atomic_directory(target, replace=True) as staging:
         hf_model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        torch.save(counts, staging / COUNTS_FILE)
+        save_file({"counts": counts.contiguous()}, str(staging / COUNTS_FILE))
         # Evaluate the saved checkpoint through load_model's local-directory path.
         report = _evaluate(load_model(staging, device=device), paragraphs, config)
         report["train_seconds"] = round(train_seconds, 1)
@@ -503,18 +524,7 @@ def build_organism(
             "report": report,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    acceptance = report["acceptance"]
-    if acceptance["passed"]:
-        logger.info("organism %s passed its acceptance: %s", config.key(), acceptance)
-    else:
-        logger.warning("organism %s missed its acceptance: %s", config.key(), acceptance)
-    return load_organism(target, device=device)
+    return report
 
 
 def load_organism(
@@ -546,12 +556,16 @@ def load_organism(
             f"no organism at {directory}; build it with memloc_tl.build_organism() "
             "(or run `memloc demo`)"
         )
-    manifest = json.loads(manifest_path.read_text())
+    fix = "rebuild it with build_organism(rebuild=True) (or `memloc demo --rebuild`)"
+    verify_checksums(directory, fix=fix, required=True)
+    manifest = read_json(manifest_path, fix=fix)
     if manifest.get("build_version") != BUILD_VERSION:
         raise ValueError(
             f"{directory} was built by build version {manifest.get('build_version')}, this is "
             f"{BUILD_VERSION}; rebuild with build_organism(rebuild=True)"
         )
+    from safetensors.torch import load_file
+
     config_dict = manifest["config"]
     config_dict["planted_tiers"] = tuple(tuple(t) for t in config_dict["planted_tiers"])
     config = OrganismConfig(**config_dict)
@@ -572,7 +586,7 @@ def load_organism(
         planted=sets["planted"],
         control=sets["control"],
         heldout=sets["heldout"],
-        corpus_counts=torch.load(directory / COUNTS_FILE),
+        corpus_counts=load_file(str(directory / COUNTS_FILE))["counts"],
         config=config,
         path=directory,
         report=manifest["report"],

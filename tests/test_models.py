@@ -231,3 +231,52 @@ def test_gpt_neo_125m_matches_transformers() -> None:
         torch.testing.assert_close(
             model(tokens).log_softmax(-1), hf(tokens).logits.log_softmax(-1), atol=1e-3, rtol=0
         )
+
+
+def test_checkpoints_that_do_not_hold_together_are_refused(
+    tmp_path: Path, tokenizer: Any, neo_checkpoint: Path
+) -> None:
+    import shutil
+
+    # config.json claims more layers than the weights hold
+    deeper = tmp_path / "deeper"
+    shutil.copytree(neo_checkpoint, deeper)
+    config = json.loads((deeper / "config.json").read_text())
+    config["num_layers"] += 2
+    config["attention_types"] = [[["global", "local"], config["num_layers"] // 2]]
+    config["attention_layers"] = ["global", "local"] * (config["num_layers"] // 2)
+    (deeper / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not fit its config.json"):
+        load_model(deeper)
+    # and fewer
+    shallower = tmp_path / "shallower"
+    shutil.copytree(neo_checkpoint, shallower)
+    config["num_layers"] -= 4
+    config["attention_types"] = [[["global", "local"], config["num_layers"] // 2]]
+    config["attention_layers"] = ["global", "local"] * (config["num_layers"] // 2)
+    (shallower / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not fit its config.json"):
+        load_model(shallower)
+    # no tokenizer files: a clear error, not a 1-token tokenizer
+    bare = tmp_path / "bare"
+    random_neo(tokenizer).save_pretrained(bare)
+    with pytest.raises(FileNotFoundError, match="no tokenizer files.*save_pretrained"):
+        load_model(bare)
+    assert load_model(bare, tokenizer=tokenizer).cfg.n_layers == 4  # the documented fix
+
+
+def test_saved_hooked_models_are_checked_on_load(tmp_path: Path, neo_checkpoint: Path) -> None:
+    from memloc_tl.files import CorruptFileError
+    from memloc_tl.models import save_hooked_model
+
+    model = load_model(neo_checkpoint)
+    directory = save_hooked_model(model, tmp_path / "saved")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_hooked_model(model, directory)
+    weights = next(directory.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x40
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=weights.name):
+        load_model(directory)

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import memloc_tl.organism as organism_module
+from memloc_tl.files import CorruptFileError
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.organism import (
+    COUNTS_FILE,
     MANIFEST,
     Organism,
     OrganismConfig,
@@ -105,8 +111,9 @@ def test_build_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     for name, value in first.model.state_dict().items():
         assert torch.equal(second.model.state_dict()[name], value), name
     assert not torch.equal(first.planted.tokens, other_seed.planted.tokens)
-    # nothing half-written is left beside the builds
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [first.path.name]
+    # nothing half-written is left beside the builds (only the builders' lock file)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == [f".{first.path.name}.lock", first.path.name]
 
 
 def test_missing_organism_and_bad_settings(tmp_path: Path) -> None:
@@ -118,7 +125,7 @@ def test_missing_organism_and_bad_settings(tmp_path: Path) -> None:
         build_organism(
             OrganismConfig.tiny(n_background=100_000), cache_dir=tmp_path, progress=False
         )
-    assert not any(tmp_path.iterdir())
+    assert all(p.name.endswith(".lock") for p in tmp_path.iterdir())
 
 
 @pytest.mark.slow
@@ -126,3 +133,77 @@ def test_default_organism_meets_the_acceptance(tmp_path: Path) -> None:
     """The default build memorizes what it should (its time: benchmarks/organism.py)."""
     organism = build_organism(cache_dir=tmp_path, progress=False)
     assert organism.report["acceptance"]["passed"], organism.report
+
+
+MICRO = {
+    "planted_tiers": ((2, 2),),
+    "n_control": 2,
+    "n_heldout": 2,
+    "n_background": 16,
+    "epochs": 1,
+    "vocab_size": 300,
+    "min_top_tier_memorized": 0.0,
+    "max_control_mean_em": 50.0,
+}
+
+BUILDER = """
+import sys, time
+import memloc_tl.organism as module
+from memloc_tl import OrganismConfig, build_organism
+
+train = module._train
+
+def counted(*args, **kwargs):
+    print("trained", flush=True)
+    time.sleep(2)  # a slow build, so that the others arrive while it runs
+    return train(*args, **kwargs)
+
+module._train = counted
+config = OrganismConfig.tiny(**{MICRO!r})
+organism = build_organism(config, cache_dir=sys.argv[1], progress=False)
+print("loaded", organism.path.name, flush=True)
+"""
+
+
+def test_concurrent_builders_train_once_and_all_load_the_result(tmp_path: Path) -> None:
+    script = BUILDER.replace("{MICRO!r}", repr(MICRO))
+    builders = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [b.communicate(timeout=600) for b in builders]
+    assert [b.returncode for b in builders] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    lines = [line for out, _ in outputs for line in out.splitlines()]
+    assert lines.count("trained") == 1
+    loaded = {line for line in lines if line.startswith("loaded")}
+    assert len(loaded) == 1
+    names = sorted(p.name for p in tmp_path.iterdir())
+    organism_dir = loaded.pop().split()[1]
+    assert names == [f".{organism_dir}.lock", organism_dir]
+    mode = (tmp_path / organism_dir).stat().st_mode
+    assert mode & stat.S_IRGRP  # a shared cache is group-readable
+    assert mode & stat.S_IXGRP
+
+
+def test_a_corrupted_cache_is_an_error_naming_the_file_and_the_fix(
+    organism: Organism, tmp_path: Path
+) -> None:
+    copy = tmp_path / organism.path.name
+    shutil.copytree(organism.path, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=r"model\.safetensors.*rebuild=True"):
+        load_organism(copy)
+    shutil.copy(organism.path / "model.safetensors", weights)
+    load_organism(copy)  # restored: loads again
+    (copy / MANIFEST).write_text((copy / MANIFEST).read_text()[:100])  # truncated
+    with pytest.raises(CorruptFileError, match=r"manifest\.json.*rebuild=True"):
+        load_organism(copy)
+    assert not (organism.path / COUNTS_FILE).name.endswith(".pt")  # no pickle to torch.load

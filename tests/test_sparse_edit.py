@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 from typing import Any
@@ -210,3 +211,32 @@ def test_edit_reports_the_other_memorized_paragraphs(
     share_before, _ = result.metric("others", "memorized_share")
     assert share_before == 1.0
     assert "other memorized" in repr(result)
+
+
+def test_inplace_edit_interrupted_in_its_evaluation_leaves_the_model_as_it_was(
+    organism: Organism, sets: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = importlib.import_module("memloc_tl.editing.sparse_edit")
+    model = organism.model
+    original = weights(model)
+    marker = torch.full_like(model.W_E, 7.0)
+    model.W_E.grad = marker  # the caller's own gradient must survive the call
+    calls = {"n": 0}
+    evaluate = module._evaluate
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the evaluation after training
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_evaluate", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sparse_edit(model, sets["memorized"], keep=sets["keep"], inplace=True, **SETTINGS)
+        assert calls["n"] == 2
+        for name, value in original.items():
+            assert torch.equal(weights(model)[name], value), name
+        assert model.W_E.grad is marker
+    finally:
+        model.W_E.grad = None

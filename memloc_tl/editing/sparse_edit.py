@@ -329,6 +329,9 @@ def sparse_edit(
     inner = torch.optim.Adam(list(params.values()), lr=lr, weight_decay=decay)
     optimizer = MaskedOptimizer(inner, {params[n]: m for n, m in chosen.masks.items()})
     losses: list[float] = []
+    # All or nothing: until the result exists, an error or interrupt (also during the
+    # evaluation) puts the weights back; the caller's own .grad tensors are given back.
+    saved_grads = {p: p.grad for p in work.parameters()}
     try:
         with grad_only_for(work, list(params.values())):
             for _ in tqdm(range(steps), desc=f"{objective} ({chosen.kind})", disable=not progress):
@@ -343,6 +346,29 @@ def sparse_edit(
                 losses.append(total)
                 optimizer.step()
         optimizer.zero_grad()
+        after = _evaluate(
+            work,
+            memorized,
+            target,
+            heldout_reference,
+            others,
+            general,
+            heldout_logprobs,
+            reextraction,
+            seed,
+        )
+        evaluation = before.merge(
+            after, on=["set", "metric"], how="outer", suffixes=("_before", "_after")
+        )
+        evaluation = evaluation.rename(columns={"value_before": "before", "value_after": "after"})
+        return EditResult(
+            model=work,
+            mask=chosen,
+            edit=WeightEdit.between(chosen, original, work),
+            objective=objective,
+            losses=losses,
+            evaluation=evaluation,
+        )
     except BaseException:
         if inplace:  # leave the caller's model as it was
             with torch.no_grad():
@@ -350,31 +376,8 @@ def sparse_edit(
                     p.copy_(original[n])
         raise
     finally:
-        for p in work.parameters():  # grad_only_for restored the flags; drop the gradients
-            p.grad = None
-    after = _evaluate(
-        work,
-        memorized,
-        target,
-        heldout_reference,
-        others,
-        general,
-        heldout_logprobs,
-        reextraction,
-        seed,
-    )
-    evaluation = before.merge(
-        after, on=["set", "metric"], how="outer", suffixes=("_before", "_after")
-    )
-    evaluation = evaluation.rename(columns={"value_before": "before", "value_after": "after"})
-    return EditResult(
-        model=work,
-        mask=chosen,
-        edit=WeightEdit.between(chosen, original, work),
-        objective=objective,
-        losses=losses,
-        evaluation=evaluation,
-    )
+        for p in work.parameters():
+            p.grad = saved_grads.get(p)
 
 
 def measure_sets(
