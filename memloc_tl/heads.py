@@ -37,9 +37,14 @@ class HeadRef:
 
     def check(self, cfg: Any) -> HeadRef:
         """Raise ``ValueError`` if the model (its ``cfg``) has no such head; return self."""
-        if self.layer >= cfg.n_layers or self.head >= cfg.n_heads:
+        return self.check_grid(cfg.n_layers, cfg.n_heads)
+
+    def check_grid(self, n_layers: int, n_heads: int) -> HeadRef:
+        """Raise ``ValueError`` unless ``layer < n_layers`` and ``head < n_heads``; return self."""
+        if self.layer >= n_layers or self.head >= n_heads:
             raise ValueError(
-                f"{self} does not exist: the model has {cfg.n_layers} layers of {cfg.n_heads} heads"
+                f"{self} does not exist: the model has {n_layers} layers of {n_heads} heads "
+                f"(L0H0 to L{n_layers - 1}H{n_heads - 1})"
             )
         return self
 

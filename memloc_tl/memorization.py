@@ -27,6 +27,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable
+from memloc_tl.validation import check_positive_int, check_set
 
 logger = logging.getLogger(__name__)
 
@@ -362,14 +363,8 @@ def scan_memorization(
     Raises:
         ValueError: paragraphs tokenized for another model, or a bad batch size.
     """
-    if not isinstance(paragraphs, Paragraphs):
-        raise TypeError(
-            f"paragraphs must be Paragraphs, got {type(paragraphs).__name__}; wrap token tensors "
-            "with Paragraphs.from_tokens(tokens)"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    paragraphs.check_model(model)
+    check_set(model, paragraphs, "paragraphs", allow_empty=True)
+    check_positive_int(batch_size, "batch_size")
     _check_tokens(model, paragraphs.tokens, paragraphs.prefix_len)
     matches, nlls = [], []
     with torch.no_grad():

@@ -9,6 +9,7 @@ rare-token analysis (section 6.3).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -201,6 +202,20 @@ class Paragraphs:
         if isinstance(texts, str):
             raise TypeError("texts must be a collection of strings, not one string: use [text]")
         texts = list(texts)
+        if not texts:
+            raise ValueError("no texts given: pass at least one text")
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                name = ids[index] if ids is not None and index < len(ids) else index
+                raise TypeError(
+                    f"text {str(name)!r} is {type(text).__name__}, not str (an empty cell in a "
+                    "table reads as None or NaN: drop or fill it first)"
+                )
+        if prefix_len < 1 or continuation_len < 1:
+            raise ValueError(
+                f"prefix_len and continuation_len must be >= 1, got {prefix_len}, "
+                f"{continuation_len}"
+            )
         if ids is not None and len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} texts")
         text_ids = [str(i) for i in (ids if ids is not None else range(len(texts)))]
@@ -209,11 +224,7 @@ class Paragraphs:
         rows: list[list[int]] = []
         row_ids: list[str] = []
         too_short: list[tuple[str, int]] = []
-        for text_id, text, token_ids in zip(
-            text_ids, texts, _encode(hf_tokenizer, texts), strict=True
-        ):
-            if not isinstance(text, str):
-                raise TypeError(f"text {text_id!r} is {type(text).__name__}, not str")
+        for text_id, token_ids in zip(text_ids, _encode(hf_tokenizer, texts), strict=True):
             if len(token_ids) < length:
                 too_short.append((text_id, len(token_ids)))
                 continue
@@ -293,7 +304,22 @@ class Paragraphs:
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"no such file: {missing}")
-        dataset = load_dataset(formats.pop(), data_files=[str(f) for f in files], split="train")
+        for file in files:
+            _check_utf8(file)
+        empty = [str(f) for f in files if f.stat().st_size == 0]
+        if empty:
+            raise ValueError(f"empty file: {empty}; every file needs at least one text")
+        try:
+            dataset = load_dataset(formats.pop(), data_files=[str(f) for f in files], split="train")
+        except Exception as error:  # datasets wraps parse errors in its own types
+            if isinstance(error, (MemoryError, RecursionError)):
+                raise
+            cause = error.__cause__ or error
+            names = ", ".join(str(f) for f in files)
+            raise ValueError(
+                f"cannot read {names} as {_FILE_FORMATS[files[0].suffix.lower()]}: "
+                f"{type(cause).__name__}: {cause}; check the file's format and encoding (UTF-8)"
+            ) from error
         return cls.from_dataset(
             dataset, tokenizer, text_column=text_column, id_column=id_column, **kwargs
         )
@@ -490,6 +516,20 @@ class Paragraphs:
         )
 
 
+def _check_utf8(path: Path) -> None:
+    """Raise a ValueError naming ``path`` unless it is valid UTF-8 (read in blocks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"cannot read {path}: it is not UTF-8 text ({error}); re-save it as UTF-8"
+        ) from error
+
+
 def corpus_token_counts(
     source: Iterable[str] | Paragraphs | Any,
     tokenizer: Any = None,
@@ -516,7 +556,11 @@ def corpus_token_counts(
     Returns:
         int64 counts, one per token id.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(source, Paragraphs):
+        if len(source) == 0:
+            raise ValueError("no paragraphs to count tokens of: pass a non-empty set")
         size = d_vocab if d_vocab is not None else int(source.tokens.max()) + 1
         source.check_vocab(size)
         return torch.bincount(source.tokens.flatten(), minlength=size)
@@ -553,4 +597,8 @@ def corpus_token_counts(
         if len(batch) >= batch_size:
             flush()
     flush()
+    if int(counts.sum()) == 0:
+        raise ValueError(
+            "no tokens were counted: the source holds no text (every token would look rare)"
+        )
     return counts

@@ -42,7 +42,7 @@ class HeadScores(Drawable):
             raise ValueError(f"scores must be [n_layers, n_heads], got {tuple(self.scores.shape)}")
 
     def __getitem__(self, head: HeadRef | str) -> float:
-        ref = HeadRef.parse(head)
+        ref = HeadRef.parse(head).check_grid(*self.scores.shape)
         return float(self.scores[ref.layer, ref.head])
 
     def top(

@@ -246,7 +246,7 @@ def test_checkpoints_that_do_not_hold_together_are_refused(
     config["attention_types"] = [[["global", "local"], config["num_layers"] // 2]]
     config["attention_layers"] = ["global", "local"] * (config["num_layers"] // 2)
     (deeper / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="do not fit its config.json"):
+    with pytest.raises(ValueError, match=r"do not fit its config\.json"):
         load_model(deeper)
     # and fewer
     shallower = tmp_path / "shallower"
@@ -255,12 +255,12 @@ def test_checkpoints_that_do_not_hold_together_are_refused(
     config["attention_types"] = [[["global", "local"], config["num_layers"] // 2]]
     config["attention_layers"] = ["global", "local"] * (config["num_layers"] // 2)
     (shallower / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="do not fit its config.json"):
+    with pytest.raises(ValueError, match=r"do not fit its config\.json"):
         load_model(shallower)
     # no tokenizer files: a clear error, not a 1-token tokenizer
     bare = tmp_path / "bare"
     random_neo(tokenizer).save_pretrained(bare)
-    with pytest.raises(FileNotFoundError, match="no tokenizer files.*save_pretrained"):
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer files.*save_pretrained"):
         load_model(bare)
     assert load_model(bare, tokenizer=tokenizer).cfg.n_layers == 4  # the documented fix
 

@@ -31,6 +31,7 @@ from memloc_tl.memorization import continuation_logits
 from memloc_tl.objectives import grad_only_for
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable, HeadScores, TokenScores
+from memloc_tl.validation import check_positive_int, check_set
 
 COMPONENTS = ("q", "k", "v", "z")
 TokenRange = Literal["continuation", "first"]
@@ -59,8 +60,9 @@ class ActivationGradients(Drawable):
 
     def token_scores(self, head: HeadRef | str, component: str = "v") -> TokenScores:
         """One head's scores per paragraph and position (paper Fig. 6 top: L1H2, ``"v"``)."""
-        ref = HeadRef.parse(head)
-        values = self._component(component)[ref.layer, ref.head]
+        scores = self._component(component)
+        ref = HeadRef.parse(head).check_grid(scores.shape[0], scores.shape[1])
+        values = scores[ref.layer, ref.head]
         return TokenScores(f"max|dNLL/d{component}| of {ref}", values, self.paragraphs)
 
     def head_scores(
@@ -120,9 +122,8 @@ def activation_gradients(
         raise ValueError(f"components must be among {COMPONENTS}, got {components}")
     if token_range not in ("continuation", "first"):
         raise ValueError(f"token_range must be 'continuation' or 'first', got {token_range!r}")
-    if not len(paragraphs):
-        raise ValueError("no paragraphs given")
-    paragraphs.check_model(model)
+    check_set(model, paragraphs, "paragraphs")
+    check_positive_int(batch_size, "batch_size")
     cfg = model.cfg
     p = paragraphs.prefix_len
     names = [(c, layer, hook_name(c, layer)) for c in components for layer in range(cfg.n_layers)]

@@ -30,6 +30,7 @@ from memloc_tl.memorization import continuation_logits
 from memloc_tl.objectives import grad_only_for
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable, HeadScores
+from memloc_tl.validation import check_positive_int, check_set
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,9 @@ def attribution_patching(
         batch_size: paragraphs per forward and backward pass.
         progress: show a progress bar.
     """
-    target.check_model(model)
-    _check_pair(model, target, source, "source")
-    if len(source) != len(target):
-        raise ValueError(f"source has {len(source)} paragraphs, target {len(target)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_set(model, target, "target")
+    _check_pair(model, target, source, "source", aligned=True)
+    check_positive_int(batch_size, "batch_size")
     cfg = model.cfg
     chosen = position_mask(target.seq_len, _positions(positions, target.seq_len), "cpu")
     names = [hook_name("z", layer) for layer in range(cfg.n_layers)]

@@ -48,6 +48,7 @@ from memloc_tl.objectives import (
 )
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable, LayerComponentScores
+from memloc_tl.validation import check_choice, check_positive_int, check_set
 
 __all__ = [  # the objectives' names stay importable from here
     "HEAD_MATRICES",
@@ -232,9 +233,8 @@ def gradient_norms(
     """
     if aggregate not in ("batch_mean", "per_paragraph"):
         raise ValueError(f"aggregate must be 'batch_mean' or 'per_paragraph', got {aggregate!r}")
-    if not len(paragraphs):
-        raise ValueError("no paragraphs given")
-    paragraphs.check_model(model)
+    check_set(model, paragraphs, "paragraphs")
+    check_positive_int(batch_size, "batch_size")
     p = paragraphs.prefix_len
 
     def nll(tokens: Tensor, start: int) -> Tensor:
@@ -293,10 +293,10 @@ def contrastive_gradients(
         batch_size: paragraphs per forward/backward pass.
         progress: show a progress bar.
     """
-    if kl_reduction not in ("sum_positions", "mean"):
-        raise ValueError(f"kl_reduction must be 'sum_positions' or 'mean', got {kl_reduction!r}")
-    memorized.check_model(model)
-    keep.check_model(model)
+    check_choice(kl_reduction, "kl_reduction", ("sum_positions", "mean"))
+    check_set(model, memorized, "memorized")
+    check_set(model, keep, "keep")
+    check_positive_int(batch_size, "batch_size")
     if reference is None:
         reference = reference_logprobs(model, keep, batch_size)
     if reference.shape[0] != len(keep):

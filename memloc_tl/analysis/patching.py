@@ -33,6 +33,7 @@ from memloc_tl.hooks import hook_name, make_each_head_replace_hook, make_head_re
 from memloc_tl.memorization import exact_match_length, score_continuations
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable, HeadScores
+from memloc_tl.validation import check_positions, check_positive_int, check_set
 
 Kind = Literal["patch", "zero", "mean"]
 DEFAULT_HEADS: tuple[str, ...] = ("L1H2",)
@@ -154,26 +155,34 @@ def _check_kind(kind: str, source: Paragraphs | None, reference: Paragraphs | No
         raise ValueError("mean ablation needs reference paragraphs to average over")
 
 
-def _check_pair(model: HookedTransformer, target: Paragraphs, other: Paragraphs, what: str) -> None:
-    other.check_model(model)
+def _check_pair(
+    model: HookedTransformer,
+    target: Paragraphs,
+    other: Paragraphs,
+    what: str,
+    *,
+    aligned: bool = False,
+) -> None:
+    check_set(model, other, what)
     if other.seq_len != target.seq_len:
         raise ValueError(f"{what} windows have {other.seq_len} tokens, targets {target.seq_len}")
+    if aligned and len(other) != len(target):
+        raise ValueError(
+            f"{what} has {len(other)} paragraphs, target {len(target)}: patching pairs them row "
+            f"by row, so pass as many (e.g. {what}[: len(target)] with enough rows, or the "
+            "target's own perturbed PMPs from perturb_prefixes(model, target).perturbed)"
+        )
 
 
 def _positions(positions: Sequence[int] | Tensor | None, seq_len: int) -> Tensor | None:
-    if positions is None:
-        return None
-    positions = torch.as_tensor(positions, dtype=torch.long).flatten()
-    if len(positions) == 0 or int(positions.min()) < 0 or int(positions.max()) >= seq_len:
-        raise ValueError(f"positions must be non-empty and within 0..{seq_len - 1}")
-    return positions
+    return None if positions is None else check_positions(positions, seq_len)
 
 
 def mean_head_outputs(
     model: HookedTransformer, reference: Paragraphs, layers: Sequence[int], batch_size: int = 32
 ) -> dict[int, Float[Tensor, "pos head_index d_head"]]:
     """Mean ``hook_z`` per layer and position over a reference paragraph set (mean ablation)."""
-    reference.check_model(model)
+    check_set(model, reference, "reference")
     names = {hook_name("z", layer): layer for layer in layers}
     sums: dict[int, Tensor] = {}
     with torch.no_grad():
@@ -286,10 +295,9 @@ def patch_heads(
         progress: show a progress bar.
     """
     parsed = _heads(model, heads)
-    target.check_model(model)
-    _check_pair(model, target, source, "source")
-    if len(source) != len(target):
-        raise ValueError(f"source has {len(source)} paragraphs, target {len(target)}: pair them")
+    check_set(model, target, "target")
+    _check_pair(model, target, source, "source", aligned=True)
+    check_positive_int(batch_size, "batch_size")
     return _intervene(
         model,
         target,
@@ -330,7 +338,8 @@ def ablate_heads(
         raise ValueError(f"kind must be 'zero' or 'mean', got {kind!r}")
     _check_kind(kind, None, reference)
     parsed = _heads(model, heads)
-    paragraphs.check_model(model)
+    check_set(model, paragraphs, "paragraphs")
+    check_positive_int(batch_size, "batch_size")
     if reference is not None:
         _check_pair(model, paragraphs, reference, "reference")
     return _intervene(
@@ -374,15 +383,12 @@ def patching_sweep(
         progress: show a progress bar.
     """
     _check_kind(kind, source, reference)
-    target.check_model(model)
+    check_set(model, target, "target")
     if source is not None:
-        _check_pair(model, target, source, "source")
-        if len(source) != len(target):
-            raise ValueError(f"source has {len(source)} paragraphs, target {len(target)}")
+        _check_pair(model, target, source, "source", aligned=True)
     if reference is not None:
         _check_pair(model, target, reference, "reference")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_positive_int(batch_size, "batch_size")
     cfg = model.cfg
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     chosen = _positions(positions, target.seq_len)

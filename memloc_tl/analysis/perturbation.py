@@ -35,6 +35,7 @@ from memloc_tl.memorization import (
 )
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable, TokenScores
+from memloc_tl.validation import check_choice, check_positive_int, check_set
 
 
 @dataclass(frozen=True)
@@ -189,17 +190,10 @@ def perturb_prefixes(
     Returns:
         The result; ``result.mean_drop_per_token()`` is the paper's headline number.
     """
-    if not isinstance(paragraphs, Paragraphs):
-        raise TypeError(f"paragraphs must be Paragraphs, got {type(paragraphs).__name__}")
-    if reference not in ("true", "greedy"):
-        raise ValueError(f"reference must be 'true' or 'greedy', got {reference!r}")
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not len(paragraphs):
-        raise ValueError("no paragraphs to perturb")
-    paragraphs.check_model(model)
+    check_set(model, paragraphs, "paragraphs")
+    check_choice(reference, "reference", ("true", "greedy"))
+    check_positive_int(n_samples, "n_samples")
+    check_positive_int(batch_size, "batch_size")
     if reference == "greedy":
         paragraphs = paragraphs.with_continuation(
             greedy_continuations(model, paragraphs.prefix, paragraphs.continuation_len)

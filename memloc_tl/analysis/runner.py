@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.validation import check_positive_int, check_set
 
 
 class ForwardAnalyzer(Protocol):
@@ -43,9 +44,8 @@ def run_analyzers(
     """
     if not analyzers:
         raise ValueError("run_analyzers needs at least one analyzer")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    paragraphs.check_model(model)
+    check_positive_int(batch_size, "batch_size")
+    check_set(model, paragraphs, "paragraphs")
     stop = max(a.last_layer for a in analyzers) + 1
     device = model.cfg.device
     for start in tqdm(

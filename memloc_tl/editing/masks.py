@@ -110,6 +110,12 @@ class ParamMask:
             within: candidate weights (default all of ``grads``).
         """
         names = list(grads)
+        bad = [n for n in names if not bool(torch.isfinite(grads[n]).all())]
+        if bad:
+            raise ValueError(
+                f"the gradients of {bad[:3]} hold NaN or Inf: a top-|gradient| mask would be "
+                "arbitrary; check the loss (e.g. an empty or mis-tokenized paragraph set)"
+            )
         candidates = [_candidates(grads[n], within, n) for n in names]
         k = _count(fraction, sum(int(c.sum()) for c in candidates))
         scores = torch.cat(

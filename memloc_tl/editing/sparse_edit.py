@@ -44,6 +44,10 @@ from memloc_tl.objectives import (
 )
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable
+from memloc_tl.validation import check_choice, check_positive_int, check_set
+
+EDIT_FORMAT = "memloc-tl weight edit v1"
+"""The ``format`` metadata of a saved :class:`WeightEdit`."""
 
 Objective = Literal["unlearn", "edit"]
 MaskChoice = Literal["gradient", "random", "all"]
@@ -61,6 +65,21 @@ class WeightEdit:
     before: Mapping[str, Tensor]
     after: Mapping[str, Tensor]
 
+    def __post_init__(self) -> None:
+        if not (set(self.masks) == set(self.before) == set(self.after)):
+            raise ValueError("masks, before and after must name the same matrices")
+        for name, mask in self.masks.items():
+            if mask.dtype != torch.bool:
+                raise TypeError(f"the mask of {name} must be boolean, got {mask.dtype}")
+            n = int(mask.sum())
+            for side in ("before", "after"):
+                values = getattr(self, side)[name]
+                if values.ndim != 1 or len(values) != n:
+                    raise ValueError(
+                        f"{side}[{name!r}] holds {tuple(values.shape)} values for a mask of {n} "
+                        "entries: one value per masked entry is needed"
+                    )
+
     @classmethod
     def between(
         cls, mask: ParamMask, original: Mapping[str, Tensor], model: HookedTransformer
@@ -75,13 +94,20 @@ class WeightEdit:
 
     def _write(self, model: HookedTransformer, values: Mapping[str, Tensor]) -> None:
         params = attributed_parameters(model)
+        # Every check before the first write: a model is edited whole or not at all.
+        for name, mask in self.masks.items():
+            if name not in params:
+                raise ValueError(
+                    f"the edit changes {name}, which this model does not have: not the model "
+                    "(architecture) the edit was made on"
+                )
+            if params[name].shape != mask.shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(params[name].shape)}, the edit "
+                    f"{tuple(mask.shape)}: not the model the edit was made on"
+                )
         with torch.no_grad():
             for name, mask in self.masks.items():
-                if params[name].shape != mask.shape:
-                    raise ValueError(
-                        f"{name} has shape {tuple(params[name].shape)}, the edit "
-                        f"{tuple(mask.shape)}: not the model the edit was made on"
-                    )
                 params[name][mask.to(params[name].device)] = values[name].to(
                     params[name].device, params[name].dtype
                 )
@@ -115,13 +141,32 @@ class WeightEdit:
             tensors[f"{name}.mask"] = mask.to(torch.uint8).contiguous()
             tensors[f"{name}.before"] = self.before[name].contiguous()
             tensors[f"{name}.after"] = self.after[name].contiguous()
-        metadata = {"format": "memloc-tl weight edit v1"}
+        metadata = {"format": EDIT_FORMAT}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> WeightEdit:
+        """Read an edit written by :meth:`save` (anything else is a clear ``ValueError``)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no edit file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(f"{path} is not a safetensors file ({error})") from error
+        if metadata.get("format") != EDIT_FORMAT:
+            raise ValueError(
+                f"{path} is not a memloc-tl weight edit (format {metadata.get('format')!r}); "
+                "write edits with WeightEdit.save or EditResult.edit.save"
+            )
         tensors = load_file(str(path))
         names = sorted({key.rsplit(".", 1)[0] for key in tensors})
+        expected = {f"{n}.{part}" for n in names for part in ("mask", "before", "after")}
+        if set(tensors) != expected:
+            raise ValueError(f"{path} is incomplete: missing {sorted(expected - set(tensors))}")
         return cls(
             masks={n: tensors[f"{n}.mask"].bool() for n in names},
             before={n: tensors[f"{n}.before"] for n in names},
@@ -287,8 +332,11 @@ def sparse_edit(
         batch_size: paragraphs per forward/backward pass.
         progress: show a progress bar.
     """
-    if objective not in ("unlearn", "edit"):
-        raise ValueError(f"objective must be 'unlearn' or 'edit', got {objective!r}")
+    check_choice(objective, "objective", ("unlearn", "edit"))
+    check_choice(kl_reduction, "kl_reduction", ("sum_positions", "mean"))
+    check_positive_int(batch_size, "batch_size")
+    check_set(model, memorized, "memorized")
+    check_set(model, keep, "keep")
     if objective == "edit" and target is None:
         raise ValueError(
             "objective='edit' needs target paragraphs (e.g. perturb_prefixes(...).perturbed)"

@@ -1,0 +1,84 @@
+"""One validation path for what analyzers and editors are given, checked before any work.
+
+Every public entry point checks its inputs here first, so a bad input is a ``TypeError`` or
+``ValueError`` that names the argument and the fix, raised before a forward pass, a hook or a
+write, never a NaN result or a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from memloc_tl.paragraphs import Paragraphs
+
+
+def check_set(model: Any, paragraphs: Any, name: str, *, allow_empty: bool = False) -> Paragraphs:
+    """``paragraphs`` is a non-empty :class:`Paragraphs` made for ``model``'s tokenizer."""
+    if not isinstance(paragraphs, Paragraphs):
+        raise TypeError(
+            f"{name} must be Paragraphs (Paragraphs.from_texts / from_tokens), got "
+            f"{type(paragraphs).__name__}"
+        )
+    if not allow_empty and len(paragraphs) == 0:
+        raise ValueError(
+            f"{name} is empty: pass at least one paragraph (a filter such as "
+            "scan.memorized() can select none; check len() first)"
+        )
+    paragraphs.check_model(model)
+    return paragraphs
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """An ``int`` (not a bool or float) of at least 1, e.g. a batch size or a step count."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:
+    """``value`` is exactly one of ``choices`` (no prefix or case matching)."""
+    options = tuple(choices)
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return value
+
+
+def check_fraction(value: Any, name: str) -> float:
+    """A finite number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in (0, 1], got {type(value).__name__}")
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return float(value)
+
+
+def check_positions(
+    positions: Sequence[int] | Tensor, length: int, name: str = "positions"
+) -> Tensor:
+    """Non-empty integer positions within ``0..length-1``, as a long tensor.
+
+    Floats are refused rather than truncated (``1.7`` is not position 1), and so are bools.
+    """
+    if isinstance(positions, Tensor):
+        values = positions.flatten()
+        if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
+            raise TypeError(f"{name} must hold integers, got a {values.dtype} tensor")
+        values = values.long()
+    else:
+        items = list(positions)
+        bad = [p for p in items if isinstance(p, bool) or not isinstance(p, int)]
+        if bad:
+            raise TypeError(f"{name} must hold integers, got {bad[0]!r} ({type(bad[0]).__name__})")
+        values = torch.tensor(items, dtype=torch.long)
+    if len(values) == 0:
+        raise ValueError(f"{name} is empty: pass at least one position (or None for all)")
+    if int(values.min()) < 0 or int(values.max()) >= length:
+        raise ValueError(f"{name} must lie within 0..{length - 1}, got {values.tolist()}")
+    return values
