@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,11 +13,58 @@ from memloc_tl.files import atomic_write
 from memloc_tl.memorization import scan_memorization, summarize
 from memloc_tl.models import DEFAULT_MODEL, load_model
 from memloc_tl.organism import Organism, OrganismConfig, build_organism
+from memloc_tl.organism import acceptance as organism_acceptance
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.report import memorization_report
 from memloc_tl.workbench import Workbench, load_workbench, organism_workbench
 
 ORGANISM = "organism"
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, ImportError)
+"""Errors that mean bad input or environment: one line on stderr and exit code 2 (without
+``--debug``). Anything else is a bug: its traceback is shown with ``--debug``."""
+
+
+class UsageError(Exception):
+    """An invalid command line found after parsing (e.g. an unwritable --out)."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def check_output(path: Path, suffixes: Sequence[str], option: str = "--out") -> Path:
+    """Refuse an output path that cannot be written, before any work is done."""
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"{option} must end in {' or '.join(suffixes)}, got {path.name}")
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the nearest existing folder: the missing ones will be made
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: cannot write into {parent}; choose another place")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path} exists and is not writable")
+    return path
 
 
 def _organism(args: argparse.Namespace) -> Organism:
@@ -30,9 +78,7 @@ def _organism(args: argparse.Namespace) -> Organism:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    out = None if args.report is None else _report_path(args)
-    if args.report is not None and out is None:
-        return 2
+    out = None if args.report is None else check_output(args.report, (".html", ".htm"), "--report")
     organism = _organism(args)
     config = organism.config
     print(f"memloc-tl demo: the offline GPT-Neo organism ({organism.path})")
@@ -44,7 +90,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print("  'xN' = times the paragraph is in each epoch's training data\n")
     scans = organism.scans(batch_size=args.batch_size)
     print(summarize(scans).to_string(index=False, float_format="{:.2f}".format))
-    acceptance = organism.report["acceptance"]
+    acceptance = organism_acceptance(scans, config)  # measured now, not read from the cache
     verdict = "passed" if acceptance["passed"] else "MISSED"
     print(
         f"\nacceptance {verdict}: {acceptance['top_tier_memorized_share']:.0%} of the most "
@@ -64,60 +110,45 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_path(args: argparse.Namespace) -> Path | None:
-    out = Path(args.report)
-    if out.suffix.lower() not in (".html", ".htm"):
-        print(f"the report must be a .html file, got {out.name}", file=sys.stderr)
-        return None
-    return out
-
-
 def _write_report(args: argparse.Namespace, bench: Workbench, out: Path) -> int:
-    try:
-        report = memorization_report(
-            bench.model,
-            bench.paragraphs,
-            corpus_counts=None if bench.counts_from_paragraphs else bench.corpus_counts,
-            general=bench.general,
-            n_paragraphs=args.paragraphs,
-            edit_lr=bench.edit_lr if args.edit_lr is None else args.edit_lr,
-            edit_steps=args.edit_steps,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            title=f"memloc-tl report: {bench.model.cfg.model_name}",
-            progress=True,
-        )
-    except ValueError as error:
-        print(f"memloc report: {error}", file=sys.stderr)
-        return 1
+    report = memorization_report(
+        bench.model,
+        bench.paragraphs,
+        corpus_counts=None if bench.counts_from_paragraphs else bench.corpus_counts,
+        general=bench.general,
+        n_paragraphs=args.paragraphs,
+        edit_lr=bench.edit_lr if args.edit_lr is None else args.edit_lr,
+        edit_steps=args.edit_steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        title=f"memloc-tl report: {bench.model.cfg.model_name}",
+        progress=True,
+    )
     report.write_html(out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opens offline)")
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
-    out = _report_path(args)
-    if out is None:
-        return 2
+    out = check_output(args.report, (".html", ".htm"))
     name = args.model
     if name == ORGANISM and args.tiny:
         name = "organism-tiny"
-    try:
-        bench = load_workbench(
-            name,
-            data=args.data,
-            text_column=args.text_column,
-            windows=args.windows,
-            cache_dir=args.cache_dir,
-            device=args.device,
-        )
-    except ValueError as error:
-        print(f"memloc report: {error}", file=sys.stderr)
-        return 2
+    bench = load_workbench(
+        name,
+        data=args.data,
+        text_column=args.text_column,
+        windows=args.windows,
+        cache_dir=args.cache_dir,
+        device=args.device,
+    )
     return _write_report(args, bench, out)
 
 
 def run_scan(args: argparse.Namespace) -> int:
+    out = check_output(args.out, (".csv", ".json"))
+    if not Path(args.data).is_file():
+        raise UsageError(f"--data {args.data}: no such file")
     if args.model == ORGANISM:
         model = _organism(args).model
     else:
@@ -131,18 +162,13 @@ def run_scan(args: argparse.Namespace) -> int:
         on_short="skip",
     )
     if not len(paragraphs):
-        print(f"no text in {args.data} is long enough for one 100-token paragraph", file=sys.stderr)
-        return 1
+        raise UsageError(f"no text in {args.data} is long enough for one 100-token paragraph")
     scan = scan_memorization(model, paragraphs, batch_size=args.batch_size, progress=True)
     frame = scan.to_frame()
-    out = Path(args.out)
     if out.suffix.lower() == ".json":
-        frame.to_json(out, orient="records", indent=1)
-    elif out.suffix.lower() == ".csv":
-        frame.to_csv(out, index=False)
+        atomic_write(out, lambda tmp: frame.to_json(tmp, orient="records", indent=1))
     else:
-        print(f"--out must end in .csv or .json, got {out.name}", file=sys.stderr)
-        return 2
+        atomic_write(out, lambda tmp: frame.to_csv(tmp, index=False))
     print(
         f"scanned {len(scan)} paragraphs ({paragraphs.n_too_short} texts too short): "
         f"{len(scan.memorized())} memorized (EM = {scan.continuation_len}); wrote {out}"
@@ -154,10 +180,7 @@ def run_localize_benchmark(args: argparse.Namespace) -> int:
     from memloc_tl.localization import METHODS, InjectionConfig, LearnedMaskConfig
     from memloc_tl.localization.benchmark import BASELINES, organism_benchmark
 
-    out: Path | None = args.out
-    if out is not None and out.suffix.lower() != ".csv":
-        print(f"--out must end in .csv, got {out.name}", file=sys.stderr)
-        return 2
+    out: Path | None = None if args.out is None else check_output(args.out, (".csv",))
     methods = None if args.methods is None else args.methods.split(",")
     known = set(METHODS[args.level]) | set(BASELINES)
     if methods is not None and not set(methods) <= known:
@@ -166,9 +189,6 @@ def run_localize_benchmark(args: argparse.Namespace) -> int:
             f"unknown methods for {args.level}: {unknown}; choose from {sorted(known)}",
             file=sys.stderr,
         )
-        return 2
-    if args.seeds < 1 or args.paragraphs < 1 or args.learned_steps < 1:
-        print("--seeds, --paragraphs and --learned-steps must be >= 1", file=sys.stderr)
         return 2
     organism = _organism(args)
     result = organism_benchmark(
@@ -196,23 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="memloc",
         description="Localize paragraph memorization in GPT-Neo on TransformerLens.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def organism_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--tiny", action="store_true", help="the small test organism (fast)")
         sub.add_argument("--cache-dir", type=Path, default=None, help="organism cache directory")
         sub.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
-        sub.add_argument("--batch-size", type=int, default=32)
+        sub.add_argument("--batch-size", type=positive_int, default=32)
 
     def report_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--paragraphs", type=int, default=8, help="paragraphs per set")
+        sub.add_argument("--paragraphs", type=positive_int, default=8, help="paragraphs per set")
         sub.add_argument(
             "--edit-lr",
             type=float,
             default=None,
             help="unlearning learning rate (default 3e-2 for an organism, 1e-5 otherwise)",
         )
-        sub.add_argument("--edit-steps", type=int, default=10)
+        sub.add_argument("--edit-steps", type=positive_int, default=10)
         sub.add_argument("--seed", type=int, default=0)
 
     demo = commands.add_parser("demo", help="offline: build or load the organism and scan it")
@@ -263,18 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--methods", default=None, help="comma-separated localizers (default: all of the level)"
     )
-    bench.add_argument("--seeds", type=int, default=1, help="INJ: injections (one per seed)")
     bench.add_argument(
-        "--paragraphs", type=int, default=2, help="INJ: paragraphs per injection; DEL: targets"
+        "--seeds", type=positive_int, default=1, help="INJ: injections (one per seed)"
     )
     bench.add_argument(
-        "--fraction", type=float, default=0.01, help="INJ weights: share injected per paragraph"
+        "--paragraphs",
+        type=positive_int,
+        default=2,
+        help="INJ: paragraphs per injection; DEL: targets",
     )
-    bench.add_argument("--max-steps", type=int, default=400, help="INJ: step budget")
     bench.add_argument(
-        "--delete-fraction", type=float, default=0.001, help="DEL: share of units zeroed"
+        "--fraction", type=fraction, default=0.01, help="INJ weights: share injected per paragraph"
     )
-    bench.add_argument("--learned-steps", type=int, default=150, help="learned mask: steps")
+    bench.add_argument("--max-steps", type=positive_int, default=400, help="INJ: step budget")
+    bench.add_argument(
+        "--delete-fraction", type=fraction, default=0.001, help="DEL: share of units zeroed"
+    )
+    bench.add_argument(
+        "--learned-steps", type=positive_int, default=150, help="learned mask: steps"
+    )
     bench.add_argument("--out", type=Path, default=None, help="per-run results, .csv")
     organism_options(bench)
     bench.set_defaults(run=run_localize_benchmark)
@@ -282,9 +310,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. Expected errors (bad input, missing files, no network) are one line on
+    stderr with exit code 2; ``--debug`` shows the traceback of any error instead."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.run(args))
+    prog = f"memloc {args.command}"
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, *EXPECTED_ERRORS) as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        if args.debug:
+            raise
+        print(
+            f"{prog}: unexpected {type(error).__name__}: {error} (a bug: rerun with --debug for "
+            "the traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -424,17 +424,20 @@ def _evaluate(
     )
     table = summarize(scans)
     sets = {row.pop("set"): row for row in table.to_dict(orient="records")}
-    top = next(iter(sets.values()))
-    top_share = top["memorized"] / top["n"]
-    control_em = sets["control x1"]["mean_em"]
+    return {"sets": sets, "acceptance": acceptance(scans, config)}
+
+
+def acceptance(scans: dict[str, MemorizationScan], config: OrganismConfig) -> dict[str, Any]:
+    """The build's acceptance, measured on ``scans`` (:meth:`Organism.scans`): the share of the
+    most repeated planted paragraphs at EM = 50 and the control set's mean EM."""
+    top = next(iter(scans.values()))
+    top_share = len(top.memorized()) / max(1, len(top))
+    control_em = float(scans["control x1"].exact_match.float().mean())
     return {
-        "sets": sets,
-        "acceptance": {
-            "top_tier_memorized_share": top_share,
-            "control_mean_em": control_em,
-            "passed": top_share >= config.min_top_tier_memorized
-            and control_em <= config.max_control_mean_em,
-        },
+        "top_tier_memorized_share": top_share,
+        "control_mean_em": control_em,
+        "passed": top_share >= config.min_top_tier_memorized
+        and control_em <= config.max_control_mean_em,
     }
 
 

@@ -83,5 +83,87 @@ def test_localize_benchmark_refuses_bad_options_before_any_work(
     assert main([*base, "--out", str(tmp_path / "x.json")]) == 2
     assert main([*base, "--level", "heads", "--methods", "gradient"]) == 2
     assert "unknown methods for heads" in capsys.readouterr().err
-    assert main([*base, "--seeds", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage and exit code 2
+        main([*base, "--seeds", "0"])
+    assert exit_info.value.code == 2
+    assert "must be >= 1" in capsys.readouterr().err
     assert not cache.exists()
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(
+    organism: Organism, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = tmp_path / "texts.csv"
+    pd.DataFrame({"text": organism.planted.texts(organism.tokenizer)[:2]}).to_csv(texts)
+    model = ["--model", str(organism.path)]
+    out = tmp_path / "scan.csv"
+    out.write_text("previous results\n")
+    cases = {
+        "no such file": [
+            "scan",
+            *model,
+            "--data",
+            str(tmp_path / "missing.csv"),
+            "--out",
+            str(out),
+        ],
+        "no column 'body'": [
+            "scan",
+            *model,
+            "--data",
+            str(texts),
+            "--out",
+            str(out),
+            "--text-column",
+            "body",
+        ],
+        "must end in .csv or .json": ["scan", *model, "--data", str(texts), "--out", "x.txt"],
+        "cannot write into": [
+            "scan",
+            *model,
+            "--data",
+            str(texts),
+            "--out",
+            str(texts / "scan.csv"),
+        ],
+        "not a checkpoint directory": [
+            "scan",
+            "--model",
+            str(tmp_path / "nope"),
+            "--data",
+            str(texts),
+            "--out",
+            str(out),
+        ],
+        "has no config.json": [
+            "report",
+            "--model",
+            str(tmp_path),
+            "--data",
+            str(texts),
+            "--out",
+            str(tmp_path / "r.html"),
+        ],
+    }
+    for expected, argv in cases.items():
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err
+        last = err.splitlines()[-1]  # earlier lines: progress bars of loading
+        assert last.startswith(f"memloc {argv[0]}: error: "), err
+        assert expected in last, (argv, err)
+    assert out.read_text() == "previous results\n"  # a failed scan leaves the old output
+    with pytest.raises(ValueError, match="no column"):  # --debug: the real exception
+        main(
+            [
+                "--debug",
+                "scan",
+                *model,
+                "--data",
+                str(texts),
+                "--out",
+                str(out),
+                "--text-column",
+                "body",
+            ]
+        )
