@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -207,3 +208,43 @@ def test_a_corrupted_cache_is_an_error_naming_the_file_and_the_fix(
     with pytest.raises(CorruptFileError, match=r"manifest\.json.*rebuild=True"):
         load_organism(copy)
     assert not (organism.path / COUNTS_FILE).name.endswith(".pt")  # no pickle to torch.load
+
+
+KILLED_BUILDER = """
+import sys, time
+import memloc_tl.organism as module
+from memloc_tl import OrganismConfig, build_organism
+
+def stalled(*args, **kwargs):
+    print("writing", flush=True)  # the checkpoint is half written into the staging directory
+    time.sleep(600)
+
+module._evaluate = stalled
+build_organism(OrganismConfig.tiny(**{MICRO!r}), cache_dir=sys.argv[1], progress=False)
+"""
+
+
+def test_kill_9_during_a_build_leaves_no_organism_and_the_next_build_recovers(
+    tmp_path: Path,
+) -> None:
+    script = KILLED_BUILDER.replace("{MICRO!r}", repr(MICRO))
+    builder = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert builder.stdout is not None
+        assert builder.stdout.readline().strip() == "writing"
+        builder.send_signal(signal.SIGKILL)
+        builder.wait(timeout=60)
+    finally:
+        builder.kill()
+    config = OrganismConfig.tiny(**MICRO)  # type: ignore[arg-type]
+    target = tmp_path / f"organism-{config.key()}"
+    assert not target.exists()  # no half-written organism under the real name
+    staging = [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert len(staging) == 1
+    assert (staging[0] / "config.json").is_file()  # it was killed mid-write
+    # the lock died with the process: the next build proceeds, and cleans up
+    organism = build_organism(config, cache_dir=tmp_path, progress=False)
+    assert organism.path == target
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{target.name}.lock", target.name]
