@@ -27,13 +27,17 @@ BENCHMARKS: dict[str, list[str]] = {
     "perturbation": [],
     "gradients": [],
     "editing": [],
+    "startup": ["--repeats", "3"],
 }
+MODEL_FREE = {"startup"}
+"""Benchmarks that load no model (no --device / --layout)."""
 LARGE_BATCHES: dict[str, list[str]] = {
     "scan": ["--batch-size", "256"],
     "patching": ["--batch-size", "32"],
     "perturbation": ["--batch-size", "512", "--generate-batch-size", "512"],
     "gradients": ["--batch-size", "64"],
     "editing": [],
+    "startup": [],
 }
 """Batch sizes that keep a GPU busy (GPT-Neo 125M fits these in well under 40 GB)."""
 RATIO = re.compile(r"^(?P<name>[^=]+?)\s*=\s*(?P<value>[0-9.]+)x(?P<rest>.*)$")
@@ -59,7 +63,8 @@ def main() -> None:
         common += ["--device", args.device]
     rows: list[tuple[str, str, str, str]] = []
     for name in args.only or BENCHMARKS:
-        command = [sys.executable, str(HERE / f"{name}.py"), *common, *BENCHMARKS[name]]
+        shared = [] if name in MODEL_FREE else common
+        command = [sys.executable, str(HERE / f"{name}.py"), *shared, *BENCHMARKS[name]]
         if args.large_batches:
             command += LARGE_BATCHES[name]
         print(f"\n=== {name}: {' '.join(command[1:])}", flush=True)

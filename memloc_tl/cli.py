@@ -8,15 +8,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from memloc_tl.files import atomic_write
-from memloc_tl.memorization import scan_memorization, summarize
-from memloc_tl.models import DEFAULT_MODEL, load_model
-from memloc_tl.organism import Organism, OrganismConfig, build_organism
-from memloc_tl.organism import acceptance as organism_acceptance
-from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.report import memorization_report
-from memloc_tl.workbench import Workbench, load_workbench, organism_workbench
+
+if TYPE_CHECKING:  # torch and TransformerLens load only when a command runs, not for --help
+    from memloc_tl.organism import Organism
+    from memloc_tl.workbench import Workbench
+
+DEFAULT_MODEL = "EleutherAI/gpt-neo-125M"  # memloc_tl.models.DEFAULT_MODEL (a test checks)
 
 ORGANISM = "organism"
 
@@ -68,6 +68,8 @@ def check_output(path: Path, suffixes: Sequence[str], option: str = "--out") -> 
 
 
 def _organism(args: argparse.Namespace) -> Organism:
+    from memloc_tl.organism import OrganismConfig, build_organism
+
     config = OrganismConfig.tiny() if args.tiny else OrganismConfig()
     return build_organism(
         config,
@@ -78,6 +80,10 @@ def _organism(args: argparse.Namespace) -> Organism:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from memloc_tl.memorization import summarize
+    from memloc_tl.organism import acceptance as organism_acceptance
+    from memloc_tl.workbench import organism_workbench
+
     out = None if args.report is None else check_output(args.report, (".html", ".htm"), "--report")
     organism = _organism(args)
     config = organism.config
@@ -111,6 +117,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _write_report(args: argparse.Namespace, bench: Workbench, out: Path) -> int:
+    from memloc_tl.report import memorization_report
+
     report = memorization_report(
         bench.model,
         bench.paragraphs,
@@ -130,6 +138,8 @@ def _write_report(args: argparse.Namespace, bench: Workbench, out: Path) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from memloc_tl.workbench import load_workbench
+
     out = check_output(args.report, (".html", ".htm"))
     name = args.model
     if name == ORGANISM and args.tiny:
@@ -146,6 +156,10 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_scan(args: argparse.Namespace) -> int:
+    from memloc_tl.memorization import scan_memorization
+    from memloc_tl.models import load_model
+    from memloc_tl.paragraphs import Paragraphs
+
     out = check_output(args.out, (".csv", ".json"))
     if not Path(args.data).is_file():
         raise UsageError(f"--data {args.data}: no such file")

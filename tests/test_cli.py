@@ -167,3 +167,23 @@ def test_cli_errors_are_one_line_with_exit_code_2(
                 "body",
             ]
         )
+
+
+def test_help_needs_no_torch_and_the_package_loads_lazily() -> None:
+    import subprocess
+    import sys
+
+    import memloc_tl
+    from memloc_tl import cli, models
+
+    assert cli.DEFAULT_MODEL == models.DEFAULT_MODEL
+    code = (
+        "import sys; from memloc_tl.cli import build_parser; build_parser().format_help(); "
+        "import memloc_tl; print('torch' in sys.modules, 'transformer_lens' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
+    # every public name resolves, from the module the lazy table names
+    for name in memloc_tl.__all__:
+        assert getattr(memloc_tl, name) is not None
+    assert set(memloc_tl.__all__) == {*memloc_tl._SOURCES, "__version__"}
