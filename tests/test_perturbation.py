@@ -156,3 +156,27 @@ def test_prefix_kv_cache_reproduces_the_full_forward(organism: Organism) -> None
     assert cache.entries[0].past_keys.shape[1] == 30  # frozen: the call did not grow it
     with pytest.raises(ValueError, match="must hold < 50"):
         score_continuations(model, tokens[rows], 50, past_kv_cache=shared.cache(rows, 50))
+
+
+def test_pmp_choices_follow_their_rule(organism: Organism) -> None:
+    paragraphs = organism.planted[[0, 1, 2]]
+    kwargs: dict[str, Any] = {"n_samples": 2, "seed": 4, "progress": False}
+    excluded = perturb_prefixes(organism.model, paragraphs, pmp_exclude_last=10, **kwargs)
+    by_nll = perturb_prefixes(organism.model, paragraphs, pmp_choice="max_nll", **kwargs)
+    # the same variants were scored; only the choice of PMP differs
+    assert torch.equal(excluded.em, by_nll.em)
+    assert excluded.perturbed is not None
+    assert by_nll.perturbed is not None
+    em, nll = excluded.em, excluded.nll
+    for row in range(len(paragraphs)):
+        # independent: the lowest EM among positions < 40, earliest position and sample
+        candidates = [(int(em[row, pos, k]), pos, k) for pos in range(1, 40) for k in range(2)]
+        _, position, _ = min(candidates)
+        assert excluded.perturbed.meta["position"][row] == position
+        flat = int(nll[row, 1:].flatten().argmax())
+        assert by_nll.perturbed.meta["position"][row] == 1 + flat // 2
+    assert set(by_nll.perturbed.meta["chosen_by"]) == {"max_nll"}
+    with pytest.raises(ValueError, match="pmp_choice"):
+        perturb_prefixes(organism.model, paragraphs, pmp_choice="max_em", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pmp_exclude_last"):
+        perturb_prefixes(organism.model, paragraphs, pmp_exclude_last=49, **kwargs)

@@ -165,6 +165,8 @@ def perturb_prefixes(
     build_perturbed: bool = True,
     batch_size: int = 32,
     shared_prefix: bool = True,
+    pmp_choice: Literal["min_em", "max_nll"] = "min_em",
+    pmp_exclude_last: int = 0,
     progress: bool = True,
 ) -> PrefixPerturbation:
     """Replace each prefix token in turn and measure how recall of the continuation changes.
@@ -185,6 +187,13 @@ def perturb_prefixes(
             position (:class:`memloc_tl.memorization.PrefixKV`) instead of recomputing them;
             the same numbers up to float rounding, about a quarter less compute for 50-token
             prefixes.
+        pmp_choice: which variant becomes each paragraph's PMP: ``"min_em"`` (the paper's: the
+            lowest EM, earliest position and sample on ties) or ``"max_nll"`` (the largest rise
+            of the original continuation's NLL, which separates variants that all reach EM 0).
+        pmp_exclude_last: never choose the last ``k`` prefix positions for the PMP. Replacing
+            the token right before the continuation often breaks recall trivially (the paper's
+            PMPs were at positions 2-49, median 44); ``k > 0`` asks for a PMP whose change lies
+            further back. The scores of every position are kept either way.
         progress: show a progress bar.
 
     Returns:
@@ -194,6 +203,15 @@ def perturb_prefixes(
     check_choice(reference, "reference", ("true", "greedy"))
     check_positive_int(n_samples, "n_samples")
     check_positive_int(batch_size, "batch_size")
+    check_choice(pmp_choice, "pmp_choice", ("min_em", "max_nll"))
+    first_allowed = 0 if include_first else 1
+    if isinstance(pmp_exclude_last, bool) or not isinstance(pmp_exclude_last, int):
+        raise TypeError(f"pmp_exclude_last must be an int, got {pmp_exclude_last!r}")
+    if not 0 <= pmp_exclude_last < paragraphs.prefix_len - first_allowed:
+        raise ValueError(
+            f"pmp_exclude_last must be in 0..{paragraphs.prefix_len - first_allowed - 1} (some "
+            f"perturbed position must remain), got {pmp_exclude_last}"
+        )
     if reference == "greedy":
         paragraphs = paragraphs.with_continuation(
             greedy_continuations(model, paragraphs.prefix, paragraphs.continuation_len)
@@ -247,21 +265,30 @@ def perturb_prefixes(
         seed=seed,
     )
     if build_perturbed:
-        result = dataclasses.replace(
-            result, perturbed=_perturbed_paragraphs(model, result, batch_size)
-        )
+        perturbed = _perturbed_paragraphs(model, result, batch_size, pmp_choice, pmp_exclude_last)
+        result = dataclasses.replace(result, perturbed=perturbed)
     return result
 
 
 def _perturbed_paragraphs(
-    model: HookedTransformer, result: PrefixPerturbation, batch_size: int
+    model: HookedTransformer,
+    result: PrefixPerturbation,
+    batch_size: int,
+    choice: str = "min_em",
+    exclude_last: int = 0,
 ) -> Paragraphs:
-    """Each paragraph's prefix perturbed where EM fell most, plus its greedy continuation."""
+    """Each paragraph's prefix perturbed at the chosen variant, plus its greedy continuation."""
     paragraphs = result.paragraphs
     n, p, s = result.em.shape
-    # Lowest EM first; ties go to the earliest position and sample (argmin returns the first).
-    em = result.em.where(result.em >= 0, torch.iinfo(torch.long).max).view(n, p * s)
-    flat = em.argmin(-1)
+    allowed = result.em >= 0
+    if exclude_last:
+        allowed[:, p - exclude_last :] = False
+    em = result.em.where(allowed, torch.iinfo(torch.long).max).view(n, p * s)
+    if choice == "min_em":
+        # Lowest EM first; ties go to the earliest position and sample (argmin: the first).
+        flat = em.argmin(-1)
+    else:  # largest NLL rise of the original continuation
+        flat = result.nll.where(allowed, -torch.inf).view(n, p * s).argmax(-1)
     position, sample = flat // s, flat % s
     rows = torch.arange(n)
     prefixes = paragraphs.prefix.clone()
@@ -281,6 +308,7 @@ def _perturbed_paragraphs(
             "original_token": tuple(paragraphs.prefix[rows, position].tolist()),
             "replacement_token": tuple(replacement.tolist()),
             "em_drop": tuple((result.baseline_em - em[rows, flat]).tolist()),
+            "chosen_by": (choice,) * n,
         },
         vocab_fingerprint=paragraphs.vocab_fingerprint,
     )
