@@ -237,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tiny", action="store_true", help="the small test organism (fast)")
         sub.add_argument("--cache-dir", type=Path, default=None, help="organism cache directory")
         sub.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
-        sub.add_argument("--batch-size", type=positive_int, default=32)
+        sub.add_argument(
+            "--batch-size", type=positive_int, default=32, help="paragraphs per forward pass"
+        )
 
     def report_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--paragraphs", type=positive_int, default=8, help="paragraphs per set")
@@ -247,8 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="unlearning learning rate (default 3e-2 for an organism, 1e-5 otherwise)",
         )
-        sub.add_argument("--edit-steps", type=positive_int, default=10)
-        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument(
+            "--edit-steps", type=positive_int, default=10, help="unlearning: optimizer steps"
+        )
+        sub.add_argument("--seed", type=int, default=0, help="seed of every random choice")
 
     demo = commands.add_parser("demo", help="offline: build or load the organism and scan it")
     organism_options(demo)
@@ -267,9 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument("--data", required=True, type=Path, help="csv, json, jsonl or txt file")
     scan.add_argument("--out", required=True, type=Path, help="results, .csv or .json")
-    scan.add_argument("--text-column", default="text")
-    scan.add_argument("--id-column", default=None)
-    scan.add_argument("--windows", choices=["first", "all"], default="first")
+    scan.add_argument("--text-column", default="text", help="column holding the texts")
+    scan.add_argument(
+        "--id-column",
+        default="auto",
+        help="column of paragraph ids (default: 'id' when the file has one, else the row number)",
+    )
+    scan.add_argument(
+        "--windows",
+        choices=["first", "all"],
+        default="first",
+        help="each text's first 100-token window, or every non-overlapping one",
+    )
     organism_options(scan)
     scan.set_defaults(run=run_scan)
 
@@ -283,8 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--data", type=Path, default=None, help="texts (needed unless organism)")
     report.add_argument("--out", dest="report", required=True, type=Path, help="the .html file")
-    report.add_argument("--text-column", default="text")
-    report.add_argument("--windows", choices=["first", "all"], default="all")
+    report.add_argument("--text-column", default="text", help="column holding the texts")
+    report.add_argument(
+        "--windows",
+        choices=["first", "all"],
+        default="all",
+        help="each text's first 100-token window, or every non-overlapping one",
+    )
     organism_options(report)
     report_options(report)
     report.set_defaults(run=run_report)

@@ -411,7 +411,7 @@ def _load_from_hub(
         f"(config.json, model.safetensors, tokenizer files; create one on a machine with network "
         f"via transformers: AutoModelForCausalLM.from_pretrained({official!r})"
         f".save_pretrained(dir) and the same for AutoTokenizer), or use the offline organism: "
-        f"memloc_tl.load_organism()."
+        f"memloc_tl.build_organism() in Python, --model organism on the command line."
     )
     offline = bool(constants.HF_HUB_OFFLINE)
     if not cached and offline:

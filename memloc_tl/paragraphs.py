@@ -265,8 +265,13 @@ class Paragraphs:
         id_column: str | None = None,
         **kwargs: Any,
     ) -> Paragraphs:
-        """Windows from a ``datasets.Dataset`` column of texts; ``kwargs`` as in ``from_texts``."""
+        """Windows from a ``datasets.Dataset`` column of texts; ``kwargs`` as in ``from_texts``.
+
+        ``id_column="auto"`` uses a column named ``id`` when there is one, else the row index.
+        """
         columns = list(getattr(dataset, "column_names", []) or [])
+        if id_column == "auto":
+            id_column = "id" if "id" in columns else None
         if text_column not in columns:
             raise ValueError(
                 f"the dataset has no column {text_column!r} (columns: {columns}); "

@@ -187,3 +187,13 @@ def test_help_needs_no_torch_and_the_package_loads_lazily() -> None:
     for name in memloc_tl.__all__:
         assert getattr(memloc_tl, name) is not None
     assert set(memloc_tl.__all__) == {*memloc_tl._SOURCES, "__version__"}
+
+
+def test_scan_uses_an_id_column_when_the_file_has_one(organism: Organism, tmp_path: Path) -> None:
+    texts = organism.planted.texts(organism.tokenizer)[:3]
+    data = tmp_path / "texts.csv"
+    pd.DataFrame({"id": ["a", "b", "c"], "text": texts}).to_csv(data, index=False)
+    out = tmp_path / "scan.csv"
+    argv = ["scan", "--model", str(organism.path), "--data", str(data), "--out", str(out)]
+    assert main(argv) == 0
+    assert pd.read_csv(out)["id"].tolist() == ["a", "b", "c"]
