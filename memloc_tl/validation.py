@@ -21,8 +21,8 @@ def check_set(model: Any, paragraphs: Any, name: str, *, allow_empty: bool = Fal
     """``paragraphs`` is a non-empty :class:`Paragraphs` made for ``model``'s tokenizer."""
     if not isinstance(paragraphs, Paragraphs):
         raise TypeError(
-            f"{name} must be Paragraphs (Paragraphs.from_texts / from_tokens), got "
-            f"{type(paragraphs).__name__}"
+            f"{name} must be Paragraphs, got {type(paragraphs).__name__}: wrap token tensors "
+            "with Paragraphs.from_tokens(tokens), texts with Paragraphs.from_texts(texts, model)"
         )
     if not allow_empty and len(paragraphs) == 0:
         raise ValueError(
