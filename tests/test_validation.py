@@ -68,7 +68,7 @@ def test_empty_sets_are_refused_by_name(organism: Organism, unchanged: Any) -> N
 
 def test_misaligned_source_says_how_to_pair(organism: Organism) -> None:
     target, source = organism.planted[[0, 1, 2]], organism.control[[0, 1]]
-    with pytest.raises(ValueError, match=r"row by row.*perturbed"):
+    with pytest.raises(ValueError, match=r"pair them row by row.*perturbed"):
         patching_sweep(organism.model, target, source, progress=False)
 
 

@@ -168,9 +168,9 @@ def _check_pair(
         raise ValueError(f"{what} windows have {other.seq_len} tokens, targets {target.seq_len}")
     if aligned and len(other) != len(target):
         raise ValueError(
-            f"{what} has {len(other)} paragraphs, target {len(target)}: patching pairs them row "
-            f"by row, so pass as many (e.g. {what}[: len(target)] with enough rows, or the "
-            "target's own perturbed PMPs from perturb_prefixes(model, target).perturbed)"
+            f"{what} has {len(other)} paragraphs, target {len(target)}: pair them row by row, "
+            f"one {what} paragraph per target (e.g. the target's own perturbed PMPs from "
+            "perturb_prefixes(model, target).perturbed)"
         )
 
 
