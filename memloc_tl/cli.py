@@ -68,9 +68,16 @@ def check_output(path: Path, suffixes: Sequence[str], option: str = "--out") -> 
 
 
 def _organism(args: argparse.Namespace) -> Organism:
-    from memloc_tl.organism import OrganismConfig, build_organism
+    from memloc_tl.organism import MANIFEST, OrganismConfig, build_organism, default_cache_dir
 
     config = OrganismConfig.tiny() if args.tiny else OrganismConfig()
+    root = Path(args.cache_dir) if args.cache_dir is not None else default_cache_dir()
+    if (
+        getattr(args, "rebuild", False)
+        or not (root / f"organism-{config.key()}" / MANIFEST).is_file()
+    ):
+        size = "about 1 minute" if args.tiny else "a few minutes on a laptop CPU, longer under load"
+        print(f"first run: building the organism ({size}); it is cached in {root}", flush=True)
     return build_organism(
         config,
         cache_dir=args.cache_dir,
@@ -113,6 +120,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if out is not None:
         name = "organism-tiny" if args.tiny else "organism"
         return _write_report(args, organism_workbench(organism, name), out)
+    tiny = " --tiny" if args.tiny else ""
+    print(
+        f"\nnext: memloc report{tiny} --out report.html  (the whole pipeline as one offline page)"
+    )
     return 0
 
 

@@ -58,6 +58,8 @@ def test_demo_prints_the_summary(
     assert line.split()[2:4] == [str(n_top), str(len(memorized))]
     assert "acceptance passed" in out
     assert "control x1" in out
+    assert "first run" not in out  # the suite's organism is cached
+    assert "next: memloc report --tiny --out report.html" in out
 
 
 def test_localize_benchmark_writes_the_inj_table(
