@@ -121,3 +121,19 @@ def unchanged() -> Callable[[torch.nn.Module], Any]:
             assert_same_state(before, model_state(model))
 
     return check
+
+
+def kill_9_when_ready(argv: list[str], ready: str, timeout: float = 60) -> int:
+    """Start ``argv``, wait for the line ``ready`` on its stdout, SIGKILL it; return its pid."""
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == ready
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=timeout)
+    finally:
+        process.kill()
+    return process.pid

@@ -100,6 +100,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(
     model = ["--model", str(organism.path)]
     out = tmp_path / "scan.csv"
     out.write_text("previous results\n")
+    bad_column = ["scan", *model, "--data", str(texts), "--out", str(out)]
+    bad_column += ["--text-column", "body"]
     cases = {
         "no such file": [
             "scan",
@@ -109,16 +111,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(
             "--out",
             str(out),
         ],
-        "no column 'body'": [
-            "scan",
-            *model,
-            "--data",
-            str(texts),
-            "--out",
-            str(out),
-            "--text-column",
-            "body",
-        ],
+        "no column 'body'": bad_column,
         "must end in .csv or .json": ["scan", *model, "--data", str(texts), "--out", "x.txt"],
         "cannot write into": [
             "scan",
@@ -156,19 +149,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(
         assert expected in last, (argv, err)
     assert out.read_text() == "previous results\n"  # a failed scan leaves the old output
     with pytest.raises(ValueError, match="no column"):  # --debug: the real exception
-        main(
-            [
-                "--debug",
-                "scan",
-                *model,
-                "--data",
-                str(texts),
-                "--out",
-                str(out),
-                "--text-column",
-                "body",
-            ]
-        )
+        main(["--debug", *bad_column])
 
 
 def test_help_needs_no_torch_and_the_package_loads_lazily() -> None:

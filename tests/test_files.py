@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -23,6 +21,7 @@ from memloc_tl.files import (
     remove_stale_temporaries,
     verify_checksums,
 )
+from tests.conftest import kill_9_when_ready
 
 DEAD_PID = 2**22 + 12345  # above Linux's pid_max default: never a running process
 
@@ -135,24 +134,15 @@ def test_kill_9_during_a_write_leaves_the_old_file_and_the_next_write_recovers(
 ) -> None:
     target = tmp_path / "scan.csv"
     atomic_write_text(target, "old\n")
-    writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert writer.stdout is not None
-        assert writer.stdout.readline().strip() == "writing"
-        writer.send_signal(signal.SIGKILL)
-        writer.wait(timeout=30)
-    finally:
-        writer.kill()
+    pid = kill_9_when_ready([sys.executable, "-c", WRITER, str(target)], "writing")
     assert target.read_text() == "old\n"
     leftovers = [p for p in tmp_path.iterdir() if p.name != "scan.csv"]
     assert len(leftovers) == 1
-    assert str(writer.pid) in leftovers[0].name
+    assert str(pid) in leftovers[0].name
     deadline = time.monotonic() + 10  # the killed pid is reaped by now
     while time.monotonic() < deadline:
         try:
-            os.kill(writer.pid, 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             break
         time.sleep(0.1)

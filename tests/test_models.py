@@ -238,25 +238,17 @@ def test_checkpoints_that_do_not_hold_together_are_refused(
 ) -> None:
     import shutil
 
-    # config.json claims more layers than the weights hold
-    deeper = tmp_path / "deeper"
-    shutil.copytree(neo_checkpoint, deeper)
-    config = json.loads((deeper / "config.json").read_text())
-    config["num_layers"] += 2
-    config["attention_types"] = [[["global", "local"], config["num_layers"] // 2]]
-    config["attention_layers"] = ["global", "local"] * (config["num_layers"] // 2)
-    (deeper / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"do not fit its config\.json"):
-        load_model(deeper)
-    # and fewer
-    shallower = tmp_path / "shallower"
-    shutil.copytree(neo_checkpoint, shallower)
-    config["num_layers"] -= 4
-    config["attention_types"] = [[["global", "local"], config["num_layers"] // 2]]
-    config["attention_layers"] = ["global", "local"] * (config["num_layers"] // 2)
-    (shallower / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"do not fit its config\.json"):
-        load_model(shallower)
+    # config.json claims more (or fewer) layers than the weights hold
+    for name, change in (("deeper", 2), ("shallower", -2)):
+        directory = tmp_path / name
+        shutil.copytree(neo_checkpoint, directory)
+        config = json.loads((directory / "config.json").read_text())
+        config["num_layers"] += change
+        config["attention_types"] = [[["global", "local"], config["num_layers"] // 2]]
+        config["attention_layers"] = ["global", "local"] * (config["num_layers"] // 2)
+        (directory / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=r"do not fit its config\.json"):
+            load_model(directory)
     # no tokenizer files: a clear error, not a 1-token tokenizer
     bare = tmp_path / "bare"
     random_neo(tokenizer).save_pretrained(bare)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from memloc_tl.organism import (
     build_organism,
     load_organism,
 )
+from tests.conftest import kill_9_when_ready
 
 
 def test_tiny_organism_meets_its_acceptance(organism: Organism) -> None:
@@ -228,16 +228,7 @@ def test_kill_9_during_a_build_leaves_no_organism_and_the_next_build_recovers(
     tmp_path: Path,
 ) -> None:
     script = KILLED_BUILDER.replace("{MICRO!r}", repr(MICRO))
-    builder = subprocess.Popen(
-        [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert builder.stdout is not None
-        assert builder.stdout.readline().strip() == "writing"
-        builder.send_signal(signal.SIGKILL)
-        builder.wait(timeout=60)
-    finally:
-        builder.kill()
+    kill_9_when_ready([sys.executable, "-c", script, str(tmp_path)], "writing")
     config = OrganismConfig.tiny(**MICRO)  # type: ignore[arg-type]
     target = tmp_path / f"organism-{config.key()}"
     assert not target.exists()  # no half-written organism under the real name
