@@ -118,7 +118,21 @@ class MemorizationReport:
                 }
             )
         )
-        page.text("GPT-Neo 125M (paper): 12.19 memorized vs 33.12 non-memorized.", note=True)
+        drops = {name: r.mean_drop_per_token() for name, r in self.perturbation.items()}
+        page.text(
+            "EM is measured against the model's own greedy continuation of the unperturbed "
+            "prefix, for both sets (the paper's definition; for memorized paragraphs it is their "
+            "own text). GPT-Neo 125M (paper): 12.19 memorized vs 33.12 non-memorized.",
+            note=True,
+        )
+        if len(drops) == 2:
+            mp, nmp = drops["memorized"], drops["non-memorized"]
+            verdict = "more" if mp < nmp else "less"
+            page.text(
+                f"Here: {mp:.2f} memorized vs {nmp:.2f} non-memorized: memorized recall is "
+                f"{verdict} robust to a single changed prefix token than a non-memorized "
+                "continuation, " + ("as in the paper." if mp < nmp else "unlike the paper.")
+            )
 
         page.heading("4. Head patching (paper 6, appendix A.3)")
         if self.sweep is None:
@@ -241,12 +255,21 @@ def memorization_report(
         model, memorized, corpus_counts, batch_size=batch_size, progress=progress
     )
     perturbation = {
+        # Both against the model's greedy continuation of the unperturbed prefix, the paper's
+        # definition (for memorized paragraphs that is their own text): against the true text a
+        # non-memorized paragraph starts near EM 0 and cannot drop.
         "memorized": perturb_prefixes(
-            model, memorized, seed=seed, batch_size=2 * batch_size, progress=progress
+            model,
+            memorized,
+            reference="greedy",
+            seed=seed,
+            batch_size=2 * batch_size,
+            progress=progress,
         ),
         "non-memorized": perturb_prefixes(
             model,
             non_memorized,
+            reference="greedy",
             seed=seed,
             build_perturbed=False,
             batch_size=2 * batch_size,

@@ -64,6 +64,16 @@ def test_the_report_holds_the_library_results(
     assert html.count("Plotly.newPlot") == 7
     assert html.count('class="memloc-view"') == 3
     assert str(report.rare.top(1)[0][0]) in html
+    # perturbation: both sets against the model's greedy continuation (the paper's definition),
+    # so every baseline EM is full and the drops are comparable
+    for result in report.perturbation.values():
+        assert (result.baseline_em == 50).all()
+    non_memorized = report.perturbation["non-memorized"]
+    greedy = non_memorized.paragraphs.continuation
+    assert not torch.equal(greedy, report.non_memorized.continuation)
+    assert "own greedy continuation" in html
+    mp, nmp = (report.perturbation[k].mean_drop_per_token() for k in ("memorized", "non-memorized"))
+    assert f"Here: {mp:.2f} memorized vs {nmp:.2f} non-memorized" in html
 
 
 def test_too_few_memorized_paragraphs_is_a_clear_error(organism: Organism) -> None:

@@ -33,6 +33,13 @@ def test_head_and_component_figures_show_the_scores(organism: Organism) -> None:
     assert list(comparison.memorized.figure().data[0].x) == list(
         comparison.memorized.max_abs.components
     )
+    # every heatmap says what its colors mean
+    titled = [figure, both, comparison.memorized.figure()]
+    for fig in titled:
+        for trace in (t for t in fig.data if t.type == "heatmap"):
+            assert trace.colorbar.title.text, fig.layout.title.text
+    assert figure.data[0].colorbar.title.text == "x"
+    assert heatmaps[1].colorbar.title.text == "MP - NMP"
 
 
 def test_em_drop_and_edit_figures(organism: Organism) -> None:

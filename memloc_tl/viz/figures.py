@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from memloc_tl.results import HeadScores, LayerComponentScores, TokenScores
 
 
+def _short(name: str, width: int = 18) -> str:
+    """A colorbar title: the score's name, cut to fit beside the plot."""
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
 def head_scores_figure(scores: HeadScores, *, title: str | None = None) -> go.Figure:
     """Heatmap of one score per head: layers down, heads across, labelled ``L1H2``."""
     n_layers, n_heads = scores.scores.shape
@@ -32,6 +37,7 @@ def head_scores_figure(scores: HeadScores, *, title: str | None = None) -> go.Fi
             hovertemplate="%{text}: %{z:.4g}<extra></extra>",
             colorscale="RdBu",
             zmid=0,
+            colorbar={"title": {"text": _short(scores.name)}},
         )
     )
     figure.update_layout(title=title or scores.name, xaxis_title="head", yaxis_title="layer")
@@ -52,7 +58,11 @@ def _component_heatmap(scores: LayerComponentScores, **kwargs: object) -> go.Hea
 
 def layer_component_figure(scores: LayerComponentScores, *, title: str | None = None) -> go.Figure:
     """Heatmap of scores per layer x component (the paper's Fig. 4)."""
-    figure = go.Figure(_component_heatmap(scores, colorscale="Viridis"))
+    figure = go.Figure(
+        _component_heatmap(
+            scores, colorscale="Viridis", colorbar={"title": {"text": _short(scores.name)}}
+        )
+    )
     figure.update_layout(title=title or scores.name, xaxis_title="component", yaxis_title="layer")
     figure.update_yaxes(autorange="reversed")
     return figure
@@ -83,7 +93,7 @@ def gradient_comparison_figure(
         y=[f"L{layer}" for layer in range(memorized.scores.shape[0])],
         hovertemplate="%{y} %{x}: %{z:.3g}<extra></extra>",
         colorscale="Viridis",
-        colorbar={"y": 0.8, "len": 0.4},
+        colorbar={"y": 0.8, "len": 0.4, "title": {"text": statistic}},
     )
     figure.add_trace(both, row=1, col=1)
     figure.add_trace(
@@ -91,7 +101,7 @@ def gradient_comparison_figure(
             comparison.share_difference(statistic),
             colorscale="RdBu",
             zmid=0,
-            colorbar={"y": 0.2, "len": 0.4},
+            colorbar={"y": 0.2, "len": 0.4, "title": {"text": "MP - NMP"}},
         ),
         row=2,
         col=1,
@@ -159,6 +169,7 @@ def token_scores_figure(scores: TokenScores, *, title: str | None = None) -> go.
             x=list(range(scores.scores.shape[1])),
             hovertemplate="%{y} pos %{x}: %{z:.3g}<extra></extra>",
             colorscale="Viridis",
+            colorbar={"title": {"text": _short(scores.name)}},
         )
     )
     figure.update_layout(
