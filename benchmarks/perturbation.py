@@ -21,7 +21,7 @@ import torch
 from common import add_subject_args, describe, load_subject
 
 from memloc_tl import greedy_continuations, scan_memorization
-from memloc_tl.analysis import perturb_prefixes
+from memloc_tl.analysis import PrefixPerturbation, perturb_prefixes
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     memorized, non_memorized = scan.memorized(), scan.non_memorized()
     timed = (memorized if subject.organism is not None else subject.planted)[: args.paragraphs]
 
-    def perturb(shared_prefix: bool) -> tuple[float, torch.Tensor]:
+    def perturb(shared_prefix: bool) -> tuple[float, PrefixPerturbation]:
         started = time.perf_counter()
         result = perturb_prefixes(
             model,
@@ -47,12 +47,12 @@ def main() -> None:
             shared_prefix=shared_prefix,
             progress=False,
         )
-        return time.perf_counter() - started, result.replacements
+        return time.perf_counter() - started, result
 
     perturb(True)  # warm up
-    t_shared, replacements = perturb(True)
+    t_shared, fast = perturb(True)
     t_plain, _ = perturb(False)
-    fast = perturb_prefixes(model, timed, build_perturbed=False, progress=False)
+    replacements = fast.replacements
 
     n, p, _ = fast.em.shape
     variants = timed.tokens.repeat_interleave(p - 1, dim=0).clone()

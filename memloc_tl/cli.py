@@ -68,16 +68,13 @@ def check_output(path: Path, suffixes: Sequence[str], option: str = "--out") -> 
 
 
 def _organism(args: argparse.Namespace) -> Organism:
-    from memloc_tl.organism import MANIFEST, OrganismConfig, build_organism, default_cache_dir
+    from memloc_tl.organism import MANIFEST, OrganismConfig, build_organism, organism_dir
 
     config = OrganismConfig.tiny() if args.tiny else OrganismConfig()
-    root = Path(args.cache_dir) if args.cache_dir is not None else default_cache_dir()
-    if (
-        getattr(args, "rebuild", False)
-        or not (root / f"organism-{config.key()}" / MANIFEST).is_file()
-    ):
+    target = organism_dir(config, args.cache_dir)
+    if getattr(args, "rebuild", False) or not (target / MANIFEST).is_file():
         size = "about 1 minute" if args.tiny else "a few minutes on a laptop CPU, longer under load"
-        print(f"first run: building the organism ({size}); it is cached in {root}", flush=True)
+        print(f"first run: building the organism ({size}); it is cached in {target}", flush=True)
     return build_organism(
         config,
         cache_dir=args.cache_dir,

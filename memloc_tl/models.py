@@ -186,6 +186,7 @@ def _hooked_from_hf(
     device: str | torch.device | None,
     process_weights: bool,
     dtype: torch.dtype,
+    tokenizer_is_saved: bool = False,
 ) -> HookedTransformer:
     cfg = hooked_config_from_neo(
         hf_model.config,
@@ -207,7 +208,7 @@ def _hooked_from_hf(
             key: value.detach().to(dtype).clone()
             for key, value in convert_neo_weights(hf_model, cfg).items()
         }
-    model = _hooked_transformer(cfg, tokenizer)
+    model = _hooked_transformer(cfg, tokenizer, is_saved=tokenizer_is_saved)
     model.load_and_process_state_dict(
         state_dict,
         fold_ln=process_weights,
@@ -219,15 +220,20 @@ def _hooked_from_hf(
     return model.eval()
 
 
-def _hooked_transformer(cfg: HookedTransformerConfig, tokenizer: Any) -> HookedTransformer:
+def _hooked_transformer(
+    cfg: HookedTransformerConfig, tokenizer: Any, *, is_saved: bool = False
+) -> HookedTransformer:
     """``HookedTransformer(cfg, tokenizer)`` for any tokenizer object, offline.
 
     TransformerLens re-loads the tokenizer from its ``name_or_path`` (to set add_bos_token).
-    A tokenizer made in memory has none, or a hub name: it is handed over through a temporary
+    One just read from a checkpoint directory (``is_saved``) is found there again. One given
+    in memory may have no such path, or a hub name: it is handed over through a temporary
     directory, so that nothing touches the network.
     """
     from transformers import AutoTokenizer
 
+    if is_saved:
+        return HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
     with tempfile.TemporaryDirectory(prefix="memloc-tokenizer-") as directory:
         tokenizer.save_pretrained(directory)
         saved = AutoTokenizer.from_pretrained(directory, local_files_only=True)
@@ -259,6 +265,7 @@ def _load_local(
         raise
     # Validate before loading weights, so a wrong architecture fails fast and clearly.
     hooked_config_from_neo(hf_config, model_name=path.name, process_weights=process_weights)
+    tokenizer_is_saved = tokenizer is None
     if tokenizer is None:
         tokenizer = _local_tokenizer(path)
     loaded: Any = AutoModelForCausalLM.from_pretrained(
@@ -288,6 +295,7 @@ def _load_local(
         device=device,
         process_weights=process_weights,
         dtype=dtype,
+        tokenizer_is_saved=tokenizer_is_saved,
     )
 
 
@@ -353,9 +361,10 @@ def _load_hooked(
     config["dtype"] = getattr(torch, config["dtype"])
     config["device"] = device
     cfg = HookedTransformerConfig.from_dict(config)
+    tokenizer_is_saved = tokenizer is None
     if tokenizer is None:
         tokenizer = _local_tokenizer(path)
-    model = _hooked_transformer(cfg, tokenizer)
+    model = _hooked_transformer(cfg, tokenizer, is_saved=tokenizer_is_saved)
     try:
         model.load_state_dict(load_file(str(path / HOOKED_WEIGHTS)))
     except RuntimeError as error:  # missing, unexpected or mis-shaped tensors

@@ -196,6 +196,12 @@ def default_cache_dir() -> Path:
     return Path(user_cache_dir("memloc-tl"))
 
 
+def organism_dir(config: OrganismConfig, cache_dir: str | Path | None = None) -> Path:
+    """Where the build of ``config`` lives in ``cache_dir`` (default :func:`default_cache_dir`)."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / f"organism-{config.key()}"
+
+
 def corpus_texts() -> list[str]:
     """CPython's documentation topics (``pydoc_data.topics``), in a fixed order."""
     from pydoc_data.topics import topics
@@ -463,10 +469,10 @@ def build_organism(
         its acceptance (a warning is logged when it did not).
     """
     config = config or OrganismConfig()
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / f"organism-{config.key()}"
+    target = organism_dir(config, cache_dir)
     if (target / MANIFEST).is_file() and not rebuild:
         return load_organism(target, device=device)
+    root = target.parent
     root.mkdir(parents=True, exist_ok=True)
     # One builder per configuration: the others wait here, then load its result.
     lock = FileLock(root / f".{target.name}.lock", timeout=LOCK_WAIT_SECONDS)
@@ -548,9 +554,7 @@ def load_organism(
         FileNotFoundError: not built yet; :func:`build_organism` builds it.
     """
     if path is None or isinstance(path, OrganismConfig):
-        config = path or OrganismConfig()
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        directory = root / f"organism-{config.key()}"
+        directory = organism_dir(path or OrganismConfig(), cache_dir)
     else:
         directory = Path(path)
     manifest_path = directory / MANIFEST

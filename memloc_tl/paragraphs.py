@@ -9,7 +9,6 @@ rare-token analysis (section 6.3).
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import logging
@@ -23,6 +22,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from memloc_tl.validation import check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -309,8 +310,6 @@ class Paragraphs:
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"no such file: {missing}")
-        for file in files:
-            _check_utf8(file)
         empty = [str(f) for f in files if f.stat().st_size == 0]
         if empty:
             raise ValueError(f"empty file: {empty}; every file needs at least one text")
@@ -325,9 +324,15 @@ class Paragraphs:
                 f"cannot read {names} as {_FILE_FORMATS[files[0].suffix.lower()]}: "
                 f"{type(cause).__name__}: {cause}; check the file's format and encoding (UTF-8)"
             ) from error
-        return cls.from_dataset(
-            dataset, tokenizer, text_column=text_column, id_column=id_column, **kwargs
-        )
+        try:  # datasets may decode lazily: a file that is not UTF-8 can fail only here
+            return cls.from_dataset(
+                dataset, tokenizer, text_column=text_column, id_column=id_column, **kwargs
+            )
+        except UnicodeDecodeError as error:
+            names = ", ".join(str(f) for f in files)
+            raise ValueError(
+                f"cannot read {names}: it is not UTF-8 text ({error}); re-save it as UTF-8"
+            ) from error
 
     @classmethod
     def concat(cls, *parts: Paragraphs) -> Paragraphs:
@@ -521,20 +526,6 @@ class Paragraphs:
         )
 
 
-def _check_utf8(path: Path) -> None:
-    """Raise a ValueError naming ``path`` unless it is valid UTF-8 (read in blocks)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    try:
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                decoder.decode(block)
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"cannot read {path}: it is not UTF-8 text ({error}); re-save it as UTF-8"
-        ) from error
-
-
 def corpus_token_counts(
     source: Iterable[str] | Paragraphs | Any,
     tokenizer: Any = None,
@@ -561,8 +552,7 @@ def corpus_token_counts(
     Returns:
         int64 counts, one per token id.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_positive_int(batch_size, "batch_size")
     if isinstance(source, Paragraphs):
         if len(source) == 0:
             raise ValueError("no paragraphs to count tokens of: pass a non-empty set")

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from memloc_tl.paragraphs import Paragraphs
+if TYPE_CHECKING:  # imported inside check_set: memloc_tl.paragraphs itself uses this module
+    from memloc_tl.paragraphs import Paragraphs
 
 
 def check_set(model: Any, paragraphs: Any, name: str, *, allow_empty: bool = False) -> Paragraphs:
     """``paragraphs`` is a non-empty :class:`Paragraphs` made for ``model``'s tokenizer."""
+    from memloc_tl.paragraphs import Paragraphs
+
     if not isinstance(paragraphs, Paragraphs):
         raise TypeError(
             f"{name} must be Paragraphs, got {type(paragraphs).__name__}: wrap token tensors "

@@ -204,12 +204,12 @@ def perturb_prefixes(
     check_positive_int(n_samples, "n_samples")
     check_positive_int(batch_size, "batch_size")
     check_choice(pmp_choice, "pmp_choice", ("min_em", "max_nll"))
-    first_allowed = 0 if include_first else 1
+    first = 0 if include_first else 1  # the first perturbed position
     if isinstance(pmp_exclude_last, bool) or not isinstance(pmp_exclude_last, int):
         raise TypeError(f"pmp_exclude_last must be an int, got {pmp_exclude_last!r}")
-    if not 0 <= pmp_exclude_last < paragraphs.prefix_len - first_allowed:
+    if not 0 <= pmp_exclude_last < paragraphs.prefix_len - first:
         raise ValueError(
-            f"pmp_exclude_last must be in 0..{paragraphs.prefix_len - first_allowed - 1} (some "
+            f"pmp_exclude_last must be in 0..{paragraphs.prefix_len - first - 1} (some "
             f"perturbed position must remain), got {pmp_exclude_last}"
         )
     if reference == "greedy":
@@ -220,7 +220,6 @@ def perturb_prefixes(
     tokens = paragraphs.tokens
     generator = torch.Generator().manual_seed(seed)
     replacements = random_replacements(paragraphs.prefix, model.cfg.d_vocab, s, generator)
-    first = 0 if include_first else 1
     replacements[:, :first] = -1
     positions = torch.arange(first, p)
 

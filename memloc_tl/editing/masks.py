@@ -25,6 +25,7 @@ from memloc_tl.objectives import (
     component_labels,
 )
 from memloc_tl.results import LayerComponentScores
+from memloc_tl.validation import check_fraction
 
 
 def _split(name: str) -> tuple[int, str]:
@@ -209,8 +210,7 @@ def _candidates(tensor: Tensor, within: ParamMask | None, name: str) -> Tensor:
 
 
 def _count(fraction: float, candidates: int) -> int:
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    check_fraction(fraction, "fraction")
     k = math.floor(fraction * candidates)
     if k < 1:
         raise ValueError(

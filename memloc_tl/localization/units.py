@@ -30,6 +30,7 @@ from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name
 from memloc_tl.objectives import HEAD_MATRICES, attributed_parameters
 from memloc_tl.results import Drawable, HeadScores
+from memloc_tl.validation import check_fraction
 
 Level = Literal["weights", "neurons", "heads"]
 LEVELS: tuple[str, ...] = ("weights", "neurons", "heads")
@@ -211,8 +212,7 @@ class Localization(Drawable):
 
     def at_fraction(self, fraction: float) -> Units:
         """The top ``floor(fraction x units)`` units (at least one)."""
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        check_fraction(fraction, "fraction")
         return self.top(max(1, int(fraction * self.total)))
 
     def param_mask(self, fraction: float = 0.001) -> ParamMask:
