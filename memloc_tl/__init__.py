@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time each loads on fir
         compare_edits,
         sparse_edit,
     )
+    from memloc_tl.export import export_hf
     from memloc_tl.heads import HeadRef
     from memloc_tl.localization import (
         DeletionBenchmark,
@@ -115,6 +116,7 @@ _SOURCES: dict[str, str] = {
     "DEFAULT_MODEL": "memloc_tl.models",
     "HubUnavailableError": "memloc_tl.models",
     "load_model": "memloc_tl.models",
+    "export_hf": "memloc_tl.export",
     "save_hooked_model": "memloc_tl.models",
     "Organism": "memloc_tl.organism",
     "OrganismConfig": "memloc_tl.organism",
@@ -192,6 +194,7 @@ __all__ = [
     "contrastive_gradient_norms",
     "corpus_token_counts",
     "deletion_benchmark",
+    "export_hf",
     "gradient_norms",
     "greedy_continuations",
     "inject_paragraphs",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens.utils import get_act_name
+from transformer_lens.utilities.components_utils import get_act_name  # TransformerLens 3 and 4
 
 
 def hook_name(kind: str, layer: int) -> str:
@@ -71,11 +71,17 @@ def make_each_head_replace_hook(
     return replace_each_head
 
 
-def make_store_hook(store: dict[str, Tensor]) -> Callable[[Tensor, Any], None]:
-    """A hook that keeps the activation itself (still in the autograd graph) under its name."""
+def make_store_hook(store: dict[str, Tensor]) -> Callable[[Tensor, Any], Tensor]:
+    """A hook that keeps the activation itself (still in the autograd graph) under its name.
 
-    def keep_activation(activation: Tensor, hook: Any) -> None:
+    It returns the activation, so that the kept tensor is the one the rest of the forward uses:
+    a TransformerBridge's ``hook_q/k/v/z`` see reshaped copies, which a hook returning None
+    would leave outside the graph (their gradients would then not exist).
+    """
+
+    def keep_activation(activation: Tensor, hook: Any) -> Tensor:
         store[hook.name] = activation
+        return activation
 
     return keep_activation
 

@@ -22,9 +22,16 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
+from transformer_lens import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+from memloc_tl.backend import (
+    HookedModel,
+    ends_at_logits,
+    is_bridge,
+    replaced_weights,
+    shares_prefix_cache,
+)
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable
 from memloc_tl.validation import check_positive_int, check_set
@@ -37,7 +44,7 @@ PAPER_BUCKETS: tuple[tuple[int, int], ...] = ((0, 10), (11, 29), (30, 49), (50, 
 DEFAULT_BATCH_SIZE = 32
 
 
-def _check_tokens(model: HookedTransformer, tokens: Tensor, prefix_len: int) -> None:
+def _check_tokens(model: HookedModel, tokens: Tensor, prefix_len: int) -> None:
     if tokens.ndim != 2:
         raise ValueError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}")
     if not 0 < prefix_len < tokens.shape[1]:
@@ -49,7 +56,7 @@ def _check_tokens(model: HookedTransformer, tokens: Tensor, prefix_len: int) -> 
 
 
 def continuation_logits(
-    model: HookedTransformer,
+    model: HookedModel,
     tokens: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
     prefix_len: int,
     *,
@@ -69,18 +76,27 @@ def continuation_logits(
         prefix_len: prefix length.
         start_at_layer: run only the blocks from this layer on (TransformerLens semantics).
         weights: parameters to use instead of the model's own for this call, by name (e.g.
-            ``{"blocks.0.attn.W_V": gated}``; ``torch.func.functional_call``); the model is not
-            changed.
+            ``{"blocks.0.attn.W_V": gated}``; see :func:`memloc_tl.backend.replaced_weights`);
+            the model is not changed.
         past_kv_cache: a frozen cache holding the keys and values of the first ``m`` positions
             of ``tokens`` (``m < prefix_len``, see :class:`PrefixKV`); only positions ``m``
             onwards are computed. Token ids only.
     """
-    kwargs: dict[str, Any] = {"start_at_layer": start_at_layer, "stop_at_layer": model.cfg.n_layers}
+    # TransformerLens 3 stops at the residual after the last block, so that only the continuation
+    # positions are unembedded; the bridge has no such stop and returns the logits.
+    full_logits = ends_at_logits(model)
+    stop = None if full_logits else model.cfg.n_layers
+    kwargs: dict[str, Any] = {"start_at_layer": start_at_layer, "stop_at_layer": stop}
     skipped = 0
     if past_kv_cache is not None:
         skipped = past_kv_cache.entries[0].past_keys.shape[1]
         if start_at_layer is not None or weights is not None:
             raise ValueError("past_kv_cache cannot be combined with start_at_layer or weights")
+        if not shares_prefix_cache(model):
+            raise ValueError(
+                "past_kv_cache is TransformerLens 3's key/value cache; a TransformerBridge "
+                "recomputes every position instead (perturb_prefixes(shared_prefix=False))"
+            )
         if not 0 <= skipped < prefix_len:
             raise ValueError(f"the cache holds {skipped} positions; it must hold < {prefix_len}")
         tokens = tokens[:, skipped:]
@@ -89,13 +105,14 @@ def continuation_logits(
         kwargs["past_kv_cache"] = past_kv_cache
         kwargs["attention_mask"] = torch.ones_like(tokens, device=model.cfg.device)
     if weights is None:
-        residual = model(tokens.to(model.cfg.device), **kwargs)
+        output = model(tokens.to(model.cfg.device), **kwargs)
     else:  # the same forward with some parameters replaced for this call only
-        residual = torch.func.functional_call(
-            model, dict(weights), (tokens.to(model.cfg.device),), kwargs, strict=False
-        )
-    residual = residual[:, prefix_len - 1 - skipped : -1]
-    return model.unembed(model.ln_final(residual)).float()
+        with replaced_weights(model, weights):
+            output = model(tokens.to(model.cfg.device), **kwargs)
+    output = output[:, prefix_len - 1 - skipped : -1]
+    if full_logits:
+        return output.float()
+    return model.unembed(model.ln_final(output)).float()
 
 
 @dataclass(frozen=True)
@@ -117,8 +134,17 @@ class PrefixKV:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> PrefixKV:
-        """One forward pass over ``tokens`` (no unembedding) that records the keys and values."""
+    def build(cls, model: HookedModel, tokens: Int[Tensor, "batch pos"]) -> PrefixKV:
+        """One forward pass over ``tokens`` (no unembedding) that records the keys and values.
+
+        Raises:
+            ValueError: a TransformerBridge (its cache is Hugging Face's, not this one).
+        """
+        if not shares_prefix_cache(model):
+            raise ValueError(
+                "PrefixKV holds TransformerLens 3's key/value cache, which a TransformerBridge "
+                "does not take; recompute every position (perturb_prefixes(shared_prefix=False))"
+            )
         tokens = tokens.to(model.cfg.device)
         cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(tokens))
         model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), return_type=None)
@@ -146,7 +172,7 @@ class PrefixKV:
 
 
 def continuation_logprobs(
-    model: HookedTransformer,
+    model: HookedModel,
     tokens: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
     prefix_len: int,
     *,
@@ -158,7 +184,7 @@ def continuation_logprobs(
 
 
 def score_continuations(
-    model: HookedTransformer,
+    model: HookedModel,
     tokens: Int[Tensor, "batch pos"],
     prefix_len: int,
     *,
@@ -212,7 +238,7 @@ def exact_match_length(
 
 
 def greedy_continuations(
-    model: HookedTransformer,
+    model: HookedModel,
     prefixes: Int[Tensor, "batch prefix_pos"],
     n_tokens: int,
     *,
@@ -222,13 +248,18 @@ def greedy_continuations(
     """Greedy decoding with TransformerLens ``generate`` and the KV cache (the paper's way).
 
     Needed only to *create* text (the model's own continuation, perturbed paragraphs); to
-    measure EM use :func:`scan_memorization`, which needs no generation.
+    measure EM use :func:`scan_memorization`, which needs no generation. On a TransformerBridge
+    each step is a full forward over the text so far (its ``generate`` disagreed with
+    ``transformers``' greedy decoding on GPT-2 and Llama checkpoints, and left hooks behind).
     """
     if prefixes.ndim != 2:
         raise ValueError(f"prefixes must have shape [batch, pos], got {tuple(prefixes.shape)}")
     outputs = []
     for start in tqdm(range(0, len(prefixes), batch_size), desc="generating", disable=not progress):
         batch = prefixes[start : start + batch_size].to(model.cfg.device)
+        if is_bridge(model):
+            outputs.append(_greedy_by_forward(model, batch, n_tokens).cpu())
+            continue
         generated = model.generate(
             batch,
             max_new_tokens=n_tokens,
@@ -243,6 +274,15 @@ def greedy_continuations(
     if not outputs:
         return torch.empty(0, n_tokens, dtype=torch.int64)
     return torch.cat(outputs)
+
+
+@torch.no_grad()
+def _greedy_by_forward(model: HookedModel, batch: Tensor, n_tokens: int) -> Tensor:
+    text = batch
+    for _ in range(n_tokens):
+        logits = model(text, attention_mask=torch.ones_like(text))
+        text = torch.cat([text, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return text[:, batch.shape[1] :]
 
 
 @dataclass(frozen=True)
@@ -343,7 +383,7 @@ class MemorizationScan(Drawable):
 
 
 def scan_memorization(
-    model: HookedTransformer,
+    model: HookedModel,
     paragraphs: Paragraphs,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,

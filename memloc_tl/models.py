@@ -16,6 +16,7 @@ Paragraph windows are raw 100-token windows, so every model is configured with
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -27,9 +28,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.pretrained.weight_conversions.neo import convert_neo_weights
 
+from memloc_tl.backend import Backend, HookedModel, check_backend, is_bridge
 from memloc_tl.files import atomic_directory, read_json, verify_checksums
 
 logger = logging.getLogger(__name__)
@@ -37,80 +37,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "EleutherAI/gpt-neo-125M"
 """The model the paper studies."""
 
-NEO_ARCHITECTURE = "GPTNeoForCausalLM"
 HOOKED_CONFIG = "hooked_transformer_config.json"
 HOOKED_WEIGHTS = "hooked_transformer.safetensors"
 
 
 class HubUnavailableError(OSError):
     """A hub model was asked for, but the hub cannot be reached and the model is not cached."""
-
-
-def hooked_config_from_neo(
-    hf_config: Any,
-    *,
-    model_name: str,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-    process_weights: bool = True,
-) -> HookedTransformerConfig:
-    """Map a ``transformers`` ``GPTNeoConfig`` to a ``HookedTransformerConfig``.
-
-    The mapping is TransformerLens's own for ``GPTNeoForCausalLM``: ``d_mlp`` is
-    ``4 * hidden_size``, attention is unscaled (no ``1/sqrt(d_head)``), and layers alternate
-    global and local attention with ``window_size``.
-
-    Args:
-        hf_config: the ``GPTNeoConfig`` (``model.config`` or ``AutoConfig.from_pretrained``).
-        model_name: name stored in ``cfg.model_name``.
-        device: device of the model; default CUDA if available, else CPU.
-        dtype: parameter dtype.
-        process_weights: whether the weights will be processed (fold_ln): sets ``LNPre``.
-
-    Raises:
-        ValueError: the config is not GPT-Neo's, or uses an MLP width TransformerLens
-            cannot represent.
-    """
-    architectures = list(getattr(hf_config, "architectures", None) or [NEO_ARCHITECTURE])
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type != "gpt_neo" or NEO_ARCHITECTURE not in architectures:
-        raise ValueError(
-            f"expected a GPT-Neo checkpoint (model_type 'gpt_neo', architecture "
-            f"{NEO_ARCHITECTURE!r}), got model_type {model_type!r} with architectures "
-            f"{architectures}; memloc-tl loads local checkpoints of GPT-Neo only"
-        )
-    d_model = int(hf_config.hidden_size)
-    intermediate = getattr(hf_config, "intermediate_size", None)
-    if intermediate not in (None, 4 * d_model):
-        raise ValueError(
-            f"intermediate_size={intermediate} is not 4 * hidden_size = {4 * d_model}; "
-            "TransformerLens's GPT-Neo mapping always uses d_mlp = 4 * hidden_size"
-        )
-    cfg_dict: dict[str, Any] = {
-        "d_model": d_model,
-        "d_head": d_model // int(hf_config.num_heads),
-        "n_heads": int(hf_config.num_heads),
-        "d_mlp": 4 * d_model,
-        "n_layers": int(hf_config.num_layers),
-        "n_ctx": int(hf_config.max_position_embeddings),
-        "eps": float(hf_config.layer_norm_epsilon),
-        "d_vocab": int(hf_config.vocab_size),
-        "attn_types": list(hf_config.attention_layers),
-        "act_fn": hf_config.activation_function,
-        "use_attn_scale": False,
-        "use_local_attn": True,
-        "window_size": int(hf_config.window_size),
-        "scale_attn_by_inverse_layer_idx": False,
-        "normalization_type": "LNPre" if process_weights else "LN",
-        "original_architecture": NEO_ARCHITECTURE,
-        "model_name": model_name,
-        "tokenizer_prepends_bos": False,
-        "default_prepend_bos": False,
-        "init_weights": False,
-        "device": device,
-        "dtype": dtype,
-    }
-    return HookedTransformerConfig.from_dict(cfg_dict)
 
 
 def load_model(
@@ -120,12 +52,15 @@ def load_model(
     device: str | torch.device | None = None,
     process_weights: bool = True,
     dtype: torch.dtype = torch.float32,
-) -> HookedTransformer:
-    """Load GPT-Neo as a ``HookedTransformer``, with no BOS prepended to text.
+    revision: str | None = None,
+    backend: Backend = "auto",
+) -> HookedModel:
+    """Load a language model as a TransformerLens model, with no BOS prepended to text.
 
     Args:
-        source: a hub name (default ``"EleutherAI/gpt-neo-125M"``), a local GPT-Neo
-            checkpoint directory, or an in-memory ``transformers`` GPT-Neo model.
+        source: a hub name (default ``"EleutherAI/gpt-neo-125M"``), a local Hugging Face
+            checkpoint directory of any architecture TransformerLens supports (GPT-Neo, GPT-2,
+            GPT-NeoX/Pythia, Llama-family, ...), or an in-memory ``transformers`` model.
         tokenizer: the tokenizer of an in-memory model (required then); for a directory, one
             that overrides the tokenizer files saved there.
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA if available, else CPU.
@@ -133,6 +68,11 @@ def load_model(
             center_writing_weights, center_unembed, fold_value_biases), as the paper does.
             Gradients and edits are then on the processed weights.
         dtype: parameter dtype.
+        revision: a hub revision (branch, tag or commit), e.g. ``"step143000"`` for a Pythia
+            training checkpoint. Hub names only.
+        backend: ``"hooked"`` (TransformerLens 3's ``HookedTransformer``), ``"bridge"``
+            (``TransformerBridge`` in compatibility mode, TransformerLens 4 or 3.9+) or
+            ``"auto"``: the HookedTransformer where it exists, else the bridge.
 
     Returns:
         The model, in eval mode, with ``cfg.default_prepend_bos = False``.
@@ -140,42 +80,148 @@ def load_model(
     Raises:
         HubUnavailableError: a hub name that is neither cached nor reachable.
         FileNotFoundError: a directory without ``config.json``, weights or tokenizer files.
-        ValueError: a checkpoint that is not GPT-Neo.
+        ValueError: a checkpoint TransformerLens cannot load, or a backend this installation
+            lacks.
         TypeError: a source of another type, or an in-memory model without tokenizer.
     """
+    chosen = check_backend(backend)
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"revision must be a string such as 'step143000', got {revision!r}")
     if isinstance(source, torch.nn.Module):
         if tokenizer is None:
             raise TypeError(
                 "an in-memory transformers model needs its tokenizer: "
                 "load_model(hf_model, tokenizer=tokenizer)"
             )
-        name = getattr(source.config, "name_or_path", "") or "gpt-neo"
-        return _hooked_from_hf(
+        if revision is not None:
+            raise ValueError("revision applies to hub names only, not to an in-memory model")
+        name = getattr(source.config, "name_or_path", "") or "model"
+        return _from_hf(
             source,
             tokenizer,
             name=name,
+            backend=chosen,
             device=device,
             process_weights=process_weights,
             dtype=dtype,
         )
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
-            "source must be a hub name, a checkpoint directory or a transformers GPT-Neo model, "
+            "source must be a hub name, a checkpoint directory or a transformers model, "
             f"got {type(source).__name__}"
         )
     path = Path(source).expanduser()
+    if path.exists() and revision is not None:
+        raise ValueError(f"revision applies to hub names only, not to the directory {path}")
     if path.is_dir() and (path / HOOKED_CONFIG).is_file():
+        if chosen != "hooked":
+            raise ValueError(
+                f"{path} holds a saved HookedTransformer, which needs backend='hooked' "
+                "(TransformerLens 3)"
+            )
         return _load_hooked(path, tokenizer=tokenizer, device=device)
     if path.is_dir():
         return _load_local(
-            path, tokenizer=tokenizer, device=device, process_weights=process_weights, dtype=dtype
+            path,
+            tokenizer=tokenizer,
+            backend=chosen,
+            device=device,
+            process_weights=process_weights,
+            dtype=dtype,
         )
     if path.exists() or str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(
             f"{str(source)!r} is not a checkpoint directory; pass a directory holding config.json, "
             "the weights and the tokenizer files, or a hub name such as 'EleutherAI/gpt-neo-125M'"
         )
-    return _load_from_hub(str(source), device=device, process_weights=process_weights, dtype=dtype)
+    return _load_from_hub(
+        str(source),
+        backend=chosen,
+        device=device,
+        process_weights=process_weights,
+        dtype=dtype,
+        revision=revision,
+    )
+
+
+def _from_hf(
+    hf_model: Any,
+    tokenizer: Any,
+    *,
+    name: str,
+    backend: str,
+    device: str | torch.device | None,
+    process_weights: bool,
+    dtype: torch.dtype,
+    tokenizer_is_saved: bool = False,
+    owned: bool = False,
+) -> HookedModel:
+    """The TransformerLens model of an in-memory Hugging Face model (never changed unless owned)."""
+    vocab = len(tokenizer)
+    d_vocab = getattr(hf_model.config, "vocab_size", None)
+    if d_vocab is None:
+        d_vocab = hf_model.get_output_embeddings().weight.shape[0]
+    if vocab > d_vocab:
+        raise ValueError(
+            f"the tokenizer has {vocab} tokens but the model's vocabulary has {d_vocab}: "
+            "they do not belong together; pass the tokenizer the model was trained with"
+        )
+    if backend == "bridge":
+        return _bridge_from_hf(
+            hf_model if owned else copy.deepcopy(hf_model),
+            tokenizer,
+            name=name,
+            device=device,
+            process_weights=process_weights,
+            dtype=dtype,
+            tokenizer_is_saved=tokenizer_is_saved,
+        )
+    return _hooked_from_hf(
+        hf_model,
+        tokenizer,
+        name=name,
+        device=device,
+        process_weights=process_weights,
+        dtype=dtype,
+        tokenizer_is_saved=tokenizer_is_saved,
+    )
+
+
+def _bridge_from_hf(
+    hf_model: Any,
+    tokenizer: Any,
+    *,
+    name: str,
+    device: str | torch.device | None,
+    process_weights: bool,
+    dtype: torch.dtype,
+    tokenizer_is_saved: bool,
+) -> HookedModel:
+    """A TransformerBridge in compatibility mode around ``hf_model`` (which it processes)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    hf_model = hf_model.to(device=device, dtype=dtype)
+    with _reloadable(tokenizer, is_saved=tokenizer_is_saved) as reloadable:
+        bridge = TransformerBridge.boot_transformers(
+            name, hf_model=hf_model, tokenizer=reloadable, device=device, dtype=dtype
+        )
+    return _compatible(bridge, process_weights)
+
+
+def _compatible(bridge: Any, process_weights: bool) -> HookedModel:
+    """HookedTransformer's weight processing and hook names on the bridge; no BOS for text."""
+    bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process_weights)
+    bridge.cfg.default_prepend_bos = False
+    bridge.eval()
+    # The bridge registers module hooks of its own on its first forward and its first cached
+    # run; one tiny run of each here, so that the first analysis leaves the model exactly as it
+    # found it.
+    with torch.no_grad():
+        token = torch.zeros(1, 1, dtype=torch.long, device=bridge.cfg.device)
+        bridge(token, attention_mask=torch.ones_like(token))
+        bridge.run_with_cache(token, attention_mask=torch.ones_like(token))
+    return bridge
 
 
 def _hooked_from_hf(
@@ -187,27 +233,42 @@ def _hooked_from_hf(
     process_weights: bool,
     dtype: torch.dtype,
     tokenizer_is_saved: bool = False,
-) -> HookedTransformer:
-    cfg = hooked_config_from_neo(
-        hf_model.config,
-        model_name=name,
-        device=device,
-        dtype=dtype,
-        process_weights=process_weights,
+) -> HookedModel:
+    """TransformerLens 3's own config mapping and weight conversion, for any architecture."""
+    from transformer_lens.loading_from_pretrained import (
+        get_pretrained_model_config,
+        get_pretrained_state_dict,
     )
-    vocab = len(tokenizer)
-    if vocab > cfg.d_vocab:
-        raise ValueError(
-            f"the tokenizer has {vocab} tokens but the model's vocabulary has {cfg.d_vocab}: "
-            "they do not belong together; pass the tokenizer the model was trained with"
-        )
-    # Clone: TransformerLens's conversion returns views of the HF tensors, and weight
-    # processing must never write into the caller's model.
-    with torch.no_grad():
-        state_dict = {
-            key: value.detach().to(dtype).clone()
-            for key, value in convert_neo_weights(hf_model, cfg).items()
-        }
+
+    # TransformerLens reads the config from a directory and guesses some architectures from
+    # the directory's *name* (anything named "llama..."), so it gets a neutral one.
+    with tempfile.TemporaryDirectory(prefix="memloc-config-") as directory:
+        neutral = Path(directory) / "checkpoint"
+        hf_model.config.save_pretrained(neutral)
+        try:
+            cfg = get_pretrained_model_config(
+                str(neutral),
+                fold_ln=process_weights,
+                device=device,
+                dtype=dtype,
+                default_prepend_bos=False,
+            )
+        except (KeyError, NotImplementedError, ValueError) as error:
+            architectures = getattr(hf_model.config, "architectures", None)
+            raise ValueError(
+                f"TransformerLens cannot load this checkpoint (architectures {architectures}): "
+                f"{error}"
+            ) from error
+        cfg.model_name = name
+        # Clone: the conversion returns views of the HF tensors, and weight processing must
+        # never write into the caller's model.
+        with torch.no_grad():
+            state_dict = {
+                key: value.detach().to(dtype).clone()
+                for key, value in get_pretrained_state_dict(
+                    str(neutral), cfg, hf_model=hf_model, dtype=dtype
+                ).items()
+            }
     model = _hooked_transformer(cfg, tokenizer, is_saved=tokenizer_is_saved)
     model.load_and_process_state_dict(
         state_dict,
@@ -220,34 +281,44 @@ def _hooked_from_hf(
     return model.eval()
 
 
-def _hooked_transformer(
-    cfg: HookedTransformerConfig, tokenizer: Any, *, is_saved: bool = False
-) -> HookedTransformer:
-    """``HookedTransformer(cfg, tokenizer)`` for any tokenizer object, offline.
+def _hooked_transformer(cfg: Any, tokenizer: Any, *, is_saved: bool = False) -> HookedModel:
+    """``HookedTransformer(cfg, tokenizer)`` for any tokenizer object, offline."""
+    from transformer_lens import HookedTransformer
 
-    TransformerLens re-loads the tokenizer from its ``name_or_path`` (to set add_bos_token).
-    One just read from a checkpoint directory (``is_saved``) is found there again. One given
-    in memory may have no such path, or a hub name: it is handed over through a temporary
-    directory, so that nothing touches the network.
+    with _reloadable(tokenizer, is_saved) as reloadable:
+        return HookedTransformer(
+            cfg, reloadable, move_to_device=False, default_padding_side="right"
+        )
+
+
+@contextlib.contextmanager
+def _reloadable(tokenizer: Any, is_saved: bool) -> Iterator[Any]:
+    """The tokenizer, as one TransformerLens can re-load from its ``name_or_path``, offline.
+
+    TransformerLens re-loads the tokenizer from its path (to set add_bos_token; the bridge also
+    reads ``name_or_path``). One just read from a checkpoint directory (``is_saved``) is found
+    there again. One given in memory may have no such path, or a hub name: it is handed over
+    through a temporary directory, so that nothing touches the network.
     """
     from transformers import AutoTokenizer
 
     if is_saved:
-        return HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
+        yield tokenizer
+        return
     with tempfile.TemporaryDirectory(prefix="memloc-tokenizer-") as directory:
         tokenizer.save_pretrained(directory)
-        saved = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        return HookedTransformer(cfg, saved, move_to_device=False, default_padding_side="right")
+        yield AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
 def _load_local(
     path: Path,
     *,
     tokenizer: Any,
+    backend: str,
     device: str | torch.device | None,
     process_weights: bool,
     dtype: torch.dtype,
-) -> HookedTransformer:
+) -> HookedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
@@ -263,8 +334,7 @@ def _load_local(
         if type(error).__module__.startswith(("transformers", "huggingface_hub")):
             raise ValueError(f"{path / 'config.json'} is not a valid config: {error}") from error
         raise
-    # Validate before loading weights, so a wrong architecture fails fast and clearly.
-    hooked_config_from_neo(hf_config, model_name=path.name, process_weights=process_weights)
+    _check_architecture(hf_config, path)
     tokenizer_is_saved = tokenizer is None
     if tokenizer is None:
         tokenizer = _local_tokenizer(path)
@@ -288,15 +358,32 @@ def _load_local(
             f"the weights in {path} do not fit its config.json ({found}): the checkpoint is "
             "incomplete, or its config.json belongs to another model"
         )
-    return _hooked_from_hf(
+    return _from_hf(
         hf_model,
         tokenizer,
         name=path.name,
+        backend=backend,
         device=device,
         process_weights=process_weights,
         dtype=dtype,
         tokenizer_is_saved=tokenizer_is_saved,
+        owned=True,
     )
+
+
+def _check_architecture(hf_config: Any, path: Path) -> None:
+    """Fail fast, before any weight is read, on a checkpoint TransformerLens cannot load."""
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    if not architectures:
+        raise ValueError(
+            f"{path / 'config.json'} names no architecture ('architectures' is empty); save the "
+            "checkpoint with transformers' save_pretrained, which writes it"
+        )
+    if not architectures[0].endswith(("ForCausalLM", "LMHeadModel")):
+        raise ValueError(
+            f"{path} is a {architectures[0]} checkpoint, not a causal language model "
+            "(...ForCausalLM or ...LMHeadModel): memorization is measured by greedy decoding"
+        )
 
 
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias")
@@ -326,7 +413,7 @@ def _local_tokenizer(path: Path) -> Any:
     return tokenizer
 
 
-def save_hooked_model(model: HookedTransformer, directory: str | os.PathLike[str]) -> Path:
+def save_hooked_model(model: HookedModel, directory: str | os.PathLike[str]) -> Path:
     """Save a HookedTransformer as it is (processed and possibly edited weights) for load_model.
 
     An edited model cannot always go back to a Hugging Face GPT-Neo checkpoint: weight
@@ -338,6 +425,11 @@ def save_hooked_model(model: HookedTransformer, directory: str | os.PathLike[str
     """
     from safetensors.torch import save_file
 
+    if is_bridge(model):
+        raise TypeError(
+            "save_hooked_model saves a HookedTransformer; for a TransformerBridge save the "
+            "edit instead (EditResult.edit.save(path)) and apply it to the loaded model"
+        )
     with atomic_directory(directory) as staging:
         config = dict(model.cfg.to_dict())  # to_dict returns the live __dict__: copy it
         config["dtype"] = str(config["dtype"]).removeprefix("torch.")
@@ -350,10 +442,9 @@ def save_hooked_model(model: HookedTransformer, directory: str | os.PathLike[str
     return Path(directory)
 
 
-def _load_hooked(
-    path: Path, *, tokenizer: Any, device: str | torch.device | None
-) -> HookedTransformer:
+def _load_hooked(path: Path, *, tokenizer: Any, device: str | torch.device | None) -> HookedModel:
     from safetensors.torch import load_file
+    from transformer_lens import HookedTransformerConfig
 
     fix = "save the model again (save_hooked_model) or restore the directory from a backup"
     verify_checksums(path, fix=fix, required=False)  # directories saved before 0.2 have none
@@ -402,10 +493,22 @@ def _hub_offline() -> Iterator[None]:
 
 
 def _load_from_hub(
-    name: str, *, device: str | torch.device | None, process_weights: bool, dtype: torch.dtype
-) -> HookedTransformer:
+    name: str,
+    *,
+    backend: str,
+    device: str | torch.device | None,
+    process_weights: bool,
+    dtype: torch.dtype,
+    revision: str | None,
+) -> HookedModel:
+    import transformer_lens.supported_models as supported
     from huggingface_hub import constants, try_to_load_from_cache
-    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    # where TransformerLens keeps its name resolver: supported_models (4), else loading (3)
+    if hasattr(supported, "get_official_model_name"):
+        get_official_model_name = getattr(supported, "get_official_model_name")  # noqa: B009
+    else:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
 
     try:
         official = get_official_model_name(name)
@@ -414,7 +517,7 @@ def _load_from_hub(
             f"{name!r} is neither a local checkpoint directory nor a model TransformerLens "
             f"knows ({error}); for GPT-Neo 125M pass {DEFAULT_MODEL!r}"
         ) from error
-    cached = isinstance(try_to_load_from_cache(official, "config.json"), str)
+    cached = isinstance(try_to_load_from_cache(official, "config.json", revision=revision), str)
     how_to = (
         f"Load a local GPT-Neo checkpoint directory instead: load_model('/path/to/checkpoint') "
         f"(config.json, model.safetensors, tokenizer files; create one on a machine with network "
@@ -433,20 +536,32 @@ def _load_from_hub(
             f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached and {official} is not "
             f"in the cache. {how_to}"
         )
-    pw = process_weights
-    kwargs: dict[str, Any] = {
-        "device": device,
-        "dtype": dtype,
-        "fold_ln": pw,
-        "center_writing_weights": pw,
-        "center_unembed": pw,
-        "fold_value_biases": pw,
-        "default_prepend_bos": False,
-    }
     scope = contextlib.nullcontext() if reachable else _hub_offline()
     try:
         with scope:
-            model = HookedTransformer.from_pretrained(official, **kwargs)
+            if backend == "bridge":
+                from transformer_lens.model_bridge import TransformerBridge
+
+                bridge = TransformerBridge.boot_transformers(
+                    official, device=device, dtype=dtype, revision=revision
+                )
+                return _compatible(bridge, process_weights)
+            from transformer_lens import HookedTransformer
+
+            pw = process_weights
+            extra: dict[str, Any] = {"dtype": dtype}
+            if revision is not None:
+                extra["revision"] = revision
+            model = HookedTransformer.from_pretrained(
+                official,
+                device=device,
+                fold_ln=pw,
+                center_writing_weights=pw,
+                center_unembed=pw,
+                fold_value_biases=pw,
+                default_prepend_bos=False,
+                **extra,
+            )
     except OSError as error:
         raise HubUnavailableError(
             f"loading {official} from the hub failed: {error}. {how_to}"

@@ -10,15 +10,15 @@ accumulated batch by batch, and a scope in which only chosen parameters require 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from memloc_tl.backend import HookedModel, Weight, gradients, model_parameters, weights
 from memloc_tl.memorization import continuation_logits
 from memloc_tl.paragraphs import Paragraphs
 
@@ -29,19 +29,30 @@ MATRICES = HEAD_MATRICES + MLP_MATRICES
 KLReduction = Literal["sum_positions", "mean"]
 
 
-def attributed_parameters(model: HookedTransformer) -> dict[str, torch.nn.Parameter]:
-    """The attributed matrices by name: ``blocks.{l}.attn.W_Q`` ... ``blocks.{l}.mlp.W_out``."""
-    params = dict(model.named_parameters())
-    names = [
+def attributed_names(model: HookedModel) -> list[str]:
+    """``blocks.{l}.attn.W_K`` ... ``blocks.{l}.mlp.W_out`` for every layer, in that order."""
+    return [
         f"blocks.{layer}.{module}.{matrix}"
         for layer in range(model.cfg.n_layers)
         for module, matrices in (("attn", HEAD_MATRICES), ("mlp", MLP_MATRICES))
         for matrix in matrices
     ]
-    missing = [name for name in names if name not in params]
-    if missing:
-        raise ValueError(f"the model has no {missing[0]}: not a standard HookedTransformer")
-    return {name: params[name] for name in names}
+
+
+def attributed_weights(model: HookedModel) -> dict[str, Weight]:
+    """The attributed matrices by name, each with the parameter it lives in (see backend)."""
+    return weights(model, attributed_names(model))
+
+
+def attributed_parameters(model: HookedModel) -> dict[str, Tensor]:
+    """The attributed matrices by name: ``blocks.{l}.attn.W_Q`` ... ``blocks.{l}.mlp.W_out``.
+
+    In TransformerLens layout (``W_Q`` is ``[n_heads, d_model, d_head]``). On a
+    HookedModel these are its parameters; on a TransformerBridge, views of the Hugging
+    Face parameters (in-place writes reach the model; for gradients use
+    :func:`attributed_weights` and :func:`memloc_tl.backend.gradients`).
+    """
+    return {name: w.value for name, w in attributed_weights(model).items()}
 
 
 def component_labels(n_heads: int) -> tuple[str, ...]:
@@ -51,9 +62,9 @@ def component_labels(n_heads: int) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def grad_only_for(model: HookedTransformer, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+def grad_only_for(model: HookedModel, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
     """Only ``params`` require grad inside the block; every flag is restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = [(p, p.requires_grad) for p in model_parameters(model)]
     try:
         for p, _ in flags:
             p.requires_grad_(False)
@@ -65,8 +76,13 @@ def grad_only_for(model: HookedTransformer, params: Sequence[torch.nn.Parameter]
             p.requires_grad_(flag)
 
 
+def parameters_of(chosen: Mapping[str, Weight]) -> list[torch.nn.Parameter]:
+    """The distinct parameters the weights live in (several weights may share one)."""
+    return list({id(w.param): w.param for w in chosen.values()}.values())
+
+
 def continuation_nll(
-    model: HookedTransformer,
+    model: HookedModel,
     tokens: Tensor,
     prefix_len: int,
     *,
@@ -88,7 +104,7 @@ def continuation_nll(
 
 
 def contrastive_kl(
-    model: HookedTransformer,
+    model: HookedModel,
     keep_tokens: Tensor,
     reference_logprobs: Float[Tensor, "batch continuation_pos d_vocab"],
     prefix_len: int,
@@ -107,7 +123,7 @@ def contrastive_kl(
 
 
 def accumulated_gradients(
-    model: HookedTransformer,
+    model: HookedModel,
     terms: Sequence[tuple[Paragraphs, Callable[[Tensor, int], Tensor]]],
     batch_size: int,
     progress: bool,
@@ -118,21 +134,20 @@ def accumulated_gradients(
     Each term's loss function returns the batch-mean loss of a batch (given its tokens and start
     index), so weighting by batch size / set size gives the gradient of the set mean exactly.
     """
-    params = attributed_parameters(model)
-    names, tensors = list(params), list(params.values())
-    total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    chosen = attributed_weights(model)
+    total = {name: torch.zeros(w.shape, device=w.param.device) for name, w in chosen.items()}
     steps = [(p, fn, s) for p, fn in terms for s in range(0, len(p), batch_size)]
-    with grad_only_for(model, tensors):
+    with grad_only_for(model, parameters_of(chosen)):
         for paragraphs, loss_fn, start in tqdm(steps, desc=desc, disable=not progress):
             tokens = paragraphs.tokens[start : start + batch_size].to(model.cfg.device)
             loss = loss_fn(tokens, start) * (len(tokens) / len(paragraphs))
-            for name, grad in zip(names, torch.autograd.grad(loss, tensors), strict=True):
+            for name, grad in gradients(loss, chosen).items():
                 total[name] += grad.float()
     return total
 
 
 def reference_logprobs(
-    model: HookedTransformer, paragraphs: Paragraphs, batch_size: int = 16
+    model: HookedModel, paragraphs: Paragraphs, batch_size: int = 16
 ) -> Float[Tensor, "n_paragraphs continuation_pos d_vocab"]:
     """The current model's continuation log-probabilities (theta_0 of the KL term), no grad."""
     with torch.no_grad():

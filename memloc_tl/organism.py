@@ -38,8 +38,8 @@ from filelock import FileLock
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from memloc_tl.backend import HookedModel
 from memloc_tl.files import atomic_directory, read_json, verify_checksums
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
 from memloc_tl.models import load_model
@@ -157,7 +157,7 @@ class Organism:
         report: the build's own measurements (EM per set, acceptance, timings).
     """
 
-    model: HookedTransformer
+    model: HookedModel
     tokenizer: Any
     planted: Paragraphs
     control: Paragraphs
@@ -394,7 +394,7 @@ def _paragraph_sets(
 
 
 def organism_scans(
-    model: HookedTransformer,
+    model: HookedModel,
     planted: Paragraphs,
     control: Paragraphs,
     heldout: Paragraphs,
@@ -419,7 +419,7 @@ def organism_scans(
 
 
 def _evaluate(
-    model: HookedTransformer, paragraphs: dict[str, Paragraphs], config: OrganismConfig
+    model: HookedModel, paragraphs: dict[str, Paragraphs], config: OrganismConfig
 ) -> dict[str, Any]:
     scans = organism_scans(
         model,

@@ -17,7 +17,6 @@ import pandas as pd
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from memloc_tl.analysis.gradients import GradientComparison, compare_gradient_norms
 from memloc_tl.analysis.patching import PatchingSweep, patching_sweep
@@ -27,6 +26,7 @@ from memloc_tl.analysis.rare_tokens import (
     rare_token_attention,
     rarest_positions,
 )
+from memloc_tl.backend import HookedModel
 from memloc_tl.editing.sparse_edit import compare_edits
 from memloc_tl.localization.benchmark import DeletionBenchmark, deletion_benchmark
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
@@ -200,7 +200,7 @@ def _top_frame(top: Sequence[tuple[object, float]], score: str) -> pd.DataFrame:
 
 
 def memorization_report(
-    model: HookedTransformer,
+    model: HookedModel,
     paragraphs: Paragraphs,
     *,
     corpus_counts: Int[Tensor, " d_vocab"] | None = None,

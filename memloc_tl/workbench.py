@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from memloc_tl.backend import HookedModel
 from memloc_tl.models import load_model
 from memloc_tl.organism import Organism, OrganismConfig, build_organism
 from memloc_tl.paragraphs import Paragraphs, corpus_token_counts
@@ -43,7 +43,7 @@ class Workbench:
     """
 
     name: str
-    model: HookedTransformer
+    model: HookedModel
     paragraphs: Paragraphs
     corpus_counts: Int[Tensor, " d_vocab"]
     general: Paragraphs | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +66,10 @@ def neo_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> 
 
 @pytest.fixture(scope="session")
 def organism_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Per session, or shared between the runs of scripts/test.sh (MEMLOC_TEST_ORGANISM_CACHE)."""
+    shared = os.environ.get("MEMLOC_TEST_ORGANISM_CACHE")
+    if shared:
+        return Path(shared)
     return tmp_path_factory.mktemp("organism-cache")
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -227,10 +229,15 @@ def test_every_localizer_leaves_the_model_unchanged_also_when_it_raises(
             assert all(torch.isfinite(s).all() for s in found.scores.values()), (level, method)
     import memloc_tl.memorization as memorization
 
-    def broken(*args: object, **kwargs: object) -> Any:
-        raise RuntimeError("boom")
+    real = memorization.replaced_weights
 
-    monkeypatch.setattr(memorization.torch.func, "functional_call", broken)
+    @contextlib.contextmanager
+    def broken(*args: Any) -> Iterator[None]:
+        with real(*args):  # fails while the gated weights stand in for the model's own
+            raise RuntimeError("boom")
+        yield
+
+    monkeypatch.setattr(memorization, "replaced_weights", broken)
     with unchanged(model), pytest.raises(RuntimeError, match="boom"):
         localize(model, target, method="learned", keep=keep, learned=quick)
 

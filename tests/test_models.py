@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from memloc_tl.backend import is_bridge, tl_major
 from memloc_tl.models import (
     DEFAULT_MODEL,
     HubUnavailableError,
-    hooked_config_from_neo,
     load_model,
 )
 from tests.conftest import random_neo
@@ -45,8 +45,12 @@ def test_local_checkpoint_matches_transformers_unprocessed(neo_checkpoint: Path)
 
 
 def test_local_checkpoint_matches_transformers_processed(neo_checkpoint: Path) -> None:
+    from memloc_tl.objectives import attributed_parameters
+
     model = load_model(neo_checkpoint, device="cpu")
-    assert model.cfg.normalization_type == "LNPre"  # fold_ln happened
+    raw = load_model(neo_checkpoint, process_weights=False, device="cpu")
+    folded, unfolded = (attributed_parameters(m)["blocks.0.attn.W_Q"] for m in (model, raw))
+    assert (folded - unfolded).abs().max() > 1e-3  # fold_ln happened
     tokens = tokens_for(model.cfg.d_vocab)
     with torch.no_grad():
         ours = model(tokens).log_softmax(-1)
@@ -70,32 +74,65 @@ def test_local_window_matters(tokenizer: Any, neo_checkpoint: Path) -> None:
     torch.testing.assert_close(ours, local_logits, atol=1e-4, rtol=0)
 
 
-def test_config_mapping_equals_transformer_lens(neo_checkpoint: Path) -> None:
-    from transformer_lens.loading_from_pretrained import convert_hf_model_config
-    from transformers import AutoConfig
+def tiny_checkpoint(kind: str, tokenizer: Any) -> torch.nn.Module:
+    """A random checkpoint of another architecture family, small enough for the tests."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    theirs = convert_hf_model_config(str(neo_checkpoint))
-    ours = hooked_config_from_neo(
-        AutoConfig.from_pretrained(neo_checkpoint), model_name="x", process_weights=False
-    )
-    for key in (
-        "d_model",
-        "d_head",
-        "n_heads",
-        "d_mlp",
-        "n_layers",
-        "n_ctx",
-        "eps",
-        "d_vocab",
-        "attn_types",
-        "act_fn",
-        "use_attn_scale",
-        "use_local_attn",
-        "window_size",
-        "normalization_type",
-        "original_architecture",
-    ):
-        assert getattr(ours, key) == theirs[key], key
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+    if kind == "gpt2":
+        # n_ctx as in the hub's GPT-2 config.json (TransformerLens 3 reads it)
+        config: Any = GPT2Config(
+            n_layer=2, n_embd=32, n_head=4, vocab_size=vocab, n_positions=64, n_ctx=64
+        )
+        model: torch.nn.Module = GPT2LMHeadModel(config)
+    elif kind == "pythia":  # GPT-NeoX: rotary on part of each head, parallel attention and MLP
+        config = GPTNeoXConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=vocab,
+            max_position_embeddings=64,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+        )
+        model = GPTNeoXForCausalLM(config)
+    else:  # Llama-family: RMSNorm, gated MLP, rotary, grouped-query attention (4 heads, 2 kv)
+        config = LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=vocab,
+            max_position_embeddings=64,
+        )
+        model = LlamaForCausalLM(config)
+    with torch.no_grad():  # random norm gains, so that weight processing has something to fold
+        for name, param in model.named_parameters():
+            if "norm" in name or "ln" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "pythia", "llama"])
+def test_local_checkpoints_of_other_architectures_match_transformers(
+    kind: str, tmp_path: Path, tokenizer: Any
+) -> None:
+    # The directory's name says "llama": TransformerLens 3 guesses configs from such names.
+    directory = tmp_path / f"{kind}-llama-like-name"
+    tiny_checkpoint(kind, tokenizer).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    tokens = tokens_for(len(tokenizer))
+    theirs = hf_logits(directory, tokens).log_softmax(-1)
+    for process in (False, True):
+        model = load_model(directory, process_weights=process, device="cpu")
+        assert model.cfg.n_layers == 2
+        assert model.cfg.n_heads == 4
+        with torch.no_grad():
+            ours = model(tokens).log_softmax(-1)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
 def test_in_memory_model_matches_directory_and_is_not_modified(
@@ -132,12 +169,17 @@ def test_bad_sources_raise_clear_errors(
     hf = AutoModelForCausalLM.from_pretrained(neo_checkpoint, local_files_only=True)
     with pytest.raises(TypeError, match="tokenizer"):
         load_model(hf)
-    gpt2_dir = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(
-        gpt2_dir
-    )
-    with pytest.raises(ValueError, match="GPT-Neo"):
-        load_model(gpt2_dir)
+    from transformers import GPT2Config as Config
+    from transformers import GPT2Model
+
+    encoder_dir = tmp_path / "no-lm-head"  # a base model without a language-model head
+    GPT2Model(Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(encoder_dir)
+    with pytest.raises(ValueError, match="not a causal language model"):
+        load_model(encoder_dir)
+    with pytest.raises(ValueError, match="backend must be"):
+        load_model(neo_checkpoint, backend="jax")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="hub names only"):
+        load_model(neo_checkpoint, revision="step1000")
     small = random_neo(tokenizer)
     small.config.vocab_size = 10  # claims fewer ids than the tokenizer has
     with pytest.raises(ValueError, match="do not belong together"):
@@ -257,6 +299,9 @@ def test_checkpoints_that_do_not_hold_together_are_refused(
     assert load_model(bare, tokenizer=tokenizer).cfg.n_layers == 4  # the documented fix
 
 
+@pytest.mark.skipif(
+    tl_major() >= 4, reason="saves a HookedTransformer, which TransformerLens 4 does not have"
+)
 def test_saved_hooked_models_are_checked_on_load(tmp_path: Path, neo_checkpoint: Path) -> None:
     from memloc_tl.files import CorruptFileError
     from memloc_tl.models import save_hooked_model
@@ -272,3 +317,60 @@ def test_saved_hooked_models_are_checked_on_load(tmp_path: Path, neo_checkpoint:
     weights.write_bytes(bytes(data))
     with pytest.raises(CorruptFileError, match=weights.name):
         load_model(directory)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "pythia", "llama"])
+def test_the_analyses_run_on_other_architectures(
+    kind: str, tmp_path: Path, tokenizer: Any, unchanged: Any
+) -> None:
+    from memloc_tl import (
+        HeadRef,
+        Paragraphs,
+        ablate_heads,
+        activation_gradients,
+        attribution_patching,
+        gradient_norms,
+        patching_sweep,
+        rare_token_attention,
+        scan_memorization,
+        sparse_edit,
+    )
+    from memloc_tl.memorization import greedy_continuations
+
+    directory = tmp_path / kind
+    tiny_checkpoint(kind, tokenizer).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    model = load_model(directory, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    texts = torch.randint(0, len(tokenizer), (4, 40), generator=generator)
+    target = Paragraphs.from_tokens(texts, prefix_len=20, vocab_size=model.cfg.d_vocab)
+    # the model's own continuations: EM 20 by construction, which the scan must find
+    own = target.with_continuation(greedy_continuations(model, target.prefix, 20))
+    with unchanged(model):
+        assert scan_memorization(model, own, progress=False).exact_match.tolist() == [20] * 4
+        assert scan_memorization(model, target, progress=False).exact_match.max() < 20
+        # patching a paragraph into itself changes nothing; zeroing a head changes something
+        same = patching_sweep(model, own, own, progress=False)
+        assert same.delta_nll.abs().max() < 1e-5
+        zeroed = ablate_heads(model, own, [HeadRef(1, 0)], progress=False)
+        assert (zeroed.nll - zeroed.baseline_nll).abs().max() > 0
+        counts = torch.arange(model.cfg.d_vocab, dtype=torch.float)
+        rare = rare_token_attention(model, own, counts, progress=False)
+        assert rare.rare_mass.scores.shape == (2, 4)
+        grads = activation_gradients(model, own, progress=False)
+        assert grads.scores.shape[:3] == (4, 2, 4)
+        assert torch.isfinite(grads.scores).all()
+        estimate = attribution_patching(model, own, target, progress=False).estimate
+        assert torch.isfinite(estimate).all()
+    if kind == "llama":  # grouped-query attention: weight-level analyses say why not
+        with pytest.raises(ValueError, match="grouped-query attention"):
+            gradient_norms(model, own, progress=False)
+        return
+    if kind == "gpt2" and is_bridge(model):  # the bridge splits GPT-2's fused c_attn in copies
+        with pytest.raises(ValueError, match="not a view"):
+            gradient_norms(model, own, progress=False)
+        return
+    norms = gradient_norms(model, own, progress=False)
+    assert norms.l2.scores.shape == (2, 4 * 4 + 2)
+    edit = sparse_edit(model, own[:2], keep=target, steps=2, lr=1e-2, fraction=0.01, progress=False)
+    assert 0 < edit.mask.count <= 0.01 * sum(m.numel() for m in edit.mask.masks.values()) + 1

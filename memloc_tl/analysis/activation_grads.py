@@ -23,8 +23,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from memloc_tl.backend import HookedModel
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name, make_graph_start_hook, make_store_hook
 from memloc_tl.memorization import continuation_logits
@@ -42,7 +42,9 @@ class ActivationGradients(Drawable):
     """max over d_head of |dNLL / d activation|, per component, layer, head, paragraph, position.
 
     Attributes:
-        scores: ``[component, n_layers, n_heads, n_paragraphs, pos]``.
+        scores: ``[component, n_layers, n_heads, n_paragraphs, pos]``. With grouped-query
+            attention, ``"k"`` and ``"v"`` belong to key/value heads: each query head shows
+            its group's.
         components: the components along the first dimension (``"q"``, ``"k"``, ``"v"``, ``"z"``).
         paragraphs: the paragraphs.
         token_range: ``"continuation"`` or ``"first"``: which tokens' NLL was differentiated.
@@ -98,7 +100,7 @@ class ActivationGradients(Drawable):
 
 
 def activation_gradients(
-    model: HookedTransformer,
+    model: HookedModel,
     paragraphs: Paragraphs,
     *,
     components: Sequence[str] = COMPONENTS,
@@ -138,7 +140,6 @@ def activation_gradients(
             stored: dict[str, Tensor] = {}
             hooks: list[Any] = [
                 ("hook_embed", make_graph_start_hook()),
-                ("hook_pos_embed", make_graph_start_hook()),
             ]
             hooks += [(name, make_store_hook(stored)) for _, _, name in names]
             with model.hooks(fwd_hooks=hooks):
@@ -151,5 +152,7 @@ def activation_gradients(
             for (component, layer, _), grad in zip(names, grads, strict=True):
                 # [batch, pos, head, d_head] -> [head, batch, pos]
                 reduced = grad.abs().amax(-1).permute(2, 0, 1)
+                if len(reduced) < cfg.n_heads:  # grouped-query k, v: each query head its group's
+                    reduced = reduced.repeat_interleave(cfg.n_heads // len(reduced), dim=0)
                 scores[components.index(component), layer, :, rows] = reduced.float().cpu()
     return ActivationGradients(scores, components, paragraphs, token_range)

@@ -21,9 +21,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from memloc_tl.analysis.patching import PatchingSweep, _check_pair, _positions
+from memloc_tl.backend import HookedModel
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name, make_graph_start_hook, make_store_hook, position_mask
 from memloc_tl.memorization import continuation_logits
@@ -79,7 +79,7 @@ class AttributionPatching(Drawable):
 
 
 def attribution_patching(
-    model: HookedTransformer,
+    model: HookedModel,
     target: Paragraphs,
     source: Paragraphs,
     *,
@@ -118,7 +118,6 @@ def attribution_patching(
             stored: dict[str, Tensor] = {}
             hooks: list[Any] = [
                 ("hook_embed", make_graph_start_hook()),
-                ("hook_pos_embed", make_graph_start_hook()),
             ]
             hooks += [(name, make_store_hook(stored)) for name in names]
             with model.hooks(fwd_hooks=hooks):

@@ -32,8 +32,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from memloc_tl.backend import HookedModel
 from memloc_tl.objectives import (
     HEAD_MATRICES,
     MLP_MATRICES,
@@ -75,7 +75,7 @@ Aggregate = Literal["batch_mean", "per_paragraph"]
 
 
 def reduce_gradients(
-    model: HookedTransformer, grads: dict[str, Tensor]
+    model: HookedModel, grads: dict[str, Tensor]
 ) -> Float[Tensor, "statistic n_layers component"]:
     """Max |g|, L2 norm and mean |g| per layer and component, stacked in ``STATISTICS`` order."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -196,7 +196,7 @@ class GradientComparison(Drawable):
 
 
 def _scores(
-    model: HookedTransformer, stats: Tensor, objective: str, aggregate: str, n: int
+    model: HookedModel, stats: Tensor, objective: str, aggregate: str, n: int
 ) -> GradientNorms:
     labels = component_labels(model.cfg.n_heads)
     named = {
@@ -214,7 +214,7 @@ def _scores(
 
 
 def gradient_norms(
-    model: HookedTransformer,
+    model: HookedModel,
     paragraphs: Paragraphs,
     *,
     aggregate: Aggregate = "batch_mean",
@@ -253,7 +253,7 @@ def gradient_norms(
 
 
 def compare_gradient_norms(
-    model: HookedTransformer,
+    model: HookedModel,
     memorized: Paragraphs,
     non_memorized: Paragraphs,
     *,
@@ -270,7 +270,7 @@ def compare_gradient_norms(
 
 
 def contrastive_gradients(
-    model: HookedTransformer,
+    model: HookedModel,
     memorized: Paragraphs,
     keep: Paragraphs,
     *,
@@ -315,7 +315,7 @@ def contrastive_gradients(
 
 
 def contrastive_gradient_norms(
-    model: HookedTransformer,
+    model: HookedModel,
     memorized: Paragraphs,
     keep: Paragraphs,
     *,

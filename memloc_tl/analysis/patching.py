@@ -26,8 +26,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from memloc_tl.backend import HookedModel, skips_early_blocks
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name, make_each_head_replace_hook, make_head_replace_hook
 from memloc_tl.memorization import exact_match_length, score_continuations
@@ -137,7 +137,7 @@ class PatchingSweep(Drawable):
         return f"PatchingSweep({self.kind}, n={len(self.paragraphs)}, largest mean dNLL: {best})"
 
 
-def _heads(model: HookedTransformer, heads: Sequence[HeadRef | str]) -> tuple[HeadRef, ...]:
+def _heads(model: HookedModel, heads: Sequence[HeadRef | str]) -> tuple[HeadRef, ...]:
     if isinstance(heads, (str, HeadRef)):
         heads = [heads]
     parsed = tuple(dict.fromkeys(HeadRef.parse(h).check(model.cfg) for h in heads))
@@ -156,7 +156,7 @@ def _check_kind(kind: str, source: Paragraphs | None, reference: Paragraphs | No
 
 
 def _check_pair(
-    model: HookedTransformer,
+    model: HookedModel,
     target: Paragraphs,
     other: Paragraphs,
     what: str,
@@ -179,7 +179,7 @@ def _positions(positions: Sequence[int] | Tensor | None, seq_len: int) -> Tensor
 
 
 def mean_head_outputs(
-    model: HookedTransformer, reference: Paragraphs, layers: Sequence[int], batch_size: int = 32
+    model: HookedModel, reference: Paragraphs, layers: Sequence[int], batch_size: int = 32
 ) -> dict[int, Float[Tensor, "pos head_index d_head"]]:
     """Mean ``hook_z`` per layer and position over a reference paragraph set (mean ablation)."""
     check_set(model, reference, "reference")
@@ -198,7 +198,7 @@ def mean_head_outputs(
 
 
 def _replacements(
-    model: HookedTransformer,
+    model: HookedModel,
     kind: str,
     layers: Sequence[int],
     source_tokens: Tensor | None,
@@ -221,7 +221,7 @@ def _replacements(
 
 
 def _intervene(
-    model: HookedTransformer,
+    model: HookedModel,
     target: Paragraphs,
     heads: tuple[HeadRef, ...],
     kind: Kind,
@@ -274,7 +274,7 @@ def _intervene(
 
 
 def patch_heads(
-    model: HookedTransformer,
+    model: HookedModel,
     target: Paragraphs,
     source: Paragraphs,
     heads: Sequence[HeadRef | str] = DEFAULT_HEADS,
@@ -312,7 +312,7 @@ def patch_heads(
 
 
 def ablate_heads(
-    model: HookedTransformer,
+    model: HookedModel,
     paragraphs: Paragraphs,
     heads: Sequence[HeadRef | str] = DEFAULT_HEADS,
     *,
@@ -356,7 +356,7 @@ def ablate_heads(
 
 
 def patching_sweep(
-    model: HookedTransformer,
+    model: HookedModel,
     target: Paragraphs,
     source: Paragraphs | None = None,
     *,
@@ -395,6 +395,9 @@ def patching_sweep(
     layers = list(range(n_layers))
     means = mean_head_outputs(model, reference, layers) if kind == "mean" and reference else None
     resid_names = {hook_name("resid_pre", layer): layer for layer in layers}
+    # Start each layer's variants from its cached residual stream, where the model can skip
+    # the earlier blocks (a HookedTransformer); a bridge runs every variant from the tokens.
+    skip_early = skips_early_blocks(model)
     delta_nll = torch.zeros(n_layers, n_heads, len(target))
     delta_em = torch.zeros(n_layers, n_heads, len(target), dtype=torch.long)
     with torch.no_grad():
@@ -402,7 +405,11 @@ def patching_sweep(
             rows = slice(start, start + batch_size)
             tokens = target.tokens[rows].to(cfg.device)
             b, seq = tokens.shape
-            _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in resid_names)
+            cache = None
+            if skip_early:  # the residual stream entering every layer, to start from it
+                _, cache = model.run_with_cache(
+                    tokens, names_filter=lambda name: name in resid_names
+                )
             match, token_nll = score_continuations(model, tokens, target.prefix_len)
             base_em, base_nll = exact_match_length(match), token_nll.mean(-1)
             source_tokens = source.tokens[rows].to(cfg.device) if source is not None else None
@@ -412,14 +419,13 @@ def patching_sweep(
             stacked_tokens = tokens.repeat(n_heads, 1)
             for layer in layers:
                 replace_own_head = make_each_head_replace_hook(replacement[layer], chosen)
-                residual = cache[hook_name("resid_pre", layer)].repeat(n_heads, 1, 1)
+                start_from: dict[str, Any] = {}
+                if cache is not None:
+                    residual = cache[hook_name("resid_pre", layer)].repeat(n_heads, 1, 1)
+                    start_from = {"residual": residual, "start_at_layer": layer}
                 with model.hooks(fwd_hooks=[(hook_name("z", layer), replace_own_head)]):
                     match, token_nll = score_continuations(
-                        model,
-                        stacked_tokens,
-                        target.prefix_len,
-                        residual=residual,
-                        start_at_layer=layer,
+                        model, stacked_tokens, target.prefix_len, **start_from
                     )
                 em = exact_match_length(match).view(n_heads, b)
                 nll = token_nll.mean(-1).view(n_heads, b)

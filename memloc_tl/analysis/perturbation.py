@@ -25,8 +25,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from memloc_tl.backend import HookedModel, shares_prefix_cache
 from memloc_tl.memorization import (
     PrefixKV,
     exact_match_length,
@@ -155,7 +155,7 @@ def random_replacements(
 
 
 def perturb_prefixes(
-    model: HookedTransformer,
+    model: HookedModel,
     paragraphs: Paragraphs,
     *,
     n_samples: int = 1,
@@ -164,7 +164,7 @@ def perturb_prefixes(
     seed: int = 0,
     build_perturbed: bool = True,
     batch_size: int = 32,
-    shared_prefix: bool = True,
+    shared_prefix: bool | None = None,
     pmp_choice: Literal["min_em", "max_nll"] = "min_em",
     pmp_exclude_last: int = 0,
     progress: bool = True,
@@ -186,7 +186,7 @@ def perturb_prefixes(
         shared_prefix: reuse the unperturbed paragraph's keys and values before the perturbed
             position (:class:`memloc_tl.memorization.PrefixKV`) instead of recomputing them;
             the same numbers up to float rounding, about a quarter less compute for 50-token
-            prefixes.
+            prefixes. Default (None): on a HookedTransformer; a TransformerBridge recomputes.
         pmp_choice: which variant becomes each paragraph's PMP: ``"min_em"`` (the paper's: the
             lowest EM, earliest position and sample on ties) or ``"max_nll"`` (the largest rise
             of the original continuation's NLL, which separates variants that all reach EM 0).
@@ -204,6 +204,8 @@ def perturb_prefixes(
     check_positive_int(n_samples, "n_samples")
     check_positive_int(batch_size, "batch_size")
     check_choice(pmp_choice, "pmp_choice", ("min_em", "max_nll"))
+    if shared_prefix is None:
+        shared_prefix = shares_prefix_cache(model)
     first = 0 if include_first else 1  # the first perturbed position
     if isinstance(pmp_exclude_last, bool) or not isinstance(pmp_exclude_last, int):
         raise TypeError(f"pmp_exclude_last must be an int, got {pmp_exclude_last!r}")
@@ -241,12 +243,13 @@ def perturb_prefixes(
         for first_row in range(0, n, chunk):
             in_chunk = (rows >= first_row) & (rows < first_row + chunk)
             r_chunk, c_chunk, k_chunk = rows[in_chunk], cols[in_chunk], samples[in_chunk]
-            shared = PrefixKV.build(model, tokens[first_row : first_row + chunk])
+            chunk_tokens = tokens[first_row : first_row + chunk]
+            shared = PrefixKV.build(model, chunk_tokens) if shared_prefix else None
             for start in range(0, len(r_chunk), batch_size):
                 r, c, k = (t[start : start + batch_size] for t in (r_chunk, c_chunk, k_chunk))
                 variants = tokens[r].clone()
                 variants[torch.arange(len(r)), c] = replacements[r, c, k]
-                cache = shared.cache(r - first_row, int(c.min())) if shared_prefix else None
+                cache = None if shared is None else shared.cache(r - first_row, int(c.min()))
                 match, token_nll = score_continuations(model, variants, p, past_kv_cache=cache)
                 em[r, c, k] = exact_match_length(match).cpu()
                 nll[r, c, k] = token_nll.mean(-1).cpu()
@@ -270,7 +273,7 @@ def perturb_prefixes(
 
 
 def _perturbed_paragraphs(
-    model: HookedTransformer,
+    model: HookedModel,
     result: PrefixPerturbation,
     batch_size: int,
     choice: str = "min_em",

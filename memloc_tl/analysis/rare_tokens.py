@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from memloc_tl.analysis.runner import run_analyzers
+from memloc_tl.backend import HookedModel
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name
 from memloc_tl.paragraphs import Paragraphs
@@ -150,7 +150,7 @@ class RareTokenAttentionAnalyzer:
 
     def __init__(
         self,
-        model: HookedTransformer,
+        model: HookedModel,
         corpus_counts: Int[Tensor, " d_vocab"],
         *,
         prefix_len: int = 50,
@@ -254,7 +254,7 @@ class RareTokenAttentionAnalyzer:
 
 
 def rare_token_attention(
-    model: HookedTransformer,
+    model: HookedModel,
     paragraphs: Paragraphs,
     corpus_counts: Int[Tensor, " d_vocab"],
     *,

@@ -8,8 +8,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from memloc_tl.backend import HookedModel
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.validation import check_positive_int, check_set
 
@@ -30,7 +30,7 @@ class ForwardAnalyzer(Protocol):
 
 
 def run_analyzers(
-    model: HookedTransformer,
+    model: HookedModel,
     paragraphs: Paragraphs,
     analyzers: Sequence[ForwardAnalyzer],
     *,

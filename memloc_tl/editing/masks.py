@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from memloc_tl.backend import HookedModel
 from memloc_tl.heads import HeadRef
 from memloc_tl.objectives import (
     HEAD_MATRICES,
@@ -58,7 +58,7 @@ class ParamMask:
     @classmethod
     def scope(
         cls,
-        model: HookedTransformer,
+        model: HookedModel,
         *,
         components: Sequence[str] | None = None,
         layers: Sequence[int] | None = None,
@@ -91,7 +91,7 @@ class ParamMask:
         return cls(masks, "scope")
 
     @classmethod
-    def all(cls, model: HookedTransformer) -> ParamMask:
+    def all(cls, model: HookedModel) -> ParamMask:
         """Every attributed weight (full fine-tuning of the attributed matrices)."""
         return cls(cls.scope(model).masks, "all")
 
@@ -132,7 +132,7 @@ class ParamMask:
     @classmethod
     def random(
         cls,
-        model_or_shapes: HookedTransformer | Mapping[str, Tensor],
+        model_or_shapes: HookedModel | Mapping[str, Tensor],
         *,
         fraction: float = 0.001,
         seed: int = 0,
@@ -141,7 +141,7 @@ class ParamMask:
         """Exactly ``floor(fraction x candidates)`` weights chosen uniformly at random, seeded."""
         tensors = (
             attributed_parameters(model_or_shapes)
-            if isinstance(model_or_shapes, HookedTransformer)
+            if isinstance(model_or_shapes, torch.nn.Module)
             else dict(model_or_shapes)
         )
         names = list(tensors)

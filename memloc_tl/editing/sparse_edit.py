@@ -16,7 +16,6 @@ weight outside the mask moves — unlike the reference code, whose coupled weigh
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from memloc_tl.analysis.perturbation import perturb_prefixes
+from memloc_tl.backend import HookedModel, copy_model, model_parameters, parameter_masks
 from memloc_tl.editing.masks import ParamMask
 from memloc_tl.editing.optimizer import MaskedOptimizer
 from memloc_tl.files import atomic_write
@@ -37,9 +36,11 @@ from memloc_tl.memorization import greedy_continuations, scan_memorization
 from memloc_tl.objectives import (
     accumulated_gradients,
     attributed_parameters,
+    attributed_weights,
     continuation_nll,
     contrastive_kl,
     grad_only_for,
+    parameters_of,
     reference_logprobs,
 )
 from memloc_tl.paragraphs import Paragraphs
@@ -82,7 +83,7 @@ class WeightEdit:
 
     @classmethod
     def between(
-        cls, mask: ParamMask, original: Mapping[str, Tensor], model: HookedTransformer
+        cls, mask: ParamMask, original: Mapping[str, Tensor], model: HookedModel
     ) -> WeightEdit:
         params = attributed_parameters(model)
         masks = {n: m.cpu() for n, m in mask.masks.items() if bool(m.any())}
@@ -92,7 +93,7 @@ class WeightEdit:
             after={n: params[n].detach()[masks[n].to(params[n].device)].cpu() for n in masks},
         )
 
-    def _write(self, model: HookedTransformer, values: Mapping[str, Tensor]) -> None:
+    def _write(self, model: HookedModel, values: Mapping[str, Tensor]) -> None:
         params = attributed_parameters(model)
         # Every check before the first write: a model is edited whole or not at all.
         for name, mask in self.masks.items():
@@ -112,11 +113,11 @@ class WeightEdit:
                     params[name].device, params[name].dtype
                 )
 
-    def apply(self, model: HookedTransformer) -> None:
+    def apply(self, model: HookedModel) -> None:
         """Write the edited values into ``model``."""
         self._write(model, self.after)
 
-    def revert(self, model: HookedTransformer) -> None:
+    def revert(self, model: HookedModel) -> None:
         """Write the original values back into ``model`` (bit-identical to before the edit)."""
         self._write(model, self.before)
 
@@ -187,7 +188,7 @@ class EditResult(Drawable):
         evaluation: before/after measurements, one row per set and metric.
     """
 
-    model: HookedTransformer
+    model: HookedModel
     mask: ParamMask
     edit: WeightEdit
     objective: str
@@ -226,7 +227,7 @@ class EditResult(Drawable):
 
 
 def _objective_terms(
-    model: HookedTransformer,
+    model: HookedModel,
     memorized: Paragraphs,
     keep: Paragraphs,
     reference: Tensor,
@@ -259,7 +260,7 @@ def _objective_terms(
 
 def _mask(
     choice: MaskChoice | ParamMask,
-    model: HookedTransformer,
+    model: HookedModel,
     terms: list[tuple[Paragraphs, Callable[[Tensor, int], Tensor]]],
     fraction: float,
     seed: int,
@@ -278,7 +279,7 @@ def _mask(
 
 
 def sparse_edit(
-    model: HookedTransformer,
+    model: HookedModel,
     memorized: Paragraphs,
     *,
     keep: Paragraphs,
@@ -352,8 +353,9 @@ def sparse_edit(
             paragraphs.check_model(model)
     if reference_compat:
         steps, nll_weight = 5, 0.1
-    work = model if inplace else copy.deepcopy(model)
-    params = attributed_parameters(work)
+    work = model if inplace else copy_model(model)
+    chosen_weights = attributed_weights(work)
+    params = {n: w.value for n, w in chosen_weights.items()}
     original = {n: p.detach().clone() for n, p in params.items()}
     heldout_reference = None
     if heldout is not None:  # the original model's own continuation, as the paper scored NMPs
@@ -374,14 +376,15 @@ def sparse_edit(
     )
     chosen = _mask(mask, work, terms, fraction, seed, batch_size)
     decay = 1.0 if reference_compat else 0.0
-    inner = torch.optim.Adam(list(params.values()), lr=lr, weight_decay=decay)
-    optimizer = MaskedOptimizer(inner, {params[n]: m for n, m in chosen.masks.items()})
+    trained = parameters_of(chosen_weights)
+    inner = torch.optim.Adam(trained, lr=lr, weight_decay=decay)
+    optimizer = MaskedOptimizer(inner, parameter_masks(chosen_weights, chosen.masks))
     losses: list[float] = []
     # All or nothing: until the result exists, an error or interrupt (also during the
     # evaluation) puts the weights back; the caller's own .grad tensors are given back.
-    saved_grads = {p: p.grad for p in work.parameters()}
+    saved_grads = {p: p.grad for p in model_parameters(work)}
     try:
-        with grad_only_for(work, list(params.values())):
+        with grad_only_for(work, trained):
             for _ in tqdm(range(steps), desc=f"{objective} ({chosen.kind})", disable=not progress):
                 optimizer.zero_grad()
                 total = 0.0
@@ -424,12 +427,12 @@ def sparse_edit(
                     p.copy_(original[n])
         raise
     finally:
-        for p in work.parameters():
+        for p in model_parameters(work):
             p.grad = saved_grads.get(p)
 
 
 def measure_sets(
-    model: HookedTransformer,
+    model: HookedModel,
     sets: Mapping[str, Paragraphs | None],
     general: Paragraphs | None = None,
 ) -> pd.DataFrame:
@@ -453,7 +456,7 @@ def measure_sets(
 
 
 def _evaluate(
-    model: HookedTransformer,
+    model: HookedModel,
     memorized: Paragraphs,
     target: Paragraphs | None,
     heldout: Paragraphs | None,
@@ -489,7 +492,7 @@ def _evaluate(
 
 
 def compare_edits(
-    model: HookedTransformer,
+    model: HookedModel,
     memorized: Paragraphs,
     *,
     keep: Paragraphs,

@@ -24,8 +24,8 @@ from typing import Any
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from memloc_tl.backend import HookedModel
 from memloc_tl.localization.injection import Injection, InjectionConfig, inject_paragraphs
 from memloc_tl.localization.localizers import (
     METHODS,
@@ -139,7 +139,7 @@ def _methods(level: str, methods: Sequence[str] | None) -> list[str]:
 
 
 def injection_benchmark(
-    model: HookedTransformer,
+    model: HookedModel,
     paragraphs: Paragraphs,
     *,
     keep: Paragraphs,
@@ -265,7 +265,7 @@ def _injection_summary(injection: Injection, seed: int) -> dict[str, Any]:
 
 
 def _recall(
-    model: HookedTransformer,
+    model: HookedModel,
     paragraphs: Paragraphs,
     weights: dict[str, torch.Tensor] | None = None,
     batch_size: int = 32,
@@ -281,7 +281,7 @@ def _recall(
     return torch.cat(ems), torch.cat(nlls)
 
 
-def zeroed(model: HookedTransformer, units: Units) -> dict[str, torch.Tensor]:
+def zeroed(model: HookedModel, units: Units) -> dict[str, torch.Tensor]:
     """The attributed weights with ``units``' weights set to zero (for ``weights=`` calls)."""
     mask = units.weights(model)
     return {
@@ -292,7 +292,7 @@ def zeroed(model: HookedTransformer, units: Units) -> dict[str, torch.Tensor]:
 
 
 def deletion_benchmark(
-    model: HookedTransformer,
+    model: HookedModel,
     targets: Paragraphs,
     *,
     others: Paragraphs,

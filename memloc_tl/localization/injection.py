@@ -35,7 +35,6 @@ the EM of already memorized paragraphs and the perplexity of general text, befor
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,8 +42,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from memloc_tl.backend import HookedModel, copy_model, gradients, model_parameters, parameter_masks
 from memloc_tl.editing.masks import ParamMask, unflatten_like
 from memloc_tl.editing.optimizer import MaskedOptimizer
 from memloc_tl.editing.sparse_edit import WeightEdit, measure_sets
@@ -53,9 +52,11 @@ from memloc_tl.localization.units import Level, Units, check_level, unit_shapes
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.objectives import (
     attributed_parameters,
+    attributed_weights,
     continuation_nll,
     contrastive_kl,
     grad_only_for,
+    parameters_of,
     reference_logprobs,
 )
 from memloc_tl.paragraphs import Paragraphs
@@ -131,7 +132,7 @@ class Injection:
         magnitude: mean |w| of the injected weights before and after.
     """
 
-    model: HookedTransformer
+    model: HookedModel
     paragraphs: Paragraphs
     truth: tuple[Units, ...]
     weights: tuple[ParamMask, ...]
@@ -182,7 +183,7 @@ class Injection:
 
 
 def _disjoint_weights(
-    model: HookedTransformer, n: int, config: InjectionConfig, generator: torch.Generator
+    model: HookedModel, n: int, config: InjectionConfig, generator: torch.Generator
 ) -> list[Units]:
     params = attributed_parameters(model)
     scope = config.scope or ParamMask.scope(model)
@@ -204,7 +205,7 @@ def _disjoint_weights(
 
 
 def _truth(
-    model: HookedTransformer, n: int, config: InjectionConfig, generator: torch.Generator
+    model: HookedModel, n: int, config: InjectionConfig, generator: torch.Generator
 ) -> list[Units]:
     if config.level == "weights":
         return _disjoint_weights(model, n, config, generator)
@@ -235,7 +236,7 @@ def _truth(
 
 @torch.no_grad()
 def _preserve(
-    params: dict[str, torch.nn.Parameter],
+    params: dict[str, Tensor],
     union: ParamMask,
     original: dict[str, Tensor],
     how: Preserve,
@@ -257,12 +258,12 @@ def _preserve(
             param[where] = start.sort().values.to(param.device, param.dtype)[ranks]
 
 
-def _exact_matches(model: HookedTransformer, paragraphs: Paragraphs) -> Tensor:
+def _exact_matches(model: HookedModel, paragraphs: Paragraphs) -> Tensor:
     return scan_memorization(model, paragraphs, progress=False).exact_match.cpu()
 
 
 def inject_paragraphs(
-    model: HookedTransformer,
+    model: HookedModel,
     paragraphs: Paragraphs,
     *,
     keep: Paragraphs,
@@ -292,25 +293,27 @@ def inject_paragraphs(
         if value is not None:
             value.check_model(model)
     generator = torch.Generator().manual_seed(config.seed)
-    work = copy.deepcopy(model)
+    work = copy_model(model)
     truth = _truth(work, len(paragraphs), config, generator)
     masks = [units.weights(work) for units in truth]
     union = masks[0]
     for mask in masks[1:]:
         union = ParamMask({n: m | mask.masks[n] for n, m in union.masks.items()}, "injected")
-    params = attributed_parameters(work)
+    chosen = attributed_weights(work)
+    params = {n: w.value for n, w in chosen.items()}
+    trained = parameters_of(chosen)
     original = {n: p.detach().clone() for n, p in params.items()}
     sets = {"memorized": memorized, "injected": paragraphs}
     before = measure_sets(work, sets, general)
     em_before = _exact_matches(work, paragraphs)
     reference = reference_logprobs(work, keep)
-    inner = torch.optim.Adam(list(params.values()), lr=config.lr)
-    optimizer = MaskedOptimizer(inner, {params[n]: m for n, m in union.masks.items()})
+    inner = torch.optim.Adam(trained, lr=config.lr)
+    optimizer = MaskedOptimizer(inner, parameter_masks(chosen, union.masks))
     weights_of = [{n: m.to(params[n].device) for n, m in mask.masks.items()} for mask in masks]
     full = paragraphs.continuation_len
     steps = 0
     bar = tqdm(total=config.max_steps, desc="injecting", disable=not progress)
-    with grad_only_for(work, list(params.values())):
+    with grad_only_for(work, trained):
         while steps < config.max_steps:
             if steps % config.check_every == 0 and bool(
                 (_exact_matches(work, paragraphs) == full).all()
@@ -319,10 +322,11 @@ def inject_paragraphs(
             optimizer.zero_grad()
             for i in range(len(paragraphs)):  # each paragraph's gradient reaches its own subset
                 loss = continuation_nll(work, paragraphs.tokens[i : i + 1], paragraphs.prefix_len)
-                grads = torch.autograd.grad(loss.mean(), list(params.values()))
-                for (name, param), grad in zip(params.items(), grads, strict=True):
-                    masked = grad * weights_of[i][name]
-                    param.grad = masked if param.grad is None else param.grad + masked
+                for name, grad in gradients(loss.mean(), chosen).items():
+                    w = chosen[name]
+                    if w.param.grad is None:
+                        w.param.grad = torch.zeros_like(w.param)
+                    w.of(w.param.grad).add_(grad * weights_of[i][name])
             if config.kl_weight > 0:
                 rows = torch.randperm(len(keep), generator=generator)[: config.keep_batch]
                 kl = contrastive_kl(
@@ -335,7 +339,7 @@ def inject_paragraphs(
             bar.update()
     bar.close()
     optimizer.zero_grad()
-    for p in work.parameters():
+    for p in model_parameters(work):
         p.grad = None
     em_after = _exact_matches(work, paragraphs)
     after = measure_sets(work, sets, general)

@@ -44,9 +44,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from memloc_tl.analysis.gradients import contrastive_gradients
+from memloc_tl.backend import HookedModel, skips_early_blocks
 from memloc_tl.hooks import hook_name, make_unit_scale_hook
 from memloc_tl.localization.units import Level, Localization, check_level, unit_shapes
 from memloc_tl.memorization import continuation_logits, score_continuations
@@ -165,7 +165,7 @@ def expected_l0(log_alpha: Tensor) -> Tensor:
     return torch.sigmoid(log_alpha - _BETA * math.log(-_GAMMA / _ZETA))
 
 
-def _check_target(model: HookedTransformer, target: Paragraphs, keep: Paragraphs | None) -> None:
+def _check_target(model: HookedModel, target: Paragraphs, keep: Paragraphs | None) -> None:
     if not isinstance(target, Paragraphs):
         raise TypeError(f"target must be Paragraphs, got {type(target).__name__}")
     if len(target) == 0:
@@ -178,9 +178,7 @@ def _check_target(model: HookedTransformer, target: Paragraphs, keep: Paragraphs
 
 
 @contextmanager
-def _scaled_units(
-    model: HookedTransformer, level: Level, scales: Mapping[str, Tensor]
-) -> Iterator[None]:
+def _scaled_units(model: HookedModel, level: Level, scales: Mapping[str, Tensor]) -> Iterator[None]:
     """Neurons or heads multiplied by ``scales`` (by hook name) inside the block."""
     hooks: list[Any] = [(name, make_unit_scale_hook(scale)) for name, scale in scales.items()]
     with model.hooks(fwd_hooks=hooks):
@@ -188,7 +186,7 @@ def _scaled_units(
 
 
 def _gated_logits(
-    model: HookedTransformer,
+    model: HookedModel,
     tokens: Tensor,
     prefix_len: int,
     level: Level,
@@ -203,7 +201,7 @@ def _gated_logits(
         return continuation_logits(model, tokens, prefix_len)
 
 
-def _target_nll(model: HookedTransformer, target: Paragraphs) -> Callable[[Tensor, int], Tensor]:
+def _target_nll(model: HookedModel, target: Paragraphs) -> Callable[[Tensor, int], Tensor]:
     def nll(tokens: Tensor, start: int) -> Tensor:
         return continuation_nll(model, tokens, target.prefix_len).mean()
 
@@ -211,35 +209,33 @@ def _target_nll(model: HookedTransformer, target: Paragraphs) -> Callable[[Tenso
 
 
 # ---------------------------------------------------------------------------- weights
-def _weight_gradient(
-    model: HookedTransformer, target: Paragraphs, batch_size: int
-) -> dict[str, Tensor]:
+def _weight_gradient(model: HookedModel, target: Paragraphs, batch_size: int) -> dict[str, Tensor]:
     return accumulated_gradients(
         model, [(target, _target_nll(model, target))], batch_size, False, ""
     )
 
 
-def _gradient(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+def _gradient(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
     return {n: g.abs() for n, g in _weight_gradient(model, target, kw["batch_size"]).items()}
 
 
-def _grad_x_weight(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+def _grad_x_weight(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
     params = attributed_parameters(model)
     grads = _weight_gradient(model, target, kw["batch_size"])
     return {n: (g * params[n].detach().float()).abs() for n, g in grads.items()}
 
 
-def _contrastive(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+def _contrastive(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
     grads = contrastive_gradients(model, target, kw["keep"], batch_size=kw["batch_size"])
     return {n: g.abs() for n, g in grads.items()}
 
 
-def _magnitude(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+def _magnitude(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
     return {n: p.detach().abs() for n, p in attributed_parameters(model).items()}
 
 
 # ---------------------------------------------------------------------------- neurons, heads
-def _activation(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+def _activation(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
     level: Level = kw["level"]
     names = list(unit_shapes(model, level))
 
@@ -262,7 +258,7 @@ def _activation(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict
 
 
 def _gate_gradient(
-    model: HookedTransformer,
+    model: HookedModel,
     target: Paragraphs,
     level: Level,
     scales: dict[str, Tensor],
@@ -282,21 +278,19 @@ def _gate_gradient(
     return total
 
 
-def _ones(model: HookedTransformer, level: Level) -> dict[str, Tensor]:
+def _ones(model: HookedModel, level: Level) -> dict[str, Tensor]:
     return {
         n: torch.ones(s, device=model.cfg.device, requires_grad=True)
         for n, s in unit_shapes(model, level).items()
     }
 
 
-def _attribution(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+def _attribution(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
     grads = _gate_gradient(model, target, kw["level"], _ones(model, kw["level"]), kw["batch_size"])
     return {n: -g for n, g in grads.items()}
 
 
-def _integrated_gradients(
-    model: HookedTransformer, target: Paragraphs, **kw: Any
-) -> dict[str, Tensor]:
+def _integrated_gradients(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
     level, steps = kw["level"], kw["ig_steps"]
     scores = {}
     for name in unit_shapes(model, level):
@@ -311,7 +305,7 @@ def _integrated_gradients(
     return scores
 
 
-def _zero_ablation(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+def _zero_ablation(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
     """Exact NLL increase of zeroing each unit alone; stacked variants from each layer on."""
     level: Level = kw["level"]
     chunk = kw["ablation_batch"]
@@ -322,24 +316,28 @@ def _zero_ablation(model: HookedTransformer, target: Paragraphs, **kw: Any) -> d
         for start in range(0, len(target), kw["batch_size"]):
             tokens = target.tokens[start : start + kw["batch_size"]].to(model.cfg.device)
             b = len(tokens)
-            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in resid_names)
+            cache = None
+            if skips_early_blocks(model):  # start each layer's variants from its residual
+                _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in resid_names)
             _, base = score_continuations(model, tokens, target.prefix_len)
             base_nll = base.mean(-1)
             for layer, (name, (n_units,)) in enumerate(shapes.items()):
-                residual = cache[hook_name("resid_pre", layer)]
                 for first in range(0, n_units, chunk):
                     units = torch.arange(first, min(first + chunk, n_units))
                     # row (u, i): paragraph i with unit units[u] silenced
                     scale = torch.ones(len(units), n_units, device=model.cfg.device)
                     scale[torch.arange(len(units)), units] = 0.0
                     scale = scale.repeat_interleave(b, 0)
+                    start_from: dict[str, Any] = {}
+                    if cache is not None:
+                        residual = cache[hook_name("resid_pre", layer)]
+                        start_from = {
+                            "residual": residual.repeat(len(units), 1, 1),
+                            "start_at_layer": layer,
+                        }
                     with _scaled_units(model, level, {name: scale}):
                         _, nll = score_continuations(
-                            model,
-                            tokens.repeat(len(units), 1),
-                            target.prefix_len,
-                            residual=residual.repeat(len(units), 1, 1),
-                            start_at_layer=layer,
+                            model, tokens.repeat(len(units), 1), target.prefix_len, **start_from
                         )
                     delta = nll.mean(-1).view(len(units), b) - base_nll[None]
                     scores[name][units] += delta.sum(-1).cpu()
@@ -347,14 +345,14 @@ def _zero_ablation(model: HookedTransformer, target: Paragraphs, **kw: Any) -> d
 
 
 # ---------------------------------------------------------------------------- both
-def _random(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+def _random(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(kw["seed"])
     return {
         n: torch.rand(s, generator=generator) for n, s in unit_shapes(model, kw["level"]).items()
     }
 
 
-def _learned(model: HookedTransformer, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+def _learned(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
     """Train deletion gates: destroy the target's recall, keep the keep set, drop few units."""
     level: Level = kw["level"]
     config: LearnedMaskConfig = kw["learned"]
@@ -409,7 +407,7 @@ _LOCALIZERS: dict[str, Callable[..., dict[str, Tensor]]] = {
 
 
 def localize(
-    model: HookedTransformer,
+    model: HookedModel,
     target: Paragraphs,
     *,
     method: Method,
@@ -473,7 +471,7 @@ def localize(
 
 
 def forward_backward_seconds(
-    model: HookedTransformer, paragraphs: Paragraphs, batch_size: int = 16
+    model: HookedModel, paragraphs: Paragraphs, batch_size: int = 16
 ) -> float:
     """Time of one forward and backward of the mean continuation NLL (the cost unit)."""
     started = time.perf_counter()

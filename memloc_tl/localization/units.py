@@ -23,8 +23,8 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from memloc_tl.backend import HookedModel
 from memloc_tl.editing.masks import ParamMask, unflatten_like
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name
@@ -42,7 +42,7 @@ def check_level(level: str) -> Level:
     return level  # type: ignore[return-value]
 
 
-def unit_shapes(model: HookedTransformer, level: Level) -> dict[str, tuple[int, ...]]:
+def unit_shapes(model: HookedModel, level: Level) -> dict[str, tuple[int, ...]]:
     """The units of a level, by name and shape, in a fixed order."""
     cfg = model.cfg
     if level == "weights":
@@ -78,12 +78,12 @@ class Units:
         object.__setattr__(self, "masks", {n: m.cpu() for n, m in self.masks.items()})
 
     @classmethod
-    def empty(cls, model: HookedTransformer, level: Level) -> Units:
+    def empty(cls, model: HookedModel, level: Level) -> Units:
         shapes = unit_shapes(model, level)
         return cls(level, {n: torch.zeros(s, dtype=torch.bool) for n, s in shapes.items()})
 
     @classmethod
-    def of_heads(cls, model: HookedTransformer, heads: list[HeadRef | str]) -> Units:
+    def of_heads(cls, model: HookedModel, heads: list[HeadRef | str]) -> Units:
         units = cls.empty(model, "heads")
         for head in heads:
             ref = HeadRef.parse(head).check(model.cfg)
@@ -91,7 +91,7 @@ class Units:
         return units
 
     @classmethod
-    def of_neurons(cls, model: HookedTransformer, neurons: list[tuple[int, int]]) -> Units:
+    def of_neurons(cls, model: HookedModel, neurons: list[tuple[int, int]]) -> Units:
         """Neurons as ``(layer, index)`` pairs."""
         units = cls.empty(model, "neurons")
         for layer, index in neurons:
@@ -143,7 +143,7 @@ class Units:
             for i in mask.nonzero().flatten().tolist()
         ]
 
-    def weights(self, model: HookedTransformer) -> ParamMask:
+    def weights(self, model: HookedModel) -> ParamMask:
         """The attributed weights these units own (a head: its W_Q/W_K/W_V/W_O slices; a
         neuron: its W_in column and W_out row)."""
         if self.level == "weights":

@@ -6,19 +6,19 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from memloc_tl.backend import HookedModel
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name
 from memloc_tl.viz.html import CircuitsView
 
 
-def _str_tokens(model: HookedTransformer, tokens: Tensor) -> list[str]:
+def _str_tokens(model: HookedModel, tokens: Tensor) -> list[str]:
     return [str(t) for t in model.to_str_tokens(tokens)]
 
 
 def attention_view(
-    model: HookedTransformer,
+    model: HookedModel,
     tokens: Tensor,
     heads: Sequence[HeadRef | str] = ("L1H2",),
     *,
@@ -54,7 +54,7 @@ def attention_view(
 
 
 def token_view(
-    model: HookedTransformer,
+    model: HookedModel,
     tokens: Tensor,
     values: Tensor | Sequence[float],
     *,
@@ -72,7 +72,7 @@ def token_view(
     return CircuitsView("ColoredTokens", {"tokens": labels, "values": padded}, title=title)
 
 
-def rarity_view(model: HookedTransformer, tokens: Tensor, counts: Tensor) -> CircuitsView:
+def rarity_view(model: HookedModel, tokens: Tensor, counts: Tensor) -> CircuitsView:
     """Tokens colored by corpus rarity, ``-log10`` of the token's relative frequency.
 
     ``counts`` are corpus unigram counts (:func:`~memloc_tl.paragraphs.corpus_token_counts`);

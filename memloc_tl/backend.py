@@ -1,0 +1,319 @@
+"""Everything that depends on the TransformerLens version, in one place.
+
+memloc-tl runs on two kinds of TransformerLens model:
+
+- TransformerLens 3's ``HookedTransformer``: its weights (``blocks.0.attn.W_Q``, ...) are its own
+  parameters;
+- TransformerLens 4's ``TransformerBridge`` in compatibility mode (HookedTransformer's weight
+  processing and hook names): it runs the Hugging Face model, and the TransformerLens-named
+  weights are *views* of the Hugging Face parameters (``W_Q[h]`` is a slice of ``q_proj.weight``
+  transposed and reshaped, for instance).
+
+Analyzers, editing and views never ask which one they have: they use this module. A weight is a
+:class:`Weight`, the TransformerLens-named view of the parameter autograd and optimizers see, so
+gradients, masks and edits are mapped exactly between the two layouts (``as_strided`` with the
+view's own strides: no per-architecture table). What else differs:
+
+- the residual stream after the last block: TransformerLens 3 stops there
+  (``stop_at_layer=n_layers``), the bridge has no such stop and returns logits;
+- the shared-prefix key/value cache of :class:`memloc_tl.memorization.PrefixKV` is
+  TransformerLens 3's; on the bridge, perturbation recomputes every position (same numbers);
+- ``start_at_layer`` on the bridge still runs the earlier blocks (the result is the same, the
+  patching sweep's saving is not).
+
+Nothing here imports a class that one TransformerLens version lacks: ``HookedModel`` is the type
+for annotations (HookedTransformer's interface, which the bridge's compatibility mode provides).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib.metadata
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer as HookedModel
+else:
+    HookedModel = torch.nn.Module
+
+__all__ = [
+    "Backend",
+    "HookedModel",
+    "Weight",
+    "check_backend",
+    "check_model",
+    "copy_model",
+    "ends_at_logits",
+    "gradients",
+    "is_bridge",
+    "model_parameters",
+    "parameter_masks",
+    "replaced_weights",
+    "shares_prefix_cache",
+    "skips_early_blocks",
+    "substituted_parameters",
+    "tl_major",
+    "weights",
+]
+
+
+Backend = Literal["auto", "hooked", "bridge"]
+"""How :func:`memloc_tl.load_model` wraps a model: ``"hooked"`` (TransformerLens 3's
+HookedTransformer), ``"bridge"`` (TransformerBridge in compatibility mode) or ``"auto"``."""
+
+
+@functools.cache
+def tl_major() -> int:
+    """The major version of the installed TransformerLens (3 or 4), without importing it."""
+    version = importlib.metadata.version("transformer-lens")
+    return int(version.split(".")[0])
+
+
+def check_backend(backend: str) -> Literal["hooked", "bridge"]:
+    """The backend ``"auto"`` stands for here, or a clear error for one this install lacks."""
+    if backend not in ("auto", "hooked", "bridge"):
+        raise ValueError(f"backend must be 'auto', 'hooked' or 'bridge', got {backend!r}")
+    if backend == "auto":
+        return "hooked" if tl_major() < 4 else "bridge"
+    if backend == "hooked" and tl_major() >= 4:
+        raise ValueError(
+            "backend='hooked' needs TransformerLens 3 (HookedTransformer was removed in 4.0); "
+            "use backend='bridge' or 'auto', or install 'transformer-lens>=3.9,<4'"
+        )
+    return backend
+
+
+def is_bridge(model: Any) -> bool:
+    """Whether ``model`` is a TransformerLens 4 ``TransformerBridge`` (or a subclass)."""
+    return any(cls.__name__ == "TransformerBridge" for cls in type(model).__mro__)
+
+
+def check_model(model: Any) -> None:
+    """A clear error for anything that is not a model memloc-tl can analyze.
+
+    Raises:
+        TypeError: not a HookedTransformer or TransformerBridge.
+        ValueError: a TransformerBridge outside compatibility mode (hook names and weight
+            processing would differ from the paper's HookedTransformer).
+    """
+    if is_bridge(model):
+        if not getattr(model, "compatibility_mode", False):
+            raise ValueError(
+                "this TransformerBridge is not in compatibility mode: call "
+                "model.enable_compatibility_mode() first (memloc_tl.load_model does), so that "
+                "hook names and weight processing are HookedTransformer's"
+            )
+        return
+    if not any(cls.__name__ == "HookedTransformer" for cls in type(model).__mro__):
+        raise TypeError(
+            f"expected a TransformerLens HookedTransformer or TransformerBridge, got "
+            f"{type(model).__name__}; load one with memloc_tl.load_model(...)"
+        )
+
+
+def model_parameters(model: HookedModel) -> list[torch.nn.Parameter]:
+    """Every parameter the model computes with (the Hugging Face ones, on the bridge)."""
+    return list(_torch_module(model).parameters())
+
+
+def _torch_module(model: HookedModel) -> torch.nn.Module:
+    """The module whose parameters the model computes with (the Hugging Face model, on a bridge)."""
+    return getattr(model, "original_model") if is_bridge(model) else model  # noqa: B009
+
+
+def copy_model(model: HookedModel) -> HookedModel:
+    """A deep copy of the model, sharing nothing with it.
+
+    A bridge keeps some computed tensors (still in an autograd graph) as attributes, which
+    ``copy.deepcopy`` refuses; the copy gets them detached.
+    """
+    memo: dict[int, Any] = {}
+    if is_bridge(model):
+        for module in model.modules():
+            for value in vars(module).values():
+                if isinstance(value, Tensor) and not value.is_leaf:
+                    memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def ends_at_logits(model: HookedModel) -> bool:
+    """Whether the forward cannot stop at the residual after the last block (the bridge)."""
+    return is_bridge(model)
+
+
+def shares_prefix_cache(model: HookedModel) -> bool:
+    """Whether :class:`memloc_tl.memorization.PrefixKV` works (TransformerLens 3's cache)."""
+    return not is_bridge(model)
+
+
+def skips_early_blocks(model: HookedModel) -> bool:
+    """Whether ``start_at_layer=k`` really skips blocks ``0..k-1`` (not on the bridge)."""
+    return not is_bridge(model)
+
+
+@dataclass(frozen=True, eq=False)
+class Weight:
+    """A TransformerLens-named weight and the parameter it lives in.
+
+    On a HookedTransformer the weight is the parameter (``layout`` None). On a bridge it is a
+    view of a Hugging Face parameter: ``layout`` is the view's ``(size, stride, offset)``
+    within that (contiguous) parameter, so any tensor laid out like the parameter (its
+    gradient, a mask) has the same view.
+
+    Attributes:
+        name: e.g. ``"blocks.1.attn.W_Q"``.
+        param: the parameter autograd and optimizers see.
+        param_name: its name in ``named_parameters()`` of the module that owns it.
+        layout: ``None``, or ``(size, stride, offset)`` of the view.
+    """
+
+    name: str
+    param: torch.nn.Parameter
+    param_name: str
+    layout: tuple[tuple[int, ...], tuple[int, ...], int] | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.param.shape if self.layout is None else torch.Size(self.layout[0])
+
+    def of(self, tensor: Tensor) -> Tensor:
+        """The weight's view of ``tensor``, a tensor shaped like ``param`` (writes go through)."""
+        if self.layout is None:
+            return tensor
+        if tensor.shape != self.param.shape or not tensor.is_contiguous():
+            raise ValueError(
+                f"expected a contiguous tensor of shape {tuple(self.param.shape)} for "
+                f"{self.name}, got {tuple(tensor.shape)}"
+            )
+        size, stride, offset = self.layout
+        return tensor.as_strided(size, stride, tensor.storage_offset() + offset)
+
+    @property
+    def value(self) -> Tensor:
+        """The weight itself (a view of the parameter: in-place writes reach the model)."""
+        return self.of(self.param)
+
+    def scatter(self, base: Tensor, value: Tensor) -> Tensor:
+        """``base`` (shaped like ``param``) with this weight's entries replaced, differentiably."""
+        if self.layout is None:
+            return value
+        size, stride, offset = self.layout
+        return torch.as_strided_scatter(base.contiguous(), value, size, stride, offset)
+
+
+def weights(model: HookedModel, names: Sequence[str]) -> dict[str, Weight]:
+    """The weights ``names`` (TransformerLens names) of ``model``, each with its parameter.
+
+    Raises:
+        ValueError: a name the model does not have, a key or value matrix of grouped-query
+            attention, or (bridge) a weight that is not a view of one of the model's parameters.
+    """
+    n_kv = getattr(model.cfg, "n_key_value_heads", None)
+    if n_kv is not None and n_kv != model.cfg.n_heads:
+        grouped = [name for name in names if name.endswith((".W_K", ".W_V"))]
+        if grouped:
+            raise ValueError(
+                f"{grouped[0]}: with grouped-query attention ({model.cfg.n_heads} query heads, "
+                f"{n_kv} key/value heads) W_K and W_V belong to key/value heads, not to the "
+                "heads the paper's per-head analyses name; weight-level analyses (gradient maps, "
+                "masks, sparse editing, injection) support models without it. The head-level "
+                "analyses (attention, patching, ablation, activation gradients) work."
+            )
+    if not is_bridge(model):
+        params = dict(model.named_parameters())
+        missing = [name for name in names if name not in params]
+        if missing:
+            raise ValueError(f"the model has no {missing[0]}: not a standard HookedTransformer")
+        return {name: Weight(name, params[name], name) for name in names}
+    views: dict[str, Tensor] = getattr(model, "tl_parameters")()  # noqa: B009
+    owners: dict[int, tuple[str, torch.nn.Parameter]] = {}
+    for param_name, param in _torch_module(model).named_parameters():
+        owners.setdefault(param.untyped_storage().data_ptr(), (param_name, param))
+    found: dict[str, Weight] = {}
+    for name in names:
+        view = views.get(name)
+        if view is None:
+            raise ValueError(f"the model has no {name}: not a standard TransformerLens model")
+        owner = owners.get(view.untyped_storage().data_ptr())
+        if owner is None or not owner[1].is_contiguous():
+            raise ValueError(
+                f"{name} is not a view of one of the model's parameters (the bridge computes it), "
+                "so its gradient and edits cannot reach the model; memloc-tl supports "
+                "architectures whose weights the bridge exposes as views"
+            )
+        param_name, param = owner
+        layout = (tuple(view.shape), tuple(view.stride()), int(view.storage_offset()))
+        found[name] = Weight(name, param, param_name, layout)
+    return found
+
+
+def gradients(
+    loss: Tensor, chosen: Mapping[str, Weight], *, retain_graph: bool = False
+) -> dict[str, Tensor]:
+    """``d loss / d weight`` for each weight, in the weight's (TransformerLens) layout."""
+    params = list({id(w.param): w.param for w in chosen.values()}.values())
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph)
+    by_param = {id(p): g.contiguous() for p, g in zip(params, grads, strict=True)}
+    return {name: w.of(by_param[id(w.param)]) for name, w in chosen.items()}
+
+
+def parameter_masks(
+    chosen: Mapping[str, Weight], masks: Mapping[str, Tensor]
+) -> dict[torch.nn.Parameter, Tensor]:
+    """Boolean masks by parameter from masks by weight name (entries outside every weight: off)."""
+    out: dict[int, tuple[torch.nn.Parameter, Tensor]] = {}
+    for name, mask in masks.items():
+        w = chosen[name]
+        if w.layout is None:
+            out[id(w.param)] = (w.param, mask.to(w.param.device, torch.bool))
+            continue
+        _, full = out.setdefault(
+            id(w.param), (w.param, torch.zeros_like(w.param, dtype=torch.bool))
+        )
+        w.of(full).copy_(mask)
+    return dict(out.values())
+
+
+def substituted_parameters(model: HookedModel, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Replacement parameters by ``named_parameters()`` name of the module that computes.
+
+    ``values`` replaces weights by TransformerLens name; on the bridge each replaced parameter
+    is the model's own with those entries scattered in (differentiable in the values).
+    """
+    chosen = weights(model, list(values))
+    out: dict[str, Tensor] = {}
+    for name, value in values.items():
+        w = chosen[name]
+        base = out.get(w.param_name, w.param)
+        out[w.param_name] = w.scatter(base, value.to(w.param.dtype))
+    return out
+
+
+@contextlib.contextmanager
+def replaced_weights(model: HookedModel, values: Mapping[str, Tensor]) -> Iterator[None]:
+    """Inside the block the model computes with ``values`` (by TransformerLens name).
+
+    Nothing is written into the model's parameters: the owning modules see the given tensors
+    (still in their autograd graph) instead of their parameters, and get those back on exit,
+    also after an error. (``torch.func.functional_call`` does not restore a bridge's
+    parameters, so it is not used.)
+    """
+    module = _torch_module(model)
+    saved: list[tuple[torch.nn.Module, str, torch.nn.Parameter | None]] = []
+    try:
+        for param_name, tensor in substituted_parameters(model, values).items():
+            owner_name, _, attribute = param_name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            saved.append((owner, attribute, owner._parameters[attribute]))
+            owner._parameters[attribute] = tensor  # pyright: ignore[reportArgumentType]
+        yield
+    finally:
+        for owner, attribute, param in reversed(saved):
+            owner._parameters[attribute] = param

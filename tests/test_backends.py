@@ -1,0 +1,151 @@
+"""One backend for TransformerLens 3 and 4: the bridge gives the HookedTransformer's numbers.
+
+A TransformerBridge in compatibility mode runs the Hugging Face model; its TransformerLens-named
+weights are views of the Hugging Face parameters (memloc_tl.backend.Weight). Every analysis, the
+scan, sparse editing, WeightEdit and injection must give the same numbers on both (1e-5).
+
+- With TransformerLens 3 installed (which also ships the bridge), both backends run here.
+- ``MEMLOC_BACKEND_REFERENCE=<file>``: the TransformerLens 3 run writes its HookedTransformer
+  numbers there, and a TransformerLens 4 run (CI's second environment) compares against them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from memloc_tl import load_model
+from memloc_tl.backend import (
+    check_backend,
+    check_model,
+    gradients,
+    is_bridge,
+    parameter_masks,
+    substituted_parameters,
+    tl_major,
+    weights,
+)
+from memloc_tl.files import atomic_write
+from memloc_tl.memorization import PrefixKV, continuation_logits
+from memloc_tl.models import save_hooked_model
+from memloc_tl.objectives import attributed_names, attributed_parameters
+from memloc_tl.organism import Organism
+from tests.backend_fingerprint import fingerprint
+
+REFERENCE = os.environ.get("MEMLOC_BACKEND_REFERENCE")
+HAS_HOOKED = tl_major() < 4
+
+
+@pytest.fixture(scope="module")
+def bridge(organism: Organism) -> Any:
+    return load_model(organism.path, backend="bridge", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def bridge_numbers(bridge: Any, organism: Organism) -> dict[str, torch.Tensor]:
+    return fingerprint(bridge, organism)
+
+
+def assert_same_numbers(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        torch.testing.assert_close(
+            ours[name], theirs[name], atol=1e-5, rtol=1e-5, equal_nan=True, msg=name
+        )
+
+
+def test_the_bridge_is_what_auto_gives_on_transformer_lens_4(organism: Organism) -> None:
+    assert is_bridge(organism.model) == (tl_major() >= 4)
+    check_model(organism.model)
+    assert organism.model.cfg.default_prepend_bos is False
+
+
+@pytest.mark.skipif(not HAS_HOOKED, reason="needs TransformerLens 3 (HookedTransformer)")
+def test_bridge_gives_the_hooked_transformers_numbers(
+    organism: Organism, bridge: Any, bridge_numbers: dict[str, torch.Tensor]
+) -> None:
+    hooked = load_model(organism.path, backend="hooked", device="cpu")
+    hooked_numbers = fingerprint(hooked, organism)
+    assert_same_numbers(bridge_numbers, hooked_numbers)
+    # the fingerprint is not trivially equal: it moves when the model does
+    assert float(hooked_numbers["scan.exact_match"].sum()) > 0
+    if REFERENCE:  # for the TransformerLens 4 run
+        atomic_write(REFERENCE, lambda path: save_file(hooked_numbers, str(path)))
+
+
+@pytest.mark.skipif(HAS_HOOKED, reason="compares a TransformerLens 4 run with a 3 run's file")
+def test_transformer_lens_4_gives_transformer_lens_3s_numbers(
+    bridge_numbers: dict[str, torch.Tensor],
+) -> None:
+    if not REFERENCE or not Path(REFERENCE).is_file():
+        pytest.skip(
+            "no TransformerLens 3 reference: run the suite on TransformerLens 3 with "
+            "MEMLOC_BACKEND_REFERENCE=<file> first (bash scripts/test_tl4.sh does both)"
+        )
+    assert_same_numbers(bridge_numbers, load_file(REFERENCE))
+
+
+def test_weights_are_views_whose_gradients_and_edits_reach_the_model(bridge: Any) -> None:
+    names = attributed_names(bridge)
+    chosen = weights(bridge, names)
+    views = attributed_parameters(bridge)
+    tokens = torch.randint(
+        0, bridge.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(0)
+    )
+    # the gradient of a view, mapped from its parameter, equals autograd's on a leaf copy
+    name = "blocks.1.attn.W_V"
+    leaf = views[name].detach().clone().requires_grad_(True)
+    loss = continuation_logits(bridge, tokens, 6, weights={name: leaf}).square().mean()
+    (expected,) = torch.autograd.grad(loss, [leaf])
+    loss = continuation_logits(bridge, tokens, 6).square().mean()
+    mapped = gradients(loss, {name: chosen[name]})[name]
+    torch.testing.assert_close(mapped, expected, atol=1e-6, rtol=1e-5)
+    # a mask by weight name becomes a mask of the parameter with exactly those entries
+    mask = torch.zeros(chosen[name].shape, dtype=torch.bool)
+    mask[2, 5, 1] = True
+    (param_mask,) = parameter_masks(chosen, {name: mask}).values()
+    assert int(param_mask.sum()) == 1
+    assert bool(chosen[name].of(param_mask)[2, 5, 1])
+    # writes into the view change the model's output
+    before = continuation_logits(bridge, tokens, 6)
+    with torch.no_grad():
+        saved = views[name].clone()
+        views[name].mul_(2)
+        after = continuation_logits(bridge, tokens, 6)
+        views[name].copy_(saved)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(continuation_logits(bridge, tokens, 6), before, atol=0, rtol=0)
+    # substituted parameters leave everything else as the model has it
+    replaced = substituted_parameters(bridge, {name: views[name] * 0})
+    (param,) = replaced.values()
+    assert torch.equal(chosen[name].of(param.contiguous()), torch.zeros_like(views[name]))
+
+
+def test_bridge_specific_errors_are_clear(bridge: Any, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="shared_prefix=False"):
+        PrefixKV.build(bridge, torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="save the edit"):
+        save_hooked_model(bridge, tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    with pytest.raises(TypeError, match="HookedTransformer or TransformerBridge"):
+        check_model(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"the model has no blocks\.9"):
+        weights(bridge, ["blocks.9.attn.W_Q"])
+    if not HAS_HOOKED:
+        with pytest.raises(ValueError, match="TransformerLens 3"):
+            check_backend("hooked")
+
+
+def test_analyzers_leave_the_bridge_unchanged(
+    bridge: Any, organism: Organism, unchanged: Any
+) -> None:
+    from memloc_tl import attribution_patching, gradient_norms
+
+    with unchanged(bridge):
+        gradient_norms(bridge, organism.planted[:2], progress=False)
+        attribution_patching(bridge, organism.planted[:2], organism.heldout[:2], progress=False)
