@@ -54,7 +54,7 @@ def export_hf(
         ValueError: a model with processed weights, or a base that is not the model's origin.
         TypeError: no base for a HookedTransformer, or an object that is not a model.
     """
-    model = getattr(edited, "model", edited)
+    model: HookedModel = getattr(edited, "model", edited)
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "cfg"):
         raise TypeError(f"expected an EditResult or a TransformerLens model, got {type(edited)}")
     if _processed(model):
@@ -74,8 +74,9 @@ def export_hf(
         hf_model = _hf_with_weights(model, base)
     with atomic_directory(directory) as staging:
         hf_model.save_pretrained(staging)
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(staging)
+        tokenizer: Any = getattr(model, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
     return Path(directory)
 
 
