@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer
 
 from memloc_tl import OrganismConfig, Paragraphs, build_organism, load_model
+from memloc_tl.backend import HookedModel, check_backend
 from memloc_tl.organism import Organism
 
 GPT_NEO_125M_VOCAB = 50257
@@ -28,7 +28,7 @@ GPT_NEO_125M_VOCAB = 50257
 class Subject:
     """A model to time and three paragraph sets of it."""
 
-    model: HookedTransformer
+    model: HookedModel
     planted: Paragraphs
     control: Paragraphs
     heldout: Paragraphs
@@ -48,6 +48,12 @@ def add_subject_args(parser: argparse.ArgumentParser) -> None:
         choices=["organism", "gpt-neo-125m"],
         default="organism",
         help="the organism, or GPT-Neo 125M's architecture with random weights",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "hooked", "bridge"],
+        default="auto",
+        help="HookedTransformer (TransformerLens 3) or TransformerBridge (default: as installed)",
     )
     parser.add_argument(
         "--device",
@@ -78,14 +84,15 @@ def gpt_neo_125m_layout(directory: Path, tokenizer: object) -> Path:
 
 def load_subject(args: argparse.Namespace) -> Subject:
     organism = build_organism(OrganismConfig.tiny() if args.tiny else OrganismConfig())
+    backend = check_backend(getattr(args, "backend", "auto"))
     if args.layout == "organism":
-        model = organism.model.to(args.device)
+        model = load_model(organism.path, device=args.device, backend=backend)
         return Subject(
             model, organism.planted, organism.control, organism.heldout, organism, "organism"
         )
     with tempfile.TemporaryDirectory() as directory:
         path = gpt_neo_125m_layout(Path(directory), organism.model.tokenizer)
-        model = load_model(path, device=args.device)
+        model = load_model(path, device=args.device, backend=backend)
     return Subject(
         model,
         organism.planted,
@@ -101,7 +108,8 @@ def describe(subject: Subject) -> str:
     on_gpu = "cuda" in str(cfg.device)
     card = torch.cuda.get_device_name(cfg.device) if on_gpu else "CPU"
     return (
-        f"{subject.label}: {cfg.n_layers} layers x {cfg.n_heads} heads, d_model {cfg.d_model}, "
+        f"{subject.label} ({type(subject.model).__name__}): {cfg.n_layers} layers x "
+        f"{cfg.n_heads} heads, d_model {cfg.d_model}, "
         f"d_vocab {cfg.d_vocab}; device {cfg.device} ({card}), "
         f"torch threads {torch.get_num_threads()}"
     )

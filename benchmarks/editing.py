@@ -19,10 +19,10 @@ import pandas as pd
 import torch
 from common import add_subject_args, describe, load_subject, synchronize
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from memloc_tl import Paragraphs, scan_memorization
 from memloc_tl.analysis.gradients import attributed_parameters
+from memloc_tl.backend import HookedModel
 from memloc_tl.editing import MaskedOptimizer, ParamMask, compare_edits
 
 
@@ -108,7 +108,7 @@ def main() -> None:
 
 
 def per_paragraph(
-    model: HookedTransformer,
+    model: HookedModel,
     memorized: Paragraphs,
     non_memorized: Paragraphs,
     general: Paragraphs,

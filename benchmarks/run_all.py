@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "perturbation": [],
     "gradients": [],
     "editing": [],
+    "backends": [],
     "startup": ["--repeats", "3"],
 }
 MODEL_FREE = {"startup"}
@@ -37,6 +38,7 @@ LARGE_BATCHES: dict[str, list[str]] = {
     "perturbation": ["--batch-size", "512", "--generate-batch-size", "512"],
     "gradients": ["--batch-size", "64"],
     "editing": [],
+    "backends": [],
     "startup": [],
 }
 """Batch sizes that keep a GPU busy (GPT-Neo 125M fits these in well under 40 GB)."""
