@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "gradients": [],
     "editing": [],
     "backends": [],
+    "corpus": [],
     "startup": ["--repeats", "3"],
 }
 MODEL_FREE = {"startup"}
@@ -39,6 +40,16 @@ LARGE_BATCHES: dict[str, list[str]] = {
     "gradients": ["--batch-size", "64"],
     "editing": [],
     "backends": [],
+    "corpus": [
+        "--windows",
+        "2048",
+        "--batch-size",
+        "256",
+        "--prefix-len",
+        "32",
+        "--continuation-len",
+        "32",
+    ],
     "startup": [],
 }
 """Batch sizes that keep a GPU busy (GPT-Neo 125M fits these in well under 40 GB)."""

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time each loads on fir
         rarest_positions,
         run_analyzers,
     )
+    from memloc_tl.corpus import CorpusConfig, read_corpus_scan, scan_corpus
     from memloc_tl.editing import (
         EditResult,
         MaskedOptimizer,
@@ -117,6 +118,9 @@ _SOURCES: dict[str, str] = {
     "HubUnavailableError": "memloc_tl.models",
     "load_model": "memloc_tl.models",
     "export_hf": "memloc_tl.export",
+    "CorpusConfig": "memloc_tl.corpus",
+    "read_corpus_scan": "memloc_tl.corpus",
+    "scan_corpus": "memloc_tl.corpus",
     "save_hooked_model": "memloc_tl.models",
     "Organism": "memloc_tl.organism",
     "OrganismConfig": "memloc_tl.organism",
@@ -155,6 +159,7 @@ __all__ = [
     "PAPER_KEYWORDS",
     "ActivationGradients",
     "AttributionPatching",
+    "CorpusConfig",
     "DeletionBenchmark",
     "EditResult",
     "GradientComparison",
@@ -209,8 +214,10 @@ __all__ = [
     "perturb_prefixes",
     "rare_token_attention",
     "rarest_positions",
+    "read_corpus_scan",
     "run_analyzers",
     "save_hooked_model",
+    "scan_corpus",
     "scan_memorization",
     "sparse_edit",
     "summarize",

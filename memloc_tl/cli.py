@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from memloc_tl.files import atomic_write
 
@@ -165,16 +165,22 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_scan(args: argparse.Namespace) -> int:
     from memloc_tl.memorization import scan_memorization
-    from memloc_tl.models import load_model
     from memloc_tl.paragraphs import Paragraphs
 
+    corpus = (args.dataset, args.token_file)
+    if args.out_dir is not None or any(x is not None for x in corpus):
+        return run_corpus_scan(args)
+    if args.data is None or args.out is None:
+        raise UsageError("scan needs --data and --out (or --out-dir for a corpus scan)")
+    if len(args.data) != 1:
+        raise UsageError("--data takes one file without --out-dir (a corpus scan takes several)")
+    if args.windows == "strided" or (args.prefix_len, args.continuation_len) != (50, 50):
+        raise UsageError("--windows strided and other lengths need --out-dir (a corpus scan)")
+    args.data = args.data[0]
     out = check_output(args.out, (".csv", ".json"))
     if not Path(args.data).is_file():
         raise UsageError(f"--data {args.data}: no such file")
-    if args.model == ORGANISM:
-        model = _organism(args).model
-    else:
-        model = load_model(args.model, device=args.device)
+    model = _scan_model(args)
     paragraphs = Paragraphs.from_files(
         args.data,
         model,
@@ -196,6 +202,91 @@ def run_scan(args: argparse.Namespace) -> int:
         f"{len(scan.memorized())} memorized (EM = {scan.continuation_len}); wrote {out}"
     )
     return 0
+
+
+def _scan_model(args: argparse.Namespace) -> Any:
+    from memloc_tl.models import load_model
+
+    if args.model == ORGANISM:
+        return _organism(args).model
+    return load_model(args.model, device=args.device)
+
+
+def run_corpus_scan(args: argparse.Namespace) -> int:
+    """``memloc scan --out-dir``: streamed, sharded, resumable; every torchrun rank runs it."""
+    from memloc_tl import corpus
+
+    sources = [x for x in (args.data, args.dataset, args.token_file) if x is not None]
+    if len(sources) != 1:
+        raise UsageError("a corpus scan reads exactly one of --data, --dataset, --token-file")
+    if args.out_dir is None:
+        raise UsageError("--dataset and --token-file scan a corpus: pass --out-dir")
+    out = None if args.out is None else check_output(args.out, (".csv", ".json", ".parquet"))
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise UsageError(f"--out-dir {args.out_dir} is a file")
+    try:
+        config = corpus.CorpusConfig(
+            prefix_len=args.prefix_len,
+            continuation_len=args.continuation_len,
+            windows=args.windows,
+            stride=args.stride,
+            docs_per_shard=args.docs_per_shard,
+            limit=args.limit,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    placement = corpus.init_distributed()
+    if args.device is None and torch_cuda_available():
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    model = _scan_model(args)
+    if args.token_file is not None:
+        documents = corpus.documents_from_token_file(
+            args.token_file, seq_len=args.seq_len, dtype=args.token_dtype
+        )
+    elif args.dataset is not None:
+        from datasets import load_dataset
+
+        stream = load_dataset(args.dataset, split=args.split, streaming=True)
+        documents = corpus.documents_from_dataset(
+            stream, model, text_column=args.text_column, id_column=args.id_column
+        )
+    else:
+        documents = corpus.documents_from_files(
+            args.data, model, text_column=args.text_column, id_column=args.id_column
+        )
+    summary = corpus.scan_corpus(
+        model,
+        documents,
+        args.out_dir,
+        config=config,
+        resume=args.resume,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    print(
+        f"rank {summary.rank}/{summary.world_size}: scored {summary.shards_scored} shards "
+        f"({summary.windows} windows), skipped {summary.shards_skipped} finished ones, of "
+        f"{summary.n_shards} ({summary.documents} documents read) in {summary.seconds:.2f} s"
+    )
+    if placement.rank == 0:
+        table = corpus.read_corpus_scan(args.out_dir)
+        memorized = int(table["memorized"].sum())
+        print(f"{len(table)} windows, {memorized} memorized; shards in {args.out_dir}")
+        if out is not None:
+            writers = {
+                ".csv": lambda tmp: table.to_csv(tmp, index=False),
+                ".json": lambda tmp: table.to_json(tmp, orient="records", indent=1),
+                ".parquet": lambda tmp: table.to_parquet(tmp, index=False),
+            }
+            atomic_write(out, writers[out.suffix.lower()])
+            print(f"wrote {out}")
+    return 0
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_localize_benchmark(args: argparse.Namespace) -> int:
@@ -271,14 +362,55 @@ def build_parser() -> argparse.ArgumentParser:
     report_options(demo)
     demo.set_defaults(run=run_demo)
 
-    scan = commands.add_parser("scan", help="scan a file of texts for memorized paragraphs")
+    scan = commands.add_parser(
+        "scan",
+        help="scan texts for memorized paragraphs (a file, or a whole corpus with --out-dir)",
+        description="Scan texts for memorized paragraphs. With --out-dir: a corpus scan that "
+        "streams its input, writes resumable Parquet shards and runs under torchrun "
+        "(torchrun --nproc_per_node N -m memloc_tl scan ... --out-dir DIR).",
+    )
     scan.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"hub name, checkpoint directory, or '{ORGANISM}' (default {DEFAULT_MODEL})",
     )
-    scan.add_argument("--data", required=True, type=Path, help="csv, json, jsonl or txt file")
-    scan.add_argument("--out", required=True, type=Path, help="results, .csv or .json")
+    scan.add_argument(
+        "--data",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="csv, json, jsonl (or parquet, txt) files",
+    )
+    scan.add_argument(
+        "--out", type=Path, default=None, help="the table: .csv or .json (.parquet with --out-dir)"
+    )
+    scan.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="corpus scan: Parquet shards and their markers here (resumable, torchrun-ready)",
+    )
+    scan.add_argument(
+        "--dataset", default=None, help="corpus scan: a datasets name or directory (streamed)"
+    )
+    scan.add_argument("--split", default=None, help="corpus scan: the dataset's split")
+    scan.add_argument(
+        "--token-file", type=Path, default=None, help="corpus scan: pre-tokenized .npy or raw file"
+    )
+    scan.add_argument(
+        "--seq-len", type=positive_int, default=2049, help="token file: tokens per row (Pile: 2049)"
+    )
+    scan.add_argument(
+        "--token-dtype", choices=["uint16", "uint32"], default="uint16", help="raw token file dtype"
+    )
+    scan.add_argument("--prefix-len", type=positive_int, default=50, help="prefix tokens")
+    scan.add_argument("--continuation-len", type=positive_int, default=50, help="continuation")
+    scan.add_argument("--stride", type=positive_int, default=None, help="--windows strided: step")
+    scan.add_argument("--limit", type=positive_int, default=None, help="read at most N documents")
+    scan.add_argument(
+        "--docs-per-shard", type=positive_int, default=1000, help="documents per output shard"
+    )
+    scan.add_argument("--resume", action="store_true", help="finish an interrupted --out-dir scan")
     scan.add_argument("--text-column", default="text", help="column holding the texts")
     scan.add_argument(
         "--id-column",
@@ -287,9 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument(
         "--windows",
-        choices=["first", "all"],
+        choices=["first", "all", "strided"],
         default="first",
-        help="each text's first 100-token window, or every non-overlapping one",
+        help="each text's first window, every non-overlapping one, or one every --stride tokens",
     )
     organism_options(scan)
     scan.set_defaults(run=run_scan)

@@ -72,6 +72,26 @@ def tokenizer_fingerprint(tokenizer_or_model: Any) -> str:
     return hashlib.sha1(blob).hexdigest()[:16]
 
 
+def window_starts(
+    n_tokens: int, length: int, windows: str = "first", stride: int | None = None
+) -> range:
+    """Start offsets of the windows of ``length`` tokens cut from a text of ``n_tokens``.
+
+    ``"first"``: one window at 0; ``"all"``: every non-overlapping window; ``"strided"``: a
+    window every ``stride`` tokens (overlapping when ``stride < length``). None fits a text
+    shorter than one window.
+    """
+    last = n_tokens - length  # the last possible start
+    if last < 0:
+        return range(0)
+    if windows == "first":
+        return range(1)
+    step = length if windows == "all" else stride
+    if step is None or step < 1:
+        raise ValueError(f"windows='strided' needs a stride >= 1, got {stride!r}")
+    return range(0, last + 1, step)
+
+
 def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
@@ -229,9 +249,8 @@ class Paragraphs:
             if len(token_ids) < length:
                 too_short.append((text_id, len(token_ids)))
                 continue
-            n_windows = 1 if windows == "first" else len(token_ids) // length
-            for k in range(n_windows):
-                rows.append(token_ids[k * length : (k + 1) * length])
+            for k, start in enumerate(window_starts(len(token_ids), length, windows)):
+                rows.append(token_ids[start : start + length])
                 row_ids.append(text_id if windows == "first" else f"{text_id}:{k}")
         if too_short and on_short == "raise":
             text_id, n = too_short[0]

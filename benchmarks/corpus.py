@@ -1,0 +1,128 @@
+"""Benchmark: corpus-scan throughput, teacher-forced vs Hugging Face generate, 1 vs 2 processes.
+
+Run by hand: ``python benchmarks/corpus.py [--tiny] [--layout gpt-neo-125m] [--device cuda]
+[--windows 256] [--prefix-len 32 --continuation-len 32]``. In one run, on the same windows:
+
+- ``memloc_tl.corpus.scan_corpus`` (one teacher-forced pass per batch, Parquet shards);
+- ``transformers``' ``generate`` with ``continuation_len`` greedy steps per batch, as Pythia's
+  memorization evaluation does (the model loaded from the same checkpoint);
+- (CPU, organism layout) the same scan under ``torchrun`` with 1 and with 2 processes (gloo).
+
+Prints windows per second and the ratios (goals: >= 10x generate on a GPU; >= 1.8x from 1 to 2
+processes, which needs at least two free cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import add_subject_args, describe, load_subject, synchronize
+
+from memloc_tl.corpus import CorpusConfig, Document, read_corpus_scan, scan_corpus
+
+
+def generate_seconds(path: Path, windows: torch.Tensor, config: CorpusConfig, batch: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    started = time.perf_counter()
+    with torch.no_grad():
+        for first in range(0, len(windows), batch):
+            prefix = windows[first : first + batch, : config.prefix_len].to(device)
+            model.generate(
+                prefix,
+                attention_mask=torch.ones_like(prefix),
+                max_new_tokens=config.continuation_len,
+                min_new_tokens=config.continuation_len,
+                do_sample=False,
+                pad_token_id=0,
+            )
+    synchronize()
+    return time.perf_counter() - started
+
+
+def torchrun_seconds(args: argparse.Namespace, data: Path, out: Path, processes: int) -> float:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+        "-m", "memloc_tl", "scan", "--model", "organism", "--device", "cpu",
+        "--data", str(data), "--out-dir", str(out), "--windows", "all",
+        "--docs-per-shard", "8", "--batch-size", str(args.batch_size),
+    ]  # fmt: skip
+    if args.tiny:
+        command.insert(command.index("--device"), "--tiny")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    # the ranks' own scan times (model loading excluded); the slowest rank decides
+    times = [float(m) for m in re.findall(r"in ([0-9.]+) s$", done.stdout, re.M)]
+    assert len(times) == processes, done.stdout
+    return max(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_subject_args(parser)
+    parser.add_argument("--windows", type=int, default=128, help="windows to scan")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--prefix-len", type=int, default=50)
+    parser.add_argument("--continuation-len", type=int, default=50)
+    parser.add_argument("--no-torchrun", action="store_true", help="skip the 1 vs 2 processes")
+    args = parser.parse_args()
+    subject = load_subject(args)
+    model = subject.model
+    config = CorpusConfig(
+        prefix_len=args.prefix_len,
+        continuation_len=args.continuation_len,
+        windows="first",
+        docs_per_shard=64,
+    )
+    pool = subject.everything.tokens[:, : config.length]
+    windows = pool.repeat((args.windows + len(pool) - 1) // len(pool), 1)[: args.windows]
+    documents = [Document(str(i), row.numpy()) for i, row in enumerate(windows)]
+    print(describe(subject))
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory)
+        scan_corpus(model, documents[:8], out / "warm", config=config, progress=False)
+        synchronize()
+        started = time.perf_counter()
+        scan_corpus(
+            model, documents, out / "scan", config=config, batch_size=args.batch_size,
+            progress=False,
+        )  # fmt: skip
+        synchronize()
+        t_scan = time.perf_counter() - started
+        assert len(read_corpus_scan(out / "scan")) == len(windows)
+        checkpoint = Path(directory) / "hf"
+        model_path = subject.organism.path if subject.organism is not None else None
+        if model_path is None:  # GPT-Neo 125M layout: save the random model's weights
+            from common import gpt_neo_125m_layout
+
+            model_path = gpt_neo_125m_layout(checkpoint, model.tokenizer)
+        t_generate = generate_seconds(model_path, windows, config, args.batch_size)
+        print(f"{len(windows)} windows of {config.prefix_len} + {config.continuation_len} tokens")
+        print(f"scan_corpus (teacher-forced)      {len(windows) / t_scan:10.1f} windows/s")
+        print(f"transformers generate             {len(windows) / t_generate:10.1f} windows/s")
+        print(f"scan vs generate = {t_generate / t_scan:.2f}x")
+        if args.no_torchrun or args.layout != "organism":
+            return
+        texts = [model.tokenizer.decode(row) for row in windows]
+        data = out / "corpus.jsonl"
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        one = torchrun_seconds(args, data, out / "one", 1)
+        two = torchrun_seconds(args, data, out / "two", 2)
+        print(f"torchrun, 1 process               {one:10.2f} s (scan only, slowest rank)")
+        print(f"torchrun, 2 processes             {two:10.2f} s")
+        print(f"2 processes vs 1 = {one / two:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
