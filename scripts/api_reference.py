@@ -55,7 +55,8 @@ def _entry(name: str, obj: object) -> list[str]:
         lines.append(f"### `{name}` ({kind}, `{module}`)")
         lines.append("")
         lines.append(f"```python\n{_signature(name, obj)}\n```")
-        members = _members(obj)
+        # members of others' classes (torch's Module) depend on what else was imported
+        members = _members(obj) if module.startswith("memloc_tl") else []
         if members:
             lines.append("")
             lines.append("Members: " + ", ".join(f"`{m}`" for m in members))
