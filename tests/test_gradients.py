@@ -20,6 +20,8 @@ from memloc_tl.analysis.gradients import (
     contrastive_kl,
     reduce_gradients,
 )
+from memloc_tl.backend import replaced_weights
+from memloc_tl.objectives import attributed_weights
 from memloc_tl.organism import Organism
 
 
@@ -30,10 +32,14 @@ def hand_nll(model: Any, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def hand_grads(model: Any, loss_fn: Any) -> dict[str, torch.Tensor]:
-    params = attributed_parameters(model)
-    loss = loss_fn()
-    grads = torch.autograd.grad(loss, list(params.values()))
-    return dict(zip(params, grads, strict=True))
+    """Autograd of ``loss_fn`` with leaf copies of the weights standing in for the model's."""
+    leaves = {
+        n: p.detach().clone().requires_grad_(True) for n, p in attributed_parameters(model).items()
+    }
+    with replaced_weights(model, leaves):
+        loss = loss_fn()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return dict(zip(leaves, grads, strict=True))
 
 
 def test_batch_mean_equals_autograd_of_a_hand_written_loss(
@@ -120,16 +126,16 @@ def test_contrastive_gradient_with_another_reference_includes_the_kl(organism: O
 
 def test_comparison_and_flags(organism: Organism, unchanged: Any) -> None:
     model = organism.model
-    params = attributed_parameters(model)
-    params["blocks.0.attn.W_Q"].requires_grad_(False)  # a user's frozen matrix
+    frozen = attributed_weights(model)["blocks.0.attn.W_Q"].param
+    frozen.requires_grad_(False)  # a user's frozen matrix
     try:
         with unchanged(model):
             comparison = compare_gradient_norms(
                 model, organism.planted[[0, 1]], organism.control[[0, 1]], progress=False
             )
-        assert params["blocks.0.attn.W_Q"].requires_grad is False
+        assert frozen.requires_grad is False
     finally:
-        params["blocks.0.attn.W_Q"].requires_grad_(True)
+        frozen.requires_grad_(True)
     share = comparison.layer_share_difference()
     assert share.shape == (model.cfg.n_layers,)
     assert share.sum().item() == pytest.approx(0.0, abs=1e-5)

@@ -23,7 +23,7 @@ from memloc_tl.localization import (
 )
 from memloc_tl.localization.injection import Injection
 from memloc_tl.memorization import scan_memorization
-from memloc_tl.objectives import attributed_parameters
+from memloc_tl.objectives import attributed_parameters, attributed_weights
 from memloc_tl.organism import Organism
 
 HEAD_INJECTION = InjectionConfig(
@@ -64,9 +64,10 @@ def test_injection_reaches_em_50_and_changes_only_its_head(
         moved += int(differs.sum())
     assert moved > 0
     # every other parameter (embeddings, biases, LayerNorm) is bit-identical
+    holding = {id(w.param) for w in attributed_weights(injection.model).values()}
     others = dict(organism.model.named_parameters())
     for name, param in injection.model.named_parameters():
-        if name not in changed:
+        if id(param) not in holding:
             assert torch.equal(param, others[name]), name
     # the original model was not touched by the injection
     with unchanged(organism.model):

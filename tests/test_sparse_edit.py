@@ -12,7 +12,9 @@ import torch
 
 from memloc_tl.analysis import contrastive_gradients, perturb_prefixes
 from memloc_tl.analysis.gradients import attributed_parameters
+from memloc_tl.backend import copy_model, tl_major
 from memloc_tl.editing import ParamMask, WeightEdit, compare_edits, sparse_edit
+from memloc_tl.objectives import attributed_weights
 from memloc_tl.organism import Organism
 
 SETTINGS: dict[str, Any] = {"steps": 4, "lr": 3e-2, "progress": False}
@@ -48,9 +50,11 @@ def test_sparse_and_the_callers_model_untouched(
         changed += int((edited[name][mask] != original[name][mask]).sum())
     assert changed > 0
     # everything else in the model (embeddings, biases, LayerNorm) is untouched too
-    for name, value in model.state_dict().items():
-        if name not in original:
-            assert torch.equal(result.model.state_dict()[name], value), name
+    holding = {id(w.param) for w in attributed_weights(model).values()}
+    edited_params = dict(result.model.named_parameters())
+    for name, param in model.named_parameters():
+        if id(param) not in holding:
+            assert torch.equal(edited_params[name], param), name
 
 
 def test_gradient_mask_is_the_first_step_objective_gradient(
@@ -84,8 +88,7 @@ def test_revert_apply_save_load_and_determinism(
     assert not path.with_name(path.name + ".partial").exists()
     loaded = WeightEdit.load(path)
     assert repr(loaded).startswith(f"WeightEdit({first.mask.count} weights in ")
-    fresh = type(model)(model.cfg, model.tokenizer)
-    fresh.load_state_dict(model.state_dict())
+    fresh = copy_model(model)  # a second copy of the unedited model
     loaded.apply(fresh)
     for name, value in weights(first.model).items():
         assert torch.equal(weights(fresh)[name], value)
@@ -173,6 +176,9 @@ def test_edit_objective_teaches_the_target(organism: Organism, sets: dict[str, A
         sparse_edit(model, memorized, keep=sets["keep"], mask="top", progress=False)  # type: ignore[arg-type]
 
 
+@pytest.mark.skipif(
+    tl_major() >= 4, reason="saves a HookedTransformer; a bridge's edits go back with export_hf"
+)
 def test_edited_model_saves_and_reloads_with_load_model(
     organism: Organism, sets: dict[str, Any], tmp_path: Path, unchanged: Any
 ) -> None:

@@ -112,7 +112,7 @@ def test_weight_edits_are_whole_or_refused(organism: Organism, tmp_path: Path) -
     model = organism.model
     params = attributed_parameters(model)
     first, second = list(params)[:2]
-    masks = {n: torch.zeros_like(params[n], dtype=torch.bool) for n in (first, second)}
+    masks = {n: torch.zeros(params[n].shape, dtype=torch.bool) for n in (first, second)}
     for mask in masks.values():
         mask.view(-1)[:3] = True
     before = {n: params[n].detach()[masks[n]].clone() for n in masks}
