@@ -55,6 +55,7 @@ __all__ = [
     "is_bridge",
     "model_parameters",
     "parameter_masks",
+    "parameters_of",
     "replaced_weights",
     "shares_prefix_cache",
     "skips_early_blocks",
@@ -254,12 +255,15 @@ def weights(model: HookedModel, names: Sequence[str]) -> dict[str, Weight]:
     return found
 
 
-def gradients(
-    loss: Tensor, chosen: Mapping[str, Weight], *, retain_graph: bool = False
-) -> dict[str, Tensor]:
+def parameters_of(chosen: Mapping[str, Weight]) -> list[torch.nn.Parameter]:
+    """The distinct parameters the weights live in (several weights may share one)."""
+    return list({id(w.param): w.param for w in chosen.values()}.values())
+
+
+def gradients(loss: Tensor, chosen: Mapping[str, Weight]) -> dict[str, Tensor]:
     """``d loss / d weight`` for each weight, in the weight's (TransformerLens) layout."""
-    params = list({id(w.param): w.param for w in chosen.values()}.values())
-    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph)
+    params = parameters_of(chosen)
+    grads = torch.autograd.grad(loss, params)
     by_param = {id(p): g.contiguous() for p, g in zip(params, grads, strict=True)}
     return {name: w.of(by_param[id(w.param)]) for name, w in chosen.items()}
 

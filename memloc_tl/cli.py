@@ -192,11 +192,7 @@ def run_scan(args: argparse.Namespace) -> int:
     if not len(paragraphs):
         raise UsageError(f"no text in {args.data} is long enough for one 100-token paragraph")
     scan = scan_memorization(model, paragraphs, batch_size=args.batch_size, progress=True)
-    frame = scan.to_frame()
-    if out.suffix.lower() == ".json":
-        atomic_write(out, lambda tmp: frame.to_json(tmp, orient="records", indent=1))
-    else:
-        atomic_write(out, lambda tmp: frame.to_csv(tmp, index=False))
+    _write_table(scan.to_frame(), out)
     print(
         f"scanned {len(scan)} paragraphs ({paragraphs.n_too_short} texts too short): "
         f"{len(scan.memorized())} memorized (EM = {scan.continuation_len}); wrote {out}"
@@ -224,6 +220,11 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
     out = None if args.out is None else check_output(args.out, (".csv", ".json", ".parquet"))
     if args.out_dir.exists() and not args.out_dir.is_dir():
         raise UsageError(f"--out-dir {args.out_dir} is a file")
+    missing = [
+        p for p in [*(args.data or []), args.token_file] if p is not None and not p.is_file()
+    ]
+    if missing:
+        raise UsageError(f"{missing[0]}: no such file")
     try:
         config = corpus.CorpusConfig(
             prefix_len=args.prefix_len,
@@ -235,8 +236,10 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise UsageError(str(error)) from error
+    import torch
+
     placement = corpus.init_distributed()
-    if args.device is None and torch_cuda_available():
+    if args.device is None and torch.cuda.is_available():
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     model = _scan_model(args)
     if args.token_file is not None:
@@ -273,20 +276,19 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
         memorized = int(table["memorized"].sum())
         print(f"{len(table)} windows, {memorized} memorized; shards in {args.out_dir}")
         if out is not None:
-            writers = {
-                ".csv": lambda tmp: table.to_csv(tmp, index=False),
-                ".json": lambda tmp: table.to_json(tmp, orient="records", indent=1),
-                ".parquet": lambda tmp: table.to_parquet(tmp, index=False),
-            }
-            atomic_write(out, writers[out.suffix.lower()])
+            _write_table(table, out)
             print(f"wrote {out}")
     return 0
 
 
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def _write_table(frame: Any, out: Path) -> None:
+    """A table as .csv, .json (records) or .parquet, by the suffix, written atomically."""
+    writers = {
+        ".csv": lambda tmp: frame.to_csv(tmp, index=False),
+        ".json": lambda tmp: frame.to_json(tmp, orient="records", indent=1),
+        ".parquet": lambda tmp: frame.to_parquet(tmp, index=False),
+    }
+    atomic_write(out, writers[out.suffix.lower()])
 
 
 def run_localize_benchmark(args: argparse.Namespace) -> int:

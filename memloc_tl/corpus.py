@@ -21,7 +21,6 @@ the rank and world size it sets up, and synchronizes at the start and the end.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -38,9 +37,15 @@ import torch
 from tqdm.auto import tqdm
 
 from memloc_tl.backend import HookedModel
-from memloc_tl.files import CorruptFileError, atomic_write, atomic_write_text, read_json
-from memloc_tl.memorization import exact_match_length, score_continuations
-from memloc_tl.paragraphs import _as_tokenizer, _encode, window_starts
+from memloc_tl.files import (
+    CorruptFileError,
+    atomic_write,
+    atomic_write_text,
+    file_sha256,
+    read_json,
+)
+from memloc_tl.memorization import scan_memorization
+from memloc_tl.paragraphs import Paragraphs, _as_tokenizer, _encode, window_starts
 from memloc_tl.validation import check_choice, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -273,21 +278,13 @@ def _marker_path(out: Path, shard: int) -> Path:
     return out / f"shard-{shard:06d}.json"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _finished(out: Path, shard: int) -> bool:
     """Whether the shard's marker exists and its file matches it (a resume skips it then)."""
     marker, data = _marker_path(out, shard), _shard_path(out, shard)
     if not marker.is_file() or not data.is_file():
         return False
     try:
-        return read_json(marker, fix="")["sha256"] == _sha256(data)
+        return read_json(marker, fix="")["sha256"] == file_sha256(data)
     except (CorruptFileError, KeyError):
         return False
 
@@ -309,20 +306,15 @@ def _score_shard(
             window_id = document.id if config.windows == "first" else f"{document.id}:{k}"
             rows.append((window_id, document.id, start))
             windows.append(document.tokens[start : start + config.length])
-    em, nll, share = [], [], []
-    with torch.no_grad():
-        for first in range(0, len(windows), batch_size):
-            tokens = torch.from_numpy(np.stack(windows[first : first + batch_size]))
-            match, token_nll = score_continuations(model, tokens, config.prefix_len)
-            em.append(exact_match_length(match).cpu())
-            nll.append(token_nll.mean(-1).cpu())
-            share.append(match.float().mean(-1).cpu())
-    frame = pd.DataFrame(rows, columns=pd.Index(["id", "document", "start"]))
-    frame["exact_match"] = torch.cat(em).numpy() if em else np.zeros(0, dtype=np.int64)
-    frame["nll"] = torch.cat(nll).numpy() if nll else np.zeros(0, dtype=np.float32)
-    frame["memorization_score"] = (
-        torch.cat(share).numpy() if share else np.zeros(0, dtype=np.float32)
+    tokens = torch.from_numpy(np.stack(windows)) if windows else torch.empty(0, config.length)
+    paragraphs = Paragraphs.from_tokens(
+        tokens.long(), prefix_len=config.prefix_len, vocab_size=model.cfg.d_vocab
     )
+    scan = scan_memorization(model, paragraphs, batch_size=batch_size, progress=False)
+    frame = pd.DataFrame(rows, columns=pd.Index(["id", "document", "start"]))
+    frame["exact_match"] = scan.exact_match.numpy()
+    frame["nll"] = scan.nll.numpy()
+    frame["memorization_score"] = scan.greedy_match.float().mean(-1).numpy()
     frame["memorized"] = frame["exact_match"] == config.continuation_len
     return frame.loc[:, list(COLUMNS)]
 
@@ -333,12 +325,12 @@ def _write_shard(out: Path, shard: int, frame: pd.DataFrame, documents: int) -> 
         "shard": shard,
         "rows": len(frame),
         "documents": documents,
-        "sha256": _sha256(_shard_path(out, shard)),
+        "sha256": file_sha256(_shard_path(out, shard)),
     }
     atomic_write_text(_marker_path(out, shard), json.dumps(marker))
 
 
-def _check_scan_file(out: Path, description: dict[str, Any], resume: bool) -> None:
+def _check_scan_file(out: Path, description: dict[str, Any], resume: bool, rank: int) -> None:
     """Rank 0 writes scan.json; a resume (or another rank) must find the same description."""
     path = out / SCAN_FILE
     if path.is_file():
@@ -348,12 +340,12 @@ def _check_scan_file(out: Path, description: dict[str, Any], resume: bool) -> No
                 f"{out} holds a scan with other settings ({found}); use another --out-dir, "
                 "or the same settings to resume"
             )
-        if not resume and Placement.current().rank == 0:
+        if not resume and rank == 0:
             raise FileExistsError(
                 f"{out} already holds a scan: pass resume=True (--resume) to finish it, or "
                 "choose another output directory"
             )
-    elif Placement.current().rank == 0:
+    elif rank == 0:
         atomic_write_text(path, json.dumps(description, indent=1))
 
 
@@ -410,11 +402,11 @@ def scan_corpus(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     description = {"config": asdict(config), "model": str(model.cfg.model_name)}
-    if placement.rank == 0:
-        _check_scan_file(out, description, resume)
+    if placement.rank == 0:  # first: it writes scan.json, which the others then check
+        _check_scan_file(out, description, resume, rank=0)
     _barrier()
     if placement.rank != 0:
-        _check_scan_file(out, description, resume=True)
+        _check_scan_file(out, description, resume, placement.rank)
     started = time.perf_counter()
     scored = skipped = windows = n_documents = 0
     stream = itertools.islice(documents, config.limit)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 
 from memloc_tl.backend import HookedModel, is_bridge
 from memloc_tl.files import atomic_directory
+from memloc_tl.models import config_directory
 
 
 def export_hf(
@@ -171,10 +171,8 @@ def _positions(model: HookedModel, hf_model: Any) -> dict[str, torch.Tensor]:
             start += count
     cfg = copy.copy(model.cfg)
     cfg.dtype = torch.float64
-    with tempfile.TemporaryDirectory(prefix="memloc-config-") as directory:
-        neutral = Path(directory) / "checkpoint"  # see models._hooked_from_hf
-        probe.config.save_pretrained(neutral)
-        traced = get_pretrained_state_dict(str(neutral), cfg, hf_model=probe, dtype=torch.float64)
+    with config_directory(probe.config) as neutral:
+        traced = get_pretrained_state_dict(neutral, cfg, hf_model=probe, dtype=torch.float64)
     state = model.state_dict()
     positions = {}
     for name, value in traced.items():

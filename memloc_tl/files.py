@@ -137,7 +137,8 @@ def atomic_directory(path: str | os.PathLike[str], *, replace: bool = False) -> 
         raise
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -149,7 +150,7 @@ def write_checksums(directory: str | os.PathLike[str]) -> Path:
     """Record the SHA-256 of every file under ``directory`` in its :data:`CHECKSUMS`."""
     directory = Path(directory)
     sums = {
-        str(file.relative_to(directory)): _sha256(file)
+        str(file.relative_to(directory)): file_sha256(file)
         for file in sorted(directory.rglob("*"))
         if file.is_file() and file.name != CHECKSUMS
     }
@@ -180,7 +181,7 @@ def verify_checksums(directory: str | os.PathLike[str], *, fix: str, required: b
         file = directory / name
         if not file.is_file():
             raise CorruptFileError(f"{file} is missing; {fix}")
-        if _sha256(file) != expected:
+        if file_sha256(file) != expected:
             raise CorruptFileError(f"{file} differs from when it was written (corrupted); {fix}")
 
 

@@ -13,7 +13,7 @@ prove this against real greedy generation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,9 @@ from memloc_tl.backend import (
     is_bridge,
     replaced_weights,
     shares_prefix_cache,
+    skips_early_blocks,
 )
+from memloc_tl.hooks import hook_name
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable
 from memloc_tl.validation import check_positive_int, check_set
@@ -228,6 +230,29 @@ def score_continuations(
     token_nll = logits.logsumexp(dim=-1) - logits.gather(-1, target[..., None]).squeeze(-1)
     greedy_match = logits.argmax(dim=-1) == target
     return greedy_match, token_nll
+
+
+def layer_starts(
+    model: HookedModel, tokens: Int[Tensor, "batch pos"]
+) -> Callable[[int, int], dict[str, Any]]:
+    """How to score variants of ``tokens`` that differ only from layer ``l`` on (a sweep).
+
+    Returns ``starts(layer, copies)``: the keyword arguments of :func:`score_continuations` for
+    ``copies`` stacked copies of the batch. Where ``start_at_layer`` really skips the earlier
+    blocks (a HookedTransformer), one cached run gives the residual stream entering every layer
+    and the variants start from it; elsewhere (a bridge) they run from the tokens: the same
+    numbers, without the saving.
+    """
+    if not skips_early_blocks(model):
+        return lambda layer, copies: {}
+    names = {hook_name("resid_pre", layer) for layer in range(model.cfg.n_layers)}
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+
+    def starts(layer: int, copies: int) -> dict[str, Any]:
+        residual = cache[hook_name("resid_pre", layer)].repeat(copies, 1, 1)
+        return {"residual": residual, "start_at_layer": layer}
+
+    return starts
 
 
 def exact_match_length(

@@ -240,14 +240,10 @@ def _hooked_from_hf(
         get_pretrained_state_dict,
     )
 
-    # TransformerLens reads the config from a directory and guesses some architectures from
-    # the directory's *name* (anything named "llama..."), so it gets a neutral one.
-    with tempfile.TemporaryDirectory(prefix="memloc-config-") as directory:
-        neutral = Path(directory) / "checkpoint"
-        hf_model.config.save_pretrained(neutral)
+    with config_directory(hf_model.config) as neutral:
         try:
             cfg = get_pretrained_model_config(
-                str(neutral),
+                neutral,
                 fold_ln=process_weights,
                 device=device,
                 dtype=dtype,
@@ -266,7 +262,7 @@ def _hooked_from_hf(
             state_dict = {
                 key: value.detach().to(dtype).clone()
                 for key, value in get_pretrained_state_dict(
-                    str(neutral), cfg, hf_model=hf_model, dtype=dtype
+                    neutral, cfg, hf_model=hf_model, dtype=dtype
                 ).items()
             }
     model = _hooked_transformer(cfg, tokenizer, is_saved=tokenizer_is_saved)
@@ -279,6 +275,20 @@ def _hooked_from_hf(
     )
     model.move_model_modules_to_device()
     return model.eval()
+
+
+@contextlib.contextmanager
+def config_directory(hf_config: Any) -> Iterator[str]:
+    """A temporary checkpoint directory holding only ``hf_config``, for TransformerLens 3.
+
+    TransformerLens 3 reads a local model's config from a directory, and guesses some
+    architectures from the directory's *name* (anything named "llama..."), so the directory it
+    gets has a neutral one.
+    """
+    with tempfile.TemporaryDirectory(prefix="memloc-config-") as directory:
+        neutral = Path(directory) / "checkpoint"
+        hf_config.save_pretrained(neutral)
+        yield str(neutral)
 
 
 def _hooked_transformer(cfg: Any, tokenizer: Any, *, is_saved: bool = False) -> HookedModel:

@@ -10,7 +10,7 @@ accumulated batch by batch, and a scope in which only chosen parameters require 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -18,7 +18,14 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import HookedModel, Weight, gradients, model_parameters, weights
+from memloc_tl.backend import (
+    HookedModel,
+    Weight,
+    gradients,
+    model_parameters,
+    parameters_of,
+    weights,
+)
 from memloc_tl.memorization import continuation_logits
 from memloc_tl.paragraphs import Paragraphs
 
@@ -74,11 +81,6 @@ def grad_only_for(model: HookedModel, params: Sequence[torch.nn.Parameter]) -> I
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def parameters_of(chosen: Mapping[str, Weight]) -> list[torch.nn.Parameter]:
-    """The distinct parameters the weights live in (several weights may share one)."""
-    return list({id(w.param): w.param for w in chosen.values()}.values())
 
 
 def continuation_nll(

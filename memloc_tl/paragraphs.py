@@ -23,6 +23,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from memloc_tl.backend import check_model
 from memloc_tl.validation import check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -462,7 +463,12 @@ class Paragraphs:
             )
 
     def check_model(self, model: Any) -> None:
-        """Raise ``ValueError`` if these paragraphs were not tokenized for ``model``."""
+        """Raise ``ValueError`` if these paragraphs were not tokenized for ``model``.
+
+        Also the check every analyzer shares that ``model`` is one memloc-tl can analyze (a
+        ``TypeError`` for anything else, see :func:`memloc_tl.backend.check_model`).
+        """
+        check_model(model)
         self.check_vocab(int(model.cfg.d_vocab))
         tokenizer = getattr(model, "tokenizer", None)
         if self.vocab_fingerprint is not None and tokenizer is not None:

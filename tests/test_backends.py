@@ -126,7 +126,7 @@ def test_weights_are_views_whose_gradients_and_edits_reach_the_model(bridge: Any
     assert torch.equal(chosen[name].of(param.contiguous()), torch.zeros_like(views[name]))
 
 
-def test_bridge_specific_errors_are_clear(bridge: Any, tmp_path: Path) -> None:
+def test_bridge_specific_errors_are_clear(bridge: Any, organism: Organism, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="shared_prefix=False"):
         PrefixKV.build(bridge, torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(TypeError, match="save the edit"):
@@ -134,6 +134,15 @@ def test_bridge_specific_errors_are_clear(bridge: Any, tmp_path: Path) -> None:
     assert not (tmp_path / "saved").exists()
     with pytest.raises(TypeError, match="HookedTransformer or TransformerBridge"):
         check_model(torch.nn.Linear(2, 2))
+    # every analyzer checks it first: a transformers model is refused by name, not mid-forward
+    from transformers import AutoModelForCausalLM
+
+    from memloc_tl import gradient_norms, scan_memorization
+
+    hf_model = AutoModelForCausalLM.from_pretrained(organism.path, local_files_only=True)
+    for analyzer in (scan_memorization, gradient_norms):
+        with pytest.raises(TypeError, match="got GPTNeoForCausalLM; load one with"):
+            analyzer(hf_model, organism.planted[:2], progress=False)
     with pytest.raises(ValueError, match=r"the model has no blocks\.9"):
         weights(bridge, ["blocks.9.attn.W_Q"])
     if not HAS_HOOKED:

@@ -287,6 +287,7 @@ def test_corpus_command_lines_are_checked_before_any_work(
         (["--data", str(data), "--out-dir", "o", "--windows", "strided"], "stride goes with"),
         (["--data", str(data), str(data), "--out", "x.csv"], "one file without --out-dir"),
         (["--data", str(data), "--out-dir", "o", "--out", str(tmp_path / "t.txt")], ".parquet"),
+        (["--data", str(tmp_path / "none.jsonl"), "--out-dir", "o"], "none.jsonl: no such file"),
     ]
     for extra, message in cases:
         assert main(["scan", "--model", "organism", *extra]) == 2

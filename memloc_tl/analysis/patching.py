@@ -27,10 +27,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import HookedModel, skips_early_blocks
+from memloc_tl.backend import HookedModel
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name, make_each_head_replace_hook, make_head_replace_hook
-from memloc_tl.memorization import exact_match_length, score_continuations
+from memloc_tl.memorization import exact_match_length, layer_starts, score_continuations
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable, HeadScores
 from memloc_tl.validation import check_positions, check_positive_int, check_set
@@ -394,10 +394,6 @@ def patching_sweep(
     chosen = _positions(positions, target.seq_len)
     layers = list(range(n_layers))
     means = mean_head_outputs(model, reference, layers) if kind == "mean" and reference else None
-    resid_names = {hook_name("resid_pre", layer): layer for layer in layers}
-    # Start each layer's variants from its cached residual stream, where the model can skip
-    # the earlier blocks (a HookedTransformer); a bridge runs every variant from the tokens.
-    skip_early = skips_early_blocks(model)
     delta_nll = torch.zeros(n_layers, n_heads, len(target))
     delta_em = torch.zeros(n_layers, n_heads, len(target), dtype=torch.long)
     with torch.no_grad():
@@ -405,11 +401,7 @@ def patching_sweep(
             rows = slice(start, start + batch_size)
             tokens = target.tokens[rows].to(cfg.device)
             b, seq = tokens.shape
-            cache = None
-            if skip_early:  # the residual stream entering every layer, to start from it
-                _, cache = model.run_with_cache(
-                    tokens, names_filter=lambda name: name in resid_names
-                )
+            starts = layer_starts(model, tokens)
             match, token_nll = score_continuations(model, tokens, target.prefix_len)
             base_em, base_nll = exact_match_length(match), token_nll.mean(-1)
             source_tokens = source.tokens[rows].to(cfg.device) if source is not None else None
@@ -419,13 +411,9 @@ def patching_sweep(
             stacked_tokens = tokens.repeat(n_heads, 1)
             for layer in layers:
                 replace_own_head = make_each_head_replace_hook(replacement[layer], chosen)
-                start_from: dict[str, Any] = {}
-                if cache is not None:
-                    residual = cache[hook_name("resid_pre", layer)].repeat(n_heads, 1, 1)
-                    start_from = {"residual": residual, "start_at_layer": layer}
                 with model.hooks(fwd_hooks=[(hook_name("z", layer), replace_own_head)]):
                     match, token_nll = score_continuations(
-                        model, stacked_tokens, target.prefix_len, **start_from
+                        model, stacked_tokens, target.prefix_len, **starts(layer, n_heads)
                     )
                 em = exact_match_length(match).view(n_heads, b)
                 nll = token_nll.mean(-1).view(n_heads, b)

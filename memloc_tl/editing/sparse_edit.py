@@ -28,7 +28,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from memloc_tl.analysis.perturbation import perturb_prefixes
-from memloc_tl.backend import HookedModel, copy_model, model_parameters, parameter_masks
+from memloc_tl.backend import (
+    HookedModel,
+    copy_model,
+    model_parameters,
+    parameter_masks,
+    parameters_of,
+)
 from memloc_tl.editing.masks import ParamMask
 from memloc_tl.editing.optimizer import MaskedOptimizer
 from memloc_tl.files import atomic_write
@@ -40,7 +46,6 @@ from memloc_tl.objectives import (
     continuation_nll,
     contrastive_kl,
     grad_only_for,
-    parameters_of,
     reference_logprobs,
 )
 from memloc_tl.paragraphs import Paragraphs

@@ -43,7 +43,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import HookedModel, copy_model, gradients, model_parameters, parameter_masks
+from memloc_tl.backend import (
+    HookedModel,
+    copy_model,
+    gradients,
+    model_parameters,
+    parameter_masks,
+    parameters_of,
+)
 from memloc_tl.editing.masks import ParamMask, unflatten_like
 from memloc_tl.editing.optimizer import MaskedOptimizer
 from memloc_tl.editing.sparse_edit import WeightEdit, measure_sets
@@ -56,7 +63,6 @@ from memloc_tl.objectives import (
     continuation_nll,
     contrastive_kl,
     grad_only_for,
-    parameters_of,
     reference_logprobs,
 )
 from memloc_tl.paragraphs import Paragraphs

@@ -46,10 +46,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from memloc_tl.analysis.gradients import contrastive_gradients
-from memloc_tl.backend import HookedModel, skips_early_blocks
-from memloc_tl.hooks import hook_name, make_unit_scale_hook
+from memloc_tl.backend import HookedModel
+from memloc_tl.hooks import make_unit_scale_hook
 from memloc_tl.localization.units import Level, Localization, check_level, unit_shapes
-from memloc_tl.memorization import continuation_logits, score_continuations
+from memloc_tl.memorization import continuation_logits, layer_starts, score_continuations
 from memloc_tl.objectives import (
     accumulated_gradients,
     attributed_parameters,
@@ -311,14 +311,11 @@ def _zero_ablation(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[st
     chunk = kw["ablation_batch"]
     shapes = unit_shapes(model, level)
     scores = {n: torch.zeros(s) for n, s in shapes.items()}
-    resid_names = {hook_name("resid_pre", layer) for layer in range(model.cfg.n_layers)}
     with torch.no_grad():
         for start in range(0, len(target), kw["batch_size"]):
             tokens = target.tokens[start : start + kw["batch_size"]].to(model.cfg.device)
             b = len(tokens)
-            cache = None
-            if skips_early_blocks(model):  # start each layer's variants from its residual
-                _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in resid_names)
+            starts = layer_starts(model, tokens)
             _, base = score_continuations(model, tokens, target.prefix_len)
             base_nll = base.mean(-1)
             for layer, (name, (n_units,)) in enumerate(shapes.items()):
@@ -328,16 +325,12 @@ def _zero_ablation(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[st
                     scale = torch.ones(len(units), n_units, device=model.cfg.device)
                     scale[torch.arange(len(units)), units] = 0.0
                     scale = scale.repeat_interleave(b, 0)
-                    start_from: dict[str, Any] = {}
-                    if cache is not None:
-                        residual = cache[hook_name("resid_pre", layer)]
-                        start_from = {
-                            "residual": residual.repeat(len(units), 1, 1),
-                            "start_at_layer": layer,
-                        }
                     with _scaled_units(model, level, {name: scale}):
                         _, nll = score_continuations(
-                            model, tokens.repeat(len(units), 1), target.prefix_len, **start_from
+                            model,
+                            tokens.repeat(len(units), 1),
+                            target.prefix_len,
+                            **starts(layer, len(units)),
                         )
                     delta = nll.mean(-1).view(len(units), b) - base_nll[None]
                     scores[name][units] += delta.sum(-1).cpu()
