@@ -236,11 +236,12 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise UsageError(str(error)) from error
-    import torch
 
-    placement = corpus.init_distributed()
-    if args.device is None and torch.cuda.is_available():
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    try:
+        args.device = str(corpus.local_device(args.device))
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    placement = corpus.init_distributed(args.device)
     model = _scan_model(args)
     if args.token_file is not None:
         documents = corpus.documents_from_token_file(

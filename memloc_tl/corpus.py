@@ -255,13 +255,48 @@ class Placement:
         return shard % self.world_size == self.rank
 
 
-def init_distributed() -> Placement:
-    """Join torchrun's process group (gloo on the CPU, nccl on GPUs) if launched by torchrun."""
+def local_device(device: str | torch.device | None = None) -> torch.device:
+    """The device for this process: ``device``, else its own GPU (torchrun's LOCAL_RANK), else CPU.
+
+    A CUDA device without an index gets the process's LOCAL_RANK, so ``--device cuda`` puts each
+    of several ranks on its own GPU.
+
+    Raises:
+        ValueError: the rank's GPU does not exist (more processes per node than GPUs).
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        resolved = torch.device("cuda", local_rank) if torch.cuda.is_available() else None
+        resolved = resolved or torch.device("cpu")
+    else:
+        resolved = torch.device(device)
+    if resolved.type != "cuda":
+        return resolved
+    if resolved.index is None:
+        resolved = torch.device("cuda", local_rank)
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if resolved.index is not None and resolved.index >= available:
+        raise ValueError(
+            f"this process (LOCAL_RANK {local_rank}) wants {resolved}, but this machine has "
+            f"{available} GPU(s); launch at most {max(available, 1)} process(es) per node "
+            "(torchrun --nproc_per_node), or scan on the CPU (device='cpu', `--device cpu`)"
+        )
+    return resolved
+
+
+def init_distributed(device: str | torch.device | None = None) -> Placement:
+    """Join torchrun's process group if launched by torchrun: nccl on a GPU, gloo on the CPU.
+
+    Args:
+        device: the device this process scans on (see :func:`local_device`); it decides the
+            backend, so a CPU scan on a GPU machine uses gloo.
+    """
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        resolved = local_device(device)
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend=backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return Placement.current()
 
 

@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -34,12 +35,16 @@ from memloc_tl.paragraphs import Paragraphs, corpus_token_counts
 from memloc_tl.viz import (
     CircuitsView,
     HtmlPage,
+    attention_figure,
     attention_view,
     edit_comparison_figure,
     em_drop_figure,
     rarity_view,
     token_view,
 )
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class MemorizationReport:
         gradients: parameter-gradient maps, memorized vs non-memorized.
         edits: :func:`~memloc_tl.editing.compare_edits`'s table (gradient vs random mask).
         views: circuitsvis views of the first memorized paragraph.
+        attention: the attention from the last prefix position of the first memorized
+            paragraph, every token labelled, for the rare-token and patching heads.
         deletion: DEL: for the first memorized paragraphs, their top weights by the paper's
             gradient criterion, by |w x grad| and at random zeroed; the target's EM against
             the other memorized paragraphs' (:func:`~memloc_tl.deletion_benchmark`).
@@ -76,37 +83,47 @@ class MemorizationReport:
     views: tuple[CircuitsView, ...]
     deletion: DeletionBenchmark | None = None
     notes: tuple[str, ...] = ()
+    attention: go.Figure | None = None
 
     def page(self) -> HtmlPage:
-        """The report as an :class:`~memloc_tl.viz.HtmlPage`."""
+        """The report as an :class:`~memloc_tl.viz.HtmlPage`: per section a definition, the
+        evidence, the paper's number where it has one, and a line computed from the data."""
         page = HtmlPage(self.title)
         for note in self.notes:
             page.text(note, note=True)
+        page.text(DEFINITIONS)
 
         page.heading("1. Memorization scan")
         page.text(
-            "Exact match (EM): how many of the 50 continuation tokens greedy decoding from the "
-            "50-token prefix reproduces. Memorized: EM = 50; non-memorized: EM <= 10."
+            "EM of every scanned paragraph: greedy decoding from its prefix against its true "
+            "continuation."
         )
         page.table(summarize({"all": self.scan}))
         page.figure(self.scan.figure())
-        page.text(
-            f"Analyzed: {len(self.memorized)} memorized and {len(self.non_memorized)} "
-            "non-memorized paragraphs."
-        )
+        page.text(self.scan_finding())
 
         page.heading("2. Rare-token heads (paper 6.2-6.3)")
         page.text(
             "Pooled Kendall tau between a prefix token's corpus-frequency rank and the attention "
-            f"it receives from position {self.rare.query_pos}; negative = the head attends to "
-            "rare tokens (GPT-Neo 125M: L1H2, about -0.97)."
+            f"it receives from position {self.rare.query_pos} (the last prefix token), over the "
+            "MPs; negative = the head attends to rare tokens. Paper (GPT-Neo 125M): L1H2 is the "
+            "rare-token head, tau about -0.97."
         )
         page.figure(self.rare.figure())
         page.table(_top_frame(self.rare.top(5), "pooled tau (mean per rank)"))
+        page.text(self.rare_finding())
+        if self.attention is not None:
+            page.figure(self.attention)
         for view in self.views:
             page.view(view)
 
         page.heading("3. Prefix-token perturbation (paper 4)")
+        page.text(
+            "Each prefix position in turn gets a random token; the EM drop is measured against "
+            "the model's own greedy continuation of the unperturbed prefix, for both sets (the "
+            "paper's definition; for an MP that is its own text). Paper (GPT-Neo 125M): mean "
+            "EM drop per perturbed token 12.19 for MPs vs 33.12 for NMPs."
+        )
         page.figure(em_drop_figure(*self.perturbation.items()))
         page.table(
             pd.DataFrame(
@@ -118,35 +135,28 @@ class MemorizationReport:
                 }
             )
         )
-        drops = {name: r.mean_drop_per_token() for name, r in self.perturbation.items()}
-        page.text(
-            "EM is measured against the model's own greedy continuation of the unperturbed "
-            "prefix, for both sets (the paper's definition; for memorized paragraphs it is their "
-            "own text). GPT-Neo 125M (paper): 12.19 memorized vs 33.12 non-memorized.",
-            note=True,
-        )
-        if len(drops) == 2:
-            mp, nmp = drops["memorized"], drops["non-memorized"]
-            verdict = "more" if mp < nmp else "less"
-            page.text(
-                f"Here: {mp:.2f} memorized vs {nmp:.2f} non-memorized: memorized recall is "
-                f"{verdict} robust to a single changed prefix token than a non-memorized "
-                "continuation, " + ("as in the paper." if mp < nmp else "unlike the paper.")
-            )
+        page.text(self.perturbation_finding())
 
         page.heading("4. Head patching (paper 6, appendix A.3)")
         if self.sweep is None:
             page.text("No perturbed paragraph could be built, so no patching sweep.", note=True)
         else:
             page.text(
-                "Each head alone patched from the perturbed-prefix paragraph (PMP) into the "
-                "memorized one: the change of the continuation NLL. Large = the head carries "
-                "what recall needs from the prefix."
+                "Each head alone patched from the PMP into its MP (all positions of the head's "
+                "output): the change of the continuation NLL. Large = the head carries what "
+                "recall needs from the prefix. The paper ties this to the rare-token head, L1H2."
             )
             page.figure(self.sweep.figure())
             page.table(_top_frame(self.sweep.top(5), "mean dNLL"))
+            page.text(self.patching_finding())
 
         page.heading("5. Parameter gradients (paper 5.1-5.2)")
+        page.text(
+            "Per layer and weight matrix, the largest |gradient| of the continuation NLL (the "
+            "paper's attribution), for MPs and NMPs (top: MP; bottom: each cell's share of "
+            "its map's total, MP - NMP). The table sums the shares per layer. Paper (GPT-Neo "
+            "125M): MPs have relatively more gradient in the lower layers, NMPs in the higher."
+        )
         page.figure(self.gradients.figure())
         shares = pd.DataFrame(
             {
@@ -155,18 +165,20 @@ class MemorizationReport:
             }
         )
         page.table(shares)
+        page.text(self.gradient_finding())
 
         page.heading("6. Sparse unlearning (paper 5.3)")
         page.text(
-            "Fine-tuning only the top 0.1% of weights by contrastive gradient vs a random 0.1%: "
-            "EM of the unlearned paragraphs before and after."
+            "Fine-tuning only the top 0.1% of weights by contrastive gradient (MPs up, NMPs "
+            "kept) vs a random 0.1%. Edited: the MPs unlearned, EM against their true text. "
+            "Held-out: other NMPs, EM against the original model's greedy continuation (so 50 "
+            "before): how far the edit changes the model elsewhere. Paper (GPT-Neo 125M, "
+            "Fig. 5): MP EM after, top-0.1% 26.75, random 0.1% 49.80."
         )
-        page.figure(edit_comparison_figure(self.edits))
+        sets = [name for name in ("edited", "heldout") if name in set(self.edits["set"])]
+        page.figure(edit_comparison_figure(self.edits, set_name=sets))
         page.table(self.edits)
-        page.text(
-            "GPT-Neo 125M (paper Fig. 5), memorized EM after: top-0.1% 26.75, random 0.1% 49.80.",
-            note=True,
-        )
+        page.text(self.edit_finding())
 
         if self.deletion is not None:
             page.heading("7. Is the localization real? Deletion specificity")
@@ -184,15 +196,118 @@ class MemorizationReport:
             paper = summary.loc[summary["method"] == "gradient", "specificity"]
             page.text(
                 f"Most specific: {best['method']} (specificity {best['specificity']:.1f}); "
-                f"the paper's gradient criterion: {float(paper.iloc[0]):.1f}. See docs/"
-                "localization.md for injection benchmarks with known ground truth.",
+                f"the paper's gradient criterion: {float(paper.iloc[0]):.1f}. Injection "
+                "benchmarks with known ground truth (memloc_tl.localization) say whether a "
+                "localizer finds where a paragraph was put.",
                 note=True,
             )
         return page
 
+    def scan_finding(self) -> str:
+        """One line: how many paragraphs are memorized."""
+        em = self.scan.exact_match
+        full = int((em == self.scan.continuation_len).sum())
+        low = int((em <= 10).sum())
+        return (
+            f"Here: {full} of {len(em)} paragraphs are memorized (EM = "
+            f"{self.scan.continuation_len}) and {low} non-memorized (EM <= 10); analyzed: "
+            f"{len(self.memorized)} MPs and {len(self.non_memorized)} NMPs."
+        )
+
+    def rare_finding(self) -> str:
+        """One line: this model's rare-token head, and where the paper's L1H2 ranks here."""
+        (head, tau), *_ = self.rare.top(1)
+        line = (
+            f"Here the head that attends most to rare tokens is {head} (tau {tau:.2f}): by this "
+            "criterion, this model's counterpart of GPT-Neo 125M's L1H2."
+        )
+        scores = self.rare.pooled_tau_mean
+        n_layers, n_heads = scores.scores.shape
+        if n_layers > 1 and n_heads > 2 and str(head) != "L1H2":
+            rank = _rank(scores.top(n_layers * n_heads, order="smallest"), "L1H2")
+            line += (
+                f" L1H2 itself ranks {rank} of {n_layers * n_heads} here "
+                f"(tau {scores['L1H2']:.2f})."
+            )
+        return line
+
+    def perturbation_finding(self) -> str:
+        """One line: are MPs more robust to a changed prefix token than NMPs, as in the paper."""
+        drops = {name: r.mean_drop_per_token() for name, r in self.perturbation.items()}
+        mp, nmp = drops["memorized"], drops["non-memorized"]
+        robust = mp < nmp
+        return (
+            f"Here: {mp:.2f} memorized vs {nmp:.2f} non-memorized: memorized recall is "
+            f"{'more' if robust else 'less'} robust to a single changed prefix token than a "
+            "non-memorized continuation, " + ("as in the paper." if robust else "unlike the paper.")
+        )
+
+    def patching_finding(self) -> str:
+        """One line: the head patching hurts most, and whether it is the rare-token head."""
+        if self.sweep is None:
+            return "No patching sweep."
+        (head, delta), *_ = self.sweep.top(1)
+        scores = self.rare.pooled_tau_mean
+        n = scores.scores.numel()
+        rank = _rank(scores.top(n, order="smallest"), str(head))
+        (rare_head, _), *_ = self.rare.top(1)
+        if head == rare_head:
+            verdict = (
+                "it is also the head that attends most to rare tokens, as the paper found for L1H2."
+            )
+        else:
+            verdict = (
+                f"the rare-token head is {rare_head}: here the head that reads rare tokens is "
+                "not the one whose patching hurts recall most."
+            )
+        return (
+            f"Here patching changes the NLL most at {head} (+{delta:.3f}), which ranks {rank} "
+            f"of {n} by rare-token preference (tau {scores[head]:.2f}); {verdict}"
+        )
+
+    def gradient_finding(self) -> str:
+        """One line: lower-layer share of MPs vs NMPs, against the paper's direction."""
+        difference = self.gradients.layer_share_difference()
+        half = max(1, len(difference) // 2)
+        lower = float(difference[:half].sum())
+        same = lower > 0
+        layers = "layer 0" if half == 1 else f"layers 0-{half - 1}"
+        return (
+            f"Here the lower half of the {len(difference)} layers ({layers}) holds "
+            f"{abs(lower):.3f} {'more' if same else 'less'} of the MPs' gradient share than of "
+            "the NMPs': "
+            + ("the paper's direction." if same else "the opposite of the paper's direction.")
+        )
+
+    def edit_finding(self) -> str:
+        """One line per mask: edited and held-out EM, before and after."""
+        rows = self.edits.loc[self.edits["metric"] == "mean_em"]
+        parts = []
+        for mask, group in rows.groupby("mask", sort=False):
+            cells = {r["set"]: (r["before"], r["after"]) for _, r in group.iterrows()}
+            text = f"{mask} mask: edited EM {cells['edited'][0]:.1f} -> {cells['edited'][1]:.1f}"
+            if "heldout" in cells:
+                text += f", held-out {cells['heldout'][0]:.1f} -> {cells['heldout'][1]:.1f}"
+            parts.append(text)
+        return "Here: " + "; ".join(parts) + "."
+
     def write_html(self, path: str | os.PathLike[str]) -> Path:
         """Write the self-contained page (opens with no network)."""
         return self.page().write(path)
+
+
+DEFINITIONS = (
+    "A paragraph is a 50-token prefix and a 50-token continuation. EM (exact match): how many "
+    "continuation tokens greedy decoding from the prefix reproduces before the first mistake. "
+    "MP: memorized paragraph (EM = 50). NMP: non-memorized paragraph (EM <= 10). PMP: an MP "
+    "with the one prefix token changed that lowers its EM most. NLL: mean negative "
+    "log-likelihood of the continuation tokens."
+)
+
+
+def _rank(ranking: Sequence[tuple[object, float]], head: str) -> int:
+    """1-based rank of ``head`` in a ranking of ``(head, score)``."""
+    return next(i for i, (h, _) in enumerate(ranking, 1) if str(h) == head)
 
 
 def _top_frame(top: Sequence[tuple[object, float]], score: str) -> pd.DataFrame:
@@ -313,13 +428,21 @@ def memorization_report(
     )
 
     tokens = memorized.tokens[0]
-    rarest = rarest_positions(tokens[: memorized.prefix_len], corpus_counts, rare.k_rarest)
+    prefix_len = memorized.prefix_len
+    rarest = rarest_positions(tokens[:prefix_len], corpus_counts, rare.k_rarest)
     top_heads = [head for head, _ in rare.top(2)]
+    if sweep is not None and sweep.top(1)[0][0] not in top_heads:
+        top_heads.append(sweep.top(1)[0][0])
     drop = perturbation["memorized"].em_drop.scores[0].nan_to_num(0.0)
     views = (
-        attention_view(model, tokens, top_heads, rare_positions=rarest),
-        rarity_view(model, tokens, corpus_counts),
-        token_view(model, tokens, drop, title="EM drop when the token is perturbed"),
+        attention_view(model, tokens, top_heads, rare_positions=rarest, prefix_len=prefix_len),
+        rarity_view(model, tokens, corpus_counts, prefix_len=prefix_len),
+        token_view(
+            model, tokens, drop, title="EM drop when the token is perturbed", prefix_len=prefix_len
+        ),
+    )
+    attention = attention_figure(
+        model, tokens, top_heads, query_pos=rare.query_pos, rare_positions=rarest
     )
     return MemorizationReport(
         title=title,
@@ -333,6 +456,7 @@ def memorization_report(
         edits=edits,
         views=views,
         deletion=deletion,
+        attention=attention,
         notes=(
             f"Model: {model.cfg.model_name} ({model.cfg.n_layers} layers x "
             f"{model.cfg.n_heads} heads); seed {seed}; generated with torch {torch.__version__}.",

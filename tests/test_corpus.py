@@ -19,9 +19,12 @@ import torch
 from memloc_tl import Paragraphs, scan_memorization
 from memloc_tl.corpus import (
     CorpusConfig,
+    Placement,
     documents_from_files,
     documents_from_texts,
     documents_from_token_file,
+    init_distributed,
+    local_device,
     read_corpus_scan,
     scan_corpus,
 )
@@ -292,3 +295,30 @@ def test_corpus_command_lines_are_checked_before_any_work(
     for extra, message in cases:
         assert main(["scan", "--model", "organism", *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_each_rank_scans_on_its_own_gpu_and_a_cpu_scan_uses_gloo_on_a_gpu_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Seen on an H100 machine: two CPU ranks were put on nccl and rank 1 on a GPU it lacked.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"1 GPU.*nproc_per_node.*--device cpu"):
+        local_device()
+    with pytest.raises(ValueError, match="nproc_per_node"):
+        local_device("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert local_device("cuda") == torch.device("cuda", 0)
+    assert local_device() == torch.device("cuda", 0)
+
+    backends: list[str] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        torch.distributed, "init_process_group", lambda backend: backends.append(backend)
+    )
+    assert init_distributed("cpu") == Placement(rank=1, world_size=2)
+    assert backends == ["gloo"]

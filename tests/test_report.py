@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,31 @@ def test_the_report_holds_the_library_results(
     assert (deletion["target_em_before"] == 50).all()
     html = report.page().html()
     assert "Deletion specificity" in html
-    assert html.count("Plotly.newPlot") == 7
+    assert html.count("Plotly.newPlot") == 8
     assert html.count('class="memloc-view"') == 3
+    assert "MP: memorized paragraph (EM = 50)" in html
+    for finding in (
+        report.scan_finding(),
+        report.rare_finding(),
+        report.patching_finding(),
+        report.gradient_finding(),
+        report.edit_finding(),
+    ):
+        assert finding.startswith("Here")
+        assert escape(finding) in html
+    # the findings are computed from the results, not fixed text
+    (rare_head, _), *_ = report.rare.top(1)
+    assert f"is {rare_head} (tau" in report.rare_finding()
+    (patch_head, _), *_ = report.sweep.top(1)
+    assert f"most at {patch_head} (+" in report.patching_finding()
+    edited = report.edits.query("set == 'edited' and metric == 'mean_em' and mask == 'random'")
+    assert f"edited EM 50.0 -> {float(edited['after'].iloc[0]):.1f}" in report.edit_finding()
+    # the attention figure shows the rare-token heads and the patching head, every key labelled
+    assert report.attention is not None
+    heatmap = report.attention.data[0]
+    assert str(patch_head) in heatmap.y
+    assert str(rare_head) in heatmap.y
+    assert len(report.attention.layout.xaxis.ticktext) == report.rare.query_pos + 1
     assert str(report.rare.top(1)[0][0]) in html
     # perturbation: both sets against the model's greedy continuation (the paper's definition),
     # so every baseline EM is full and the drops are comparable
@@ -98,7 +122,7 @@ def test_demo_writes_the_report_of_its_organism(tmp_path: Path, organism: Organi
     cache = str(organism.path.parent)
     assert main(["demo", "--tiny", "--cache-dir", cache, "--report", str(out)]) == 0
     html = out.read_text(encoding="utf-8")
-    assert html.count("Plotly.newPlot") == 7
+    assert html.count("Plotly.newPlot") == 8
     assert organism.model.cfg.model_name in html
 
 
@@ -112,13 +136,31 @@ def test_the_report_opens_offline_in_chromium(report_file: Path) -> None:
             "views": "Array.from(document.querySelectorAll('.memloc-view'))"
             ".map(e => e.childElementCount)",
             "headings": "Array.from(document.querySelectorAll('body > h2')).map(e => e.innerText)",
+            # every heatmap drawn with a colorbar title
+            "heatmaps": "Array.from(document.querySelectorAll('.js-plotly-plot'))"
+            ".filter(e => e.data.some(t => t.type === 'heatmap')).length",
+            "colorbar_titles": "Array.from(document.querySelectorAll('.colorbar .cbtitle'))"
+            ".map(e => e.textContent).filter(t => t.trim().length > 0).length",
+            "colorbars": "document.querySelectorAll('.colorbar').length",
+            # the attention figure draws a label for every key position
+            "attention_labels": "Array.from(document.querySelectorAll('.js-plotly-plot'))"
+            ".filter(e => (e.layout.title.text || '').startsWith('attention from position'))"
+            ".map(e => e.querySelectorAll('.xtick text').length)",
+            "view_titles": "Array.from(document.querySelectorAll('h4')).map(e => e.innerText)",
         },
     )
     assert seen.errors == []
     assert seen.console_errors == []
     assert seen.network_requests == []
-    assert seen.facts["figures"] == 7
-    assert seen.facts["drawn"] == 7
+    assert seen.facts["figures"] == 8
+    assert seen.facts["drawn"] == 8
+    assert seen.facts["heatmaps"] >= 4
+    assert seen.facts["colorbars"] >= seen.facts["heatmaps"]
+    assert seen.facts["colorbar_titles"] == seen.facts["colorbars"]
+    assert seen.facts["attention_labels"] == [50]
+    titles = seen.facts["view_titles"]
+    assert isinstance(titles, list)
+    assert sum("white = 0, blue = " in t and "start of the continuation" in t for t in titles) == 2
     assert seen.facts["views"] == [1, 1, 1]
     headings = seen.facts["headings"]
     assert isinstance(headings, list)

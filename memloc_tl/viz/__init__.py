@@ -18,11 +18,12 @@ from memloc_tl.viz.figures import (
     token_scores_figure,
 )
 from memloc_tl.viz.html import CircuitsView, HtmlPage, circuitsvis_js, notebook_mode, plotly_js
-from memloc_tl.viz.tokens import attention_view, rarity_view, token_view
+from memloc_tl.viz.tokens import attention_figure, attention_view, rarity_view, token_view
 
 __all__ = [
     "CircuitsView",
     "HtmlPage",
+    "attention_figure",
     "attention_view",
     "benchmark_figure",
     "circuitsvis_js",

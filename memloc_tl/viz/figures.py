@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -139,13 +140,29 @@ def em_drop_figure(*results: tuple[str, PrefixPerturbation]) -> go.Figure:
 
 
 def edit_comparison_figure(
-    table: pd.DataFrame, *, set_name: str = "edited", metric: str = "mean_em"
+    table: pd.DataFrame,
+    *,
+    set_name: str | Sequence[str] = "edited",
+    metric: str = "mean_em",
 ) -> go.Figure:
-    """Before and after per mask, from :func:`~memloc_tl.editing.compare_edits`'s table (Fig. 5)."""
-    rows = table.loc[(table["set"] == set_name) & (table["metric"] == metric)]
-    if len(rows) == 0:
-        raise ValueError(f"the table has no rows for set {set_name!r} and metric {metric!r}")
-    return _before_after_bars(rows, "mask", f"{set_name} {metric} before and after", metric)
+    """Before and after per mask, from :func:`~memloc_tl.editing.compare_edits`'s table (Fig. 5).
+
+    ``set_name`` may name several sets (e.g. ``["edited", "heldout"]``): one bar group per mask
+    and set, so what the edit did to the target stands beside what it did elsewhere.
+    """
+    names = [set_name] if isinstance(set_name, str) else list(set_name)
+    rows = table.loc[table["set"].isin(names) & (table["metric"] == metric)]
+    missing = [name for name in names if name not in set(rows["set"])]
+    if missing or not names:
+        raise ValueError(
+            f"the table has no rows for set(s) {missing or names!r} and metric {metric!r}; "
+            f"it has sets {sorted(set(table['set']))}"
+        )
+    if len(names) == 1:
+        return _before_after_bars(rows, "mask", f"{names[0]} {metric} before and after", metric)
+    rows = rows.assign(group=rows["mask"] + " / " + rows["set"])
+    title = f"{metric} before and after, per mask / set"
+    return _before_after_bars(rows, "group", title, metric)
 
 
 def _before_after_bars(rows: pd.DataFrame, x: str, title: str, metric: str) -> go.Figure:
