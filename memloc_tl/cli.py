@@ -73,7 +73,9 @@ def _organism(args: argparse.Namespace) -> Organism:
     config = OrganismConfig.tiny() if args.tiny else OrganismConfig()
     target = organism_dir(config, args.cache_dir)
     if getattr(args, "rebuild", False) or not (target / MANIFEST).is_file():
-        size = "about 1 minute" if args.tiny else "a few minutes on a laptop CPU, longer under load"
+        size = (
+            "under a minute" if args.tiny else "about 5 minutes on 2 CPU cores, longer under load"
+        )
         print(f"first run: building the organism ({size}); it is cached in {target}", flush=True)
     return build_organism(
         config,

@@ -63,9 +63,10 @@ class OrganismConfig:
 
     The default (4 layers, 8 heads, d_model 128, vocab 4096; 5 epochs in which 32 planted
     paragraphs appear 40 times, 16 appear 10 times and 16 appear 3 times among ~900 paragraphs
-    that appear once) builds in about 2 minutes on two CPU cores. Measured: all 32 of the top
-    tier at EM = 50, the middle tier partly memorized (mean EM ~24), the bottom tier and the
-    control set not (mean EM ~1.5 and ~0.5). :meth:`tiny` builds in about 15 seconds, for tests.
+    that appear once) builds in about 5 minutes on two CPU cores (measured 292 s). Measured:
+    all 32 of the top tier at EM = 50, the middle tier partly memorized (mean EM ~24), the
+    bottom tier and the control set not (mean EM ~1.5 and ~0.5). :meth:`tiny` builds in about
+    15 seconds, for tests.
 
     Few epochs matter: every background and control paragraph is seen once per epoch, and with
     18 epochs the default model memorized some of them too (control mean EM 13).

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install memloc-tl (editable) into the current Python environment.
-#   bash scripts/setup.sh         the library and the `memloc` command
+#   bash scripts/setup.sh         the library, the `memloc` command and widget progress bars
+#                                 for Jupyter (the [notebook] extra)
 #   bash scripts/setup.sh --dev   plus the test and lint tools, and Chromium (Debian's package)
 #                                 for the tests that open the HTML report in a real browser
 # A torch that is already installed (a CUDA build, say) is kept. Only where none is installed
@@ -24,5 +25,5 @@ if [[ "${1:-}" == "--dev" ]]; then
     fi
   fi
 else
-  "$PYTHON" -m pip install --quiet -e .
+  "$PYTHON" -m pip install --quiet -e ".[notebook]"
 fi

@@ -27,7 +27,8 @@ def test_demo_runs_offline(
     monkeypatch.setenv("MEMLOC_DEMO_MODEL", "organism-tiny")
     monkeypatch.setenv("MEMLOC_TL_CACHE", str(organism.path.parent))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TQDM_DISABLE", "1")
+    # progress bars stay on, as for a user: with ipywidgets they are widgets, not stderr text
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
     notebook = nbformat.read(path, as_version=4)
     # The demos call the library: no analysis logic defined in them.
     for cell in notebook.cells:
@@ -38,6 +39,9 @@ def test_demo_runs_offline(
     ).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    stderr = [o.text for o in outputs if o.output_type == "stream" and o.name == "stderr"]
+    assert not [t for t in stderr if "IProgress" in t or "TqdmWarning" in t], stderr
+    assert not [t for t in stderr if not t.strip()], "empty stderr outputs"
     html = [o.data["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert html, "the demo shows no figure or view"
     for page in html:
