@@ -2,16 +2,19 @@
 
     python benchmarks/localization.py                      # default organism, every part
     python benchmarks/localization.py --tiny --part heads  # quick
+    python benchmarks/localization.py --part edit --paragraphs 4 --edit-lr 3e-2 1e-2 5e-3
 
 Prints, per localizer, the recall of the injected units (weights: at the injected count and at
 0.1%; heads: the share of runs with the injected head first) beside the random, |w| and |delta
-w| baselines, each localizer's cost as a ratio to one forward+backward of the target, and the
-DEL specificity. The goals of issue 9 are printed with the measured values.
+w| baselines (neurons: the injected neurons among the top ones), each localizer's cost as a ratio
+to one forward+backward of the target, the DEL specificity, and the edit specificity of sparse
+unlearning at each ``--edit-lr``. The goals of issue 9 are printed with the measured values.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import pandas as pd
@@ -25,10 +28,19 @@ from memloc_tl.workbench import ORGANISM_EDIT_LR
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny organism")
-    parser.add_argument("--part", choices=["weights", "heads", "del", "edit", "all"], default="all")
+    parser.add_argument(
+        "--part", choices=["weights", "heads", "neurons", "del", "edit", "all"], default="all"
+    )
     parser.add_argument("--seeds", type=int, default=2, help="injections per level")
     parser.add_argument("--paragraphs", type=int, default=2, help="paragraphs per injection")
     parser.add_argument("--learned-steps", type=int, default=150)
+    parser.add_argument(
+        "--edit-lr",
+        type=float,
+        nargs="+",
+        default=[ORGANISM_EDIT_LR],
+        help="edit part: learning rates of the sparse unlearning (one run each)",
+    )
     args = parser.parse_args()
     pd.set_option("display.width", 200)
     pd.set_option("display.max_columns", 30)
@@ -74,6 +86,20 @@ def main() -> None:
         localizers = summary[summary["method"] != "random"]
         print(f"goal: injected head first in >= 90% of runs -> {localizers['top1'].max():.0%}")
 
+    if args.part in ("neurons", "all"):
+        started = time.perf_counter()
+        result = organism_benchmark(
+            organism, benchmark="inj", level="neurons", progress=False, **common
+        )
+        assert isinstance(result, InjectionBenchmark)
+        n = InjectionConfig().n_neurons
+        print(f"\nINJ, neurons ({n} per paragraph), {time.perf_counter() - started:.0f} s")
+        print(result.injections[damage])
+        summary = result.summary()
+        print(summary.to_string(index=False, float_format="{:.3f}".format))
+        by = summary.set_index("method")["recall"]
+        print(f"best localizer recall of the injected neurons -> {by.drop('random').max():.3f}")
+
     if args.part in ("del", "all"):
         started = time.perf_counter()
         result = organism_benchmark(
@@ -96,7 +122,7 @@ def main() -> None:
         sets = organism_sets(organism)
         others = sets.memorized[args.paragraphs :]
         rows = []
-        for i in range(args.paragraphs):
+        for i, lr in itertools.product(range(args.paragraphs), args.edit_lr):
             for keep_name, keep in (
                 ("non-memorized", sets.non_memorized),
                 ("+ other memorized", Paragraphs.concat(sets.non_memorized, others)),
@@ -109,7 +135,7 @@ def main() -> None:
                     general=sets.general,
                     fraction=0.001,
                     steps=10,
-                    lr=ORGANISM_EDIT_LR,
+                    lr=lr,
                     progress=False,
                 )
                 target = result.metric("edited", "mean_em")
@@ -118,6 +144,7 @@ def main() -> None:
                 rows.append(
                     {
                         "target": i,
+                        "lr": lr,
                         "keep": keep_name,
                         "target_em": target[1],
                         "others_em": kept[1],
@@ -127,7 +154,7 @@ def main() -> None:
                 )
         frame = pd.DataFrame(rows)
         print("\nsparse unlearning, 0.1% gradient mask, 10 steps, one paragraph per run")
-        print(frame.groupby("keep").mean(numeric_only=True).drop(columns="target"))
+        print(frame.groupby(["lr", "keep"]).mean(numeric_only=True).drop(columns="target"))
         print("goal: target EM <= 10, others mean EM >= 45, perplexity rise <= 2%")
 
 

@@ -139,6 +139,7 @@ def _write_report(args: argparse.Namespace, bench: Workbench, out: Path) -> int:
         edit_steps=args.edit_steps,
         seed=args.seed,
         batch_size=args.batch_size,
+        inj=args.inj,
         title=f"memloc-tl report: {bench.model.cfg.model_name}",
         progress=True,
     )
@@ -357,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--edit-steps", type=positive_int, default=10, help="unlearning: optimizer steps"
         )
         sub.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+        sub.add_argument(
+            "--inj",
+            action="store_true",
+            help="add section 8: plant a paragraph in a known head and check the head "
+            "localizers find it (slow on large models)",
+        )
 
     demo = commands.add_parser("demo", help="offline: build or load the organism and scan it")
     organism_options(demo)

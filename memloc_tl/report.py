@@ -29,7 +29,13 @@ from memloc_tl.analysis.rare_tokens import (
 )
 from memloc_tl.backend import HookedModel
 from memloc_tl.editing.sparse_edit import compare_edits
-from memloc_tl.localization.benchmark import DeletionBenchmark, deletion_benchmark
+from memloc_tl.localization.benchmark import (
+    DeletionBenchmark,
+    InjectionBenchmark,
+    deletion_benchmark,
+    injection_benchmark,
+)
+from memloc_tl.localization.injection import InjectionConfig
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
 from memloc_tl.paragraphs import Paragraphs, corpus_token_counts
 from memloc_tl.viz import (
@@ -65,6 +71,8 @@ class MemorizationReport:
         views: circuitsvis views of the first memorized paragraph.
         attention: the attention from the last prefix position of the first memorized
             paragraph, every token labelled, for the rare-token and patching heads.
+        injection: INJ at the head level (``inj=True``): a non-memorized paragraph planted in
+            a known head of a copy of the model, then looked for by the head localizers.
         deletion: DEL: for the first memorized paragraphs, their top weights by the paper's
             gradient criterion, by |w x grad| and at random zeroed; the target's EM against
             the other memorized paragraphs' (:func:`~memloc_tl.deletion_benchmark`).
@@ -84,6 +92,7 @@ class MemorizationReport:
     deletion: DeletionBenchmark | None = None
     notes: tuple[str, ...] = ()
     attention: go.Figure | None = None
+    injection: InjectionBenchmark | None = None
 
     def page(self) -> HtmlPage:
         """The report as an :class:`~memloc_tl.viz.HtmlPage`: per section a definition, the
@@ -201,7 +210,38 @@ class MemorizationReport:
                 "localizer finds where a paragraph was put.",
                 note=True,
             )
+
+        if self.injection is not None:
+            page.heading("8. Is the localization real? A head with known contents")
+            page.text(
+                "A non-memorized paragraph is fine-tuned into all weights of one chosen head of "
+                "a copy of the model (everything else frozen, a KL term holding the rest), then "
+                "each head localizer ranks the heads for that paragraph. Rank 1 = the planted "
+                "head found. Random ranks it by chance."
+            )
+            columns = ["seed", "steps", "em_before", "em_after", "abs_w_before", "abs_w_after"]
+            columns += [c for c in self.injection.injections if c.startswith("memorized_mean_em")]
+            page.table(self.injection.injections.loc[:, columns])
+            page.table(self.injection.summary().loc[:, ["method", "mean_rank", "top1", "cost"]])
+            page.text(self.injection_finding())
         return page
+
+    def injection_finding(self) -> str:
+        """One line: how many head localizers ranked the planted head first."""
+        if self.injection is None:
+            return "No injection benchmark (memorization_report(..., inj=True) runs one)."
+        summary = self.injection.summary().set_index("method")
+        localizers = summary.drop(index="random", errors="ignore")
+        found = [str(m) for m, row in localizers.iterrows() if row["top1"] == 1.0]
+        em = self.injection.injections["em_after"].iloc[0]
+        line = (
+            f"Here the planted paragraph reached EM {em} after the injection; "
+            f"{len(found)} of {len(localizers)} head localizers ranked the planted head first"
+        )
+        line += f" ({', '.join(found)})" if found else ""
+        if "random" in summary.index:
+            line += f"; random ranked it {summary.loc['random', 'mean_rank']:.0f}"
+        return line + "."
 
     def scan_finding(self) -> str:
         """One line: how many paragraphs are memorized."""
@@ -327,6 +367,7 @@ def memorization_report(
     seed: int = 0,
     title: str = "memloc-tl report",
     batch_size: int = 16,
+    inj: bool = False,
     progress: bool = True,
 ) -> MemorizationReport:
     """Run the paper's analyses on ``paragraphs`` and collect them in a report.
@@ -344,6 +385,9 @@ def memorization_report(
         seed: seed of the perturbations and the random mask.
         title: the page title.
         batch_size: paragraphs per forward pass.
+        inj: also run INJ at the head level (section 8): plant a held-out non-memorized
+            paragraph in a seeded head of a copy of the model and rank the heads for it
+            (up to 400 fine-tuning steps; the costliest section).
         progress: show progress bars.
     """
     if n_paragraphs < 2:
@@ -427,6 +471,20 @@ def memorization_report(
         progress=progress,
     )
 
+    injection = None
+    if inj:
+        planted = heldout[:1] if len(heldout) else non_memorized[:1]
+        injection = injection_benchmark(
+            model,
+            planted,
+            keep=Paragraphs.concat(non_memorized, memorized),
+            config=InjectionConfig(level="heads", seed=seed),
+            methods=["zero_ablation", "attribution", "activation", "random"],
+            memorized=memorized,
+            batch_size=batch_size,
+            progress=progress,
+        )
+
     tokens = memorized.tokens[0]
     prefix_len = memorized.prefix_len
     rarest = rarest_positions(tokens[:prefix_len], corpus_counts, rare.k_rarest)
@@ -457,6 +515,7 @@ def memorization_report(
         views=views,
         deletion=deletion,
         attention=attention,
+        injection=injection,
         notes=(
             f"Model: {model.cfg.model_name} ({model.cfg.n_layers} layers x "
             f"{model.cfg.n_heads} heads); seed {seed}; generated with torch {torch.__version__}.",

@@ -39,6 +39,7 @@ def test_the_report_holds_the_library_results(
             n_paragraphs=4,
             edit_steps=2,
             edit_lr=3e-2,
+            inj=True,
             progress=False,
         )
     scan = scan_memorization(model, report.memorized, progress=False)
@@ -62,6 +63,14 @@ def test_the_report_holds_the_library_results(
     assert (deletion["target_em_before"] == 50).all()
     html = report.page().html()
     assert "Deletion specificity" in html
+    # INJ: a held-out paragraph planted in a known head; the exact ablation sweep must find it
+    assert report.injection is not None
+    inj = report.injection.frame.set_index("method")
+    assert set(inj.index) == {"zero_ablation", "attribution", "activation", "random"}
+    assert report.injection.injections["em_after"].iloc[0] == 50
+    assert inj.loc["zero_ablation", "rank"] == 1
+    assert "8. Is the localization real? A head with known contents" in html
+    assert escape(report.injection_finding()) in html
     assert html.count("Plotly.newPlot") == 8
     assert html.count('class="memloc-view"') == 3
     assert "MP: memorized paragraph (EM = 50)" in html
