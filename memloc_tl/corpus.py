@@ -21,6 +21,8 @@ the rank and world size it sets up, and synchronizes at the start and the end.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import itertools
 import json
 import logging
@@ -313,15 +315,17 @@ def _marker_path(out: Path, shard: int) -> Path:
     return out / f"shard-{shard:06d}.json"
 
 
-def _finished(out: Path, shard: int) -> bool:
-    """Whether the shard's marker exists and its file matches it (a resume skips it then)."""
+def _verified(out: Path, shard: int) -> bytes | None:
+    """The shard file's bytes if its marker exists and matches them (a resume skips it then)."""
     marker, data = _marker_path(out, shard), _shard_path(out, shard)
     if not marker.is_file() or not data.is_file():
-        return False
+        return None
     try:
-        return read_json(marker, fix="")["sha256"] == file_sha256(data)
+        expected = read_json(marker, fix="")["sha256"]
     except (CorruptFileError, KeyError):
-        return False
+        return None
+    content = data.read_bytes()
+    return content if hashlib.sha256(content).hexdigest() == expected else None
 
 
 def _windows(document: Document, config: CorpusConfig) -> list[int]:
@@ -454,7 +458,7 @@ def scan_corpus(
         n_documents += len(batch)
         bar.update(len(batch))
         if placement.owns(shard):
-            if resume and _finished(out, shard):
+            if resume and _verified(out, shard) is not None:
                 skipped += 1
             else:
                 frame = _score_shard(model, batch, config, batch_size)
@@ -489,7 +493,8 @@ def read_corpus_scan(out_dir: str | os.PathLike[str]) -> pd.DataFrame:
     if not complete.is_file():
         raise ValueError(f"{out} holds no finished scan (no complete.json); {fix}")
     n_shards = int(read_json(complete, fix=fix)["n_shards"])
-    unfinished = [k for k in range(n_shards) if not _finished(out, k)]
+    shards = [_verified(out, k) for k in range(n_shards)]  # each file read once
+    unfinished = [k for k, content in enumerate(shards) if content is None]
     if unfinished:
         raise ValueError(
             f"{len(unfinished)} of {n_shards} shards are missing or damaged (first: "
@@ -497,6 +502,5 @@ def read_corpus_scan(out_dir: str | os.PathLike[str]) -> pd.DataFrame:
         )
     if n_shards == 0:
         return pd.DataFrame(columns=list(COLUMNS))
-    return pd.concat(
-        [pd.read_parquet(_shard_path(out, k)) for k in range(n_shards)], ignore_index=True
-    )
+    tables = [pd.read_parquet(io.BytesIO(content)) for content in shards if content is not None]
+    return pd.concat(tables, ignore_index=True)
