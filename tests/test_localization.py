@@ -128,12 +128,13 @@ def test_neuron_zero_ablation_equals_a_hand_written_loop(organism: Organism) -> 
 
     model, target = organism.model, organism.planted[:2]
     found = localize(model, target, method="zero_ablation", level="neurons", ablation_batch=7)
-    _, base = score_continuations(model, target.tokens, target.prefix_len)
+    with torch.no_grad():  # score_continuations is a batch step: its callers disable autograd
+        _, base = score_continuations(model, target.tokens, target.prefix_len)
     for layer, index in [(0, 3), (1, 100)]:
         scale = torch.ones(model.cfg.d_mlp)
         scale[index] = 0
         name = f"blocks.{layer}.mlp.hook_post"
-        with model.hooks(fwd_hooks=[(name, make_unit_scale_hook(scale))]):
+        with torch.no_grad(), model.hooks(fwd_hooks=[(name, make_unit_scale_hook(scale))]):
             _, nll = score_continuations(model, target.tokens, target.prefix_len)
         expected = float((nll.mean(-1) - base.mean(-1)).mean())
         assert found.scores[name][index] == pytest.approx(expected, abs=1e-4)
