@@ -295,10 +295,12 @@ def init_distributed(device: str | torch.device | None = None) -> Placement:
     """
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
         resolved = local_device(device)
-        if resolved.type == "cuda":
+        if resolved.type != "cuda":
+            torch.distributed.init_process_group(backend="gloo")
+        else:
             torch.cuda.set_device(resolved)
-        backend = "nccl" if resolved.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
+            # naming the rank's GPU spares nccl guessing it from the rank
+            torch.distributed.init_process_group(backend="nccl", device_id=resolved)
     return Placement.current()
 
 

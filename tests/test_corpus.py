@@ -313,12 +313,15 @@ def test_each_rank_scans_on_its_own_gpu_and_a_cpu_scan_uses_gloo_on_a_gpu_machin
     assert local_device("cuda") == torch.device("cuda", 0)
     assert local_device() == torch.device("cuda", 0)
 
-    backends: list[str] = []
+    calls: list[dict[str, Any]] = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(
-        torch.distributed, "init_process_group", lambda backend: backends.append(backend)
-    )
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append({"set": device}))
     assert init_distributed("cpu") == Placement(rank=1, world_size=2)
-    assert backends == ["gloo"]
+    assert calls == [{"backend": "gloo"}]
+    calls.clear()
+    init_distributed("cuda")  # LOCAL_RANK 0: its own GPU, named to nccl
+    gpu = torch.device("cuda", 0)
+    assert calls == [{"set": gpu}, {"backend": "nccl", "device_id": gpu}]
