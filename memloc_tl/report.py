@@ -325,9 +325,12 @@ class MemorizationReport:
         parts = []
         for mask, group in rows.groupby("mask", sort=False):
             cells = {r["set"]: (r["before"], r["after"]) for _, r in group.iterrows()}
-            text = f"{mask} mask: edited EM {cells['edited'][0]:.1f} -> {cells['edited'][1]:.1f}"
+            (before, after) = cells["edited"]
+            text = f"{mask} mask: edited EM {before:.1f} -> {after:.1f}"
             if "heldout" in cells:
-                text += f", held-out {cells['heldout'][0]:.1f} -> {cells['heldout'][1]:.1f}"
+                (held_before, held_after) = cells["heldout"]
+                text += f", held-out {held_before:.1f} -> {held_after:.1f}"
+                text += f" ({_specificity(before - after, held_before - held_after)})"
             parts.append(text)
         return "Here: " + "; ".join(parts) + "."
 
@@ -343,6 +346,15 @@ DEFINITIONS = (
     "with the one prefix token changed that lowers its EM most. NLL: mean negative "
     "log-likelihood of the continuation tokens."
 )
+
+
+def _specificity(edited_drop: float, heldout_drop: float) -> str:
+    """What an edit's two EM drops say: did it hit what it unlearned, or everything?"""
+    if max(edited_drop, heldout_drop) < 1.0:
+        return "no effect"
+    if edited_drop > heldout_drop:
+        return "it hit the unlearned paragraphs more than the held-out ones"
+    return "it changed the held-out paragraphs more than the unlearned ones: not specific"
 
 
 def _rank(ranking: Sequence[tuple[object, float]], head: str) -> int:

@@ -90,6 +90,14 @@ def test_the_report_holds_the_library_results(
     assert f"most at {patch_head} (+" in report.patching_finding()
     edited = report.edits.query("set == 'edited' and metric == 'mean_em' and mask == 'random'")
     assert f"edited EM 50.0 -> {float(edited['after'].iloc[0]):.1f}" in report.edit_finding()
+    em = report.edits.query("metric == 'mean_em'").set_index(["mask", "set"])
+    drops = {
+        name: float(em.loc[("gradient", name), "before"] - em.loc[("gradient", name), "after"])
+        for name in ("edited", "heldout")
+    }
+    verdict = "not specific" if drops["heldout"] >= drops["edited"] else "hit the unlearned"
+    if max(drops.values()) >= 1:
+        assert verdict in report.edit_finding().split("; random")[0]
     # the attention figure shows the rare-token heads and the patching head, every key labelled
     assert report.attention is not None
     heatmap = report.attention.data[0]
