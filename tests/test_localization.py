@@ -152,7 +152,7 @@ def test_attribution_is_the_derivative_of_scaling_a_unit(organism: Organism) -> 
     def nll_at(gate: float) -> float:
         scale = torch.ones(model.cfg.n_heads)
         scale[head] = gate
-        with model.hooks(fwd_hooks=[(name, make_unit_scale_hook(scale))]):
+        with torch.no_grad(), model.hooks(fwd_hooks=[(name, make_unit_scale_hook(scale))]):
             _, nll = score_continuations(model, target.tokens, target.prefix_len)
         return float(nll.mean(-1).mean())
 
