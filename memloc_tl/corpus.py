@@ -43,7 +43,6 @@ from memloc_tl.files import (
     CorruptFileError,
     atomic_write,
     atomic_write_text,
-    file_sha256,
     read_json,
 )
 from memloc_tl.memorization import scan_memorization
@@ -267,17 +266,15 @@ def local_device(device: str | torch.device | None = None) -> torch.device:
         ValueError: the rank's GPU does not exist (more processes per node than GPUs).
     """
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device is None:
-        resolved = torch.device("cuda", local_rank) if torch.cuda.is_available() else None
-        resolved = resolved or torch.device("cpu")
-    else:
-        resolved = torch.device(device)
+    if device is None and not torch.cuda.is_available():
+        return torch.device("cpu")
+    resolved = torch.device("cuda" if device is None else device)
     if resolved.type != "cuda":
         return resolved
-    if resolved.index is None:
-        resolved = torch.device("cuda", local_rank)
+    index = local_rank if resolved.index is None else resolved.index
+    resolved = torch.device("cuda", index)
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if resolved.index is not None and resolved.index >= available:
+    if index >= available:
         raise ValueError(
             f"this process (LOCAL_RANK {local_rank}) wants {resolved}, but this machine has "
             f"{available} GPU(s); launch at most {max(available, 1)} process(es) per node "
@@ -361,12 +358,14 @@ def _score_shard(
 
 
 def _write_shard(out: Path, shard: int, frame: pd.DataFrame, documents: int) -> None:
-    atomic_write(_shard_path(out, shard), lambda path: frame.to_parquet(path, index=False))
+    content = frame.to_parquet(index=False)  # hashed as written: the file is not read back
+    assert content is not None
+    atomic_write(_shard_path(out, shard), lambda path: path.write_bytes(content))
     marker = {
         "shard": shard,
         "rows": len(frame),
         "documents": documents,
-        "sha256": file_sha256(_shard_path(out, shard)),
+        "sha256": hashlib.sha256(content).hexdigest(),
     }
     atomic_write_text(_marker_path(out, shard), json.dumps(marker))
 

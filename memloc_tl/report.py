@@ -245,11 +245,9 @@ class MemorizationReport:
 
     def scan_finding(self) -> str:
         """One line: how many paragraphs are memorized."""
-        em = self.scan.exact_match
-        full = int((em == self.scan.continuation_len).sum())
-        low = int((em <= 10).sum())
+        full, low = len(self.scan.memorized()), len(self.scan.non_memorized())
         return (
-            f"Here: {full} of {len(em)} paragraphs are memorized (EM = "
+            f"Here: {full} of {len(self.scan)} paragraphs are memorized (EM = "
             f"{self.scan.continuation_len}) and {low} non-memorized (EM <= 10); analyzed: "
             f"{len(self.memorized)} MPs and {len(self.non_memorized)} NMPs."
         )
@@ -264,7 +262,7 @@ class MemorizationReport:
         scores = self.rare.pooled_tau_mean
         n_layers, n_heads = scores.scores.shape
         if n_layers > 1 and n_heads > 2 and str(head) != "L1H2":
-            rank = _rank(scores.top(n_layers * n_heads, order="smallest"), "L1H2")
+            rank = scores.rank("L1H2", order="smallest")
             line += (
                 f" L1H2 itself ranks {rank} of {n_layers * n_heads} here "
                 f"(tau {scores['L1H2']:.2f})."
@@ -289,7 +287,7 @@ class MemorizationReport:
         (head, delta), *_ = self.sweep.top(1)
         scores = self.rare.pooled_tau_mean
         n = scores.scores.numel()
-        rank = _rank(scores.top(n, order="smallest"), str(head))
+        rank = scores.rank(head, order="smallest")
         (rare_head, _), *_ = self.rare.top(1)
         if head == rare_head:
             verdict = (
@@ -355,11 +353,6 @@ def _specificity(edited_drop: float, heldout_drop: float) -> str:
     if edited_drop > heldout_drop:
         return "it hit the unlearned paragraphs more than the held-out ones"
     return "it changed the held-out paragraphs more than the unlearned ones: not specific"
-
-
-def _rank(ranking: Sequence[tuple[object, float]], head: str) -> int:
-    """1-based rank of ``head`` in a ranking of ``(head, score)``."""
-    return next(i for i, (h, _) in enumerate(ranking, 1) if str(h) == head)
 
 
 def _top_frame(top: Sequence[tuple[object, float]], score: str) -> pd.DataFrame:
@@ -501,8 +494,9 @@ def memorization_report(
     prefix_len = memorized.prefix_len
     rarest = rarest_positions(tokens[:prefix_len], corpus_counts, rare.k_rarest)
     top_heads = [head for head, _ in rare.top(2)]
-    if sweep is not None and sweep.top(1)[0][0] not in top_heads:
-        top_heads.append(sweep.top(1)[0][0])
+    patching_head = sweep.top(1)[0][0] if sweep is not None else None
+    if patching_head is not None and patching_head not in top_heads:
+        top_heads.append(patching_head)
     drop = perturbation["memorized"].em_drop.scores[0].nan_to_num(0.0)
     views = (
         attention_view(model, tokens, top_heads, rare_positions=rarest, prefix_len=prefix_len),

@@ -58,6 +58,14 @@ class HeadScores(Drawable):
         index = key.argsort(descending=True, stable=True)[:k]
         return [(HeadRef(int(i) // n_heads, int(i) % n_heads), float(flat[i])) for i in index]
 
+    def rank(
+        self, head: HeadRef | str, *, order: Literal["largest", "smallest", "abs"] = "largest"
+    ) -> int:
+        """``head``'s 1-based place in :meth:`top`'s ranking (the same order and tie-breaking)."""
+        ref = HeadRef.parse(head).check_grid(*self.scores.shape)
+        ranking = self.top(self.scores.numel(), order=order)
+        return next(i for i, (h, _) in enumerate(ranking, 1) if h == ref)
+
     def to_frame(self) -> pd.DataFrame:
         """Long format: layer, head, label, score."""
         n_layers, n_heads = self.scores.shape

@@ -31,8 +31,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from memloc_tl import Paragraphs, load_model, scan_memorization
+from memloc_tl import Paragraphs, load_model
 from memloc_tl.backend import HookedModel
+from memloc_tl.cli import positive_int
 from memloc_tl.corpus import documents_from_dataset, documents_from_files, local_device
 from memloc_tl.paragraphs import tokenizer_fingerprint
 from memloc_tl.report import memorization_report
@@ -94,15 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memorized-column", default="paragraph", help="its text column")
     parser.add_argument("--candidates", required=True, help="file or datasets name of more text")
     parser.add_argument("--candidates-column", default="text", help="its text column")
-    parser.add_argument("--limit", type=int, default=20000, help="candidate documents to read")
+    parser.add_argument(
+        "--limit", type=positive_int, default=20000, help="candidate documents to read"
+    )
     parser.add_argument("--out-dir", type=Path, required=True)
-    parser.add_argument("--paragraphs", type=int, default=50, help="MPs and NMPs per analysis")
+    parser.add_argument(
+        "--paragraphs", type=positive_int, default=50, help="MPs and NMPs per analysis"
+    )
     parser.add_argument("--edit-lr", type=float, default=1e-5, help="the paper's 1e-5")
-    parser.add_argument("--edit-steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--edit-steps", type=positive_int, default=10)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not Path(args.memorized).is_file():
+        parser.error(f"--memorized {args.memorized}: no such file")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        parser.error(f"--out-dir {args.out_dir} is a file")
 
     started = time.perf_counter()
     device = local_device(args.device)
@@ -117,21 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     everything = Paragraphs.concat(believed, candidates)
     print(f"{len(believed)} paragraphs from --memorized, {len(candidates)} candidates")
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    scan = scan_memorization(model, everything, batch_size=args.batch_size)
-    scan.to_frame().to_parquet(args.out_dir / "scan.parquet")
-    em = scan.exact_match
-    from_file = torch.tensor([s == "memorized" for s in everything.meta["source"]])
-    nll = scan.nll[from_file & (em == scan.continuation_len)]
-    ours: dict[str, object] = {
-        "memorized paragraphs (EM = 50)": int((em == 50).sum()),
-        "partly memorized (EM 30-49)": int(((em >= 30) & (em <= 49)).sum()),
-        "partly memorized (EM 11-29)": int(((em >= 11) & (em <= 29)).sum()),
-        "non-memorized (EM 0-10)": int((em <= 10).sum()),
-        "median continuation NLL of the released MPs": (
-            float(nll.median()) if len(nll) else float("nan")
-        ),
-    }
     counts = torch.bincount(
         torch.cat([believed_tokens, candidate_tokens]), minlength=model.cfg.d_vocab
     )
@@ -146,7 +140,19 @@ def main(argv: list[str] | None = None) -> int:
         title=f"memloc-tl: {args.model}",
         batch_size=args.batch_size,
     )
-    report.write_html(args.out_dir / "report.html")
+    scan = report.scan  # the report scans every paragraph: its scan is the one written
+    buckets = {name: len(part) for name, part in scan.buckets().items()}
+    from_file = torch.tensor([s == "memorized" for s in everything.meta["source"]])
+    nll = scan.nll[from_file & (scan.exact_match == scan.continuation_len)]
+    ours: dict[str, object] = {
+        "memorized paragraphs (EM = 50)": buckets["50"],
+        "partly memorized (EM 30-49)": buckets["30-49"],
+        "partly memorized (EM 11-29)": buckets["11-29"],
+        "non-memorized (EM 0-10)": buckets["0-10"],
+        "median continuation NLL of the released MPs": (
+            float(nll.median()) if len(nll) else float("nan")
+        ),
+    }
     drops = {k: r.mean_drop_per_token() for k, r in report.perturbation.items()}
     ours["mean EM drop per perturbed prefix token, MPs"] = drops["memorized"]
     ours["mean EM drop per perturbed prefix token, NMPs (vs own greedy continuation)"] = drops[
@@ -167,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             "here": [ours[k] for k in PAPER],
         }
     )
+    # written only now that every number exists
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report.write_html(args.out_dir / "report.html")
+    scan.to_frame().to_parquet(args.out_dir / "scan.parquet")
     comparison.to_csv(args.out_dir / "comparison.csv", index=False)
     with pd.option_context("display.width", 200, "display.max_colwidth", 80):
         print(comparison.to_string(index=False))

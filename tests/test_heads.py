@@ -44,6 +44,12 @@ def test_head_scores_top_and_frame() -> None:
     assert scores.top(1, order="smallest")[0][0] == HeadRef(0, 1)
     assert scores.top(1, order="abs")[0][0] == HeadRef(0, 1)
     assert scores["L0H1"] == pytest.approx(-0.9)
+    # rank: the place in top()'s full ranking; NaN (not analyzed) last
+    assert [scores.rank(h) for h in ("L1H0", "L0H0", "L0H1", "L1H1")] == [1, 2, 3, 4]
+    assert scores.rank("L0H1", order="smallest") == 1
+    assert scores.rank(HeadRef(1, 0), order="abs") == 2
+    with pytest.raises(ValueError, match="L5H0"):
+        scores.rank("L5H0")
     frame = scores.to_frame()
     assert frame.loc[frame.label == "L1H0", "score"].item() == pytest.approx(0.5)
     assert "L0H1" in repr(scores)

@@ -71,3 +71,15 @@ def test_the_reproduction_script_runs_on_a_local_checkpoint(
     printed = capsys.readouterr().out
     assert "12.19" in printed
     assert "report.html" in printed
+
+
+def test_the_reproduction_script_refuses_a_missing_file_before_loading_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--model", str(tmp_path / "no-model"), "--memorized", str(tmp_path / "none.csv")]
+    argv += ["--candidates", "x", "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        _script().main(argv)
+    assert exit_info.value.code == 2
+    assert "--memorized" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

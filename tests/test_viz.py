@@ -9,7 +9,13 @@ import torch
 from memloc_tl.analysis import compare_gradient_norms, perturb_prefixes, rare_token_attention
 from memloc_tl.organism import Organism
 from memloc_tl.results import HeadScores
-from memloc_tl.viz import attention_view, edit_comparison_figure, em_drop_figure, token_view
+from memloc_tl.viz import (
+    attention_figure,
+    attention_view,
+    edit_comparison_figure,
+    em_drop_figure,
+    token_view,
+)
 
 
 def test_head_and_component_figures_show_the_scores(organism: Organism) -> None:
@@ -62,6 +68,17 @@ def test_em_drop_and_edit_figures(organism: Organism) -> None:
     assert list(bars.data[1].y) == [10.0, 49.0]
     with pytest.raises(ValueError, match="no rows"):
         edit_comparison_figure(table, metric="perplexity")
+    heldout = table.assign(set="heldout", after=[2.0, 47.0])
+    both = edit_comparison_figure(pd.concat([table, heldout]), set_name=["edited", "heldout"])
+    after = dict(zip(both.data[1].x, both.data[1].y, strict=True))
+    assert after == {
+        "gradient / edited": 10.0,
+        "random / edited": 49.0,
+        "gradient / heldout": 2.0,
+        "random / heldout": 47.0,
+    }
+    with pytest.raises(ValueError, match=r"\['heldout'\].*has sets \['edited'\]"):
+        edit_comparison_figure(table, set_name=["edited", "heldout"])
 
 
 def test_circuitsvis_views(organism: Organism) -> None:
@@ -80,3 +97,26 @@ def test_circuitsvis_views(organism: Organism) -> None:
     assert "49.0" in colored
     with pytest.raises(ValueError, match="one paragraph"):
         attention_view(model, tokens[None])
+
+
+def test_attention_figure_labels_every_token_and_token_views_state_their_scale(
+    organism: Organism,
+) -> None:
+    model, tokens = organism.model, organism.planted.tokens[0]
+    figure = attention_figure(model, tokens, ["L1H2", "L0H1"], query_pos=49, rare_positions=[3])
+    _, cache = model.run_with_cache(tokens[None])
+    expected = [cache["blocks.1.attn.hook_pattern"][0, 2, 49, :50].tolist()]
+    expected.append(cache["blocks.0.attn.hook_pattern"][0, 1, 49, :50].tolist())
+    torch.testing.assert_close(torch.tensor(figure.data[0].z), torch.tensor(expected))
+    labels = list(figure.layout.xaxis.ticktext)
+    plain = [str(t) for t in model.to_str_tokens(tokens[:50])]
+    assert labels == [f"*{t}" if i == 3 else t for i, t in enumerate(plain)]
+    assert figure.data[0].colorbar.title.text == "attention from 49"
+    for bad, match in (({"query_pos": 100}, "query_pos"), ({"heads": []}, "heads is empty")):
+        with pytest.raises(ValueError, match=match):
+            attention_figure(model, tokens, **{"heads": ["L0H0"], "query_pos": 49, **bad})
+
+    view = token_view(model, tokens, -torch.arange(50.0) + 10, title="d", prefix_len=50)
+    assert view.title == "d (white = 0, blue = 10, red = -39; \u2502 = start of the continuation)"
+    assert view.props["tokens"][50].startswith("\u2502")
+    assert (view.props["minValue"], view.props["maxValue"]) == (-39.0, 10.0)
