@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The test command of the README and of CI:
-#   1. the whole suite on the installed TransformerLens (3: the HookedTransformer and the
-#      bridge side by side), which also writes its numbers for step 2;
-#   2. what differs on TransformerLens 4, in a second environment (scripts/test_tl4.sh).
-# Both runs share one build of the test organism. Extra arguments go to the first pytest.
+# The test command of the README and of CI: the whole suite twice.
+#   1. on the installed TransformerLens (scripts/setup.sh installs 3: the HookedTransformer and
+#      the bridge side by side), which also writes the HookedTransformer's numbers to a file;
+#   2. on TransformerLens 4 in a second environment (scripts/test_tl4.sh), whose bridge must give
+#      those numbers (1e-5).
+# Both runs share one build of each test organism. Extra arguments go to both pytest runs.
+# With CI=true a skipped test fails, except those that need the real GPT-Neo 125M weights or a
+# GPU (tests/conftest.py), so that neither run can pass without testing what it claims.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -11,5 +14,16 @@ shared="$(mktemp -d "${TMPDIR:-/tmp}/memloc-test-XXXXXX")"
 trap 'rm -rf "$shared"' EXIT
 export MEMLOC_TEST_ORGANISM_CACHE="$shared/organisms"
 export MEMLOC_BACKEND_REFERENCE="$shared/tl3-numbers.safetensors"
+
+first="$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("transformer-lens"))')"
+echo "== memloc-tl tests, run 1: TransformerLens $first ($("$PYTHON" -c 'import sys; print(sys.prefix)'))"
+if [[ "$first" != 3.* ]]; then
+  echo "note: run 1 wants TransformerLens 3 (its HookedTransformer writes the reference numbers);" \
+    "this environment has $first. bash scripts/setup.sh installs 3 where none is installed." >&2
+fi
+start=$SECONDS
 "$PYTHON" -m pytest "$@"
-bash scripts/test_tl4.sh
+echo "== run 1 (TransformerLens $first) took $((SECONDS - start)) s"
+start=$SECONDS
+bash scripts/test_tl4.sh "$@"
+echo "== run 2 (TransformerLens 4) took $((SECONDS - start)) s, installing it included"

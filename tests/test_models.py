@@ -299,14 +299,16 @@ def test_checkpoints_that_do_not_hold_together_are_refused(
     assert load_model(bare, tokenizer=tokenizer).cfg.n_layers == 4  # the documented fix
 
 
-@pytest.mark.skipif(
-    tl_major() >= 4, reason="saves a HookedTransformer, which TransformerLens 4 does not have"
-)
 def test_saved_hooked_models_are_checked_on_load(tmp_path: Path, neo_checkpoint: Path) -> None:
     from memloc_tl.files import CorruptFileError
     from memloc_tl.models import save_hooked_model
 
     model = load_model(neo_checkpoint)
+    if tl_major() >= 4:  # a bridge is refused with the fix, and nothing is written
+        with pytest.raises(TypeError, match=r"edit\.save"):
+            save_hooked_model(model, tmp_path / "saved")
+        assert list(tmp_path.iterdir()) == []
+        return
     directory = save_hooked_model(model, tmp_path / "saved")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
     with pytest.raises(FileExistsError, match="not empty"):

@@ -18,10 +18,7 @@ from memloc_tl.memorization import (
 from memloc_tl.organism import Organism
 from memloc_tl.paragraphs import Paragraphs
 
-NEEDS_TL3_CACHE = pytest.mark.skipif(
-    tl_major() >= 4,
-    reason="PrefixKV is TransformerLens 3's key/value cache; a TransformerBridge recomputes",
-)
+HAS_PREFIX_KV = tl_major() < 4  # PrefixKV is TransformerLens 3's key/value cache
 
 
 def leading_matches(generated: torch.Tensor, reference: torch.Tensor) -> list[int]:
@@ -128,7 +125,6 @@ def test_seeded_and_validated(organism: Organism) -> None:
         perturb_prefixes(organism.model, paragraphs.tokens)  # type: ignore[arg-type]
 
 
-@NEEDS_TL3_CACHE
 def test_shared_prefix_cache_gives_the_same_scores(organism: Organism, unchanged: Any) -> None:
     # Positions mixed within a batch (batch_size 7 does not divide 49) and paragraphs in two
     # chunks: the cached path must agree with recomputing every position.
@@ -141,6 +137,10 @@ def test_shared_prefix_cache_gives_the_same_scores(organism: Organism, unchanged
         "progress": False,
         "include_first": True,
     }
+    if not HAS_PREFIX_KV:  # TransformerLens 4: a bridge has no such cache and says so
+        with unchanged(organism.model), pytest.raises(ValueError, match="shared_prefix=False"):
+            perturb_prefixes(organism.model, paragraphs, shared_prefix=True, **kwargs)
+        return
     with unchanged(organism.model):
         cached = perturb_prefixes(organism.model, paragraphs, shared_prefix=True, **kwargs)
     plain = perturb_prefixes(organism.model, paragraphs, shared_prefix=False, **kwargs)
@@ -148,10 +148,13 @@ def test_shared_prefix_cache_gives_the_same_scores(organism: Organism, unchanged
     torch.testing.assert_close(cached.nll, plain.nll, atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
-@NEEDS_TL3_CACHE
 def test_prefix_kv_cache_reproduces_the_full_forward(organism: Organism) -> None:
     model = organism.model
     tokens = organism.planted.tokens[:3]
+    if not HAS_PREFIX_KV:  # TransformerLens 4: refused with the fix, before any forward pass
+        with pytest.raises(ValueError, match="TransformerBridge"):
+            PrefixKV.build(model, tokens)
+        return
     shared = PrefixKV.build(model, tokens)
     assert len(shared.keys) == model.cfg.n_layers
     assert shared.keys[0].shape == (3, 100, model.cfg.n_heads, model.cfg.d_head)
