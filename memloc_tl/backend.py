@@ -31,12 +31,15 @@ import contextlib
 import copy
 import functools
 import importlib.metadata
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
+
+from memloc_tl.validation import check_finite_weights
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer as HookedModel
@@ -62,6 +65,7 @@ __all__ = [
     "substituted_parameters",
     "tl_major",
     "weights",
+    "weights_fingerprint",
 ]
 
 
@@ -111,12 +115,52 @@ def check_model(model: Any) -> None:
                 "model.enable_compatibility_mode() first (memloc_tl.load_model does), so that "
                 "hook names and weight processing are HookedTransformer's"
             )
-        return
-    if not any(cls.__name__ == "HookedTransformer" for cls in type(model).__mro__):
+    elif not any(cls.__name__ == "HookedTransformer" for cls in type(model).__mro__):
         raise TypeError(
             f"expected a TransformerLens HookedTransformer or TransformerBridge, got "
             f"{type(model).__name__}; load one with memloc_tl.load_model(...)"
         )
+    _check_finite(model)
+
+
+def weights_fingerprint(model: HookedModel) -> str:
+    """SHA-256 of the model's parameters and buffers (names, dtypes, shapes and values).
+
+    What a resumable artefact records as "the model": two checkpoints in directories of the
+    same name differ here, and so do a model and its edited copy.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    state = _torch_module(model).state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.view(torch.int16)
+        value = tensor.cpu().contiguous().flatten()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+_FINITE_CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, int], ...]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _check_finite(model: HookedModel) -> None:
+    """Refuse a model holding NaN or infinite parameters (checked again only after a change).
+
+    The parameters' storage and version counters (bumped by every in-place write) tell whether
+    anything changed since the last check, so repeated analyses of one model pay it once.
+    """
+    module = _torch_module(model)
+    params = list(module.named_parameters())
+    state = tuple((p.data_ptr(), p._version) for _, p in params)
+    if _FINITE_CHECKED.get(module) == state:
+        return
+    check_finite_weights(((name, p.detach()) for name, p in params), "the model")
+    _FINITE_CHECKED[module] = state
 
 
 def model_parameters(model: HookedModel) -> list[torch.nn.Parameter]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -51,6 +52,29 @@ def fraction(text: str) -> float:
     return value
 
 
+def positive_real(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate, say); NaN and infinity refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def check_output_dir(path: Path, option: str = "--out-dir") -> Path:
+    """Refuse an output directory that cannot be written into, before any work is done."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file; give a directory")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the nearest existing folder: the missing ones will be made
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: cannot write into {existing}; choose another place")
+    return path
+
+
 def check_output(path: Path, suffixes: Sequence[str], option: str = "--out") -> Path:
     """Refuse an output path that cannot be written, before any work is done."""
     if path.suffix.lower() not in suffixes:
@@ -74,9 +98,16 @@ def _organism(args: argparse.Namespace) -> Organism:
     target = organism_dir(config, args.cache_dir)
     if getattr(args, "rebuild", False) or not (target / MANIFEST).is_file():
         size = (
-            "under a minute" if args.tiny else "about 5 minutes on 2 CPU cores, longer under load"
+            "about half a minute"
+            if args.tiny
+            else "about 5 minutes on 2 idle CPU cores; several times that while other work "
+            "runs (28 minutes seen)"
         )
-        print(f"first run: building the organism ({size}); it is cached in {target}", flush=True)
+        print(
+            f"first run: building the organism, which usually takes {size}. It is cached in "
+            f"{target}, so later runs load it in seconds.",
+            flush=True,
+        )
     return build_organism(
         config,
         cache_dir=args.cache_dir,
@@ -221,13 +252,17 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
     if args.out_dir is None:
         raise UsageError("--dataset and --token-file scan a corpus: pass --out-dir")
     out = None if args.out is None else check_output(args.out, (".csv", ".json", ".parquet"))
-    if args.out_dir.exists() and not args.out_dir.is_dir():
-        raise UsageError(f"--out-dir {args.out_dir} is a file")
+    check_output_dir(args.out_dir)
     missing = [
         p for p in [*(args.data or []), args.token_file] if p is not None and not p.is_file()
     ]
     if missing:
         raise UsageError(f"{missing[0]}: no such file")
+    if args.data is not None:
+        try:
+            corpus.file_format(args.data)
+        except ValueError as error:
+            raise UsageError(f"--data: {error}") from error
     try:
         config = corpus.CorpusConfig(
             prefix_len=args.prefix_len,
@@ -236,6 +271,7 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
             stride=args.stride,
             docs_per_shard=args.docs_per_shard,
             limit=args.limit,
+            free_running=args.free_running,
         )
     except ValueError as error:
         raise UsageError(str(error)) from error
@@ -258,6 +294,7 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
             stream, model, text_column=args.text_column, id_column=args.id_column
         )
     else:
+        assert args.data is not None  # exactly one source, checked above
         documents = corpus.documents_from_files(
             args.data, model, text_column=args.text_column, id_column=args.id_column
         )
@@ -301,14 +338,14 @@ def run_localize_benchmark(args: argparse.Namespace) -> int:
 
     out: Path | None = None if args.out is None else check_output(args.out, (".csv",))
     methods = None if args.methods is None else args.methods.split(",")
-    known = set(METHODS[args.level]) | set(BASELINES)
-    if methods is not None and not set(methods) <= known:
-        unknown = sorted(set(methods) - known)
-        print(
-            f"unknown methods for {args.level}: {unknown}; choose from {sorted(known)}",
-            file=sys.stderr,
+    baselines = [b for b in BASELINES if args.level == "weights" or b != "oracle"]
+    known = [*METHODS[args.level], *(b for b in baselines if b not in METHODS[args.level])]
+    if methods is not None and not set(methods) <= set(known):
+        unknown = sorted(set(methods) - set(known))
+        raise UsageError(
+            f"--methods: unknown for --level {args.level}: {', '.join(unknown)}; choose from "
+            f"{', '.join(known)}"
         )
-        return 2
     organism = _organism(args)
     result = organism_benchmark(
         organism,
@@ -350,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--paragraphs", type=positive_int, default=8, help="paragraphs per set")
         sub.add_argument(
             "--edit-lr",
-            type=float,
+            type=positive_real,
             default=None,
             help="unlearning learning rate (default 3e-2 for an organism, 1e-5 otherwise)",
         )
@@ -423,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--docs-per-shard", type=positive_int, default=1000, help="documents per output shard"
     )
     scan.add_argument("--resume", action="store_true", help="finish an interrupted --out-dir scan")
+    scan.add_argument(
+        "--free-running",
+        action="store_true",
+        help="corpus scan: add Pythia's memorization_score (share of the continuation that "
+        "greedy generation reproduces; generates for every window not fully memorized)",
+    )
     scan.add_argument("--text-column", default="text", help="column holding the texts")
     scan.add_argument(
         "--id-column",

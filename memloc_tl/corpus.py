@@ -36,16 +36,17 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import HookedModel
+from memloc_tl.backend import HookedModel, weights_fingerprint
 from memloc_tl.files import (
     CorruptFileError,
     atomic_write,
     atomic_write_text,
     read_json,
 )
-from memloc_tl.memorization import scan_memorization
+from memloc_tl.memorization import greedy_continuations, scan_memorization
 from memloc_tl.paragraphs import Paragraphs, _as_tokenizer, _encode, window_starts
 from memloc_tl.validation import check_choice, check_positive_int
 
@@ -59,10 +60,14 @@ COLUMNS = (
     "start",
     "exact_match",
     "nll",
-    "memorization_score",
+    "teacher_forced_match",
     "memorized",
 )
-"""The columns of a corpus scan, in order."""
+"""The columns of a corpus scan, in order (plus ``memorization_score`` with
+``CorpusConfig(free_running=True)``)."""
+FREE_RUNNING = "memorization_score"
+"""Pythia's memorization score (Biderman et al. 2023): the share of continuation tokens that
+free-running greedy decoding from the prefix reproduces."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,9 @@ class CorpusConfig:
         stride: the step of ``"strided"`` windows.
         docs_per_shard: documents per output shard (the unit of work and of resuming).
         limit: read at most this many documents (None: all).
+        free_running: also compute Pythia's ``memorization_score`` (share of the continuation
+            that greedy *generation* reproduces; generated only for windows with EM below the
+            continuation length, the others score 1 without a second pass).
     """
 
     prefix_len: int = 50
@@ -93,6 +101,7 @@ class CorpusConfig:
     stride: int | None = None
     docs_per_shard: int = 1000
     limit: int | None = None
+    free_running: bool = False
 
     def __post_init__(self) -> None:
         check_positive_int(self.prefix_len, "prefix_len")
@@ -105,13 +114,71 @@ class CorpusConfig:
             raise ValueError("stride goes with windows='strided' (and only with it)")
         if self.stride is not None:
             check_positive_int(self.stride, "stride")
+        if not isinstance(self.free_running, bool):
+            raise TypeError(f"free_running must be a bool, got {self.free_running!r}")
 
     @property
     def length(self) -> int:
         return self.prefix_len + self.continuation_len
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The table's columns, in order."""
+        return (*COLUMNS, FREE_RUNNING) if self.free_running else COLUMNS
+
 
 # ----------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class DocumentStream:
+    """Documents, and a fingerprint of where they come from (recorded by a corpus scan).
+
+    Iterate it like any stream of :class:`Document`. ``fingerprint`` is what a resumed scan
+    compares with the scan it continues: files by resolved path, size, modification time and
+    a hash of their first and last blocks; datasets by name, configuration, split and their own
+    fingerprint; token files by dtype, shape and a hash of their first and last blocks.
+    """
+
+    documents: Iterable[Document]
+    fingerprint: dict[str, Any]
+
+    def __iter__(self) -> Iterator[Document]:
+        return iter(self.documents)
+
+
+FINGERPRINT_BLOCK = 1 << 20
+"""Bytes hashed at the start and at the end of each input file (a fingerprint, not a checksum:
+the per-shard input hashes of a scan cover every document)."""
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Resolved path, size, modification time and SHA-256 of the first and last blocks."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        digest.update(file.read(FINGERPRINT_BLOCK))
+        if stat.st_size > FINGERPRINT_BLOCK:
+            file.seek(max(FINGERPRINT_BLOCK, stat.st_size - FINGERPRINT_BLOCK))
+            digest.update(file.read(FINGERPRINT_BLOCK))
+    return {
+        "path": str(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "head_tail_sha256": digest.hexdigest(),
+    }
+
+
+def _dataset_fingerprint(dataset: Any, split: str | None) -> dict[str, Any]:
+    info = getattr(dataset, "info", None)
+    return {
+        "kind": "dataset",
+        "name": getattr(info, "dataset_name", None) or getattr(info, "builder_name", None),
+        "config": getattr(info, "config_name", None),
+        "split": split if split is not None else str(getattr(dataset, "split", None)),
+        "fingerprint": getattr(dataset, "_fingerprint", None),
+    }
+
+
 def documents_from_texts(
     texts: Iterable[str | dict[str, Any]],
     tokenizer: Any,
@@ -159,7 +226,7 @@ def documents_from_dataset(
     split: str | None = None,
     text_column: str = "text",
     id_column: str | None = None,
-) -> Iterator[Document]:
+) -> DocumentStream:
     """Documents of a ``datasets`` Dataset, IterableDataset or DatasetDict (with ``split``)."""
     if hasattr(dataset, "keys") and not hasattr(dataset, "column_names"):  # a DatasetDict
         splits = list(dataset.keys())
@@ -175,7 +242,10 @@ def documents_from_dataset(
         raise ValueError(
             f"the dataset has no column {text_column!r} (columns: {columns}); pass text_column=..."
         )
-    return documents_from_texts(dataset, tokenizer, text_column=text_column, id_column=id_column)
+    return DocumentStream(
+        documents_from_texts(dataset, tokenizer, text_column=text_column, id_column=id_column),
+        {**_dataset_fingerprint(dataset, split), "text_column": text_column},
+    )
 
 
 def documents_from_files(
@@ -184,33 +254,92 @@ def documents_from_files(
     *,
     text_column: str = "text",
     id_column: str | None = None,
-) -> Iterator[Document]:
+) -> DocumentStream:
     """Documents of csv / json / jsonl / parquet files (streamed) or ``.txt`` files (one each)."""
     from datasets import load_dataset
 
     files = [Path(p) for p in paths]
+    if not files:
+        raise ValueError("no input files: pass at least one")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"no such file: {missing[0]}")
-    if all(f.suffix.lower() in (".txt", ".text") for f in files):
-        texts = ({"text": f.read_text(encoding="utf-8"), "id": f.name} for f in files)
-        return documents_from_texts(texts, tokenizer, id_column="id")
-    kinds = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-    formats = {kinds.get(f.suffix.lower(), "") for f in files}
-    if len(formats) != 1 or "" in formats:
-        raise ValueError(
-            f"files must all be one of {sorted(kinds)} (or all .txt), got "
-            f"{sorted({f.suffix for f in files})}"
-        )
+    fingerprint = {
+        "kind": "files",
+        "files": [file_fingerprint(f) for f in files],
+        "text_column": text_column,
+        "id_column": id_column,
+    }
+    kind = file_format(files)
+    if kind == "text":
+        texts = ({"text": _read_text(f), "id": f.name} for f in files)
+        return DocumentStream(documents_from_texts(texts, tokenizer, id_column="id"), fingerprint)
+    empty = [str(f) for f in files if f.stat().st_size == 0]
+    if empty:
+        raise ValueError(f"{empty[0]} is empty: it holds no documents")
     stream: Any = load_dataset(
-        formats.pop(), data_files=[str(f) for f in files], split="train", streaming=True
+        kind, data_files=[str(f) for f in files], split="train", streaming=True
     )
-    return documents_from_dataset(stream, tokenizer, text_column=text_column, id_column=id_column)
+    documents = documents_from_dataset(
+        stream, tokenizer, text_column=text_column, id_column=id_column
+    )
+    return DocumentStream(_naming_files(documents, files), fingerprint)
+
+
+FILE_FORMATS = {
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+}
+"""Input files by suffix: rows of a table (a text column), or ``.txt``: one document per file."""
+
+
+def file_format(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """The one format of ``paths`` (``"csv"``, ``"json"``, ``"parquet"`` or ``"text"``).
+
+    Raises:
+        ValueError: an unknown suffix, or files of two formats (checked before any work).
+    """
+    found = {FILE_FORMATS.get(Path(p).suffix.lower(), "") for p in paths}
+    if len(found) != 1 or "" in found:
+        suffixes = ", ".join(sorted({Path(p).suffix or "(none)" for p in paths}))
+        raise ValueError(
+            f"input files must all be one of {', '.join(sorted(FILE_FORMATS))} (all one kind; "
+            f".txt: one document per file), got {suffixes}"
+        )
+    return found.pop()
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}); convert it to UTF-8") from error
+
+
+PARSER_MODULES = ("pyarrow", "datasets", "fsspec", "pandas", "json")
+
+
+def _naming_files(documents: Iterable[Document], files: Sequence[Path]) -> Iterator[Document]:
+    """The documents; a file that cannot be parsed is an error naming the files."""
+    names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+    try:
+        yield from documents
+    except Exception as error:  # datasets' and pyarrow's parser errors, not memloc-tl's own
+        if type(error).__module__.split(".")[0] not in PARSER_MODULES:
+            raise
+        raise ValueError(
+            f"cannot read the documents of {names} ({type(error).__name__}: {error}); check "
+            "that each file is valid csv / json lines / parquet"
+        ) from error
 
 
 def documents_from_token_file(
     path: str | os.PathLike[str], *, seq_len: int, dtype: str = "uint16"
-) -> Iterator[Document]:
+) -> DocumentStream:
     """Rows of a flat token file (numpy memmap), ``seq_len`` tokens each: Pythia's Pile layout.
 
     A ``.npy`` file carries its own dtype and shape (``[rows, seq_len]``); any other file is read
@@ -222,19 +351,54 @@ def documents_from_token_file(
     if not path.is_file():
         raise FileNotFoundError(f"no such token file: {path}")
     if path.suffix == ".npy":
-        data = np.load(path, mmap_mode="r")
+        try:
+            data = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise ValueError(f"{path} is not a readable .npy array ({error})") from error
+        if data.dtype.kind not in "iu":
+            raise TypeError(
+                f"{path} holds {data.dtype} values; token ids must be integers (uint16, uint32, "
+                "int32 or int64): a float array would be truncated"
+            )
+        if data.ndim not in (1, 2):
+            raise ValueError(
+                f"{path} holds a {data.ndim}-D array of shape {data.shape}; token files are 1-D "
+                "(a flat stream) or 2-D ([rows, seq_len])"
+            )
+        if data.ndim == 2 and data.shape[1] != seq_len:
+            raise ValueError(
+                f"{path} holds rows of {data.shape[1]} tokens, not seq_len={seq_len}: pass "
+                f"seq_len={data.shape[1]} (--seq-len)"
+            )
         if data.ndim == 1:
-            data = data[: len(data) // seq_len * seq_len].reshape(-1, seq_len)
+            if len(data) % seq_len:
+                raise ValueError(
+                    f"{path} holds {len(data)} tokens, not a multiple of seq_len={seq_len}: wrong "
+                    "sequence length, or a truncated file?"
+                )
+            data = data.reshape(-1, seq_len)
+        if data.size and int(data.min()) < 0:
+            raise ValueError(f"{path} holds negative token ids (min {int(data.min())})")
+        stored = str(data.dtype)
     else:
-        flat = np.memmap(path, dtype=dtype, mode="r")
+        flat = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.empty(0)
         if len(flat) % seq_len:
             raise ValueError(
                 f"{path} holds {len(flat)} {dtype} tokens, not a multiple of seq_len={seq_len}: "
                 "wrong dtype or sequence length?"
             )
         data = flat.reshape(-1, seq_len)
-    for row in range(len(data)):
-        yield Document(str(row), np.asarray(data[row], dtype=np.int64))
+        stored = dtype
+    if len(data) == 0:
+        raise ValueError(f"{path} holds no tokens")
+    fingerprint = {
+        "kind": "tokens",
+        **file_fingerprint(path),
+        "dtype": stored,
+        "shape": list(data.shape),
+    }
+    rows = (Document(str(row), np.asarray(data[row], dtype=np.int64)) for row in range(len(data)))
+    return DocumentStream(rows, fingerprint)
 
 
 # ----------------------------------------------------------------------------- the scan
@@ -319,12 +483,32 @@ def _verified(out: Path, shard: int) -> bytes | None:
     marker, data = _marker_path(out, shard), _shard_path(out, shard)
     if not marker.is_file() or not data.is_file():
         return None
-    try:
-        expected = read_json(marker, fix="")["sha256"]
-    except (CorruptFileError, KeyError):
+    recorded = _marker(out, shard)
+    if recorded is None:
         return None
     content = data.read_bytes()
-    return content if hashlib.sha256(content).hexdigest() == expected else None
+    return content if hashlib.sha256(content).hexdigest() == recorded["sha256"] else None
+
+
+def _marker(out: Path, shard: int) -> dict[str, Any] | None:
+    """A shard's marker if it is a readable one (a damaged marker means: score it again)."""
+    try:
+        recorded = read_json(_marker_path(out, shard), fix="")
+    except (CorruptFileError, OSError):
+        return None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
+        return None
+    return recorded
+
+
+def _input_sha256(documents: Sequence[Document]) -> str:
+    """A hash of a shard's input: every document's id and token ids, in order."""
+    digest = hashlib.sha256()
+    for document in documents:
+        digest.update(document.id.encode("utf-8", "surrogatepass") + b"\0")
+        tokens = np.ascontiguousarray(document.tokens, dtype=np.int64)
+        digest.update(len(tokens).to_bytes(8, "little") + tokens.tobytes())
+    return digest.hexdigest()
 
 
 def _windows(document: Document, config: CorpusConfig) -> list[int]:
@@ -344,20 +528,74 @@ def _score_shard(
             window_id = document.id if config.windows == "first" else f"{document.id}:{k}"
             rows.append((window_id, document.id, start))
             windows.append(document.tokens[start : start + config.length])
-    tokens = torch.from_numpy(np.stack(windows)) if windows else torch.empty(0, config.length)
+    if not windows:  # no document long enough: an empty shard with the columns' dtypes
+        return empty_table(config)
+    tokens = torch.from_numpy(np.stack(windows)).long()
     paragraphs = Paragraphs.from_tokens(
-        tokens.long(), prefix_len=config.prefix_len, vocab_size=model.cfg.d_vocab
+        tokens, prefix_len=config.prefix_len, vocab_size=model.cfg.d_vocab
     )
     scan = scan_memorization(model, paragraphs, batch_size=batch_size, progress=False)
     frame = pd.DataFrame(rows, columns=pd.Index(["id", "document", "start"]))
-    frame["exact_match"] = scan.exact_match.numpy()
-    frame["nll"] = scan.nll.numpy()
-    frame["memorization_score"] = scan.greedy_match.float().mean(-1).numpy()
+    frame["start"] = frame["start"].astype(np.int64)
+    frame["exact_match"] = scan.exact_match.numpy().astype(np.int64)
+    frame["nll"] = scan.nll.numpy().astype(np.float32)
+    frame["teacher_forced_match"] = scan.greedy_match.float().mean(-1).numpy()
     frame["memorized"] = frame["exact_match"] == config.continuation_len
-    return frame.loc[:, list(COLUMNS)]
+    if config.free_running:
+        frame[FREE_RUNNING] = free_running_scores(
+            model, tokens, scan.exact_match, config.prefix_len, batch_size
+        ).numpy()
+    return frame.loc[:, list(config.columns)].astype(dtypes(config))
 
 
-def _write_shard(out: Path, shard: int, frame: pd.DataFrame, documents: int) -> None:
+def free_running_scores(
+    model: HookedModel,
+    tokens: Tensor,
+    exact_match: Tensor,
+    prefix_len: int,
+    batch_size: int,
+) -> Tensor:
+    """Pythia's memorization score: the share of the continuation greedy decoding reproduces.
+
+    Up to the first mismatch decoding sees the true text, so a window with EM equal to the
+    continuation length scores 1 without generating; only the others are decoded.
+    """
+    continuation = tokens[:, prefix_len:]
+    scores = torch.ones(len(tokens), dtype=torch.float32)
+    rows = (exact_match < continuation.shape[1]).nonzero().flatten()
+    if len(rows):
+        generated = greedy_continuations(
+            model, tokens[rows, :prefix_len], continuation.shape[1], batch_size=batch_size
+        )
+        scores[rows] = (generated == continuation[rows]).float().mean(-1)
+    return scores
+
+
+DTYPES = {
+    "id": "object",
+    "document": "object",
+    "start": "int64",
+    "exact_match": "int64",
+    "nll": "float32",
+    "teacher_forced_match": "float32",
+    "memorized": "bool",
+    FREE_RUNNING: "float32",
+}
+"""The dtype of each column; an empty shard and an empty scan have them too."""
+
+
+def dtypes(config: CorpusConfig) -> dict[str, str]:
+    """The dtype of each of ``config``'s columns."""
+    return {name: DTYPES[name] for name in config.columns}
+
+
+def empty_table(config: CorpusConfig | None = None) -> pd.DataFrame:
+    """A corpus-scan table with no rows and every column's dtype."""
+    columns = (config or CorpusConfig()).columns
+    return pd.DataFrame({name: pd.Series(dtype=DTYPES[name]) for name in columns})
+
+
+def _write_shard(out: Path, shard: int, frame: pd.DataFrame, documents: int, inputs: str) -> None:
     content = frame.to_parquet(index=False)  # hashed as written: the file is not read back
     assert content is not None
     atomic_write(_shard_path(out, shard), lambda path: path.write_bytes(content))
@@ -366,6 +604,7 @@ def _write_shard(out: Path, shard: int, frame: pd.DataFrame, documents: int) -> 
         "rows": len(frame),
         "documents": documents,
         "sha256": hashlib.sha256(content).hexdigest(),
+        "input_sha256": inputs,
     }
     atomic_write_text(_marker_path(out, shard), json.dumps(marker))
 
@@ -376,9 +615,20 @@ def _check_scan_file(out: Path, description: dict[str, Any], resume: bool, rank:
     if path.is_file():
         found = read_json(path, fix="remove the output directory and scan again")
         if found != description:
+            differ = (
+                sorted(k for k in {*found, *description} if found.get(k) != description.get(k))
+                if isinstance(found, dict)
+                else ["everything"]
+            )
+            details = "; ".join(
+                f"{key}: the scan there has {found.get(key) if isinstance(found, dict) else found}"
+                f", this one {description.get(key)}"
+                for key in differ
+            )
             raise ValueError(
-                f"{out} holds a scan with other settings ({found}); use another --out-dir, "
-                "or the same settings to resume"
+                f"{out} holds a scan of another {' and '.join(differ)} ({details}); resuming "
+                "would mix the two in one table: use another --out-dir, or resume with the "
+                "same model, input and settings"
             )
         if not resume and rank == 0:
             raise FileExistsError(
@@ -387,6 +637,18 @@ def _check_scan_file(out: Path, description: dict[str, Any], resume: bool, rank:
             )
     elif rank == 0:
         atomic_write_text(path, json.dumps(description, indent=1))
+
+
+def _check_shard_input(out: Path, shard: int, inputs: str) -> None:
+    """A finished shard is skipped only if it was scored from the very same documents."""
+    recorded = _marker(out, shard)
+    found = None if recorded is None else recorded.get("input_sha256")
+    if found != inputs:
+        raise ValueError(
+            f"{_shard_path(out, shard).name} in {out} was scored from other documents than this "
+            f"stream's shard {shard} (input hash {found} there, {inputs} here): another corpus, "
+            "or the same one changed or reordered; scan into another --out-dir"
+        )
 
 
 @dataclass(frozen=True)
@@ -441,7 +703,11 @@ def scan_corpus(
     placement = Placement.current()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    description = {"config": asdict(config), "model": str(model.cfg.model_name)}
+    description = {
+        "config": asdict(config),
+        "model": {"name": str(model.cfg.model_name), "weights_sha256": weights_fingerprint(model)},
+        "input": getattr(documents, "fingerprint", None),
+    }
     if placement.rank == 0:  # first: it writes scan.json, which the others then check
         _check_scan_file(out, description, resume, rank=0)
     _barrier()
@@ -452,22 +718,35 @@ def scan_corpus(
     stream = itertools.islice(documents, config.limit)
     bar = tqdm(desc=f"scan (rank {placement.rank})", unit="doc", disable=not progress)
     shard = 0
-    while True:
-        batch = list(itertools.islice(stream, config.docs_per_shard))
-        if not batch:
-            break
-        n_documents += len(batch)
-        bar.update(len(batch))
-        if placement.owns(shard):
-            if resume and _verified(out, shard) is not None:
-                skipped += 1
-            else:
-                frame = _score_shard(model, batch, config, batch_size)
-                _write_shard(out, shard, frame, len(batch))
-                scored += 1
-                windows += len(frame)
-        shard += 1
-    bar.close()
+    seen: dict[str, int] = {}  # document id -> its position in the stream
+    try:
+        while True:
+            batch = list(itertools.islice(stream, config.docs_per_shard))
+            if not batch:
+                break
+            for position, document in enumerate(batch, start=n_documents):
+                first = seen.setdefault(document.id, position)
+                if first != position:
+                    raise ValueError(
+                        f"documents {first} and {position} of the stream share the id "
+                        f"{document.id!r}: window ids would collide in the table; give every "
+                        "document its own id (id_column, --id-column) or none (ids by position)"
+                    )
+            n_documents += len(batch)
+            bar.update(len(batch))
+            if placement.owns(shard):
+                inputs = _input_sha256(batch)
+                if resume and _verified(out, shard) is not None:
+                    _check_shard_input(out, shard, inputs)
+                    skipped += 1
+                else:
+                    frame = _score_shard(model, batch, config, batch_size)
+                    _write_shard(out, shard, frame, len(batch), inputs)
+                    scored += 1
+                    windows += len(frame)
+            shard += 1
+    finally:
+        bar.close()  # before any error is printed, so it does not share the bar's line
     if placement.rank == 0:  # the stream's length, for the merge to check completeness
         atomic_write_text(
             out / "complete.json", json.dumps({"n_shards": shard, "documents": n_documents})
@@ -477,7 +756,7 @@ def scan_corpus(
     summary = CorpusScanSummary(
         placement.rank, placement.world_size, scored, skipped, windows, n_documents, shard, seconds
     )
-    logger.info("corpus scan: %s", summary)
+    logger.debug("corpus scan: %s", summary)
     return summary
 
 
@@ -493,7 +772,10 @@ def read_corpus_scan(out_dir: str | os.PathLike[str]) -> pd.DataFrame:
     complete = out / "complete.json"
     if not complete.is_file():
         raise ValueError(f"{out} holds no finished scan (no complete.json); {fix}")
-    n_shards = int(read_json(complete, fix=fix)["n_shards"])
+    finished = read_json(complete, fix=fix)
+    if not isinstance(finished, dict) or not isinstance(finished.get("n_shards"), int):
+        raise CorruptFileError(f"{complete} does not say how many shards there are; {fix}")
+    n_shards = finished["n_shards"]
     shards = [_verified(out, k) for k in range(n_shards)]  # each file read once
     unfinished = [k for k, content in enumerate(shards) if content is None]
     if unfinished:
@@ -501,7 +783,10 @@ def read_corpus_scan(out_dir: str | os.PathLike[str]) -> pd.DataFrame:
             f"{len(unfinished)} of {n_shards} shards are missing or damaged (first: "
             f"{_shard_path(out, unfinished[0]).name}); {fix}"
         )
-    if n_shards == 0:
-        return pd.DataFrame(columns=list(COLUMNS))
+    described = read_json(out / SCAN_FILE, fix=fix) if (out / SCAN_FILE).is_file() else {}
+    config = CorpusConfig(**described.get("config", {})) if isinstance(described, dict) else None
     tables = [pd.read_parquet(io.BytesIO(content)) for content in shards if content is not None]
-    return pd.concat(tables, ignore_index=True)
+    tables = [table for table in tables if len(table)]
+    if not tables:
+        return empty_table(config)
+    return pd.concat(tables, ignore_index=True).astype(dtypes(config or CorpusConfig()))

@@ -126,14 +126,18 @@ def _hf_with_weights(model: HookedModel, base: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     if isinstance(base, torch.nn.Module):
+        if not hasattr(base, "config"):
+            raise TypeError(f"base must be a transformers model, got {type(base).__name__}")
         hf_model = copy.deepcopy(base)
     else:
         hf_model = AutoModelForCausalLM.from_pretrained(base, dtype=model.cfg.dtype)
+    _check_architecture(model, hf_model)
     positions = _positions(model, hf_model)
     params = dict(hf_model.named_parameters())
     flat = torch.cat([p.detach().flatten().to(torch.float64) for p in params.values()])
     written = torch.zeros(len(flat), dtype=torch.bool)
     state = model.state_dict()
+    _check_origin(model, positions, flat)
     with torch.no_grad():
         for name, where in positions.items():
             value = state[name].detach().to("cpu", torch.float64).flatten()
@@ -153,6 +157,48 @@ def _hf_with_weights(model: HookedModel, base: Any) -> Any:
             param.copy_(flat[start : start + param.numel()].view_as(param).to(param.dtype))
             start += param.numel()
     return hf_model
+
+
+NOT_THE_ORIGIN = (
+    "base must be the checkpoint this model was loaded from (load_model(base, "
+    "process_weights=False)); "
+)
+
+
+def _check_architecture(model: HookedModel, hf_model: Any) -> None:
+    """The base is of the model's architecture (a GPT-2 base for a GPT-Neo model is refused)."""
+    ours = getattr(model.cfg, "original_architecture", None)
+    theirs = list(getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])
+    if ours is not None and ours not in theirs:
+        raise ValueError(f"{NOT_THE_ORIGIN}the model is a {ours}, base a {theirs[0]}")
+
+
+def _check_origin(
+    model: HookedModel, positions: dict[str, torch.Tensor], flat: torch.Tensor
+) -> None:
+    """Every weight an edit never changes (embeddings, LayerNorm, biases) equals the base's.
+
+    memloc-tl edits only the attributed matrices, so the others still hold the values the model
+    was loaded with; a base of the same shape but other values (another checkpoint) differs there.
+    """
+    from memloc_tl.objectives import attributed_names
+
+    edited = {name.rsplit(".", 1)[1] for name in attributed_names(model)}  # W_Q, ..., W_out
+    state = model.state_dict()
+    for name, where in positions.items():
+        if name.rsplit(".", 1)[-1].lstrip("_") in edited:  # also GQA's _W_K, _W_V
+            continue
+        held = where.flatten() > 0
+        if not bool(held.any()):
+            continue
+        ours = state[name].detach().to("cpu", torch.float64).flatten()[held]
+        theirs = flat[where.flatten()[held] - 1]
+        if not torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6):
+            worst = float((ours - theirs).abs().max())
+            raise ValueError(
+                f"{NOT_THE_ORIGIN}{name}, which no edit changes, differs from base's by up to "
+                f"{worst:.3g}: base is another checkpoint"
+            )
 
 
 def _positions(model: HookedModel, hf_model: Any) -> dict[str, torch.Tensor]:
@@ -176,8 +222,13 @@ def _positions(model: HookedModel, hf_model: Any) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     positions = {}
     for name, value in traced.items():
-        if name not in state or state[name].shape != value.shape:
+        if name not in state:
             continue
+        if state[name].shape != value.shape:
+            raise ValueError(
+                f"{NOT_THE_ORIGIN}{name} has shape {tuple(state[name].shape)} in the model, "
+                f"{tuple(value.shape)} in base: base is a model of another size"
+            )
         if not torch.equal(value, value.round()) or bool((value < 0).any()):
             continue  # computed, not copied: not a rearrangement of checkpoint entries
         positions[name] = value.round().long()

@@ -89,10 +89,34 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) 
             os.fsync(file.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        _raise_as_os_error(error, path)
         raise
     return path
+
+
+def _raise_as_os_error(error: BaseException, path: Path) -> None:
+    """A write error of safetensors (a full disk, say) becomes the ``OSError`` others give."""
+    if type(error).__name__ == "SafetensorError":
+        raise OSError(
+            f"could not write {path} ({error}): is the disk full or read-only?"
+        ) from error
+
+
+def share_like_umask(directory: Path) -> None:
+    """Give ``directory`` and everything in it the umask's permissions.
+
+    Libraries write some files private (safetensors: mode 0600); a cache shared by a group
+    must be readable by the group as the umask says, like any other file.
+    """
+    umask = _umask()
+    os.chmod(directory, 0o777 & ~umask)
+    for item in directory.rglob("*"):
+        if item.is_symlink():
+            continue
+        executable = item.is_dir() or bool(item.stat().st_mode & 0o111)
+        os.chmod(item, (0o777 if executable else 0o666) & ~umask)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -122,6 +146,7 @@ def atomic_directory(path: str | os.PathLike[str], *, replace: bool = False) -> 
         os.chmod(staging, 0o777 & ~_umask())
         yield staging
         write_checksums(staging)
+        share_like_umask(staging)
         if path.is_dir():
             # Move the old version aside first: a rename onto a non-empty directory fails.
             old = Path(
@@ -132,9 +157,29 @@ def atomic_directory(path: str | os.PathLike[str], *, replace: bool = False) -> 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, path)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        _raise_as_os_error(error, path)
         raise
+
+
+def save_safetensors(
+    tensors: dict[str, Any], path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None
+) -> Path:
+    """``safetensors.torch.save_file``, with its errors as ``OSError`` naming the file.
+
+    safetensors reports a full disk or an unwritable path as its own ``SafetensorError``; callers
+    (and the CLI's one-line errors) expect the ``OSError`` any other write gives.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as error:
+        _raise_as_os_error(error, path)
+        raise
+    return path
 
 
 def file_sha256(path: Path) -> str:

@@ -20,6 +20,7 @@ import copy
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -30,7 +31,14 @@ from urllib.parse import urlparse
 import torch
 
 from memloc_tl.backend import Backend, HookedModel, check_backend, is_bridge
-from memloc_tl.files import atomic_directory, read_json, verify_checksums
+from memloc_tl.files import (
+    CorruptFileError,
+    atomic_directory,
+    read_json,
+    save_safetensors,
+    verify_checksums,
+)
+from memloc_tl.validation import check_device
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +93,7 @@ def load_model(
         TypeError: a source of another type, or an in-memory model without tokenizer.
     """
     chosen = check_backend(backend)
+    check_device(device)
     if revision is not None and not isinstance(revision, str):
         raise TypeError(f"revision must be a string such as 'step143000', got {revision!r}")
     if isinstance(source, torch.nn.Module):
@@ -333,9 +342,17 @@ def _load_local(
 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: it is not a Hugging Face checkpoint")
-    weights = [*path.glob("*.safetensors"), *path.glob("pytorch_model*.bin")]
+    weights = sorted(path.glob("*.safetensors"))
     if not weights:
-        raise FileNotFoundError(f"{path} has no weights (model.safetensors or pytorch_model.bin)")
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        if pickled:
+            raise ValueError(
+                f"{path} holds only pickle weights ({', '.join(pickled)}), which memloc-tl does "
+                "not load (unpickling can run code, and torch's safe mode refuses many); convert "
+                "them once where you trust the file: AutoModelForCausalLM.from_pretrained(path, "
+                "use_safetensors=False).save_pretrained(path) writes model.safetensors"
+            )
+        raise FileNotFoundError(f"{path} has no weights (no model.safetensors)")
     try:
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
@@ -345,12 +362,26 @@ def _load_local(
             raise ValueError(f"{path / 'config.json'} is not a valid config: {error}") from error
         raise
     _check_architecture(hf_config, path)
+    _check_weight_headers(weights, hf_config, path)
     tokenizer_is_saved = tokenizer is None
     if tokenizer is None:
         tokenizer = _local_tokenizer(path)
-    loaded: Any = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, dtype=dtype, output_loading_info=True
-    )
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype, output_loading_info=True
+        )
+    except Exception as error:
+        if type(error).__name__ == "SafetensorError":
+            raise CorruptFileError(
+                f"the weights in {path} cannot be read ({error}): the file is truncated or "
+                "damaged; copy or save the checkpoint again"
+            ) from error
+        if isinstance(error, RuntimeError) and "mismatch" in str(error):
+            raise ValueError(
+                f"the weights in {path} do not fit its config.json ({str(error)[:300]}): "
+                "its config.json belongs to another model"
+            ) from error
+        raise
     hf_model, info = loaded
     # Weights the config expects but the files lack (or of another shape) would be left at
     # their random initialization; tensors beyond the config would be dropped. Either way the
@@ -379,6 +410,67 @@ def _load_local(
         tokenizer_is_saved=tokenizer_is_saved,
         owned=True,
     )
+
+
+def _check_weight_headers(files: list[Path], hf_config: Any, path: Path) -> None:
+    """Read only the safetensors headers: complete files, and as many layers as the config says.
+
+    Runs before any model is built, so a config that claims a million layers is refused at
+    once instead of allocating them, and a truncated file names itself.
+    """
+    fix = "copy or save the checkpoint again"
+    layers: set[int] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                if not 0 < length <= size - 8:
+                    raise ValueError(f"a header of {length} bytes in a file of {size}")
+                header = json.loads(handle.read(length))
+            ends = [
+                entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"
+            ]
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as error:
+            raise CorruptFileError(
+                f"{file} is not a readable safetensors file ({error}); {fix}"
+            ) from error
+        described = 8 + length + max(ends, default=0)
+        if described != size:
+            raise CorruptFileError(
+                f"{file} holds {size} bytes, its header describes {described}: the file is "
+                f"truncated or damaged; {fix}"
+            )
+        for key, entry in header.items():
+            if key != "__metadata__":
+                shapes[key] = tuple(entry.get("shape", ()))
+            match = re.search(r"\.(?:h|layers|layer|blocks)\.(\d+)\.", key)
+            if match:
+                layers.add(int(match.group(1)))
+    expected = getattr(hf_config, "num_hidden_layers", None)
+    if layers and isinstance(expected, int) and expected != len(layers):
+        raise ValueError(
+            f"the weights in {path} do not fit its config.json: it says {expected} layers, the "
+            f"weights hold {len(layers)}; the config.json belongs to another model"
+        )
+    # Shapes: the model the config describes, built on the meta device (no memory), against
+    # the headers. transformers would otherwise fail with a RuntimeError deep in loading.
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    wanted = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    mismatched = [
+        f"{name}: {shape} in the file, {wanted[name]} by the config"
+        for name, shape in shapes.items()
+        if name in wanted and wanted[name] != shape
+    ]
+    if mismatched:
+        raise ValueError(
+            f"the weights in {path} do not fit its config.json ({'; '.join(mismatched[:3])}): "
+            "the config.json belongs to another model"
+        )
 
 
 def _check_architecture(hf_config: Any, path: Path) -> None:
@@ -433,8 +525,6 @@ def save_hooked_model(model: HookedModel, directory: str | os.PathLike[str]) -> 
     written to a temporary directory that is then renamed; an existing non-empty ``directory``
     is a ``FileExistsError`` before anything is written.
     """
-    from safetensors.torch import save_file
-
     if is_bridge(model):
         raise TypeError(
             "save_hooked_model saves a HookedTransformer; for a TransformerBridge save the "
@@ -446,7 +536,7 @@ def save_hooked_model(model: HookedModel, directory: str | os.PathLike[str]) -> 
         config.pop("device", None)
         (staging / HOOKED_CONFIG).write_text(json.dumps(config, indent=1, default=list))
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(staging / HOOKED_WEIGHTS))
+        save_safetensors(state, staging / HOOKED_WEIGHTS)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(staging)
     return Path(directory)

@@ -40,10 +40,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from memloc_tl.backend import HookedModel
-from memloc_tl.files import atomic_directory, read_json, verify_checksums
+from memloc_tl.files import atomic_directory, read_json, save_safetensors, verify_checksums
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
 from memloc_tl.models import load_model
 from memloc_tl.paragraphs import Paragraphs, tokenizer_fingerprint
+from memloc_tl.validation import check_device, check_real
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,11 @@ class OrganismConfig:
         object.__setattr__(
             self, "planted_tiers", tuple((int(n), int(r)) for n, r in self.planted_tiers)
         )
+        check_real(self.lr, "lr", above=0.0)
+        check_real(self.weight_decay, "weight_decay", at_least=0.0)
+        check_real(self.min_unique_fraction, "min_unique_fraction", at_least=0.0, at_most=1.0)
+        check_real(self.min_top_tier_memorized, "min_top_tier_memorized", at_least=0.0, at_most=1.0)
+        check_real(self.max_control_mean_em, "max_control_mean_em", at_least=0.0)
 
     @classmethod
     def tiny(cls, **overrides: Any) -> OrganismConfig:
@@ -470,31 +476,30 @@ def build_organism(
         its acceptance (a warning is logged when it did not).
     """
     config = config or OrganismConfig()
+    check_device(device)  # before minutes of training, not after
     target = organism_dir(config, cache_dir)
     if (target / MANIFEST).is_file() and not rebuild:
-        return load_organism(target, device=device)
+        return _load(target, device=device, expected=config)
     root = target.parent
     root.mkdir(parents=True, exist_ok=True)
     # One builder per configuration: the others wait here, then load its result.
     lock = FileLock(root / f".{target.name}.lock", timeout=LOCK_WAIT_SECONDS)
     with lock:
         if (target / MANIFEST).is_file() and not rebuild:
-            return load_organism(target, device=device)
+            return _load(target, device=device, expected=config)
         report = _build_into(target, config, device=device, progress=progress)
     acceptance = report["acceptance"]
     if acceptance["passed"]:
         logger.info("organism %s passed its acceptance: %s", config.key(), acceptance)
     else:
         logger.warning("organism %s missed its acceptance: %s", config.key(), acceptance)
-    return load_organism(target, device=device)
+    return _load(target, device=device, expected=config)
 
 
 def _build_into(
     target: Path, config: OrganismConfig, *, device: str | torch.device | None, progress: bool
 ) -> dict[str, Any]:
     """Train, evaluate and write one organism to ``target`` (atomically, checksummed)."""
-    from safetensors.torch import save_file
-
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     texts = corpus_texts()
@@ -515,7 +520,7 @@ def _build_into(
     with atomic_directory(target, replace=True) as staging:
         hf_model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        save_file({"counts": counts.contiguous()}, str(staging / COUNTS_FILE))
+        save_safetensors({"counts": counts.contiguous()}, staging / COUNTS_FILE)
         # Evaluate the saved checkpoint through load_model's local-directory path.
         report = _evaluate(load_model(staging, device=device), paragraphs, config)
         report["train_seconds"] = round(train_seconds, 1)
@@ -555,9 +560,20 @@ def load_organism(
         FileNotFoundError: not built yet; :func:`build_organism` builds it.
     """
     if path is None or isinstance(path, OrganismConfig):
-        directory = organism_dir(path or OrganismConfig(), cache_dir)
-    else:
-        directory = Path(path)
+        expected = path or OrganismConfig()
+        return _load(organism_dir(expected, cache_dir), device=device, expected=expected)
+    return _load(Path(path), device=device, expected=None)
+
+
+def _load(
+    directory: Path, *, device: str | torch.device | None, expected: OrganismConfig | None
+) -> Organism:
+    """Load the organism in ``directory``; with ``expected``, refuse a build of another config.
+
+    A cache entry is found by its configuration's key; its manifest must hold that very
+    configuration (an entry replaced by, or linked to, another build would otherwise be loaded
+    as if it were the one asked for).
+    """
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(
@@ -577,6 +593,16 @@ def load_organism(
     config_dict = manifest["config"]
     config_dict["planted_tiers"] = tuple(tuple(t) for t in config_dict["planted_tiers"])
     config = OrganismConfig(**config_dict)
+    if expected is not None and config != expected:
+        differ = {
+            f.name: (getattr(config, f.name), getattr(expected, f.name))
+            for f in dataclasses.fields(OrganismConfig)
+            if getattr(config, f.name) != getattr(expected, f.name)
+        }
+        raise ValueError(
+            f"{directory} holds the build of another configuration (found vs asked: {differ}); "
+            f"remove it or {fix}"
+        )
     model = load_model(directory, device=device)
     sets = {
         name: Paragraphs(

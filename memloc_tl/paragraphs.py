@@ -470,6 +470,12 @@ class Paragraphs:
         """
         check_model(model)
         self.check_vocab(int(model.cfg.d_vocab))
+        n_ctx = getattr(model.cfg, "n_ctx", None)
+        if isinstance(n_ctx, int) and self.tokens.shape[1] > n_ctx:
+            raise ValueError(
+                f"paragraphs of {self.tokens.shape[1]} tokens exceed the model's context of "
+                f"{n_ctx}: cut shorter windows (prefix_len/continuation_len)"
+            )
         tokenizer = getattr(model, "tokenizer", None)
         if self.vocab_fingerprint is not None and tokenizer is not None:
             expected = tokenizer_fingerprint(tokenizer)

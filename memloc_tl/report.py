@@ -38,6 +38,7 @@ from memloc_tl.localization.benchmark import (
 from memloc_tl.localization.injection import InjectionConfig
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
 from memloc_tl.paragraphs import Paragraphs, corpus_token_counts
+from memloc_tl.validation import check_fraction, check_positive_int, check_real
 from memloc_tl.viz import (
     CircuitsView,
     HtmlPage,
@@ -397,6 +398,11 @@ def memorization_report(
     """
     if n_paragraphs < 2:
         raise ValueError(f"n_paragraphs must be at least 2, got {n_paragraphs}")
+    # every number before the first analysis (the unlearning runs last, minutes later)
+    check_real(edit_lr, "edit_lr", above=0.0)
+    check_positive_int(edit_steps, "edit_steps")
+    check_fraction(fraction, "fraction")
+    check_positive_int(batch_size, "batch_size")
     notes: list[str] = []
     scan = scan_memorization(model, paragraphs, batch_size=batch_size, progress=progress)
     memorized, non_memorized = scan.memorized(), scan.non_memorized()

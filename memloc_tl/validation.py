@@ -62,6 +62,67 @@ def check_fraction(value: Any, name: str) -> float:
     return float(value)
 
 
+def check_finite_weights(named: Iterable[tuple[str, Tensor]], what: str = "the model") -> None:
+    """Every tensor is finite; otherwise a ``ValueError`` naming the first bad one.
+
+    A model holding NaN or infinite weights gives NaN scores that rank like numbers (a plausible
+    ``top(3)``), or EMs computed from garbage; it is refused before any analysis instead.
+    """
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"{what} holds non-finite values in {name} ({bad} of {tensor.numel()} entries "
+                "are NaN or infinite): analyses of it would rank NaN scores; reload the "
+                "checkpoint, or find the step that diverged (e.g. a learning rate too large)"
+            )
+
+
+def check_real(
+    value: Any,
+    name: str,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+) -> float:
+    """A finite real number (not a bool, NaN or infinity) within the given bounds.
+
+    Every float hyperparameter (learning rates, weights of loss terms, temperatures, fractions)
+    goes through here before any work, so ``lr=float("inf")`` or ``kl_weight=float("nan")`` is a
+    ``ValueError`` naming the argument, never a model with NaN weights or a silently dropped term.
+
+    Args:
+        value: the number.
+        name: the argument's name, for the message.
+        above: the number must be > this (e.g. 0 for a learning rate).
+        at_least: the number must be >= this (e.g. 0 for a loss weight).
+        at_most: the number must be <= this.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.floating | np.integer):
+                value = float(value)
+        except ImportError:  # pragma: no cover - numpy is a dependency
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    bounds = []
+    if above is not None and not value > above:
+        bounds.append(f"> {above}")
+    if at_least is not None and not value >= at_least:
+        bounds.append(f">= {at_least}")
+    if at_most is not None and not value <= at_most:
+        bounds.append(f"<= {at_most}")
+    if bounds:
+        raise ValueError(f"{name} must be {' and '.join(bounds)}, got {value}")
+    return float(value)
+
+
 def check_positions(
     positions: Sequence[int] | Tensor, length: int, name: str = "positions"
 ) -> Tensor:
@@ -85,3 +146,33 @@ def check_positions(
     if int(values.min()) < 0 or int(values.max()) >= length:
         raise ValueError(f"{name} must lie within 0..{length - 1}, got {values.tolist()}")
     return values
+
+
+def check_device(device: Any, name: str = "device") -> torch.device | None:
+    """A device this machine has (``None`` stays ``None``: the caller's default).
+
+    ``device="cuda"`` on a machine without CUDA is a ``ValueError`` with the fix, not torch's
+    ``AssertionError`` ("Torch not compiled with CUDA enabled") from deep inside a load.
+    """
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name} must be a string such as 'cpu' or 'cuda', got {device!r}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{name}={device!r} is not a device ({error}); try 'cpu' or 'cuda'"
+        ) from error
+    if resolved.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0:
+            raise ValueError(f"{name}={device!r}, but this machine has no CUDA device; use 'cpu'")
+        if resolved.index is not None and resolved.index >= available:
+            raise ValueError(
+                f"{name}={device!r}, but this machine has {available} CUDA device(s) "
+                f"(cuda:0..cuda:{available - 1})"
+            )
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={device!r}, but MPS is not available here; use 'cpu'")
+    return resolved

@@ -21,7 +21,6 @@ from memloc_tl.organism import (
     train_tokenizer,
 )
 
-
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # The only tests that may skip in CI: they need what CI never has.
 SKIPPABLE_IN_CI = ("needs_hub", "needs_gpu")

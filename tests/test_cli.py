@@ -62,6 +62,29 @@ def test_demo_prints_the_summary(
     assert "next: memloc report --tiny --out report.html" in out
 
 
+def test_the_first_demo_says_how_long_the_build_takes_and_that_it_is_cached(
+    organism: Organism,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import memloc_tl.organism
+
+    built: list[Path | None] = []
+
+    def build(config: object, *, cache_dir: Path | None = None, **kwargs: object) -> Organism:
+        built.append(cache_dir)
+        return organism  # the message, not another build, is under test
+
+    monkeypatch.setattr(memloc_tl.organism, "build_organism", build)
+    assert main(["demo", "--cache-dir", str(tmp_path / "empty")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("first run: building the organism, which usually takes about 5 minutes")
+    assert "2 idle CPU cores" in first
+    assert f"cached in {tmp_path / 'empty'}" in first
+    assert built == [tmp_path / "empty"]
+
+
 def test_localize_benchmark_writes_the_inj_table(
     organism: Organism, organism_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -83,8 +106,13 @@ def test_localize_benchmark_refuses_bad_options_before_any_work(
     cache = tmp_path / "empty-cache"  # nothing may be built for a refused command
     base = ["localize-benchmark", "--tiny", "--cache-dir", str(cache)]
     assert main([*base, "--out", str(tmp_path / "x.json")]) == 2
+    assert "--out must end in .csv" in capsys.readouterr().err
     assert main([*base, "--level", "heads", "--methods", "gradient"]) == 2
-    assert "unknown methods for heads" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("memloc localize-benchmark: error: --methods: unknown for --level heads")
+    assert "oracle" not in err  # a weights-only baseline is not offered for heads
+    assert main([*base, "--level", "weights", "--methods", "bogus"]) == 2
+    assert "oracle" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage and exit code 2
         main([*base, "--seeds", "0"])
     assert exit_info.value.code == 2

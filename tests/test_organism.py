@@ -130,10 +130,20 @@ def test_missing_organism_and_bad_settings(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_default_organism_meets_the_acceptance(tmp_path: Path) -> None:
-    """The default build memorizes what it should (its time: benchmarks/organism.py)."""
-    organism = build_organism(cache_dir=tmp_path, progress=False)
+def test_default_organism_meets_the_acceptance(organism_cache: Path) -> None:
+    """The default build memorizes what it should (its time: benchmarks/organism.py).
+
+    Built once per `scripts/test.sh` (the shared organism cache): the TransformerLens 4 run
+    loads the first run's build and checks it on its own backend with a scan of its own.
+    """
+    organism = build_organism(cache_dir=organism_cache, progress=False)
     assert organism.report["acceptance"]["passed"], organism.report
+    tiers = torch.tensor(organism.planted.meta["tier"])
+    top = scan_memorization(organism.model, organism.planted.select(tiers == 0), progress=False)
+    control = scan_memorization(organism.model, organism.control, progress=False)
+    config = organism.config
+    assert float((top.exact_match == 50).float().mean()) >= config.min_top_tier_memorized
+    assert float(control.exact_match.float().mean()) <= config.max_control_mean_em
 
 
 MICRO = {

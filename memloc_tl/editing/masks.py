@@ -154,6 +154,28 @@ class ParamMask:
         chosen[picked] = True
         return cls(unflatten_like(chosen, names, tensors), "random")
 
+    def check_model(self, model: HookedModel) -> ParamMask:
+        """This mask fits ``model``: every matrix it names exists there, with the same shape.
+
+        Raises:
+            ValueError: a mask made for another model (architecture or size), naming the first
+                matrix that does not fit.
+        """
+        params = attributed_parameters(model)
+        for name, mask in self.masks.items():
+            if name not in params:
+                raise ValueError(
+                    f"the mask covers {name}, which this model does not have: a mask made for "
+                    "another model; make it from this one (ParamMask.scope(model, ...), "
+                    "ParamMask.random(model, ...))"
+                )
+            if tuple(params[name].shape) != tuple(mask.shape):
+                raise ValueError(
+                    f"the mask of {name} has shape {tuple(mask.shape)}, the model's "
+                    f"{tuple(params[name].shape)}: a mask made for another model"
+                )
+        return self
+
     # ------------------------------------------------------------------ views
     @property
     def count(self) -> int:
@@ -207,6 +229,11 @@ def _candidates(tensor: Tensor, within: ParamMask | None, name: str) -> Tensor:
     if name not in within.masks:
         raise ValueError(f"the scope has no mask for {name}")
     return within.masks[name].to(tensor.device)
+
+
+def check_mask_fraction(model: HookedModel, fraction: float) -> int:
+    """How many of ``model``'s attributed weights ``fraction`` selects; an error if none."""
+    return _count(fraction, sum(p.numel() for p in attributed_parameters(model).values()))
 
 
 def _count(fraction: float, candidates: int) -> int:

@@ -16,6 +16,7 @@ weight outside the mask moves — unlike the reference code, whose coupled weigh
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -35,9 +36,9 @@ from memloc_tl.backend import (
     parameter_masks,
     parameters_of,
 )
-from memloc_tl.editing.masks import ParamMask
+from memloc_tl.editing.masks import ParamMask, check_mask_fraction
 from memloc_tl.editing.optimizer import MaskedOptimizer
-from memloc_tl.files import atomic_write
+from memloc_tl.files import CorruptFileError, atomic_write, save_safetensors
 from memloc_tl.memorization import greedy_continuations, scan_memorization
 from memloc_tl.objectives import (
     accumulated_gradients,
@@ -50,7 +51,7 @@ from memloc_tl.objectives import (
 )
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable
-from memloc_tl.validation import check_choice, check_positive_int, check_set
+from memloc_tl.validation import check_choice, check_positive_int, check_real, check_set
 
 EDIT_FORMAT = "memloc-tl weight edit v1"
 """The ``format`` metadata of a saved :class:`WeightEdit`."""
@@ -147,8 +148,8 @@ class WeightEdit:
             tensors[f"{name}.mask"] = mask.to(torch.uint8).contiguous()
             tensors[f"{name}.before"] = self.before[name].contiguous()
             tensors[f"{name}.after"] = self.after[name].contiguous()
-        metadata = {"format": EDIT_FORMAT}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        metadata = {"format": EDIT_FORMAT, "sha256": _tensors_sha256(tensors)}
+        atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> WeightEdit:
@@ -158,17 +159,24 @@ class WeightEdit:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no edit file at {path}")
+        fix = "save the edit again (WeightEdit.save)"
         try:
             with safe_open(str(path), framework="pt") as file:
                 metadata = file.metadata() or {}
+            tensors = load_file(str(path))
         except Exception as error:  # safetensors raises its own error types
-            raise ValueError(f"{path} is not a safetensors file ({error})") from error
+            raise CorruptFileError(
+                f"{path} is not a readable safetensors file ({error}); {fix}"
+            ) from error
         if metadata.get("format") != EDIT_FORMAT:
             raise ValueError(
                 f"{path} is not a memloc-tl weight edit (format {metadata.get('format')!r}); "
                 "write edits with WeightEdit.save or EditResult.edit.save"
             )
-        tensors = load_file(str(path))
+        if "sha256" not in metadata:
+            raise CorruptFileError(f"{path} carries no checksum, so it cannot be checked; {fix}")
+        if _tensors_sha256(tensors) != metadata["sha256"]:
+            raise CorruptFileError(f"{path} differs from when it was written (corrupted); {fix}")
         names = sorted({key.rsplit(".", 1)[0] for key in tensors})
         expected = {f"{n}.{part}" for n in names for part in ("mask", "before", "after")}
         if set(tensors) != expected:
@@ -178,6 +186,16 @@ class WeightEdit:
             before={n: tensors[f"{n}.before"] for n in names},
             after={n: tensors[f"{n}.after"] for n in names},
         )
+
+
+def _tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -351,8 +369,15 @@ def sparse_edit(
         raise ValueError("target must be row-aligned with memorized (same shape)")
     if edit_context not in ("target", "memorized"):
         raise ValueError(f"edit_context must be 'target' or 'memorized', got {edit_context!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_positive_int(steps, "steps")
+    check_real(lr, "lr", above=0)
+    check_real(nll_weight, "nll_weight", at_least=0)
+    if not isinstance(mask, ParamMask):
+        check_choice(mask, "mask", ("gradient", "random", "all"))
+        if mask != "all":
+            check_mask_fraction(model, fraction)
+    else:
+        mask.check_model(model)
     for paragraphs in (memorized, keep, target, heldout, others, general):
         if paragraphs is not None:
             paragraphs.check_model(model)

@@ -39,6 +39,7 @@ from memloc_tl.memorization import exact_match_length, score_continuations
 from memloc_tl.objectives import attributed_parameters
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable
+from memloc_tl.validation import check_fraction
 
 BASELINES = ("random", "magnitude", "oracle")
 
@@ -325,6 +326,8 @@ def deletion_benchmark(
     """
     chosen = _methods(level, methods if methods is not None else _default_methods(level))
     chosen = [m for m in chosen if m != "oracle"]
+    if n_units is None:
+        check_fraction(fraction, "fraction")
     if len(targets) == 0 or len(others) == 0 or len(non_memorized) == 0:
         raise ValueError("targets, others and non_memorized must each hold paragraphs")
     for paragraphs in (targets, others, non_memorized):
@@ -446,6 +449,7 @@ def organism_benchmark(
     """
     if benchmark not in ("inj", "del"):
         raise ValueError(f"benchmark must be 'inj' or 'del', got {benchmark!r}")
+    check_fraction(fraction, "fraction")
     if isinstance(n_paragraphs, bool) or not isinstance(n_paragraphs, int) or n_paragraphs < 1:
         raise ValueError(f"n_paragraphs must be an int >= 1, got {n_paragraphs!r}")
     sets = organism_sets(organism)

@@ -66,6 +66,7 @@ from memloc_tl.objectives import (
     reference_logprobs,
 )
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.validation import check_real
 
 Preserve = Literal["quantile", "norm", "none"]
 
@@ -111,14 +112,15 @@ class InjectionConfig:
             raise ValueError(
                 f"preserve must be 'quantile', 'norm' or 'none', got {self.preserve!r}"
             )
-        if not 0.0 < self.fraction < 1.0:
+        check_real(self.fraction, "fraction", above=0.0)
+        if not self.fraction < 1.0:
             raise ValueError(f"fraction must be in (0, 1), got {self.fraction}")
         for name in ("max_steps", "check_every", "n_neurons", "keep_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.lr <= 0 or self.kl_weight < 0:
-            raise ValueError("lr must be > 0 and kl_weight >= 0")
+        check_real(self.lr, "lr", above=0.0)
+        check_real(self.kl_weight, "kl_weight", at_least=0.0)
 
 
 @dataclass(frozen=True)

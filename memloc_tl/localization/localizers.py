@@ -58,6 +58,7 @@ from memloc_tl.objectives import (
     reference_logprobs,
 )
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.validation import check_positive_int, check_real
 
 _UNIT_METHODS = (
     "activation",
@@ -117,12 +118,15 @@ class LearnedMaskConfig:
     stochastic: bool = False
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.keep_batch < 1:
-            raise ValueError("steps and keep_batch must be >= 1")
-        if (self.lr is not None and self.lr <= 0) or self.kl_weight < 0:
-            raise ValueError("lr must be > 0 and kl_weight >= 0")
-        if self.sparsity is not None and self.sparsity < 0:
-            raise ValueError("sparsity must be >= 0")
+        check_positive_int(self.steps, "steps")
+        check_positive_int(self.keep_batch, "keep_batch")
+        if self.lr is not None:
+            check_real(self.lr, "lr", above=0.0)
+        if self.init is not None:
+            check_real(self.init, "init")
+        if self.sparsity is not None:
+            check_real(self.sparsity, "sparsity", at_least=0.0)
+        check_real(self.kl_weight, "kl_weight", at_least=0.0)
 
     def resolved(self, level: Level) -> tuple[float, float, float]:
         """``(lr, init, sparsity)`` with the level's defaults filled in."""
