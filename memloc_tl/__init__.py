@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time each loads on fir
         Injection,
         InjectionBenchmark,
         InjectionConfig,
+        InjectionFailedWarning,
         LearnedMaskConfig,
         Localization,
         Units,
@@ -68,6 +69,7 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time each loads on fir
     from memloc_tl.paragraphs import PAPER_KEYWORDS, Paragraphs, corpus_token_counts
     from memloc_tl.report import MemorizationReport, memorization_report
     from memloc_tl.results import HeadScores, LayerComponentScores, TokenScores
+    from memloc_tl.uncertainty import HeadRanking, bootstrap_heads
     from memloc_tl.workbench import Workbench, load_workbench
 
 _SOURCES: dict[str, str] = {
@@ -103,6 +105,7 @@ _SOURCES: dict[str, str] = {
     "Injection": "memloc_tl.localization",
     "InjectionBenchmark": "memloc_tl.localization",
     "InjectionConfig": "memloc_tl.localization",
+    "InjectionFailedWarning": "memloc_tl.localization",
     "LearnedMaskConfig": "memloc_tl.localization",
     "Localization": "memloc_tl.localization",
     "Units": "memloc_tl.localization",
@@ -134,6 +137,8 @@ _SOURCES: dict[str, str] = {
     "HeadScores": "memloc_tl.results",
     "LayerComponentScores": "memloc_tl.results",
     "TokenScores": "memloc_tl.results",
+    "HeadRanking": "memloc_tl.uncertainty",
+    "bootstrap_heads": "memloc_tl.uncertainty",
     "Workbench": "memloc_tl.workbench",
     "load_workbench": "memloc_tl.workbench",
 }
@@ -165,12 +170,14 @@ __all__ = [
     "GradientComparison",
     "GradientNorms",
     "HeadIntervention",
+    "HeadRanking",
     "HeadRef",
     "HeadScores",
     "HubUnavailableError",
     "Injection",
     "InjectionBenchmark",
     "InjectionConfig",
+    "InjectionFailedWarning",
     "LayerComponentScores",
     "LearnedMaskConfig",
     "Localization",
@@ -193,6 +200,7 @@ __all__ = [
     "ablate_heads",
     "activation_gradients",
     "attribution_patching",
+    "bootstrap_heads",
     "build_organism",
     "compare_edits",
     "compare_gradient_norms",

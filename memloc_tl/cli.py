@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,35 +64,71 @@ def positive_real(text: str) -> float:
     return value
 
 
+def _can_write_into(directory: Path) -> str | None:
+    """Why a file cannot be created in ``directory`` (None if it can): a real try, since
+    permission bits say nothing for root or a read-only file system."""
+    if not directory.is_dir():
+        return f"cannot write into {directory}: it is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".memloc-probe-"):
+            pass
+    except OSError as error:
+        return f"cannot write into {directory} ({error.strerror or error})"
+    return None
+
+
 def check_output_dir(path: Path, option: str = "--out-dir") -> Path:
-    """Refuse an output directory that cannot be written into, before any work is done."""
+    """Refuse an output directory that cannot be written into, before any work is done.
+
+    The directory itself is created if missing (it was asked for); its parent must exist.
+    """
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {path} is a file; give a directory")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent  # the nearest existing folder: the missing ones will be made
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: cannot write into {existing}; choose another place")
+    target = path if path.is_dir() else path.parent
+    if not target.exists():
+        raise UsageError(f"{option} {path}: the folder {target} does not exist; create it first")
+    problem = _can_write_into(target)
+    if problem:
+        raise UsageError(f"{option} {path}: {problem}; choose another place")
     return path
 
 
 def check_output(path: Path, suffixes: Sequence[str], option: str = "--out") -> Path:
-    """Refuse an output path that cannot be written, before any work is done."""
+    """Refuse an output path that cannot be written, before any work is done.
+
+    Its folder must exist: no directory the user did not ask for is created.
+    """
     if path.suffix.lower() not in suffixes:
         raise UsageError(f"{option} must end in {' or '.join(suffixes)}, got {path.name}")
     if path.is_dir():
         raise UsageError(f"{option} {path} is a directory; give a file name")
     parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent  # the nearest existing folder: the missing ones will be made
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: cannot write into {parent}; choose another place")
+    if not parent.exists():
+        raise UsageError(f"{option} {path}: the folder {parent} does not exist; create it first")
+    problem = _can_write_into(parent)
+    if problem:
+        raise UsageError(f"{option} {path}: {problem}; choose another place")
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{option} {path} exists and is not writable")
     return path
 
 
+def check_cache_dir(path: Path | None) -> None:
+    """A --cache-dir that can be created and written, checked before any work."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--cache-dir {path} is a file; give a directory")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # a cache directory is made as needed, parents too
+    problem = _can_write_into(existing)
+    if problem:
+        raise UsageError(f"--cache-dir {path}: {problem}; choose another place")
+
+
 def _organism(args: argparse.Namespace) -> Organism:
+    check_cache_dir(args.cache_dir)  # before torch loads
     from memloc_tl.organism import MANIFEST, OrganismConfig, build_organism, organism_dir
 
     config = OrganismConfig.tiny() if args.tiny else OrganismConfig()
@@ -360,6 +397,14 @@ def run_localize_benchmark(args: argparse.Namespace) -> int:
     )
     if args.benchmark == "inj":
         print(result.injections.to_string(index=False))  # type: ignore[union-attr]
+        failed = result.failed_seeds  # type: ignore[union-attr]
+        if failed:
+            print(
+                f"WARNING: the injection of seed(s) {failed} did not succeed (no EM = 50): their "
+                "localizer scores are left out of the summary below (failed_runs); raise "
+                "--max-steps",
+                file=sys.stderr,
+            )
     print(result.summary().to_string(index=False, float_format="{:.3f}".format))
     if out is not None:
         atomic_write(out, lambda tmp: result.to_frame().to_csv(tmp, index=False))
@@ -373,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Localize paragraph memorization in GPT-Neo on TransformerLens.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show other libraries' progress bars and info messages (transformers, datasets)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def organism_options(sub: argparse.ArgumentParser) -> None:
@@ -428,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=Path,
         default=None,
-        help="csv, json, jsonl (or parquet, txt) files",
+        help="csv, json, jsonl (one text per row, in --text-column), parquet (corpus scan) or "
+        ".txt files (one text per file, its id the file name), all of one kind",
     )
     scan.add_argument(
         "--out", type=Path, default=None, help="the table: .csv or .json (.parquet with --out-dir)"
@@ -489,7 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=ORGANISM,
         help=f"'{ORGANISM}' (default), a hub name or a checkpoint directory",
     )
-    report.add_argument("--data", type=Path, default=None, help="texts (needed unless organism)")
+    report.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="texts (needed unless organism): csv, json, jsonl (one text per row) or a .txt "
+        "file (one text)",
+    )
     report.add_argument("--out", dest="report", required=True, type=Path, help="the .html file")
     report.add_argument("--text-column", default="text", help="column holding the texts")
     report.add_argument(
@@ -540,7 +597,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a command. Expected errors (bad input, missing files, no network) are one line on
     stderr with exit code 2; ``--debug`` shows the traceback of any error instead."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        os.environ["MEMLOC_VERBOSE"] = "1"
+    # memloc-tl's own messages at INFO; other libraries' only from WARNING unless --verbose
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("memloc_tl").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.verbose:
+        logging.getLogger().setLevel(logging.INFO)
     prog = f"memloc {args.command}"
     try:
         return int(args.run(args))

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,21 @@ def save_safetensors(
         _raise_as_os_error(error, path)
         raise
     return path
+
+
+def tensors_sha256(tensors: Mapping[str, Any]) -> str:
+    """SHA-256 over named tensors: names, dtypes, shapes and bytes, in name order.
+
+    What a saved weight edit records and checks on load (safetensors itself has no checksum).
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def file_sha256(path: Path) -> str:

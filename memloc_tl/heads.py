@@ -11,7 +11,7 @@ _LABEL = re.compile(r"^\s*L(\d+)H(\d+)\s*$", re.IGNORECASE)
 
 @dataclass(frozen=True, order=True)
 class HeadRef:
-    """One attention head: ``HeadRef(layer=1, head=2)``, ``str(...) == "L1H2"``."""
+    """One attention head: ``HeadRef(layer=1, head=2)``, shown ``L1H2`` (``str`` and ``repr``)."""
 
     layer: int
     head: int
@@ -24,6 +24,9 @@ class HeadRef:
 
     def __str__(self) -> str:
         return f"L{self.layer}H{self.head}"
+
+    def __repr__(self) -> str:  # in lists and tuples too (``scores.top(3)``): L0H0, not fields
+        return str(self)
 
     @classmethod
     def parse(cls, label: str | HeadRef) -> HeadRef:

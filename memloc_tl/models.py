@@ -38,6 +38,7 @@ from memloc_tl.files import (
     save_safetensors,
     verify_checksums,
 )
+from memloc_tl.quiet import quietly
 from memloc_tl.validation import check_device
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class HubUnavailableError(OSError):
     """A hub model was asked for, but the hub cannot be reached and the model is not cached."""
 
 
+@quietly
 def load_model(
     source: str | os.PathLike[str] | Any = DEFAULT_MODEL,
     *,

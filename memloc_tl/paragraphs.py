@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from memloc_tl.backend import check_model
+from memloc_tl.quiet import quiet_libraries
 from memloc_tl.validation import check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -313,9 +314,10 @@ class Paragraphs:
         id_column: str | None = None,
         **kwargs: Any,
     ) -> Paragraphs:
-        """Windows from local csv, json, jsonl or text files, read with ``datasets``.
+        """Windows from local csv, json or jsonl files (read with ``datasets``) or text files.
 
-        A ``.txt`` file gives one text per line (``datasets``' text format).
+        A ``.txt`` file is one text (one document per file, its id the file name), as in a
+        corpus scan: for one text per line, use a ``.jsonl`` or ``.csv`` with a text column.
         """
         from datasets import load_dataset
 
@@ -333,8 +335,21 @@ class Paragraphs:
         empty = [str(f) for f in files if f.stat().st_size == 0]
         if empty:
             raise ValueError(f"empty file: {empty}; every file needs at least one text")
+        if formats == {"text"}:  # one document per file, as in a corpus scan; id: the file name
+            texts = []
+            for file in files:
+                try:
+                    texts.append(file.read_text(encoding="utf-8"))
+                except UnicodeDecodeError as error:
+                    raise ValueError(
+                        f"cannot read {file}: it is not UTF-8 text ({error}); re-save it as UTF-8"
+                    ) from error
+            return cls.from_texts(texts, tokenizer, ids=[f.name for f in files], **kwargs)
         try:
-            dataset = load_dataset(formats.pop(), data_files=[str(f) for f in files], split="train")
+            with quiet_libraries():  # no "Generating train split" bar
+                dataset = load_dataset(
+                    formats.pop(), data_files=[str(f) for f in files], split="train"
+                )
         except Exception as error:  # datasets wraps parse errors in its own types
             if isinstance(error, (MemoryError, RecursionError)):
                 raise

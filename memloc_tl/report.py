@@ -8,6 +8,7 @@ call a notebook would make; this module only chooses the sets and lays out the p
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from memloc_tl.localization.benchmark import (
 from memloc_tl.localization.injection import InjectionConfig
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
 from memloc_tl.paragraphs import Paragraphs, corpus_token_counts
+from memloc_tl.uncertainty import HeadRanking
 from memloc_tl.validation import check_fraction, check_positive_int, check_real
 from memloc_tl.viz import (
     CircuitsView,
@@ -94,6 +96,21 @@ class MemorizationReport:
     notes: tuple[str, ...] = ()
     attention: go.Figure | None = None
     injection: InjectionBenchmark | None = None
+    seed: int = 0
+
+    @functools.cached_property
+    def rare_ranking(self) -> HeadRanking:
+        """The rare-token ranking with its bootstrap interval over the memorized paragraphs."""
+        return self.rare.bootstrap(BOOTSTRAP_RESAMPLES, seed=self.seed)
+
+    @functools.cached_property
+    def sweep_ranking(self) -> HeadRanking | None:
+        """The patching ranking (mean dNLL) with its bootstrap interval."""
+        return (
+            None
+            if self.sweep is None
+            else self.sweep.bootstrap(BOOTSTRAP_RESAMPLES, seed=self.seed)
+        )
 
     def page(self) -> HtmlPage:
         """The report as an :class:`~memloc_tl.viz.HtmlPage`: per section a definition, the
@@ -256,18 +273,16 @@ class MemorizationReport:
     def rare_finding(self) -> str:
         """One line: this model's rare-token head, and where the paper's L1H2 ranks here."""
         (head, tau), *_ = self.rare.top(1)
+        ranking = self.rare_ranking
         line = (
             f"Here the head that attends most to rare tokens is {head} (tau {tau:.2f}): by this "
-            "criterion, this model's counterpart of GPT-Neo 125M's L1H2."
+            "criterion, this model's counterpart of GPT-Neo 125M's L1H2. How sure: "
+            f"{ranking.verdict()}."
         )
         scores = self.rare.pooled_tau_mean
         n_layers, n_heads = scores.scores.shape
         if n_layers > 1 and n_heads > 2 and str(head) != "L1H2":
-            rank = scores.rank("L1H2", order="smallest")
-            line += (
-                f" L1H2 itself ranks {rank} of {n_layers * n_heads} here "
-                f"(tau {scores['L1H2']:.2f})."
-            )
+            line += f" L1H2 itself: {ranking.describe('L1H2')}."
         return line
 
     def perturbation_finding(self) -> str:
@@ -286,11 +301,16 @@ class MemorizationReport:
         if self.sweep is None:
             return "No patching sweep."
         (head, delta), *_ = self.sweep.top(1)
-        scores = self.rare.pooled_tau_mean
-        n = scores.scores.numel()
-        rank = scores.rank(head, order="smallest")
+        sweep_ranking, rare_ranking = self.sweep_ranking, self.rare_ranking
+        assert sweep_ranking is not None
         (rare_head, _), *_ = self.rare.top(1)
-        if head == rare_head:
+        if not (sweep_ranking.resolved and rare_ranking.resolved):
+            verdict = (
+                "whether it is also the rare-token head is not resolved at this sample size: "
+                "the bootstrap does not separate the candidates (more memorized paragraphs "
+                "would tell)."
+            )
+        elif head == rare_head:
             verdict = (
                 "it is also the head that attends most to rare tokens, as the paper found for L1H2."
             )
@@ -300,8 +320,9 @@ class MemorizationReport:
                 "not the one whose patching hurts recall most."
             )
         return (
-            f"Here patching changes the NLL most at {head} (+{delta:.3f}), which ranks {rank} "
-            f"of {n} by rare-token preference (tau {scores[head]:.2f}); {verdict}"
+            f"Here patching changes the NLL most at {head} (+{delta:.3f}; "
+            f"{sweep_ranking.verdict()}). By rare-token preference {rare_ranking.describe(head)}; "
+            f"{verdict}"
         )
 
     def gradient_finding(self) -> str:
@@ -347,10 +368,16 @@ DEFINITIONS = (
 )
 
 
+BOOTSTRAP_RESAMPLES = 1000
+"""Resamples behind every interval and verdict of the report (seeded by the report's seed)."""
+
+
 def _specificity(edited_drop: float, heldout_drop: float) -> str:
     """What an edit's two EM drops say: did it hit what it unlearned, or everything?"""
-    if max(edited_drop, heldout_drop) < 1.0:
-        return "no effect"
+    if edited_drop < 1.0:  # nothing unlearned: "not specific" would say it did something
+        if heldout_drop < 1.0:
+            return "no effect"
+        return f"no effect on the unlearned paragraphs; the held-out ones lost {heldout_drop:.1f}"
     if edited_drop > heldout_drop:
         return "it hit the unlearned paragraphs more than the held-out ones"
     return "it changed the held-out paragraphs more than the unlearned ones: not specific"
@@ -414,7 +441,14 @@ def memorization_report(
         )
     # Held-out non-memorized paragraphs for the edit evaluation, disjoint from those analyzed.
     heldout = non_memorized[n_paragraphs : 2 * n_paragraphs]
+    every_memorized = memorized
     memorized, non_memorized = memorized[:n_paragraphs], non_memorized[:n_paragraphs]
+    if len(every_memorized) > len(memorized):
+        notes.append(
+            f"Rare-token attention (one forward pass per paragraph) uses all "
+            f"{len(every_memorized)} memorized paragraphs; perturbation, patching, gradients "
+            f"and unlearning, which cost far more, the first {len(memorized)} (n_paragraphs)."
+        )
     if corpus_counts is None:
         corpus_counts = corpus_token_counts(paragraphs, d_vocab=model.cfg.d_vocab)
         notes.append(
@@ -422,7 +456,7 @@ def memorization_report(
         )
 
     rare = rare_token_attention(
-        model, memorized, corpus_counts, batch_size=batch_size, progress=progress
+        model, every_memorized, corpus_counts, batch_size=batch_size, progress=progress
     )
     perturbation = {
         # Both against the model's greedy continuation of the unperturbed prefix, the paper's
@@ -528,6 +562,7 @@ def memorization_report(
         deletion=deletion,
         attention=attention,
         injection=injection,
+        seed=seed,
         notes=(
             f"Model: {model.cfg.model_name} ({model.cfg.n_layers} layers x "
             f"{model.cfg.n_heads} heads); seed {seed}; generated with torch {torch.__version__}.",

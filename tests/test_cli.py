@@ -208,3 +208,24 @@ def test_scan_uses_an_id_column_when_the_file_has_one(organism: Organism, tmp_pa
     argv = ["scan", "--model", str(organism.path), "--data", str(data), "--out", str(out)]
     assert main(argv) == 0
     assert pd.read_csv(out)["id"].tolist() == ["a", "b", "c"]
+
+
+def test_output_paths_are_checked_and_never_created_unasked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "texts.jsonl"
+    data.write_text('{"text": "x"}\n')
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    base = ["scan", "--model", "organism", "--tiny", "--data", str(data)]
+    cases = [
+        ([*base, "--out", str(tmp_path / "missing" / "x.csv")], "missing does not exist"),
+        ([*base, "--out", "x.csv", "--cache-dir", str(blocker)], "--cache-dir"),
+        ([*base, "--out", "x.csv", "--cache-dir", str(blocker / "c")], "not a directory"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("memloc scan: error:"), err
+        assert message in err, err
+    assert not (tmp_path / "missing").exists()  # the folder the user did not ask for

@@ -228,7 +228,8 @@ def test_the_cli_refuses_non_finite_numbers_before_any_work(
     data = tmp_path / "c.jsonl"
     data.write_text('{"text": "x"}\n')
     for extra, message in [
-        (["--out-dir", str(blocker / "sub")], "cannot write into"),
+        (["--out-dir", str(blocker / "sub")], "is not a directory"),
+        (["--out-dir", str(tmp_path / "no" / "such")], "does not exist; create it first"),
         (["--out-dir", str(blocker)], "is a file"),
         (["--data", str(data), str(tmp_path / "t.txt"), "--out-dir", "o"], "a.txt"),
     ]:

@@ -13,6 +13,7 @@ from memloc_tl.results import HeadScores
 def test_head_ref_round_trip() -> None:
     head = HeadRef(layer=1, head=2)
     assert str(head) == "L1H2"
+    assert repr([(head, 0.5)]) == "[(L1H2, 0.5)]"  # how scores.top(k) prints in a notebook
     assert HeadRef.parse("L1H2") == head
     assert HeadRef.parse(" l1h2 ") == head
     assert HeadRef.parse(head) is head

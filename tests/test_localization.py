@@ -330,3 +330,38 @@ def test_benchmarks_round_trip_to_frames(organism: Organism, head_injection: Inj
     torch.testing.assert_close(
         torch.tensor(frame["specificity"].to_numpy()), torch.tensor(expected.to_numpy())
     )
+
+
+def test_a_failed_injection_is_a_warning_naming_the_ems(organism: Organism) -> None:
+    from memloc_tl.localization import InjectionFailedWarning
+
+    target = organism.heldout[:1]  # never trained on: one step cannot plant it
+    config = InjectionConfig(level="heads", heads=("L1H1",), max_steps=1, check_every=1)
+    with pytest.warns(InjectionFailedWarning, match=r"did not succeed: after 1 steps EM is"):
+        injection = inject_paragraphs(
+            organism.model, target, keep=organism.control[:2], config=config, progress=False
+        )
+    assert not injection.succeeded
+
+
+def test_the_inj_summary_leaves_out_failed_injections() -> None:
+    import pandas as pd
+
+    from memloc_tl.localization import InjectionBenchmark
+
+    rows = [
+        {"seed": seed, "method": method, "recall": recall, "recall_at_0.1%": float("nan"),
+         "rank": rank, "cost": 1.0}
+        for seed, method, recall, rank in [
+            (0, "zero_ablation", 1.0, 1), (1, "zero_ablation", 0.0, 9),
+            (0, "random", 0.0, 5), (1, "random", 1.0, 1),
+        ]
+    ]  # fmt: skip
+    injections = pd.DataFrame({"seed": [0, 1], "succeeded": [True, False]})
+    bench = InjectionBenchmark(pd.DataFrame(rows), injections)
+    assert bench.failed_seeds == [1]
+    summary = bench.summary().set_index("method")
+    assert summary.loc["zero_ablation", "recall"] == 1.0  # seed 1's 0.0 is left out
+    assert summary.loc["random", "top1"] == 0.0
+    assert summary["runs"].tolist() == [1, 1]
+    assert summary["failed_runs"].tolist() == [1, 1]

@@ -376,3 +376,17 @@ def test_the_analyses_run_on_other_architectures(
     assert norms.l2.scores.shape == (2, 4 * 4 + 2)
     edit = sparse_edit(model, own[:2], keep=target, steps=2, lr=1e-2, fraction=0.01, progress=False)
     assert 0 < edit.mask.count <= 0.01 * sum(m.numel() for m in edit.mask.masks.values()) + 1
+
+
+def test_loading_prints_no_third_party_progress_bars(
+    neo_checkpoint: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers.utils.logging as hf_logging
+
+    monkeypatch.delenv("MEMLOC_VERBOSE", raising=False)
+    load_model(neo_checkpoint)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # the library's own setting is given back
+    monkeypatch.setenv("MEMLOC_VERBOSE", "1")  # memloc --verbose
+    load_model(neo_checkpoint)
+    assert "Loading weights" in capfd.readouterr().err

@@ -82,10 +82,13 @@ def test_tokenizer_mismatch_is_detected(
     from memloc_tl.organism import train_tokenizer
 
     model = load_model(neo_checkpoint, device="cpu")
-    Paragraphs.from_texts(texts, model).check_model(model)  # same tokenizer: fine
+    fits = {"prefix_len": 30, "continuation_len": 30}  # the checkpoint's context is 64
+    Paragraphs.from_texts(texts, model, **fits).check_model(model)  # same tokenizer: fine
     other = train_tokenizer(corpus_texts()[:20], vocab_size=300)
     with pytest.raises(ValueError, match="different tokenizer"):
-        Paragraphs.from_texts(texts, other).check_model(model)
+        Paragraphs.from_texts(texts, other, **fits).check_model(model)
+    with pytest.raises(ValueError, match="100 tokens exceed the model's context of 64"):
+        Paragraphs.from_texts(texts, model).check_model(model)
 
 
 def test_keep_unique_is_strict() -> None:
@@ -173,3 +176,24 @@ def test_corpus_token_counts_equal_a_counter(texts: list[str], tokenizer: Any) -
     assert int(from_paragraphs.sum()) == paragraphs.tokens.numel()
     with pytest.raises(TypeError, match="not one string"):
         corpus_token_counts("one text", tokenizer)
+
+
+def test_a_txt_file_is_one_document_everywhere(
+    texts: list[str], tokenizer: Any, tmp_path: Path
+) -> None:
+    """`memloc scan --data f.txt --out` and `--out-dir` read a .txt file the same way."""
+    from memloc_tl.corpus import documents_from_files
+
+    document = "\n\n".join(texts[:3])  # blank lines and line breaks inside one document
+    path = tmp_path / "doc.txt"
+    path.write_text(document, encoding="utf-8")
+    paragraphs = Paragraphs.from_files(path, tokenizer, windows="all")
+    expected = Paragraphs.from_texts([document], tokenizer, windows="all")
+    assert torch.equal(paragraphs.tokens, expected.tokens)
+    assert {pid.split(":")[0] for pid in paragraphs.ids} == {"doc.txt"}
+    (corpus_document,) = list(documents_from_files([path], tokenizer))
+    assert corpus_document.id == "doc.txt"
+    assert torch.equal(torch.from_numpy(corpus_document.tokens)[:100], expected.tokens[0])
+    path.write_bytes("caf\xe9".encode("latin-1") * 40)
+    with pytest.raises(ValueError, match=r"doc\.txt: it is not UTF-8"):
+        Paragraphs.from_files(path, tokenizer)

@@ -37,4 +37,5 @@ def test_readme_blocks_run_as_written(organism: Organism, monkeypatch: pytest.Mo
         assert before[(mask, "edited", "mean_em")] == 50
     assert after[("all", "edited", "mean_em")] < 50  # lr 3e-2 changes the organism
     found, injection = namespace["found"], namespace["injection"]
-    assert found.rank_of(injection.truth[0]) == 1  # "1: the injected head is ranked first"
+    assert injection.succeeded  # the README says to check it first; on this organism it holds
+    assert found.rank_of(injection.truth[0]) == 1  # "on the small test organism ... first"

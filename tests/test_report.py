@@ -46,12 +46,18 @@ def test_the_report_holds_the_library_results(
     assert len(report.memorized) == 4
     assert (scan.exact_match == 50).all()
     assert (scan_memorization(model, report.non_memorized, progress=False).exact_match <= 10).all()
-    independent = rare_token_attention(
-        model, report.memorized, organism.corpus_counts, progress=False
-    )
+    # rare-token attention reads every memorized paragraph, not only the first n_paragraphs
+    every = scan_memorization(model, everything, progress=False).memorized()
+    assert report.rare.n_paragraphs == len(every) > len(report.memorized)
+    independent = rare_token_attention(model, every, organism.corpus_counts, progress=False)
     torch.testing.assert_close(
         report.rare.pooled_tau_mean.scores, independent.pooled_tau_mean.scores
     )
+    # every ranking statement carries its sample size and bootstrap interval
+    assert f"n = {len(every)} paragraphs, 1000 bootstrap resamples" in report.rare_finding()
+    assert "resolved" in report.rare_finding()
+    assert "95% interval" in report.patching_finding()
+    assert report.rare_ranking.first == report.rare.top(1)[0][0]
     assert report.sweep is not None
     assert report.sweep.paragraphs.ids == report.memorized.ids
     assert set(report.edits["mask"]) == {"gradient", "random"}
@@ -96,6 +102,8 @@ def test_the_report_holds_the_library_results(
         for name in ("edited", "heldout")
     }
     verdict = "not specific" if drops["heldout"] >= drops["edited"] else "hit the unlearned"
+    if drops["edited"] < 1:  # nothing unlearned is "no effect", whatever the held-out set did
+        verdict = "no effect"
     if max(drops.values()) >= 1:
         assert verdict in report.edit_finding().split("; random")[0]
     # the attention figure shows the rare-token heads and the patching head, every key labelled
@@ -184,3 +192,12 @@ def test_the_report_opens_offline_in_chromium(report_file: Path) -> None:
     assert len(headings) == 7
     assert headings[-2].startswith("6. Sparse unlearning")
     assert headings[-1].startswith("7. Is the localization real?")
+
+
+def test_the_specificity_verdict_of_an_edit_that_unlearned_nothing_is_no_effect() -> None:
+    from memloc_tl.report import _specificity
+
+    assert _specificity(0.0, 0.0) == "no effect"
+    assert _specificity(0.5, 3.0).startswith("no effect on the unlearned paragraphs")
+    assert "not specific" in _specificity(2.0, 3.0)
+    assert _specificity(5.0, 1.0).startswith("it hit the unlearned paragraphs")

@@ -25,6 +25,7 @@ from memloc_tl.analysis import (
 )
 from memloc_tl.analysis.gradients import attributed_parameters
 from memloc_tl.editing import ParamMask, WeightEdit, sparse_edit
+from memloc_tl.files import tensors_sha256
 from memloc_tl.heads import HeadRef
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.organism import Organism
@@ -142,11 +143,12 @@ def test_weight_edits_are_whole_or_refused(organism: Organism, tmp_path: Path) -
     short = tmp_path / "short.safetensors"
     tensors = {f"{first}.mask": masks[first].to(torch.uint8)}
     tensors |= {f"{first}.before": before[first][:1], f"{first}.after": after[first][:1]}
-    save_file(tensors, str(short), metadata={"format": "memloc-tl weight edit v1"})
+    metadata = {"format": "memloc-tl weight edit v1", "sha256": tensors_sha256(tensors)}
+    save_file(tensors, str(short), metadata=metadata)
     with pytest.raises(ValueError, match="one value per masked entry"):
         WeightEdit.load(short)
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match="not a safetensors file"):
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         WeightEdit.load(tmp_path / "garbage.safetensors")
 
 

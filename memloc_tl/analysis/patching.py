@@ -33,6 +33,7 @@ from memloc_tl.hooks import hook_name, make_each_head_replace_hook, make_head_re
 from memloc_tl.memorization import exact_match_length, layer_starts, score_continuations
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable, HeadScores
+from memloc_tl.uncertainty import HeadRanking, bootstrap_heads
 from memloc_tl.validation import check_positions, check_positive_int, check_set
 
 Kind = Literal["patch", "zero", "mean"]
@@ -121,6 +122,22 @@ class PatchingSweep(Drawable):
     def top(self, k: int = 5) -> list[tuple[HeadRef, float]]:
         """The ``k`` heads whose intervention raises the continuation NLL most."""
         return self.mean_delta_nll.top(k)
+
+    def bootstrap(
+        self, n_resamples: int = 1000, *, seed: int = 0, level: float = 0.95
+    ) -> HeadRanking:
+        """How sure the ranking by mean dNLL is: recomputed on paragraph sets drawn with
+        replacement (seeded)."""
+        per_paragraph = self.delta_nll.double()
+        return bootstrap_heads(
+            lambda index: per_paragraph[..., index].mean(-1),
+            per_paragraph.shape[-1],
+            name=self.mean_delta_nll.name,
+            order="largest",
+            n_resamples=n_resamples,
+            level=level,
+            seed=seed,
+        )
 
     def to_frame(self) -> pd.DataFrame:
         """Long format: one row per head, mean dNLL and mean dEM."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from memloc_tl.analysis.runner import run_analyzers
@@ -31,6 +31,7 @@ from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable, HeadScores
+from memloc_tl.uncertainty import HeadRanking, bootstrap_heads
 
 
 def kendall_tau_b(
@@ -100,6 +101,9 @@ class RareTokenAttention(Drawable):
         query_pos: the query position read.
         k_rarest: how many rarest tokens ``rare_mass`` covers.
         n_paragraphs: paragraphs accumulated.
+        paragraph_by_rank: attention per rank of each paragraph,
+            ``[n_paragraphs, n_layers, n_heads, rank]`` (what :meth:`bootstrap` resamples).
+        paragraph_ranks: which ranks occur in each paragraph, ``[n_paragraphs, rank]``.
     """
 
     tau: HeadScores
@@ -111,6 +115,35 @@ class RareTokenAttention(Drawable):
     query_pos: int
     k_rarest: int
     n_paragraphs: int
+    paragraph_by_rank: Float[Tensor, "n_paragraphs n_layers n_heads rank"] | None = None
+    paragraph_ranks: Bool[Tensor, "n_paragraphs rank"] | None = None
+
+    def bootstrap(
+        self, n_resamples: int = 1000, *, seed: int = 0, level: float = 0.95
+    ) -> HeadRanking:
+        """How sure the rare-token ranking (pooled mean tau, most negative first) is: the
+        statistic recomputed on paragraph sets drawn with replacement (seeded)."""
+        if self.paragraph_by_rank is None or self.paragraph_ranks is None:
+            raise ValueError("this result holds no per-paragraph attention to resample")
+        by_rank, present = self.paragraph_by_rank.double(), self.paragraph_ranks
+        analyzed = ~self.pooled_tau_mean.scores.isnan()
+        ranks = torch.arange(by_rank.shape[-1], dtype=torch.float64).expand_as(by_rank[0])
+
+        def pooled_tau_mean(index: Tensor) -> Tensor:
+            occupancy = present[index].sum(0)
+            mean = mean_per_rank(by_rank[index].sum(0), occupancy).nan_to_num(0.0)
+            tau = kendall_tau_b(mean, ranks, occupancy > 0)
+            return tau.where(analyzed, torch.nan)
+
+        return bootstrap_heads(
+            pooled_tau_mean,
+            self.n_paragraphs,
+            name=self.pooled_tau_mean.name,
+            order="smallest",
+            n_resamples=n_resamples,
+            level=level,
+            seed=seed,
+        )
 
     @property
     def mean_attention_by_rank(self) -> Float[Tensor, "n_layers n_heads rank"]:
@@ -187,6 +220,8 @@ class RareTokenAttentionAnalyzer:
         self._rare_mass = torch.zeros(shape, dtype=torch.float64)
         self._by_rank = torch.zeros((*shape, prefix_len), dtype=torch.float64)
         self._occupancy = torch.zeros(prefix_len, dtype=torch.int64)
+        self._paragraph_by_rank: list[Tensor] = []  # per batch: [batch, n_layers, n_heads, rank]
+        self._paragraph_ranks: list[Tensor] = []
         self._n = 0
         self._ranks: Tensor | None = None
         self._rarest: Tensor | None = None
@@ -202,6 +237,10 @@ class RareTokenAttentionAnalyzer:
         present = torch.zeros(len(tokens), self.prefix_len, dtype=torch.bool, device=tokens.device)
         present.scatter_(1, ranks, True)
         self._occupancy += present.sum(0).cpu()
+        self._paragraph_ranks.append(present.cpu())
+        self._paragraph_by_rank.append(
+            torch.zeros(len(tokens), *self._by_rank.shape, dtype=torch.float32)
+        )
         self._n += len(tokens)
         self._ranks, self._rarest = ranks, rarest
 
@@ -219,6 +258,7 @@ class RareTokenAttentionAnalyzer:
             self._tau_count[layer] += (~tau.isnan()).sum(0).cpu()
             by_rank = torch.zeros_like(attention).scatter_add_(-1, ranks, attention)
             self._by_rank[layer] += by_rank.sum(0).cpu()
+            self._paragraph_by_rank[-1][:, layer] = by_rank.float().cpu()
             self._rare_mass[layer] += (attention * self._rarest[:, None, :]).sum((0, -1)).cpu()
 
         return read_pattern
@@ -250,6 +290,8 @@ class RareTokenAttentionAnalyzer:
             query_pos=self.query_pos,
             k_rarest=self.k_rarest,
             n_paragraphs=self._n,
+            paragraph_by_rank=torch.cat(self._paragraph_by_rank),
+            paragraph_ranks=torch.cat(self._paragraph_ranks),
         )
 
 

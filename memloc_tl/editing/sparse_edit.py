@@ -16,7 +16,6 @@ weight outside the mask moves — unlike the reference code, whose coupled weigh
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from memloc_tl.backend import (
 )
 from memloc_tl.editing.masks import ParamMask, check_mask_fraction
 from memloc_tl.editing.optimizer import MaskedOptimizer
-from memloc_tl.files import CorruptFileError, atomic_write, save_safetensors
+from memloc_tl.files import CorruptFileError, atomic_write, save_safetensors, tensors_sha256
 from memloc_tl.memorization import greedy_continuations, scan_memorization
 from memloc_tl.objectives import (
     accumulated_gradients,
@@ -148,7 +147,7 @@ class WeightEdit:
             tensors[f"{name}.mask"] = mask.to(torch.uint8).contiguous()
             tensors[f"{name}.before"] = self.before[name].contiguous()
             tensors[f"{name}.after"] = self.after[name].contiguous()
-        metadata = {"format": EDIT_FORMAT, "sha256": _tensors_sha256(tensors)}
+        metadata = {"format": EDIT_FORMAT, "sha256": tensors_sha256(tensors)}
         atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata=metadata))
 
     @classmethod
@@ -175,7 +174,7 @@ class WeightEdit:
             )
         if "sha256" not in metadata:
             raise CorruptFileError(f"{path} carries no checksum, so it cannot be checked; {fix}")
-        if _tensors_sha256(tensors) != metadata["sha256"]:
+        if tensors_sha256(tensors) != metadata["sha256"]:
             raise CorruptFileError(f"{path} differs from when it was written (corrupted); {fix}")
         names = sorted({key.rsplit(".", 1)[0] for key in tensors})
         expected = {f"{n}.{part}" for n in names for part in ("mask", "before", "after")}
@@ -186,16 +185,6 @@ class WeightEdit:
             before={n: tensors[f"{n}.before"] for n in names},
             after={n: tensors[f"{n}.after"] for n in names},
         )
-
-
-def _tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
-    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,12 @@ from memloc_tl.localization.benchmark import (
     organism_benchmark,
     organism_sets,
 )
-from memloc_tl.localization.injection import Injection, InjectionConfig, inject_paragraphs
+from memloc_tl.localization.injection import (
+    Injection,
+    InjectionConfig,
+    InjectionFailedWarning,
+    inject_paragraphs,
+)
 from memloc_tl.localization.localizers import METHODS, LearnedMaskConfig, localize
 from memloc_tl.localization.units import Localization, Units
 
@@ -18,6 +23,7 @@ __all__ = [
     "Injection",
     "InjectionBenchmark",
     "InjectionConfig",
+    "InjectionFailedWarning",
     "LearnedMaskConfig",
     "Localization",
     "Units",

@@ -57,11 +57,22 @@ class InjectionBenchmark(Drawable):
     frame: pd.DataFrame
     injections: pd.DataFrame
 
+    @property
+    def failed_seeds(self) -> list[int]:
+        """Seeds whose injection did not reach EM = continuation length (no truth planted)."""
+        if "succeeded" not in self.injections.columns:
+            return []
+        return sorted(int(s) for s in self.injections.loc[~self.injections["succeeded"], "seed"])
+
     def summary(self) -> pd.DataFrame:
-        """Mean per localizer: recall, recall at 0.1%, top-1 share (heads), cost."""
-        frame = self.frame.assign(first=self.frame["rank"] == 1)
-        return (
-            frame.groupby("method", sort=False)
+        """Mean per localizer over the injections that succeeded: recall, recall at 0.1%,
+        top-1 share (heads), cost; ``failed_runs`` counts the rows left out because their
+        injection failed (scores against a truth that was never planted mean nothing)."""
+        failed = self.frame["seed"].isin(self.failed_seeds)
+        frame = self.frame.assign(first=self.frame["rank"] == 1, failed=failed)
+        kept = frame[~frame["failed"]]
+        summary = (
+            kept.groupby("method", sort=False)
             .agg(
                 recall=("recall", "mean"),
                 recall_at_0_1=("recall_at_0.1%", "mean"),
@@ -70,8 +81,13 @@ class InjectionBenchmark(Drawable):
                 cost=("cost", "mean"),
                 runs=("recall", "size"),
             )
+            .reindex(frame["method"].unique())
             .reset_index()
         )
+        counts = {m: int(group["failed"].sum()) for m, group in frame.groupby("method")}
+        summary["runs"] = summary["runs"].fillna(0).astype(int)
+        summary["failed_runs"] = [counts[m] for m in summary["method"]]
+        return summary
 
     def to_frame(self) -> pd.DataFrame:
         return self.frame

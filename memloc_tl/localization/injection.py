@@ -35,6 +35,7 @@ the EM of already memorized paragraphs and the perplexity of general text, befor
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -121,6 +122,10 @@ class InjectionConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         check_real(self.lr, "lr", above=0.0)
         check_real(self.kl_weight, "kl_weight", at_least=0.0)
+
+
+class InjectionFailedWarning(UserWarning):
+    """An injection ended without every paragraph at EM = continuation length."""
 
 
 @dataclass(frozen=True)
@@ -355,6 +360,17 @@ def inject_paragraphs(
     evaluation = evaluation.rename(columns={"value_before": "before", "value_after": "after"})
     injected = [original[n][m.to(original[n].device)] for n, m in union.masks.items() if m.any()]
     now = [params[n].detach()[m.to(params[n].device)] for n, m in union.masks.items() if m.any()]
+    length = paragraphs.continuation_len
+    if not bool((em_after == length).all()):
+        # loud: localizer scores against a truth that was never planted mean nothing
+        warnings.warn(
+            f"the injection did not succeed: after {steps} steps EM is "
+            f"{[int(e) for e in em_after]} of {length} (before {[int(e) for e in em_before]}); "
+            "scoring localizers against its truth measures nothing. Raise max_steps or lr "
+            "(InjectionConfig), or inject into more units",
+            InjectionFailedWarning,
+            stacklevel=2,
+        )
     return Injection(
         model=work,
         paragraphs=paragraphs,

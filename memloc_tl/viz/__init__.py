@@ -15,6 +15,7 @@ from memloc_tl.viz.figures import (
     intervention_figure,
     layer_component_figure,
     localization_figure,
+    ranking_figure,
     token_scores_figure,
 )
 from memloc_tl.viz.html import CircuitsView, HtmlPage, circuitsvis_js, notebook_mode, plotly_js
@@ -38,6 +39,7 @@ __all__ = [
     "localization_figure",
     "notebook_mode",
     "plotly_js",
+    "ranking_figure",
     "rarity_view",
     "token_scores_figure",
     "token_view",

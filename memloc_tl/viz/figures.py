@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from memloc_tl.localization.units import Localization
     from memloc_tl.memorization import MemorizationScan
     from memloc_tl.results import HeadScores, LayerComponentScores, TokenScores
+    from memloc_tl.uncertainty import HeadRanking
 
 
 def _short(name: str, width: int = 18) -> str:
@@ -280,4 +281,37 @@ def benchmark_figure(summary: pd.DataFrame, column: str, title: str) -> go.Figur
         go.Bar(x=summary["method"], y=summary[column], marker_color=colors, name=column)
     )
     figure.update_layout(title=title, xaxis_title="localizer", yaxis_title=column)
+    return figure
+
+
+def ranking_figure(ranking: HeadRanking, k: int = 10) -> go.Figure:
+    """The top ``k`` heads' scores with bootstrap intervals, and how often each ranked first."""
+    top = ranking.top(k)
+    labels = [str(head) for head, _ in top]
+    scores = [score for _, score in top]
+    low = [float(ranking.low[h.layer, h.head]) for h, _ in top]
+    high = [float(ranking.high[h.layer, h.head]) for h, _ in top]
+    first = [float(ranking.p_first[h.layer, h.head]) for h, _ in top]
+    figure = go.Figure(
+        go.Bar(
+            x=labels,
+            y=scores,
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": [h - s for h, s in zip(high, scores, strict=True)],
+                "arrayminus": [s - lo for s, lo in zip(scores, low, strict=True)],
+            },
+            text=[f"first in {p:.0%}" for p in first],
+            hovertemplate="%{x}: %{y:.3f}<br>%{text}<extra></extra>",
+            name=ranking.name,
+        )
+    )
+    percent = round(100 * ranking.level)
+    figure.update_layout(
+        title=f"{ranking.name}: top {len(top)} heads, {percent}% bootstrap intervals "
+        f"(n = {ranking.n_paragraphs} paragraphs)",
+        xaxis_title="head",
+        yaxis_title=ranking.name,
+    )
     return figure
