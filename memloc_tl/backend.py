@@ -53,7 +53,7 @@ __all__ = [
     "check_backend",
     "check_model",
     "copy_model",
-    "ends_at_logits",
+    "final_residual",
     "gradients",
     "is_bridge",
     "model_parameters",
@@ -188,9 +188,35 @@ def copy_model(model: HookedModel) -> HookedModel:
     return copy.deepcopy(model, memo)
 
 
-def ends_at_logits(model: HookedModel) -> bool:
-    """Whether the forward cannot stop at the residual after the last block (the bridge)."""
-    return is_bridge(model)
+class _StopForward(Exception):
+    """Raised by a hook to end a bridge's forward pass early, carrying the activation."""
+
+    def __init__(self, activation: Tensor) -> None:
+        super().__init__("stopped after the last block")
+        self.activation = activation
+
+
+def final_residual(model: HookedModel, tokens: Tensor, **kwargs: Any) -> Tensor:
+    """The residual stream after the last block, ``[batch, pos, d_model]``: no unembedding.
+
+    A HookedTransformer stops there (``stop_at_layer=n_layers``). A TransformerBridge has no
+    such stop, so a hook on ``blocks.{n-1}.hook_resid_post`` (registered after any hooks in
+    scope, so it sees their changes) ends the forward pass there. Either way the caller
+    applies ``model.ln_final`` and ``model.unembed`` to the positions it reads only.
+    """
+    if not is_bridge(model):
+        return model(tokens, stop_at_layer=model.cfg.n_layers, **kwargs)
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+    def stop(activation: Tensor, hook: Any) -> Tensor:
+        raise _StopForward(activation)
+
+    try:
+        with model.hooks(fwd_hooks=[(last, stop)]):
+            model(tokens, **kwargs)
+    except _StopForward as stopped:
+        return stopped.activation
+    raise RuntimeError(f"the forward pass never reached {last}")  # pragma: no cover
 
 
 def shares_prefix_cache(model: HookedModel) -> bool:

@@ -27,7 +27,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from memloc_tl.backend import (
     HookedModel,
-    ends_at_logits,
+    final_residual,
     is_bridge,
     replaced_weights,
     shares_prefix_cache,
@@ -84,11 +84,9 @@ def continuation_logits(
             of ``tokens`` (``m < prefix_len``, see :class:`PrefixKV`); only positions ``m``
             onwards are computed. Token ids only.
     """
-    # TransformerLens 3 stops at the residual after the last block, so that only the continuation
-    # positions are unembedded; the bridge has no such stop and returns the logits.
-    full_logits = ends_at_logits(model)
-    stop = None if full_logits else model.cfg.n_layers
-    kwargs: dict[str, Any] = {"start_at_layer": start_at_layer, "stop_at_layer": stop}
+    # The forward stops at the residual after the last block (backend.final_residual), so that
+    # only the continuation positions pass through ln_final and the unembedding.
+    kwargs: dict[str, Any] = {"start_at_layer": start_at_layer}
     skipped = 0
     if past_kv_cache is not None:
         skipped = past_kv_cache.entries[0].past_keys.shape[1]
@@ -107,14 +105,14 @@ def continuation_logits(
         kwargs["past_kv_cache"] = past_kv_cache
         kwargs["attention_mask"] = torch.ones_like(tokens, device=model.cfg.device)
     if weights is None:
-        output = model(tokens.to(model.cfg.device), **kwargs)
-    else:  # the same forward with some parameters replaced for this call only
-        with replaced_weights(model, weights):
-            output = model(tokens.to(model.cfg.device), **kwargs)
-    output = output[:, prefix_len - 1 - skipped : -1]
-    if full_logits:
-        return output.float()
-    return model.unembed(model.ln_final(output)).float()
+        output = final_residual(model, tokens.to(model.cfg.device), **kwargs)
+        output = output[:, prefix_len - 1 - skipped : -1]
+        return model.unembed(model.ln_final(output)).float()
+    # the same forward with some parameters replaced for this call only (the unembedding too)
+    with replaced_weights(model, weights):
+        output = final_residual(model, tokens.to(model.cfg.device), **kwargs)
+        output = output[:, prefix_len - 1 - skipped : -1]
+        return model.unembed(model.ln_final(output)).float()
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ the same numbers, and a TransformerLens 4 run compares against a TransformerLens
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -26,7 +27,12 @@ from memloc_tl import (
     sparse_edit,
 )
 from memloc_tl.analysis.gradients import contrastive_gradients
-from memloc_tl.localization import InjectionConfig, inject_paragraphs, localize
+from memloc_tl.localization import (
+    InjectionConfig,
+    InjectionFailedWarning,
+    inject_paragraphs,
+    localize,
+)
 from memloc_tl.memorization import continuation_logits
 from memloc_tl.objectives import attributed_parameters
 from memloc_tl.organism import Organism
@@ -100,13 +106,17 @@ def fingerprint(model: Any, organism: Organism) -> dict[str, Tensor]:
         assert torch.equal(value, before[name]), f"revert left {name} changed"
 
     scope = ParamMask.scope(model, components=["W_V", "W_O"], layers=[1])
-    injection = inject_paragraphs(
-        model,
-        organism.heldout[4:5],
-        keep=other,
-        config=InjectionConfig(level="weights", fraction=0.05, scope=scope, max_steps=3, seed=0),
-        progress=False,
-    )
+    with warnings.catch_warnings():  # 3 steps cannot plant it: the numbers, not success, matter
+        warnings.simplefilter("ignore", InjectionFailedWarning)
+        injection = inject_paragraphs(
+            model,
+            organism.heldout[4:5],
+            keep=other,
+            config=InjectionConfig(
+                level="weights", fraction=0.05, scope=scope, max_steps=3, seed=0
+            ),
+            progress=False,
+        )
     put("inject.em_after", injection.em_after)
     put("inject.evaluation", torch.tensor(injection.evaluation[["before", "after"]].to_numpy()))
     return out

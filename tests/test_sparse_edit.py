@@ -253,3 +253,27 @@ def test_inplace_edit_interrupted_in_its_evaluation_leaves_the_model_as_it_was(
         assert model.W_E.grad is marker
     finally:
         model.W_E.grad = None
+
+
+def test_an_edit_applied_as_a_scope_is_gone_on_exit_also_on_error(
+    organism: Organism, sets: dict[str, Any], unchanged: Any
+) -> None:
+    result = sparse_edit(organism.model, sets["memorized"], keep=sets["keep"], **SETTINGS)
+    tokens = sets["memorized"].tokens
+    with torch.no_grad():
+        edited_logits = result.model(tokens)
+    model = organism.model
+    with unchanged(model):
+        with result.edit.applied(model) as inside, torch.no_grad():
+            assert inside is model  # no copy
+            assert torch.equal(model(tokens), edited_logits)
+        with pytest.raises(KeyboardInterrupt), result.edit.applied(model):
+            raise KeyboardInterrupt
+    other = copy_model(organism.model)
+    with torch.no_grad():
+        next(iter(other.parameters())).mul_(1.5)  # not the model the edit was made on
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with result.edit.applied(other):
+        pass
+    for name, value in other.state_dict().items():  # its own values came back, not `before`'s
+        assert torch.equal(value, before[name]), name

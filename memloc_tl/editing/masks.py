@@ -161,19 +161,12 @@ class ParamMask:
             ValueError: a mask made for another model (architecture or size), naming the first
                 matrix that does not fit.
         """
-        params = attributed_parameters(model)
-        for name, mask in self.masks.items():
-            if name not in params:
-                raise ValueError(
-                    f"the mask covers {name}, which this model does not have: a mask made for "
-                    "another model; make it from this one (ParamMask.scope(model, ...), "
-                    "ParamMask.random(model, ...))"
-                )
-            if tuple(params[name].shape) != tuple(mask.shape):
-                raise ValueError(
-                    f"the mask of {name} has shape {tuple(mask.shape)}, the model's "
-                    f"{tuple(params[name].shape)}: a mask made for another model"
-                )
+        check_masks_fit(
+            self.masks,
+            model,
+            "a mask made for another model; make it from this one (ParamMask.scope(model, "
+            "...), ParamMask.random(model, ...))",
+        )
         return self
 
     # ------------------------------------------------------------------ views
@@ -229,6 +222,20 @@ def _candidates(tensor: Tensor, within: ParamMask | None, name: str) -> Tensor:
     if name not in within.masks:
         raise ValueError(f"the scope has no mask for {name}")
     return within.masks[name].to(tensor.device)
+
+
+def check_masks_fit(masks: Mapping[str, Tensor], model: HookedModel, fix: str) -> None:
+    """Every masked matrix exists in ``model`` with the mask's shape; else a ``ValueError``
+    naming the first that does not, ending in ``fix``."""
+    params = attributed_parameters(model)
+    for name, mask in masks.items():
+        if name not in params:
+            raise ValueError(f"{name} is not in this model: {fix}")
+        if tuple(params[name].shape) != tuple(mask.shape):
+            raise ValueError(
+                f"{name} has shape {tuple(params[name].shape)} in this model, "
+                f"{tuple(mask.shape)} in the mask: {fix}"
+            )
 
 
 def check_mask_fraction(model: HookedModel, fraction: float) -> int:

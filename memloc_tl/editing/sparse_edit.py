@@ -16,7 +16,8 @@ weight outside the mask moves — unlike the reference code, whose coupled weigh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +36,7 @@ from memloc_tl.backend import (
     parameter_masks,
     parameters_of,
 )
-from memloc_tl.editing.masks import ParamMask, check_mask_fraction
+from memloc_tl.editing.masks import ParamMask, check_mask_fraction, check_masks_fit
 from memloc_tl.editing.optimizer import MaskedOptimizer
 from memloc_tl.files import CorruptFileError, atomic_write, save_safetensors, tensors_sha256
 from memloc_tl.memorization import greedy_continuations, scan_memorization
@@ -98,20 +99,14 @@ class WeightEdit:
             after={n: params[n].detach()[masks[n].to(params[n].device)].cpu() for n in masks},
         )
 
-    def _write(self, model: HookedModel, values: Mapping[str, Tensor]) -> None:
-        params = attributed_parameters(model)
+    def _write(
+        self, model: HookedModel, values: Mapping[str, Tensor], *, dry_run: bool = False
+    ) -> None:
         # Every check before the first write: a model is edited whole or not at all.
-        for name, mask in self.masks.items():
-            if name not in params:
-                raise ValueError(
-                    f"the edit changes {name}, which this model does not have: not the model "
-                    "(architecture) the edit was made on"
-                )
-            if params[name].shape != mask.shape:
-                raise ValueError(
-                    f"{name} has shape {tuple(params[name].shape)}, the edit "
-                    f"{tuple(mask.shape)}: not the model the edit was made on"
-                )
+        check_masks_fit(self.masks, model, "not the model (architecture) the edit was made on")
+        params = attributed_parameters(model)
+        if dry_run:
+            return
         with torch.no_grad():
             for name, mask in self.masks.items():
                 params[name][mask.to(params[name].device)] = values[name].to(
@@ -121,6 +116,26 @@ class WeightEdit:
     def apply(self, model: HookedModel) -> None:
         """Write the edited values into ``model``."""
         self._write(model, self.after)
+
+    @contextlib.contextmanager
+    def applied(self, model: HookedModel) -> Iterator[HookedModel]:
+        """``with edit.applied(model): ...``: the edit is in ``model`` inside the block only.
+
+        On exit, also on an error or Ctrl-C, the masked entries get back the values they had
+        before the block (bit for bit), whatever model the edit was made on; no copy of the
+        model is made.
+        """
+        params = attributed_parameters(model)
+        self._write(model, self.after, dry_run=True)  # every check before anything changes
+        saved = {
+            name: params[name].detach()[mask.to(params[name].device)].clone()
+            for name, mask in self.masks.items()
+        }
+        self._write(model, self.after)
+        try:
+            yield model
+        finally:
+            self._write(model, saved)
 
     def revert(self, model: HookedModel) -> None:
         """Write the original values back into ``model`` (bit-identical to before the edit)."""
