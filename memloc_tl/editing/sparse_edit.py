@@ -394,10 +394,19 @@ def sparse_edit(
     heldout_reference = None
     if heldout is not None:  # the original model's own continuation, as the paper scored NMPs
         heldout_reference = heldout.with_continuation(
-            greedy_continuations(work, heldout.prefix, heldout.continuation_len)
+            greedy_continuations(work, heldout.prefix, heldout.continuation_len, progress=progress)
         )
     before = _evaluate(
-        work, memorized, target, heldout_reference, others, general, None, reextraction, seed
+        work,
+        memorized,
+        target,
+        heldout_reference,
+        others,
+        general,
+        None,
+        reextraction,
+        seed,
+        progress,
     )
     reference = reference_logprobs(work, keep, batch_size)
     heldout_logprobs = (
@@ -441,6 +450,7 @@ def sparse_edit(
             heldout_logprobs,
             reextraction,
             seed,
+            progress,
         )
         evaluation = before.merge(
             after, on=["set", "metric"], how="outer", suffixes=("_before", "_after")
@@ -499,6 +509,7 @@ def _evaluate(
     heldout_logprobs: Tensor | None,
     reextraction: bool,
     seed: int,
+    progress: bool = False,
 ) -> pd.DataFrame:
     sets = {"edited": memorized, "target": target, "heldout": heldout, "others": others}
     frame = measure_sets(model, sets, general)
@@ -518,7 +529,7 @@ def _evaluate(
             add("heldout", "kl_to_original", float(kl))
     if reextraction:
         perturbed = perturb_prefixes(
-            model, memorized, seed=seed, build_perturbed=False, progress=False
+            model, memorized, seed=seed, build_perturbed=False, progress=progress
         )
         best = perturbed.em.max(dim=-1).values.max(dim=-1).values
         add("edited", "reextraction_max_em", float(best.float().mean()))

@@ -203,11 +203,15 @@ def injection_benchmark(
             progress=progress,
         )
         summaries.append(_injection_summary(injection, seed))
-        for i in tqdm(range(len(paragraphs)), desc="localizing", disable=not progress):
+        bar = tqdm(range(len(paragraphs)), desc="localizing", disable=not progress)
+        for i in bar:
             target = paragraphs[i : i + 1]
             unit = forward_backward_seconds(injection.model, target, batch_size)
             for method in chosen:
-                found = _localize(injection, target, method, keep, learned, seed, batch_size)
+                bar.set_postfix_str(method)  # which localizer runs now (the learned one is slow)
+                found = _localize(
+                    injection, target, method, keep, learned, seed, batch_size, progress
+                )
                 rows.append(_score(found, injection.truth[i], seed, target.ids[0], unit))
     return InjectionBenchmark(pd.DataFrame(rows), pd.DataFrame(summaries))
 
@@ -229,6 +233,7 @@ def _localize(
     learned: LearnedMaskConfig | None,
     seed: int,
     batch_size: int,
+    progress: bool,
 ) -> Localization:
     if method == "oracle":
         return Localization("oracle", "weights", injection.oracle_scores())
@@ -242,6 +247,7 @@ def _localize(
         learned=learned,
         seed=seed,
         batch_size=batch_size,
+        progress=progress and method == "learned",  # the one localizer with a loop of steps
     )
 
 
@@ -360,11 +366,13 @@ def deletion_benchmark(
     base_target_em, _ = _recall(model, targets)
     base_others_em, _ = _recall(model, others)
     _, base_nonmem_nll = _recall(model, non_memorized)
-    for i in tqdm(range(len(targets)), desc="deleting", disable=not progress):
+    bar = tqdm(range(len(targets)), desc="deleting", disable=not progress)
+    for i in bar:
         target = targets[i : i + 1]
         rest = others.select(torch.tensor([pid != target.ids[0] for pid in others.ids]))
         rest_before = base_others_em[torch.tensor([pid != target.ids[0] for pid in others.ids])]
         for method in chosen:
+            bar.set_postfix_str(method)
             started = time.perf_counter()
             found = localize(
                 model,
@@ -375,6 +383,7 @@ def deletion_benchmark(
                 learned=learned,
                 seed=seed,
                 batch_size=batch_size,
+                progress=progress and method == "learned",
             )
             units = found.top(n_units) if n_units is not None else found.at_fraction(fraction)
             weights = zeroed(model, units)

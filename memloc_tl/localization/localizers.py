@@ -368,7 +368,10 @@ def _learned(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Ten
     tokens = target.tokens.to(device)
     labels = tokens[:, target.prefix_len :]
     with grad_only_for(model, []):
-        for _ in tqdm(range(config.steps), desc="learned mask", disable=not kw["progress"]):
+        steps = tqdm(
+            range(config.steps), desc="learned mask", leave=False, disable=not kw["progress"]
+        )
+        for _ in steps:
             sample = generator if config.stochastic else None
             share = {n: 1.0 - hard_concrete(a, sample) for n, a in log_alpha.items()}
             logits = _gated_logits(model, tokens, target.prefix_len, level, share, params)
