@@ -129,18 +129,9 @@ def weights_fingerprint(model: HookedModel) -> str:
     What a resumable artefact records as "the model": two checkpoints in directories of the
     same name differ here, and so do a model and its edited copy.
     """
-    import hashlib
+    from memloc_tl.files import tensors_sha256
 
-    digest = hashlib.sha256()
-    state = _torch_module(model).state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach()
-        if tensor.dtype == torch.bfloat16:
-            tensor = tensor.view(torch.int16)
-        value = tensor.cpu().contiguous().flatten()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()
+    return tensors_sha256(_torch_module(model).state_dict())
 
 
 _FINITE_CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, int], ...]] = (

@@ -47,7 +47,14 @@ from memloc_tl.files import (
     read_json,
 )
 from memloc_tl.memorization import greedy_continuations, scan_memorization
-from memloc_tl.paragraphs import Paragraphs, _as_tokenizer, _encode, window_starts
+from memloc_tl.paragraphs import (
+    Paragraphs,
+    _as_tokenizer,
+    _encode,
+    file_format,
+    read_text_file,
+    window_starts,
+)
 from memloc_tl.validation import check_choice, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -272,7 +279,7 @@ def documents_from_files(
     }
     kind = file_format(files)
     if kind == "text":
-        texts = ({"text": _read_text(f), "id": f.name} for f in files)
+        texts = ({"text": read_text_file(f), "id": f.name} for f in files)
         return DocumentStream(documents_from_texts(texts, tokenizer, id_column="id"), fingerprint)
     empty = [str(f) for f in files if f.stat().st_size == 0]
     if empty:
@@ -284,40 +291,6 @@ def documents_from_files(
         stream, tokenizer, text_column=text_column, id_column=id_column
     )
     return DocumentStream(_naming_files(documents, files), fingerprint)
-
-
-FILE_FORMATS = {
-    ".csv": "csv",
-    ".json": "json",
-    ".jsonl": "json",
-    ".parquet": "parquet",
-    ".txt": "text",
-    ".text": "text",
-}
-"""Input files by suffix: rows of a table (a text column), or ``.txt``: one document per file."""
-
-
-def file_format(paths: Sequence[str | os.PathLike[str]]) -> str:
-    """The one format of ``paths`` (``"csv"``, ``"json"``, ``"parquet"`` or ``"text"``).
-
-    Raises:
-        ValueError: an unknown suffix, or files of two formats (checked before any work).
-    """
-    found = {FILE_FORMATS.get(Path(p).suffix.lower(), "") for p in paths}
-    if len(found) != 1 or "" in found:
-        suffixes = ", ".join(sorted({Path(p).suffix or "(none)" for p in paths}))
-        raise ValueError(
-            f"input files must all be one of {', '.join(sorted(FILE_FORMATS))} (all one kind; "
-            f".txt: one document per file), got {suffixes}"
-        )
-    return found.pop()
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text ({error}); convert it to UTF-8") from error
 
 
 PARSER_MODULES = ("pyarrow", "datasets", "fsspec", "pandas", "json")
@@ -478,8 +451,9 @@ def _marker_path(out: Path, shard: int) -> Path:
     return out / f"shard-{shard:06d}.json"
 
 
-def _verified(out: Path, shard: int) -> bytes | None:
-    """The shard file's bytes if its marker exists and matches them (a resume skips it then)."""
+def _verified(out: Path, shard: int) -> tuple[bytes, dict[str, Any]] | None:
+    """The shard file's bytes and its marker, if the marker exists and matches the bytes (a
+    resume skips the shard then)."""
     marker, data = _marker_path(out, shard), _shard_path(out, shard)
     if not marker.is_file() or not data.is_file():
         return None
@@ -487,7 +461,9 @@ def _verified(out: Path, shard: int) -> bytes | None:
     if recorded is None:
         return None
     content = data.read_bytes()
-    return content if hashlib.sha256(content).hexdigest() == recorded["sha256"] else None
+    if hashlib.sha256(content).hexdigest() != recorded["sha256"]:
+        return None
+    return content, recorded
 
 
 def _marker(out: Path, shard: int) -> dict[str, Any] | None:
@@ -536,9 +512,8 @@ def _score_shard(
     )
     scan = scan_memorization(model, paragraphs, batch_size=batch_size, progress=False)
     frame = pd.DataFrame(rows, columns=pd.Index(["id", "document", "start"]))
-    frame["start"] = frame["start"].astype(np.int64)
-    frame["exact_match"] = scan.exact_match.numpy().astype(np.int64)
-    frame["nll"] = scan.nll.numpy().astype(np.float32)
+    frame["exact_match"] = scan.exact_match.numpy()
+    frame["nll"] = scan.nll.numpy()
     frame["teacher_forced_match"] = scan.greedy_match.float().mean(-1).numpy()
     frame["memorized"] = frame["exact_match"] == config.continuation_len
     if config.free_running:
@@ -639,10 +614,9 @@ def _check_scan_file(out: Path, description: dict[str, Any], resume: bool, rank:
         atomic_write_text(path, json.dumps(description, indent=1))
 
 
-def _check_shard_input(out: Path, shard: int, inputs: str) -> None:
+def _check_shard_input(out: Path, shard: int, marker: dict[str, Any], inputs: str) -> None:
     """A finished shard is skipped only if it was scored from the very same documents."""
-    recorded = _marker(out, shard)
-    found = None if recorded is None else recorded.get("input_sha256")
+    found = marker.get("input_sha256")
     if found != inputs:
         raise ValueError(
             f"{_shard_path(out, shard).name} in {out} was scored from other documents than this "
@@ -736,8 +710,9 @@ def scan_corpus(
             bar.update(len(batch))
             if placement.owns(shard):
                 inputs = _input_sha256(batch)
-                if resume and _verified(out, shard) is not None:
-                    _check_shard_input(out, shard, inputs)
+                finished = _verified(out, shard) if resume else None
+                if finished is not None:
+                    _check_shard_input(out, shard, finished[1], inputs)
                     skipped += 1
                 else:
                     frame = _score_shard(model, batch, config, batch_size)
@@ -777,7 +752,7 @@ def read_corpus_scan(out_dir: str | os.PathLike[str]) -> pd.DataFrame:
         raise CorruptFileError(f"{complete} does not say how many shards there are; {fix}")
     n_shards = finished["n_shards"]
     shards = [_verified(out, k) for k in range(n_shards)]  # each file read once
-    unfinished = [k for k, content in enumerate(shards) if content is None]
+    unfinished = [k for k, finished in enumerate(shards) if finished is None]
     if unfinished:
         raise ValueError(
             f"{len(unfinished)} of {n_shards} shards are missing or damaged (first: "
@@ -785,7 +760,7 @@ def read_corpus_scan(out_dir: str | os.PathLike[str]) -> pd.DataFrame:
         )
     described = read_json(out / SCAN_FILE, fix=fix) if (out / SCAN_FILE).is_file() else {}
     config = CorpusConfig(**described.get("config", {})) if isinstance(described, dict) else None
-    tables = [pd.read_parquet(io.BytesIO(content)) for content in shards if content is not None]
+    tables = [pd.read_parquet(io.BytesIO(done[0])) for done in shards if done is not None]
     tables = [table for table in tables if len(table)]
     if not tables:
         return empty_table(config)

@@ -166,20 +166,13 @@ def atomic_directory(path: str | os.PathLike[str], *, replace: bool = False) -> 
 def save_safetensors(
     tensors: dict[str, Any], path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None
 ) -> Path:
-    """``safetensors.torch.save_file``, with its errors as ``OSError`` naming the file.
-
-    safetensors reports a full disk or an unwritable path as its own ``SafetensorError``; callers
-    (and the CLI's one-line errors) expect the ``OSError`` any other write gives.
-    """
+    """``safetensors.torch.save_file``, called inside :func:`atomic_write` or
+    :func:`atomic_directory`: they turn its ``SafetensorError`` (a full disk, an unwritable path)
+    into the ``OSError`` any other write gives, naming the target."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    try:
-        save_file(tensors, str(path), metadata=metadata)
-    except Exception as error:
-        _raise_as_os_error(error, path)
-        raise
-    return path
+    save_file(tensors, str(path), metadata=metadata)
+    return Path(path)
 
 
 def tensors_sha256(tensors: Mapping[str, Any]) -> str:

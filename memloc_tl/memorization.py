@@ -12,6 +12,7 @@ prove this against real greedy generation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -104,12 +105,9 @@ def continuation_logits(
         # tokenizer's pad token, which may occur in real text.
         kwargs["past_kv_cache"] = past_kv_cache
         kwargs["attention_mask"] = torch.ones_like(tokens, device=model.cfg.device)
-    if weights is None:
-        output = final_residual(model, tokens.to(model.cfg.device), **kwargs)
-        output = output[:, prefix_len - 1 - skipped : -1]
-        return model.unembed(model.ln_final(output)).float()
-    # the same forward with some parameters replaced for this call only (the unembedding too)
-    with replaced_weights(model, weights):
+    # with ``weights``: the same forward with some parameters replaced for this call only
+    scope = contextlib.nullcontext() if weights is None else replaced_weights(model, weights)
+    with scope:
         output = final_residual(model, tokens.to(model.cfg.device), **kwargs)
         output = output[:, prefix_len - 1 - skipped : -1]
         return model.unembed(model.ln_final(output)).float()

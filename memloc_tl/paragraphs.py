@@ -46,7 +46,43 @@ PAPER_KEYWORDS: tuple[str, ...] = (
 )
 """Keywords whose paragraphs the paper drops (appendix A.1)."""
 
-_FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text", ".text": "text"}
+FILE_FORMATS = {
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+}
+"""Input files by suffix: rows of a table (a text column), or ``.txt``: one document per file."""
+_PARAGRAPH_FORMATS = {s: f for s, f in FILE_FORMATS.items() if f != "parquet"}
+"""What :meth:`Paragraphs.from_files` reads (a corpus scan also streams parquet)."""
+
+
+def file_format(paths: Sequence[str | Path], formats: Mapping[str, str] = FILE_FORMATS) -> str:
+    """The one format of ``paths`` (``"csv"``, ``"json"``, ``"parquet"`` or ``"text"``).
+
+    Raises:
+        ValueError: an unknown suffix, or files of two formats (checked before any work).
+    """
+    found = {formats.get(Path(p).suffix.lower(), "") for p in paths}
+    if len(found) != 1 or "" in found:
+        suffixes = ", ".join(sorted({Path(p).suffix or "(none)" for p in paths}))
+        raise ValueError(
+            f"input files must all be one of {', '.join(sorted(formats))} (all one kind; "
+            f".txt: one document per file), got {suffixes}"
+        )
+    return found.pop()
+
+
+def read_text_file(path: Path) -> str:
+    """A ``.txt`` input file as one text, or an error naming it if it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"cannot read {path}: it is not UTF-8 text ({error}); re-save it as UTF-8"
+        ) from error
 
 
 def _as_tokenizer(tokenizer_or_model: Any) -> Any:
@@ -324,39 +360,26 @@ class Paragraphs:
         files = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
         if not files:
             raise ValueError("no files given")
-        formats = {_FILE_FORMATS.get(f.suffix.lower(), "") for f in files}
-        if "" in formats or len(formats) != 1:
-            raise ValueError(
-                f"files must all be one of {sorted(_FILE_FORMATS)}, got {[f.name for f in files]}"
-            )
+        kind = file_format(files, _PARAGRAPH_FORMATS)
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"no such file: {missing}")
         empty = [str(f) for f in files if f.stat().st_size == 0]
         if empty:
             raise ValueError(f"empty file: {empty}; every file needs at least one text")
-        if formats == {"text"}:  # one document per file, as in a corpus scan; id: the file name
-            texts = []
-            for file in files:
-                try:
-                    texts.append(file.read_text(encoding="utf-8"))
-                except UnicodeDecodeError as error:
-                    raise ValueError(
-                        f"cannot read {file}: it is not UTF-8 text ({error}); re-save it as UTF-8"
-                    ) from error
+        if kind == "text":  # one document per file, as in a corpus scan; id: the file name
+            texts = [read_text_file(file) for file in files]
             return cls.from_texts(texts, tokenizer, ids=[f.name for f in files], **kwargs)
         try:
             with quiet_libraries():  # no "Generating train split" bar
-                dataset = load_dataset(
-                    formats.pop(), data_files=[str(f) for f in files], split="train"
-                )
+                dataset = load_dataset(kind, data_files=[str(f) for f in files], split="train")
         except Exception as error:  # datasets wraps parse errors in its own types
             if isinstance(error, (MemoryError, RecursionError)):
                 raise
             cause = error.__cause__ or error
             names = ", ".join(str(f) for f in files)
             raise ValueError(
-                f"cannot read {names} as {_FILE_FORMATS[files[0].suffix.lower()]}: "
+                f"cannot read {names} as {kind}: "
                 f"{type(cause).__name__}: {cause}; check the file's format and encoding (UTF-8)"
             ) from error
         try:  # datasets may decode lazily: a file that is not UTF-8 can fail only here

@@ -25,6 +25,16 @@ class Drawable:
         self.figure(*args, **kwargs).show()
 
 
+def head_order(
+    scores: Float[Tensor, "... n_layers n_heads"], order: Literal["largest", "smallest", "abs"]
+) -> Tensor:
+    """Flat head indices, first-ranked first, of each ``[n_layers, n_heads]`` score grid: the
+    ranking of :meth:`HeadScores.top` (stable on ties; NaN, not analyzed, ranks last)."""
+    flat = scores.flatten(-2)
+    key = {"largest": flat, "smallest": -flat, "abs": flat.abs()}[order]
+    return key.nan_to_num(nan=-torch.inf).argsort(dim=-1, descending=True, stable=True)
+
+
 @dataclass(frozen=True)
 class HeadScores(Drawable):
     """One score per attention head.
@@ -52,10 +62,8 @@ class HeadScores(Drawable):
         if order not in ("largest", "smallest", "abs"):
             raise ValueError(f"order must be 'largest', 'smallest' or 'abs', got {order!r}")
         flat = self.scores.flatten()
-        key = {"largest": flat, "smallest": -flat, "abs": flat.abs()}[order]
-        key = key.nan_to_num(nan=-torch.inf)  # NaN (not analyzed) ranks last
         n_heads = self.scores.shape[1]
-        index = key.argsort(descending=True, stable=True)[:k]
+        index = head_order(self.scores, order)[:k]
         return [(HeadRef(int(i) // n_heads, int(i) % n_heads), float(flat[i])) for i in index]
 
     def rank(

@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from memloc_tl.heads import HeadRef
-from memloc_tl.results import Drawable, HeadScores
+from memloc_tl.results import Drawable, HeadScores, head_order
 from memloc_tl.validation import check_positive_int, check_real
 
 Order = Literal["largest", "smallest"]
@@ -28,12 +28,9 @@ Order = Literal["largest", "smallest"]
 
 def _ranks(scores: Tensor, order: Order) -> Tensor:
     """1-based ranks of ``[..., n_layers, n_heads]`` scores; NaN (not analyzed) ranks last."""
-    flat = scores.flatten(-2)
-    key = flat if order == "largest" else -flat
-    key = key.nan_to_num(nan=-torch.inf)
-    positions = key.argsort(dim=-1, descending=True, stable=True)
+    positions = head_order(scores, order)
     ranks = torch.empty_like(positions)
-    ranks.scatter_(-1, positions, torch.arange(1, flat.shape[-1] + 1).expand_as(positions))
+    ranks.scatter_(-1, positions, torch.arange(1, positions.shape[-1] + 1).expand_as(positions))
     return ranks.view(scores.shape)
 
 

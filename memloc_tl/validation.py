@@ -8,6 +8,7 @@ write, never a NaN result or a traceback from deep inside torch.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -99,16 +100,10 @@ def check_real(
         at_least: the number must be >= this (e.g. 0 for a loss weight).
         at_most: the number must be <= this.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            import numpy as np
-
-            if isinstance(value, np.floating | np.integer):
-                value = float(value)
-        except ImportError:  # pragma: no cover - numpy is a dependency
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: int, float and numpy's scalars; a bool is a number only to Python
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     bounds = []

@@ -228,7 +228,7 @@ def test_empty_and_undecodable_input_files_name_themselves(
         documents_from_files([empty], organism.model)
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9 ".encode("latin-1") * 50)
-    with pytest.raises(ValueError, match=r"latin\.txt is not UTF-8"):
+    with pytest.raises(ValueError, match=r"latin\.txt: it is not UTF-8"):
         list(documents_from_files([latin], organism.model))
     garbled = tmp_path / "garbled.jsonl"
     garbled.write_text('{"text": "fine"}\n{not json\n')

@@ -17,6 +17,7 @@ weight outside the mask moves — unlike the reference code, whose coupled weigh
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,14 +100,12 @@ class WeightEdit:
             after={n: params[n].detach()[masks[n].to(params[n].device)].cpu() for n in masks},
         )
 
-    def _write(
-        self, model: HookedModel, values: Mapping[str, Tensor], *, dry_run: bool = False
-    ) -> None:
-        # Every check before the first write: a model is edited whole or not at all.
+    def _check(self, model: HookedModel) -> None:
         check_masks_fit(self.masks, model, "not the model (architecture) the edit was made on")
+
+    def _write(self, model: HookedModel, values: Mapping[str, Tensor]) -> None:
+        self._check(model)  # every check before the first write: edited whole or not at all
         params = attributed_parameters(model)
-        if dry_run:
-            return
         with torch.no_grad():
             for name, mask in self.masks.items():
                 params[name][mask.to(params[name].device)] = values[name].to(
@@ -125,13 +124,13 @@ class WeightEdit:
         before the block (bit for bit), whatever model the edit was made on; no copy of the
         model is made.
         """
+        self._check(model)  # before anything is read or written
         params = attributed_parameters(model)
-        self._write(model, self.after, dry_run=True)  # every check before anything changes
         saved = {
             name: params[name].detach()[mask.to(params[name].device)].clone()
             for name, mask in self.masks.items()
         }
-        self._write(model, self.after)
+        self.apply(model)
         try:
             yield model
         finally:
@@ -396,18 +395,20 @@ def sparse_edit(
         heldout_reference = heldout.with_continuation(
             greedy_continuations(work, heldout.prefix, heldout.continuation_len, progress=progress)
         )
-    before = _evaluate(
+    # the same measurements before and after; after, also the held-out KL to the original
+    evaluate = functools.partial(
+        _evaluate,
         work,
         memorized,
         target,
         heldout_reference,
         others,
         general,
-        None,
-        reextraction,
-        seed,
-        progress,
+        reextraction=reextraction,
+        seed=seed,
+        progress=progress,
     )
+    before = evaluate(heldout_logprobs=None)
     reference = reference_logprobs(work, keep, batch_size)
     heldout_logprobs = (
         reference_logprobs(work, heldout_reference, batch_size)
@@ -440,18 +441,7 @@ def sparse_edit(
                 losses.append(total)
                 optimizer.step()
         optimizer.zero_grad()
-        after = _evaluate(
-            work,
-            memorized,
-            target,
-            heldout_reference,
-            others,
-            general,
-            heldout_logprobs,
-            reextraction,
-            seed,
-            progress,
-        )
+        after = evaluate(heldout_logprobs=heldout_logprobs)
         evaluation = before.merge(
             after, on=["set", "metric"], how="outer", suffixes=("_before", "_after")
         )

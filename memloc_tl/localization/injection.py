@@ -360,18 +360,7 @@ def inject_paragraphs(
     evaluation = evaluation.rename(columns={"value_before": "before", "value_after": "after"})
     injected = [original[n][m.to(original[n].device)] for n, m in union.masks.items() if m.any()]
     now = [params[n].detach()[m.to(params[n].device)] for n, m in union.masks.items() if m.any()]
-    length = paragraphs.continuation_len
-    if not bool((em_after == length).all()):
-        # loud: localizer scores against a truth that was never planted mean nothing
-        warnings.warn(
-            f"the injection did not succeed: after {steps} steps EM is "
-            f"{[int(e) for e in em_after]} of {length} (before {[int(e) for e in em_before]}); "
-            "scoring localizers against its truth measures nothing. Raise max_steps or lr "
-            "(InjectionConfig), or inject into more units",
-            InjectionFailedWarning,
-            stacklevel=2,
-        )
-    return Injection(
+    injection = Injection(
         model=work,
         paragraphs=paragraphs,
         truth=tuple(truth),
@@ -387,3 +376,14 @@ def inject_paragraphs(
             float(torch.cat(now).abs().mean()),
         ),
     )
+    if not injection.succeeded:
+        # loud: localizer scores against a truth that was never planted mean nothing
+        warnings.warn(
+            f"the injection did not succeed: after {steps} steps EM is "
+            f"{[int(e) for e in em_after]} of {paragraphs.continuation_len} (before "
+            f"{[int(e) for e in em_before]}); scoring localizers against its truth measures "
+            "nothing. Raise max_steps or lr (InjectionConfig), or inject into more units",
+            InjectionFailedWarning,
+            stacklevel=2,
+        )
+    return injection
