@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -370,7 +371,13 @@ def _write_table(frame: Any, out: Path) -> None:
 
 
 def run_localize_benchmark(args: argparse.Namespace) -> int:
-    from memloc_tl.localization import METHODS, InjectionConfig, LearnedMaskConfig
+    from memloc_tl.localization import (
+        METHODS,
+        InjectionConfig,
+        InjectionDamageWarning,
+        InjectionFailedWarning,
+        LearnedMaskConfig,
+    )
     from memloc_tl.localization.benchmark import BASELINES, organism_benchmark
 
     out: Path | None = None if args.out is None else check_output(args.out, (".csv",))
@@ -384,31 +391,56 @@ def run_localize_benchmark(args: argparse.Namespace) -> int:
             f"{', '.join(known)}"
         )
     organism = _organism(args)
-    result = organism_benchmark(
-        organism,
-        benchmark=args.benchmark,
-        level=args.level,
-        methods=methods,
-        seeds=range(args.seeds),
-        n_paragraphs=args.paragraphs,
-        config=InjectionConfig(fraction=args.fraction, max_steps=args.max_steps),
-        fraction=args.delete_fraction,
-        learned=LearnedMaskConfig(steps=args.learned_steps),
-    )
+    with warnings.catch_warnings():
+        # the lines below say the same, with every seed's numbers side by side
+        warnings.simplefilter("ignore", InjectionFailedWarning)
+        warnings.simplefilter("ignore", InjectionDamageWarning)
+        result = organism_benchmark(
+            organism,
+            benchmark=args.benchmark,
+            level=args.level,
+            methods=methods,
+            seeds=range(args.seeds),
+            n_paragraphs=args.paragraphs,
+            config=InjectionConfig(fraction=args.fraction, max_steps=args.max_steps),
+            fraction=args.delete_fraction,
+            learned=LearnedMaskConfig(steps=args.learned_steps),
+        )
     if args.benchmark == "inj":
-        print(result.injections.to_string(index=False))  # type: ignore[union-attr]
+        injections = result.injections  # type: ignore[union-attr]
+        shown = [
+            "seed", "steps", "succeeded", "damaging", "em_before", "em_after",
+            "memorized_em_drop", "perplexity_ratio", "abs_w_before", "abs_w_after",
+        ]  # fmt: skip
+        print("injections (full table: --out's .injections.csv)")
+        print(injections[[c for c in shown if c in injections.columns]].to_string(index=False))
         failed = result.failed_seeds  # type: ignore[union-attr]
+        damaging = result.damaging_seeds  # type: ignore[union-attr]
         if failed:
             print(
-                f"WARNING: the injection of seed(s) {failed} did not succeed (no EM = 50): their "
-                "localizer scores are left out of the summary below (failed_runs); raise "
-                "--max-steps",
+                f"WARNING: the injection of seed(s) {failed} did not succeed (no EM = 50 within "
+                f"{args.max_steps} steps; em_after above): their localizer scores are left out "
+                "of the summary below (failed_runs); raise --max-steps, or use a level with "
+                "more units (--level weights)",
+                file=sys.stderr,
+            )
+        if damaging:
+            print(
+                f"WARNING: the injection of seed(s) {damaging} damaged the model (memorized "
+                "mean EM fell by more than 10 tokens or general perplexity grew more than 1.5x: "
+                "memorized_em_drop, perplexity_ratio above): its localizers are scored on a model "
+                "that no longer behaves like the original (damaging_runs below)",
                 file=sys.stderr,
             )
     print(result.summary().to_string(index=False, float_format="{:.3f}".format))
     if out is not None:
         atomic_write(out, lambda tmp: result.to_frame().to_csv(tmp, index=False))
         print(f"wrote {out}")
+        if args.benchmark == "inj":
+            table = out.with_suffix(".injections.csv")
+            injections = result.injections  # type: ignore[union-attr]
+            atomic_write(table, lambda tmp: injections.to_csv(tmp, index=False))
+            print(f"wrote {table}")
     return 0
 
 
@@ -564,7 +596,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="is a localization real? INJ (planted ground truth) or DEL on the organism",
     )
     bench.add_argument("--benchmark", choices=["inj", "del"], default="inj")
-    bench.add_argument("--level", choices=["weights", "neurons", "heads"], default="heads")
+    bench.add_argument(
+        "--level",
+        choices=["weights", "neurons", "heads"],
+        default="weights",
+        help="where to inject (INJ) or what to zero (DEL); on the default organism one head or "
+        "16 neurons do not hold an unseen paragraph within 400 steps, 1%% of the weights do",
+    )
     bench.add_argument(
         "--methods", default=None, help="comma-separated localizers (default: all of the level)"
     )

@@ -113,6 +113,13 @@ def organism(organism_cache: Path) -> Organism:
     return build_organism(OrganismConfig.tiny(), cache_dir=organism_cache, progress=False)
 
 
+@pytest.fixture(scope="session")
+def default_organism(organism_cache: Path) -> Organism:
+    """The default organism, what ``build_organism()`` gives a user: built once per
+    scripts/test.sh (a few minutes on two cores), loaded from the shared cache after that."""
+    return build_organism(cache_dir=organism_cache, progress=False)
+
+
 def model_state(model: torch.nn.Module) -> dict[str, Any]:
     """Everything an analyzer must leave as it found it."""
     hooks = sum(

@@ -97,7 +97,24 @@ def test_localize_benchmark_writes_the_inj_table(
     # the exact ablation sweep ranks the injected head first (the truth is in the table)
     assert frame.loc[frame["method"] == "zero_ablation", "rank"].iloc[0] == 1
     assert "zero_ablation" in capsys.readouterr().out
+    injections = pd.read_csv(tmp_path / "inj.injections.csv")
+    assert injections["succeeded"].tolist() == [True]
+    assert {"damaging", "memorized_em_drop", "perplexity_ratio"} <= set(injections.columns)
     assert not list(tmp_path.glob(".*tmp"))  # written atomically, nothing left over
+
+
+def test_localize_benchmark_shouts_when_the_injection_fails(
+    organism: Organism, organism_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["localize-benchmark", "--tiny", "--cache-dir", str(organism_cache), "--level"]
+    argv += ["heads", "--methods", "random", "--paragraphs", "1", "--max-steps", "1"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "WARNING: the injection of seed(s) [0] did not succeed" in captured.err
+    assert "Warning:" not in captured.err  # one message per problem, not a Python warning too
+    summary = captured.out.splitlines()[-2:]
+    assert summary[0].split()[-3:] == ["runs", "failed_runs", "damaging_runs"]
+    assert summary[1].split()[-3:] == ["0", "1", "0"]  # the failed run left out, and counted
 
 
 def test_localize_benchmark_refuses_bad_options_before_any_work(

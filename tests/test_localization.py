@@ -365,3 +365,74 @@ def test_the_inj_summary_leaves_out_failed_injections() -> None:
     assert summary.loc["random", "top1"] == 0.0
     assert summary["runs"].tolist() == [1, 1]
     assert summary["failed_runs"].tolist() == [1, 1]
+
+
+def test_damage_is_measured_by_hand_and_bounds_turn_it_into_a_warning(
+    organism: Organism, head_injection: Injection
+) -> None:
+    import dataclasses
+    import warnings
+
+    from memloc_tl.localization import InjectionDamageWarning
+    from memloc_tl.localization.injection import report_problems
+
+    memorized = organism.planted[:4]
+    before = scan_memorization(organism.model, memorized, progress=False).exact_match
+    after = scan_memorization(head_injection.model, memorized, progress=False).exact_match
+    damage = head_injection.damage
+    assert damage["memorized_em_drop"] == pytest.approx(float((before - after).float().mean()))
+    assert math.isnan(damage["perplexity_ratio"])  # no general set given: not measured
+    drop = damage["memorized_em_drop"]
+    assert head_injection.damaging == (drop > HEAD_INJECTION.max_em_drop)
+    # the same injection under a bound it exceeds is damaging, and says so with its numbers
+    tight = dataclasses.replace(head_injection, config=dataclasses.replace(
+        HEAD_INJECTION, max_em_drop=drop - 0.5
+    ))  # fmt: skip
+    assert tight.damaging
+    assert tight.succeeded
+    with pytest.warns(InjectionDamageWarning, match=rf"mean EM fell by {drop:.1f} tokens"):
+        report_problems(tight, strict=False)
+    loose = dataclasses.replace(tight, config=dataclasses.replace(tight.config, max_em_drop=50.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report_problems(loose, strict=False)  # clean: nothing to say
+    assert loose.problems() == []
+
+
+def test_strict_injection_raises_before_any_localizer_runs(
+    organism: Organism, unchanged: Any
+) -> None:
+    from memloc_tl.localization import InjectionError
+
+    config = InjectionConfig(level="heads", heads=("L1H1",), max_steps=1, check_every=1)
+    with unchanged(organism.model), pytest.raises(InjectionError, match="did not succeed"):
+        injection_benchmark(
+            organism.model,
+            organism.heldout[:1],
+            keep=organism.control[:2],
+            config=config,
+            methods=["random"],
+            progress=False,
+            strict=True,
+        )
+
+
+def test_the_inj_summary_counts_damaging_runs_but_keeps_them() -> None:
+    import pandas as pd
+
+    from memloc_tl.localization import InjectionBenchmark
+
+    rows = [
+        {"seed": seed, "method": "random", "recall": recall, "recall_at_0.1%": float("nan"),
+         "rank": 1, "cost": 1.0}
+        for seed, recall in [(0, 1.0), (1, 0.0)]
+    ]  # fmt: skip
+    injections = pd.DataFrame(
+        {"seed": [0, 1], "succeeded": [True, True], "damaging": [False, True]}
+    )
+    bench = InjectionBenchmark(pd.DataFrame(rows), injections)
+    assert bench.damaging_seeds == [1]
+    assert bench.failed_seeds == []
+    summary = bench.summary().set_index("method")
+    assert summary.loc["random", "recall"] == 0.5
+    assert summary.loc["random", "damaging_runs"] == 1

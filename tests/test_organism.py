@@ -130,13 +130,13 @@ def test_missing_organism_and_bad_settings(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_default_organism_meets_the_acceptance(organism_cache: Path) -> None:
+def test_default_organism_meets_the_acceptance(default_organism: Organism) -> None:
     """The default build memorizes what it should (its time: benchmarks/organism.py).
 
     Built once per `scripts/test.sh` (the shared organism cache): the TransformerLens 4 run
     loads the first run's build and checks it on its own backend with a scan of its own.
     """
-    organism = build_organism(cache_dir=organism_cache, progress=False)
+    organism = default_organism
     assert organism.report["acceptance"]["passed"], organism.report
     tiers = torch.tensor(organism.planted.meta["tier"])
     top = scan_memorization(organism.model, organism.planted.select(tiers == 0), progress=False)

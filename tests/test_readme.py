@@ -1,14 +1,16 @@
-"""The README's Python blocks run as written (on the tiny organism instead of the default one)."""
+"""The README's Python blocks run as written, on the default organism, and its comments hold."""
 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import memloc_tl
+from memloc_tl.localization import InjectionDamageWarning
 from memloc_tl.organism import Organism
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -18,24 +20,50 @@ def python_blocks() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.S | re.M)
 
 
-def test_readme_blocks_run_as_written(organism: Organism, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.slow
+def test_readme_blocks_run_as_written_on_the_default_organism(
+    default_organism: Organism, monkeypatch: pytest.MonkeyPatch
+) -> None:
     blocks = python_blocks()
     assert len(blocks) == 2
-    # build_organism() would build the default organism; the suite's tiny one has the same API
-    monkeypatch.setattr(memloc_tl, "build_organism", lambda *args, **kwargs: organism)
+    # build_organism() is exactly what the README calls; the suite's cache already holds it
+    monkeypatch.setattr(memloc_tl, "build_organism", lambda *args, **kwargs: default_organism)
     namespace: dict[str, Any] = {}
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)
-    # what the blocks' comments promise
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for block in blocks:
+            exec(compile(block, str(README), "exec"), namespace)
+    # what the blocks' comments and the prose below them say
     scan, memorized = namespace["scan"], namespace["memorized"]
-    assert len(memorized) > 0
-    assert (scan.exact_match[: len(memorized)] >= 0).all()
+    assert len(memorized) >= 32
+    assert bool((scan.exact_match[: len(memorized)] >= 0).all())
     table = namespace["table"]
     after = table.set_index(["mask", "set", "metric"])["after"]
     before = table.set_index(["mask", "set", "metric"])["before"]
     for mask in ("gradient", "random", "all"):
         assert before[(mask, "edited", "mean_em")] == 50
     assert after[("all", "edited", "mean_em")] < 50  # lr 3e-2 changes the organism
-    found, injection = namespace["found"], namespace["injection"]
-    assert injection.succeeded  # the README says to check it first; on this organism it holds
-    assert found.rank_of(injection.truth[0]) == 1  # "on the small test organism ... first"
+
+    injection, truth, model = namespace["injection"], namespace["truth"], namespace["model"]
+    assert set(injection.paragraphs.ids) <= set(default_organism.heldout.ids)  # never trained on
+    assert injection.succeeded  # "True: the target reached EM = 50"
+    damage = injection.damage
+    assert injection.damaging
+    assert damage["memorized_em_drop"] > 30
+    assert 1.2 < damage["perplexity_ratio"] < 2.0  # "about 1.5x"
+    assert any(issubclass(w.category, InjectionDamageWarning) for w in caught)  # "it warns"
+
+    localize, target = memloc_tl.localize, namespace["target"]
+    chance = injection.config.fraction
+    recall = {
+        method: localize(injection.model, target, method=method).recall(truth)
+        for method in ("grad_x_weight", "gradient", "magnitude", "random")
+    }
+    assert 0.1 < recall["grad_x_weight"] < 0.3  # "about a fifth ... (20x chance)"
+    assert recall["gradient"] < chance  # "fewer there than chance"
+    assert recall["magnitude"] > recall["grad_x_weight"]  # "|w| alone ... finds the most"
+    assert recall["random"] == pytest.approx(chance, rel=0.5)
+    before_w, after_w = injection.magnitude
+    assert round(before_w, 3) == 0.025
+    assert after_w > 5 * before_w
+    assert model is default_organism.model

@@ -167,6 +167,15 @@ def test_the_report_opens_offline_in_chromium(report_file: Path) -> None:
             "colorbar_titles": "Array.from(document.querySelectorAll('.colorbar .cbtitle'))"
             ".map(e => e.textContent).filter(t => t.trim().length > 0).length",
             "colorbars": "document.querySelectorAll('.colorbar').length",
+            # ... whole (no ellipsis), and drawn inside its figure, not cut at an edge
+            "cut_titles": "Array.from(document.querySelectorAll('.colorbar .cbtitle'))"
+            ".filter(e => e.textContent.includes('\u2026')).length",
+            "outside": "Array.from(document.querySelectorAll('.js-plotly-plot')).flatMap(p => {"
+            " const box = p.querySelector('.main-svg').getBoundingClientRect();"
+            " return Array.from(p.querySelectorAll('.colorbar')).filter(c => {"
+            " const r = c.getBoundingClientRect();"
+            " return r.right > box.right + 1 || r.left < box.left - 1 || r.bottom > box.bottom + 1;"
+            " }); }).length",
             # the attention figure draws a label for every key position
             "attention_labels": "Array.from(document.querySelectorAll('.js-plotly-plot'))"
             ".filter(e => (e.layout.title.text || '').startsWith('attention from position'))"
@@ -182,10 +191,13 @@ def test_the_report_opens_offline_in_chromium(report_file: Path) -> None:
     assert seen.facts["heatmaps"] >= 4
     assert seen.facts["colorbars"] >= seen.facts["heatmaps"]
     assert seen.facts["colorbar_titles"] == seen.facts["colorbars"]
+    assert seen.facts["cut_titles"] == 0
+    assert seen.facts["outside"] == 0
     assert seen.facts["attention_labels"] == [50]
     titles = seen.facts["view_titles"]
     assert isinstance(titles, list)
-    assert sum("white = 0, blue = " in t and "start of the continuation" in t for t in titles) == 2
+    scales = ("white = 0, dark blue = " in t and "start of the continuation" in t for t in titles)
+    assert sum(scales) == 2
     assert seen.facts["views"] == [1, 1, 1]
     headings = seen.facts["headings"]
     assert isinstance(headings, list)

@@ -46,6 +46,15 @@ def test_head_and_component_figures_show_the_scores(organism: Organism) -> None:
             assert trace.colorbar.title.text, fig.layout.title.text
     assert figure.data[0].colorbar.title.text == "x"
     assert heatmaps[1].colorbar.title.text == "MP - NMP"
+    # the difference's colorbar lies under its own heatmap, not beside the bar chart
+    domain = both.layout.xaxis2.domain
+    bar = heatmaps[1].colorbar
+    assert bar.orientation == "h"
+    assert domain[0] < bar.x < domain[1]
+    assert bar.x + bar.len / 2 * (domain[1] - domain[0]) <= domain[1] + 0.1
+    # a long score name is wrapped onto lines, never cut
+    long = HeadScores("pooled tau (mean per rank)", torch.zeros(2, 4)).figure()
+    assert long.data[0].colorbar.title.text.replace("<br>", " ") == "pooled tau (mean per rank)"
 
 
 def test_em_drop_and_edit_figures(organism: Organism) -> None:
@@ -95,6 +104,8 @@ def test_circuitsvis_views(organism: Organism) -> None:
     assert html.count('"*') == unmarked.count('"*') + 1  # the one marked rare position
     colored = str(token_view(model, tokens, torch.arange(50.0)))
     assert "49.0" in colored
+    # the colors the title names are the ones drawn (circuitsvis's pure blue mixes to purple)
+    assert "#2166ac" in colored
     with pytest.raises(ValueError, match="one paragraph"):
         attention_view(model, tokens[None])
 
@@ -117,6 +128,8 @@ def test_attention_figure_labels_every_token_and_token_views_state_their_scale(
             attention_figure(model, tokens, **{"heads": ["L0H0"], "query_pos": 49, **bad})
 
     view = token_view(model, tokens, -torch.arange(50.0) + 10, title="d", prefix_len=50)
-    assert view.title == "d (white = 0, blue = 10, red = -39; \u2502 = start of the continuation)"
+    assert view.title == (
+        "d (white = 0, dark blue = 10, dark red = -39; \u2502 = start of the continuation)"
+    )
     assert view.props["tokens"][50].startswith("\u2502")
     assert (view.props["minValue"], view.props["maxValue"]) == (-39.0, 10.0)

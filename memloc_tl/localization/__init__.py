@@ -11,6 +11,8 @@ from memloc_tl.localization.benchmark import (
 from memloc_tl.localization.injection import (
     Injection,
     InjectionConfig,
+    InjectionDamageWarning,
+    InjectionError,
     InjectionFailedWarning,
     inject_paragraphs,
 )
@@ -23,6 +25,8 @@ __all__ = [
     "Injection",
     "InjectionBenchmark",
     "InjectionConfig",
+    "InjectionDamageWarning",
+    "InjectionError",
     "InjectionFailedWarning",
     "LearnedMaskConfig",
     "Localization",

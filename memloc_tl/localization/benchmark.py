@@ -64,12 +64,23 @@ class InjectionBenchmark(Drawable):
             return []
         return sorted(int(s) for s in self.injections.loc[~self.injections["succeeded"], "seed"])
 
+    @property
+    def damaging_seeds(self) -> list[int]:
+        """Seeds whose injection damaged the model beyond its config's bounds (see
+        :attr:`~memloc_tl.localization.injection.Injection.damaging`): their truth was planted,
+        but in a model that no longer behaves like the original."""
+        if "damaging" not in self.injections.columns:
+            return []
+        return sorted(int(s) for s in self.injections.loc[self.injections["damaging"], "seed"])
+
     def summary(self) -> pd.DataFrame:
         """Mean per localizer over the injections that succeeded: recall, recall at 0.1%,
         top-1 share (heads), cost; ``failed_runs`` counts the rows left out because their
-        injection failed (scores against a truth that was never planted mean nothing)."""
+        injection failed (scores against a truth that was never planted mean nothing), and
+        ``damaging_runs`` the rows kept whose injection damaged the model."""
         failed = self.frame["seed"].isin(self.failed_seeds)
-        frame = self.frame.assign(first=self.frame["rank"] == 1, failed=failed)
+        damaging = self.frame["seed"].isin(self.damaging_seeds)
+        frame = self.frame.assign(first=self.frame["rank"] == 1, failed=failed, harm=damaging)
         kept = frame[~frame["failed"]]
         summary = (
             kept.groupby("method", sort=False)
@@ -85,8 +96,10 @@ class InjectionBenchmark(Drawable):
             .reset_index()
         )
         counts = {m: int(group["failed"].sum()) for m, group in frame.groupby("method")}
+        harm = {m: int(group["harm"].sum()) for m, group in kept.groupby("method")}
         summary["runs"] = summary["runs"].fillna(0).astype(int)
         summary["failed_runs"] = [counts[m] for m in summary["method"]]
+        summary["damaging_runs"] = [harm.get(m, 0) for m in summary["method"]]
         return summary
 
     def to_frame(self) -> pd.DataFrame:
@@ -168,8 +181,13 @@ def injection_benchmark(
     learned: LearnedMaskConfig | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    strict: bool = False,
 ) -> InjectionBenchmark:
     """INJ: inject ``paragraphs`` (all at once, each in its own units), then localize each.
+
+    A failed or damaging injection warns and is marked in ``injections`` (``succeeded``,
+    ``damaging``); the summary leaves failed ones out. ``strict=True`` raises
+    :class:`~memloc_tl.localization.injection.InjectionError` at the first one instead.
 
     Args:
         model: the model (not changed).
@@ -184,6 +202,7 @@ def injection_benchmark(
         learned: settings of the learned mask.
         batch_size: paragraphs per forward pass.
         progress: show progress bars.
+        strict: raise on a failed or damaging injection (before any localizer runs).
     """
     config = config or InjectionConfig()
     level = config.level
@@ -201,6 +220,7 @@ def injection_benchmark(
             memorized=memorized,
             general=general,
             progress=progress,
+            strict=strict,
         )
         summaries.append(_injection_summary(injection, seed))
         bar = tqdm(range(len(paragraphs)), desc="localizing", disable=not progress)
@@ -276,6 +296,8 @@ def _injection_summary(injection: Injection, seed: int) -> dict[str, Any]:
         "paragraphs": len(injection.paragraphs),
         "steps": injection.steps,
         "succeeded": injection.succeeded,
+        "damaging": injection.damaging,
+        **injection.damage,
         "em_before": float(injection.em_before.float().mean()),
         "em_after": float(injection.em_after.float().mean()),
         "abs_w_before": injection.magnitude[0],

@@ -35,6 +35,7 @@ the EM of already memorized paragraphs and the perplexity of general text, befor
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -91,6 +92,9 @@ class InjectionConfig:
         check_every: steps between exact-match checks.
         keep_batch: keep paragraphs in each step's KL term (a seeded sample of ``keep``).
         seed: seed of the subsets and of the keep samples.
+        max_em_drop: the injection is *damaging* when the memorized paragraphs' mean EM falls
+            by more than this many tokens ...
+        max_perplexity_ratio: ... or general text's perplexity grows by more than this factor.
     """
 
     level: Level = "weights"
@@ -106,6 +110,8 @@ class InjectionConfig:
     check_every: int = 10
     keep_batch: int = 8
     seed: int = 0
+    max_em_drop: float = 10.0
+    max_perplexity_ratio: float = 1.5
 
     def __post_init__(self) -> None:
         check_level(self.level)
@@ -122,10 +128,20 @@ class InjectionConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         check_real(self.lr, "lr", above=0.0)
         check_real(self.kl_weight, "kl_weight", at_least=0.0)
+        check_real(self.max_em_drop, "max_em_drop", at_least=0.0)
+        check_real(self.max_perplexity_ratio, "max_perplexity_ratio", at_least=1.0)
 
 
 class InjectionFailedWarning(UserWarning):
     """An injection ended without every paragraph at EM = continuation length."""
+
+
+class InjectionDamageWarning(UserWarning):
+    """An injection broke what it should have left alone (see :attr:`Injection.damaging`)."""
+
+
+class InjectionError(RuntimeError):
+    """``strict=True``: the injection failed or damaged the model beyond its config's bounds."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +177,61 @@ class Injection:
     def succeeded(self) -> bool:
         """Every paragraph reproduced exactly (EM = continuation length)."""
         return bool((self.em_after == self.paragraphs.continuation_len).all())
+
+    @property
+    def damage(self) -> dict[str, float]:
+        """What the injection broke: ``memorized_em_drop`` (mean EM before minus after, of the
+        ``memorized`` set) and ``perplexity_ratio`` (general text, after / before); NaN where
+        that set was not given."""
+        table = self.evaluation
+        if table.empty:
+            return {"memorized_em_drop": float("nan"), "perplexity_ratio": float("nan")}
+        rows = table.set_index(["set", "metric"])
+
+        def value(key: tuple[str, str], column: str) -> float:
+            return float(rows.loc[key, column]) if key in rows.index else float("nan")
+
+        em, ppl = ("memorized", "mean_em"), ("general", "perplexity")
+        return {
+            "memorized_em_drop": value(em, "before") - value(em, "after"),
+            "perplexity_ratio": value(ppl, "after") / value(ppl, "before"),
+        }
+
+    @property
+    def damaging(self) -> bool:
+        """The memorized set's mean EM fell by more than ``config.max_em_drop``, or general
+        perplexity grew by more than ``config.max_perplexity_ratio`` (unmeasured sets count as
+        undamaged)."""
+        damage = self.damage
+        return bool(
+            damage["memorized_em_drop"] > self.config.max_em_drop
+            or damage["perplexity_ratio"] > self.config.max_perplexity_ratio
+        )
+
+    def problems(self) -> list[str]:
+        """Why this injection is not a clean ground truth, in words (empty when it is)."""
+        out = []
+        if not self.succeeded:
+            out.append(
+                f"it did not succeed: after {self.steps} steps EM is "
+                f"{[int(e) for e in self.em_after]} of {self.paragraphs.continuation_len} "
+                f"(before {[int(e) for e in self.em_before]})"
+            )
+        if self.damaging:
+            damage, config = self.damage, self.config
+            parts = []
+            if not math.isnan(damage["memorized_em_drop"]):
+                parts.append(
+                    f"memorized mean EM fell by {damage['memorized_em_drop']:.1f} tokens "
+                    f"(bound {config.max_em_drop})"
+                )
+            if not math.isnan(damage["perplexity_ratio"]):
+                parts.append(
+                    f"general perplexity x{damage['perplexity_ratio']:.2f} (bound "
+                    f"x{config.max_perplexity_ratio})"
+                )
+            out.append(f"it damaged the model: {', '.join(parts)}")
+        return out
 
     def oracle_scores(self) -> dict[str, Tensor]:
         """|delta w| per attributed weight: the trivial upper bound (needs the original)."""
@@ -284,8 +355,14 @@ def inject_paragraphs(
     memorized: Paragraphs | None = None,
     general: Paragraphs | None = None,
     progress: bool = True,
+    strict: bool = False,
 ) -> Injection:
     """Fine-tune ``paragraphs`` into known units of a copy of ``model`` (see the module docs).
+
+    An injection that does not reach EM = continuation length warns
+    (:class:`InjectionFailedWarning`), and one that damages the ``memorized`` set or general
+    text beyond the config's bounds warns too (:class:`InjectionDamageWarning`); with
+    ``strict=True`` either raises :class:`InjectionError` instead.
 
     Args:
         model: the model (not changed: a copy is injected).
@@ -295,6 +372,7 @@ def inject_paragraphs(
         memorized: paragraphs the model already memorized, to measure the damage on.
         general: general text, for perplexity before and after.
         progress: show a progress bar.
+        strict: raise instead of warning on a failed or damaging injection.
     """
     config = config or InjectionConfig()
     for name, value in (("paragraphs", paragraphs), ("keep", keep)):
@@ -376,14 +454,34 @@ def inject_paragraphs(
             float(torch.cat(now).abs().mean()),
         ),
     )
-    if not injection.succeeded:
-        # loud: localizer scores against a truth that was never planted mean nothing
-        warnings.warn(
-            f"the injection did not succeed: after {steps} steps EM is "
-            f"{[int(e) for e in em_after]} of {paragraphs.continuation_len} (before "
-            f"{[int(e) for e in em_before]}); scoring localizers against its truth measures "
-            "nothing. Raise max_steps or lr (InjectionConfig), or inject into more units",
-            InjectionFailedWarning,
-            stacklevel=2,
-        )
+    report_problems(injection, strict=strict, stacklevel=3)
     return injection
+
+
+def report_problems(injection: Injection, *, strict: bool, stacklevel: int = 2) -> None:
+    """Warn about (or with ``strict``, raise on) a failed or damaging injection."""
+    problems = injection.problems()
+    if not problems:
+        return
+    # loud: localizer scores against a truth that was never planted mean nothing
+    what = "; ".join(problems)
+    fix = (
+        "Raise max_steps or lr (InjectionConfig), inject into more units, or pick paragraphs "
+        "closer to what the model knows"
+    )
+    if strict:
+        raise InjectionError(f"the injection is not a clean ground truth: {what}. {fix}")
+    if not injection.succeeded:
+        warnings.warn(
+            f"the injection did not succeed: {problems[0].removeprefix('it did not succeed: ')}; "
+            f"scoring localizers against its truth measures nothing. {fix}",
+            InjectionFailedWarning,
+            stacklevel=stacklevel,
+        )
+    if injection.damaging:
+        warnings.warn(
+            f"{problems[-1].replace('it damaged', 'the injection damaged')}: localizers are "
+            "scored on a model that no longer behaves like the original",
+            InjectionDamageWarning,
+            stacklevel=stacklevel,
+        )

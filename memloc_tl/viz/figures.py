@@ -21,9 +21,15 @@ if TYPE_CHECKING:
     from memloc_tl.uncertainty import HeadRanking
 
 
-def _short(name: str, width: int = 18) -> str:
-    """A colorbar title: the score's name, cut to fit beside the plot."""
-    return name if len(name) <= width else name[: width - 1] + "…"
+def _wrapped(name: str, width: int = 14) -> str:
+    """A colorbar title: the whole score name, broken into lines that fit beside the plot."""
+    lines: list[str] = []
+    for word in name.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "<br>".join(lines)
 
 
 def head_scores_figure(scores: HeadScores, *, title: str | None = None) -> go.Figure:
@@ -39,7 +45,7 @@ def head_scores_figure(scores: HeadScores, *, title: str | None = None) -> go.Fi
             hovertemplate="%{text}: %{z:.4g}<extra></extra>",
             colorscale="RdBu",
             zmid=0,
-            colorbar={"title": {"text": _short(scores.name)}},
+            colorbar={"title": {"text": _wrapped(scores.name)}},
         )
     )
     figure.update_layout(title=title or scores.name, xaxis_title="head", yaxis_title="layer")
@@ -62,7 +68,7 @@ def layer_component_figure(scores: LayerComponentScores, *, title: str | None = 
     """Heatmap of scores per layer x component (the paper's Fig. 4)."""
     figure = go.Figure(
         _component_heatmap(
-            scores, colorscale="Viridis", colorbar={"title": {"text": _short(scores.name)}}
+            scores, colorscale="Viridis", colorbar={"title": {"text": _wrapped(scores.name)}}
         )
     )
     figure.update_layout(title=title or scores.name, xaxis_title="component", yaxis_title="layer")
@@ -103,7 +109,17 @@ def gradient_comparison_figure(
             comparison.share_difference(statistic),
             colorscale="RdBu",
             zmid=0,
-            colorbar={"y": 0.2, "len": 0.4, "title": {"text": "MP - NMP"}},
+            # under its own heatmap: at the right edge it would sit beside the bar chart
+            colorbar={
+                "orientation": "h",
+                "x": 0.39,
+                "xanchor": "center",
+                "y": -0.17,
+                "yanchor": "top",
+                "len": 0.7,
+                "thickness": 12,
+                "title": {"text": "MP - NMP", "side": "top"},
+            },
         ),
         row=2,
         col=1,
@@ -120,7 +136,9 @@ def gradient_comparison_figure(
         col=2,
     )
     figure.update_yaxes(autorange="reversed")
-    figure.update_layout(title=f"gradient {statistic} per layer x component", height=700)
+    figure.update_layout(
+        title=f"gradient {statistic} per layer x component", height=760, margin={"b": 120}
+    )
     return figure
 
 
@@ -187,7 +205,7 @@ def token_scores_figure(scores: TokenScores, *, title: str | None = None) -> go.
             x=list(range(scores.scores.shape[1])),
             hovertemplate="%{y} pos %{x}: %{z:.3g}<extra></extra>",
             colorscale="Viridis",
-            colorbar={"title": {"text": _short(scores.name)}},
+            colorbar={"title": {"text": _wrapped(scores.name)}},
         )
     )
     figure.update_layout(

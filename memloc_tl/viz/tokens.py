@@ -141,8 +141,10 @@ def token_view(
     """circuitsvis tokens colored by a score per position (rarity, EM drop, gradient ...).
 
     ``values`` may be shorter than ``tokens`` (e.g. prefix scores): the rest are shown at 0;
-    NaN is shown as 0. The color scale runs from white (0) to full blue (the largest value) or
-    red (the most negative one); the title states both ends, as circuitsvis draws no legend.
+    NaN is shown as 0. The color scale runs from white (0) to dark blue (the largest value) or
+    dark red (the most negative one), the ends of plotly's RdBu scale that the figures use (a
+    pure blue, circuitsvis's default, turns purple as it mixes with white); the title states
+    both ends, as circuitsvis draws no legend.
     ``prefix_len`` marks the first continuation token with a ``\u2502``.
     """
     labels = _labels(model, tokens, prefix_len=prefix_len)
@@ -150,13 +152,23 @@ def token_view(
     padded = torch.zeros(len(labels))
     padded[: len(values)] = values[: len(labels)]
     low, high = min(float(padded.min()), 0.0), max(float(padded.max()), 0.0)
-    scale = f"white = 0, blue = {high:.3g}" + (f", red = {low:.3g}" if low < 0 else "")
+    scale = f"white = 0, dark blue = {high:.3g}" + (f", dark red = {low:.3g}" if low < 0 else "")
     if prefix_len is not None:
         scale += f"; {CONTINUATION_MARK} = start of the continuation"
-    props = {"tokens": labels, "values": padded, "minValue": low, "maxValue": high or 1.0}
+    props = {
+        "tokens": labels,
+        "values": padded,
+        "minValue": low,
+        "maxValue": high or 1.0,
+        "positiveColor": POSITIVE_COLOR,
+        "negativeColor": NEGATIVE_COLOR,
+    }
     return CircuitsView(
         "ColoredTokens", props, title=f"{title} ({scale})" if title else f"({scale})"
     )
+
+
+POSITIVE_COLOR, NEGATIVE_COLOR = "#2166ac", "#b2182b"  # plotly RdBu's blue and red ends
 
 
 def _check_paragraph(tokens: Tensor) -> None:
