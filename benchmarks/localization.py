@@ -2,6 +2,7 @@
 
     python benchmarks/localization.py                      # default organism, every part
     python benchmarks/localization.py --tiny --part heads  # quick
+    python benchmarks/localization.py --part cli --seeds 2  # time of `memloc localize-benchmark`
     python benchmarks/localization.py --part edit --paragraphs 4 --edit-lr 3e-2 1e-2 5e-3
 
 Prints, per localizer, the recall of the injected units (weights: at the injected count and at
@@ -29,7 +30,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny organism")
     parser.add_argument(
-        "--part", choices=["weights", "heads", "neurons", "del", "edit", "all"], default="all"
+        "--part",
+        choices=["weights", "heads", "neurons", "del", "edit", "cli", "all"],
+        default="all",
     )
     parser.add_argument("--seeds", type=int, default=2, help="injections per level")
     parser.add_argument("--paragraphs", type=int, default=2, help="paragraphs per injection")
@@ -51,6 +54,22 @@ def main() -> None:
     common = {"seeds": range(args.seeds), "n_paragraphs": args.paragraphs, "learned": learned}
     damage = ["seed", "steps", "em_after", "abs_w_before", "abs_w_after"]
     damage += ["memorized_mean_em_before", "memorized_mean_em_after"]
+
+    if args.part in ("cli", "all"):
+        # what `memloc localize-benchmark` runs with its defaults, one seed at a time
+        for seed in range(args.seeds):
+            started = time.perf_counter()
+            result = organism_benchmark(organism, level="weights", seeds=[seed], progress=False)
+            assert isinstance(result, InjectionBenchmark)
+            row = result.injections.iloc[0]
+            seconds = time.perf_counter() - started
+            print(
+                f"\nCLI default INJ (weights, 2 paragraphs, every localizer), seed {seed}: "
+                f"{seconds:.0f} s; succeeded {row['succeeded']}, damaging {row['damaging']} "
+                f"(memorized EM drop {row['memorized_em_drop']:.1f}, perplexity "
+                f"x{row['perplexity_ratio']:.2f})"
+            )
+            print(f"goal: one seed <= 300 s on the CPU -> {seconds:.0f} s")
 
     if args.part in ("weights", "all"):
         started = time.perf_counter()

@@ -39,7 +39,7 @@ from memloc_tl.localization.benchmark import (
 from memloc_tl.localization.injection import InjectionConfig
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
 from memloc_tl.paragraphs import Paragraphs, corpus_token_counts
-from memloc_tl.uncertainty import HeadRanking
+from memloc_tl.uncertainty import HeadRanking, bootstrap_difference
 from memloc_tl.validation import check_fraction, check_positive_int, check_real
 from memloc_tl.viz import (
     CircuitsView,
@@ -252,9 +252,21 @@ class MemorizationReport:
         localizers = summary.drop(index="random", errors="ignore")
         found = [str(m) for m, row in localizers.iterrows() if row["top1"] == 1.0]
         em = self.injection.injections["em_after"].iloc[0]
+        injections = self.injection.injections
+        if not bool(injections["succeeded"].all()):
+            return (
+                f"Here the injection did NOT succeed: the planted paragraph reached EM {em} of "
+                f"50 within {int(injections['steps'].iloc[0])} steps, so no truth was planted "
+                "and the localizers are not scored (a head may be too small a place for an "
+                "unseen paragraph in this model)."
+            )
+        state = "succeeded"
+        if "damaging" in injections and bool(injections["damaging"].any()):
+            state += " and damaged the model"
         line = (
-            f"Here the planted paragraph reached EM {em} after the injection; "
-            f"{len(found)} of {len(localizers)} head localizers ranked the planted head first"
+            f"Here {_count(len(injections), 'injection')} {state}: the planted paragraph reached "
+            f"EM {em}; {len(found)} of {len(localizers)} head localizers ranked the planted "
+            "head first"
         )
         line += f" ({', '.join(found)})" if found else ""
         if "random" in summary.index:
@@ -286,14 +298,28 @@ class MemorizationReport:
         return line
 
     def perturbation_finding(self) -> str:
-        """One line: are MPs more robust to a changed prefix token than NMPs, as in the paper."""
+        """One line: are MPs more robust to a changed prefix token than NMPs, as in the paper
+        (with the bootstrap interval of the difference over paragraphs)?"""
         drops = {name: r.mean_drop_per_token() for name, r in self.perturbation.items()}
         mp, nmp = drops["memorized"], drops["non-memorized"]
+        difference = bootstrap_difference(
+            self.perturbation["memorized"].mean_drop_per_paragraph(),
+            self.perturbation["non-memorized"].mean_drop_per_paragraph(),
+            name="EM drop per token, MP - NMP",
+            n_resamples=BOOTSTRAP_RESAMPLES,
+            seed=self.seed,
+        )
         robust = mp < nmp
-        return (
-            f"Here: {mp:.2f} memorized vs {nmp:.2f} non-memorized: memorized recall is "
-            f"{'more' if robust else 'less'} robust to a single changed prefix token than a "
-            "non-memorized continuation, " + ("as in the paper." if robust else "unlike the paper.")
+        line = (
+            f"Here: {mp:.2f} memorized vs {nmp:.2f} non-memorized (difference per paragraph "
+            f"{difference.describe()}): "
+        )
+        if not difference.resolved:
+            return line + "not resolved at this sample size (the interval includes 0)."
+        return line + (
+            f"memorized recall is {'more' if robust else 'less'} robust to a single changed "
+            "prefix token than a non-memorized continuation, "
+            + ("as in the paper." if robust else "unlike the paper.")
         )
 
     def patching_finding(self) -> str:
@@ -336,7 +362,9 @@ class MemorizationReport:
             f"Here the lower half of the {len(difference)} layers ({layers}) holds "
             f"{abs(lower):.3f} {'more' if same else 'less'} of the MPs' gradient share than of "
             "the NMPs': "
-            + ("the paper's direction." if same else "the opposite of the paper's direction.")
+            + ("the paper's direction" if same else "the opposite of the paper's direction")
+            + f" (one map each from the summed gradient of {len(self.memorized)} MPs and "
+            f"{len(self.non_memorized)} NMPs: no interval over paragraphs)."
         )
 
     def edit_finding(self) -> str:
@@ -352,7 +380,8 @@ class MemorizationReport:
                 text += f", held-out {held_before:.1f} -> {held_after:.1f}"
                 text += f" ({_specificity(before - after, held_before - held_after)})"
             parts.append(text)
-        return "Here: " + "; ".join(parts) + "."
+        sample = _count(len(self.memorized), "unlearned paragraph")
+        return f"Here, for {sample}: " + "; ".join(parts) + "."
 
     def write_html(self, path: str | os.PathLike[str]) -> Path:
         """Write the self-contained page (opens with no network)."""
@@ -370,6 +399,10 @@ DEFINITIONS = (
 
 BOOTSTRAP_RESAMPLES = 1000
 """Resamples behind every interval and verdict of the report (seeded by the report's seed)."""
+
+
+def _count(n: int, noun: str) -> str:
+    return f"one {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _specificity(edited_drop: float, heldout_drop: float) -> str:

@@ -80,8 +80,17 @@ def test_the_report_holds_the_library_results(
     assert html.count("Plotly.newPlot") == 8
     assert html.count('class="memloc-view"') == 3
     assert "MP: memorized paragraph (EM = 50)" in html
+    # every comparison states its sample: the perturbation difference with its interval
+    mp_drops = report.perturbation["memorized"].mean_drop_per_paragraph()
+    nmp_drops = report.perturbation["non-memorized"].mean_drop_per_paragraph()
+    perturbation = report.perturbation_finding()
+    assert f"n = {len(mp_drops)} vs {len(nmp_drops)})" in perturbation
+    assert f"{float(mp_drops.mean() - nmp_drops.mean()):+.2f} (95% interval" in perturbation
+    assert f"summed gradient of {len(report.memorized)} MPs" in report.gradient_finding()
+    assert report.injection_finding().startswith("Here one injection succeeded")
     for finding in (
         report.scan_finding(),
+        report.perturbation_finding(),
         report.rare_finding(),
         report.patching_finding(),
         report.gradient_finding(),

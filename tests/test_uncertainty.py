@@ -89,3 +89,28 @@ def test_rare_token_and_patching_rankings_carry_their_interval(
     ranking = sweep.bootstrap(200, seed=1)
     torch.testing.assert_close(ranking.scores, sweep.mean_delta_nll.scores.float())
     assert ranking.first == sweep.top(1)[0][0]
+
+
+def test_bootstrap_difference_matches_a_hand_written_resampling() -> None:
+    from memloc_tl.uncertainty import bootstrap_difference
+
+    a = torch.tensor([3.0, 5.0, 4.0, 8.0, float("nan")])
+    b = torch.tensor([10.0, 12.0, 9.0])
+    result = bootstrap_difference(a, b, name="d", n_resamples=200, seed=3)
+    # the same draws by hand: NaN dropped, each group resampled on its own
+    clean = a[~a.isnan()].double()
+    generator = torch.Generator().manual_seed(3)
+    pick_a = torch.randint(0, 4, (200, 4), generator=generator)
+    pick_b = torch.randint(0, 3, (200, 3), generator=generator)
+    by_hand = [float(clean[pick_a[i]].mean() - b.double()[pick_b[i]].mean()) for i in range(200)]
+    ordered = torch.tensor(by_hand, dtype=torch.float64)
+    assert result.point == pytest.approx(5.0 - 31.0 / 3)
+    assert result.low == pytest.approx(float(ordered.quantile(0.025)))
+    assert result.high == pytest.approx(float(ordered.quantile(0.975)))
+    assert (result.n_a, result.n_b) == (4, 3)
+    assert result.resolved  # every resample is negative
+    assert "n = 4 vs 3" in result.describe()
+    same = bootstrap_difference(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]), name="d")
+    assert not same.resolved
+    with pytest.raises(ValueError, match="both groups need values"):
+        bootstrap_difference(torch.tensor([float("nan")]), b, name="d")
