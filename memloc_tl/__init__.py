@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time each loads on fir
         rarest_positions,
         run_analyzers,
     )
+    from memloc_tl.checkpoints import CheckpointSeries, MemorizationTimeline, scan_checkpoints
     from memloc_tl.corpus import CorpusConfig, read_corpus_scan, scan_corpus
     from memloc_tl.editing import (
         EditResult,
@@ -118,6 +119,9 @@ _SOURCES: dict[str, str] = {
     "injection_benchmark": "memloc_tl.localization",
     "localize": "memloc_tl.localization",
     "MemorizationScan": "memloc_tl.memorization",
+    "CheckpointSeries": "memloc_tl.checkpoints",
+    "MemorizationTimeline": "memloc_tl.checkpoints",
+    "scan_checkpoints": "memloc_tl.checkpoints",
     "greedy_continuations": "memloc_tl.memorization",
     "scan_memorization": "memloc_tl.memorization",
     "summarize": "memloc_tl.memorization",
@@ -168,6 +172,7 @@ __all__ = [
     "PAPER_KEYWORDS",
     "ActivationGradients",
     "AttributionPatching",
+    "CheckpointSeries",
     "CorpusConfig",
     "DeletionBenchmark",
     "EditResult",
@@ -190,6 +195,7 @@ __all__ = [
     "MaskedOptimizer",
     "MemorizationReport",
     "MemorizationScan",
+    "MemorizationTimeline",
     "Organism",
     "OrganismConfig",
     "Paragraphs",
@@ -231,6 +237,7 @@ __all__ = [
     "read_corpus_scan",
     "run_analyzers",
     "save_hooked_model",
+    "scan_checkpoints",
     "scan_corpus",
     "scan_memorization",
     "sparse_edit",

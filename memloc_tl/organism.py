@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from filelock import FileLock
@@ -40,6 +40,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from memloc_tl.backend import HookedModel
+
+if TYPE_CHECKING:
+    from memloc_tl.checkpoints import CheckpointSeries
 from memloc_tl.files import atomic_directory, read_json, save_safetensors, verify_checksums
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
 from memloc_tl.models import load_model
@@ -48,12 +51,14 @@ from memloc_tl.validation import check_device, check_real
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 4
+BUILD_VERSION = 5
 """Bumped whenever a change to the build changes what it produces (part of the cache key)."""
 
 EOS_TOKEN = "<|endoftext|>"
 MANIFEST = "manifest.json"
 COUNTS_FILE = "corpus_token_counts.safetensors"
+CHECKPOINTS = "checkpoints"
+"""The subdirectory of the training checkpoints, one ``step-NNNNNN`` directory each."""
 LOCK_WAIT_SECONDS = 3600
 """How long a builder waits for another process building the same organism."""
 
@@ -98,6 +103,8 @@ class OrganismConfig:
     """Acceptance: share of the most repeated tier that must reach EM = continuation_len."""
     max_control_mean_em: float = 5.0
     """Acceptance: the control set's mean EM must not exceed this."""
+    n_checkpoints: int = 5
+    """Training checkpoints kept, evenly spaced; the last one is the final model (0: none)."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -114,6 +121,12 @@ class OrganismConfig:
         check_real(self.min_unique_fraction, "min_unique_fraction", at_least=0.0, at_most=1.0)
         check_real(self.min_top_tier_memorized, "min_top_tier_memorized", at_least=0.0, at_most=1.0)
         check_real(self.max_control_mean_em, "max_control_mean_em", at_least=0.0)
+        if (
+            isinstance(self.n_checkpoints, bool)
+            or not isinstance(self.n_checkpoints, int)
+            or self.n_checkpoints < 0
+        ):
+            raise ValueError(f"n_checkpoints must be an int >= 0, got {self.n_checkpoints!r}")
 
     @classmethod
     def tiny(cls, **overrides: Any) -> OrganismConfig:
@@ -173,6 +186,13 @@ class Organism:
     config: OrganismConfig
     path: Path
     report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def checkpoints(self) -> CheckpointSeries:
+        """The training checkpoints kept by the build (loaded one at a time, when iterated)."""
+        from memloc_tl.checkpoints import CheckpointSeries
+
+        return CheckpointSeries.from_organism(self, device=self.model.cfg.device)
 
     def scans(self, *, batch_size: int = 32) -> dict[str, MemorizationScan]:
         """Scan every planted tier, the control and the held-out set (see organism_scans)."""
@@ -334,7 +354,8 @@ def _train(
     tokenizer: Any,
     generator: torch.Generator,
     progress: bool,
-) -> Any:
+) -> tuple[Any, dict[int, dict[str, Tensor]]]:
+    """Train the model; also return its state at ``config.n_checkpoints`` evenly spaced steps."""
     from transformers import GPTNeoForCausalLM
 
     # Seed the initialization without disturbing the caller's global random state.
@@ -355,6 +376,9 @@ def _train(
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * fraction))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    keep_at = checkpoint_steps(total, config.n_checkpoints)
+    kept: dict[int, dict[str, Tensor]] = {}
+    step = 0
     bar = tqdm(total=total, desc="training organism", disable=not progress, unit="step")
     for _ in range(config.epochs):
         shuffled = epoch_indices[torch.randperm(len(epoch_indices), generator=generator)]
@@ -366,10 +390,18 @@ def _train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
+            step += 1
+            if step in keep_at:
+                kept[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
-    return model.eval()
+    return model.eval(), kept
+
+
+def checkpoint_steps(total: int, n: int) -> list[int]:
+    """``n`` evenly spaced optimizer steps of ``total``, the last one ``total``."""
+    return sorted({max(1, round(total * (i + 1) / n)) for i in range(n)}) if n else []
 
 
 def _paragraph_sets(
@@ -508,7 +540,7 @@ def _build_into(
     windows = _corpus_windows(stream, config)
     sets = _split(windows, config, generator)
     epoch_indices, repetitions, tiers = _training_sequence(sets, config)
-    hf_model = _train(windows, epoch_indices, config, tokenizer, generator, progress)
+    hf_model, kept = _train(windows, epoch_indices, config, tokenizer, generator, progress)
     train_seconds = time.perf_counter() - started
 
     fingerprint = tokenizer_fingerprint(tokenizer)
@@ -520,6 +552,8 @@ def _build_into(
     with atomic_directory(target, replace=True) as staging:
         hf_model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        for step, state in kept.items():  # each a checkpoint directory load_model reads
+            _save_checkpoint(hf_model, state, tokenizer, staging / CHECKPOINTS / f"step-{step:06d}")
         save_safetensors({"counts": counts.contiguous()}, staging / COUNTS_FILE)
         # Evaluate the saved checkpoint through load_model's local-directory path.
         report = _evaluate(load_model(staging, device=device), paragraphs, config)
@@ -528,6 +562,8 @@ def _build_into(
         report["n_background"] = len(sets["background"])
         report["epoch_size"] = len(epoch_indices)
         report["corpus_tokens"] = int(counts.sum())
+        report["checkpoint_steps"] = sorted(kept)
+        report["total_steps"] = math.ceil(len(epoch_indices) / config.batch_size) * config.epochs
         manifest = {
             "build_version": BUILD_VERSION,
             "config": dataclasses.asdict(config),
@@ -540,6 +576,15 @@ def _build_into(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest))
     return report
+
+
+def _save_checkpoint(model: Any, state: dict[str, Tensor], tokenizer: Any, directory: Path) -> None:
+    from transformers import GPTNeoForCausalLM
+
+    snapshot = GPTNeoForCausalLM(model.config)
+    snapshot.load_state_dict(state)
+    snapshot.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def load_organism(

@@ -25,7 +25,7 @@ def test_readme_blocks_run_as_written_on_the_default_organism(
     default_organism: Organism, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blocks = python_blocks()
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     # build_organism() is exactly what the README calls; the suite's cache already holds it
     monkeypatch.setattr(memloc_tl, "build_organism", lambda *args, **kwargs: default_organism)
     namespace: dict[str, Any] = {}
@@ -67,3 +67,12 @@ def test_readme_blocks_run_as_written_on_the_default_organism(
     assert round(before_w, 3) == 0.025
     assert after_w > 5 * before_w
     assert model is default_organism.model
+
+    timeline = namespace["timeline"]  # "none ... at the first checkpoint (step 75), most of
+    assert len(timeline.ids) == len(memorized) == 35  # them first at step 225, none forgotten"
+    assert timeline.steps[0] == 75
+    assert not bool(timeline.memorized[0].any())
+    assert bool(timeline.memorized[-1].all())
+    first = list(timeline.first_memorized_step().values())
+    assert first.count(225) > len(first) / 2
+    assert timeline.forgetting_events() == []

@@ -16,6 +16,8 @@ from memloc_tl.viz.figures import (
     layer_component_figure,
     localization_figure,
     ranking_figure,
+    timeline_figure,
+    timeline_heatmap,
     token_scores_figure,
 )
 from memloc_tl.viz.html import CircuitsView, HtmlPage, circuitsvis_js, notebook_mode, plotly_js
@@ -41,6 +43,8 @@ __all__ = [
     "plotly_js",
     "ranking_figure",
     "rarity_view",
+    "timeline_figure",
+    "timeline_heatmap",
     "token_scores_figure",
     "token_view",
 ]

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from memloc_tl.analysis.gradients import GradientComparison
     from memloc_tl.analysis.patching import HeadIntervention
     from memloc_tl.analysis.perturbation import PrefixPerturbation
+    from memloc_tl.checkpoints import MemorizationTimeline
     from memloc_tl.editing.sparse_edit import EditResult
     from memloc_tl.localization.units import Localization
     from memloc_tl.memorization import MemorizationScan
@@ -332,4 +333,51 @@ def ranking_figure(ranking: HeadRanking, k: int = 10) -> go.Figure:
         xaxis_title="head",
         yaxis_title=ranking.name,
     )
+    return figure
+
+
+def timeline_figure(timeline: MemorizationTimeline) -> go.Figure:
+    """EM vs training step, one line per paragraph."""
+    figure = go.Figure()
+    for j, paragraph in enumerate(timeline.ids):
+        figure.add_trace(
+            go.Scatter(
+                x=list(timeline.steps),
+                y=timeline.exact_match[:, j].tolist(),
+                mode="lines+markers",
+                name=paragraph,
+            )
+        )
+    figure.add_hline(y=timeline.continuation_len, line={"dash": "dot"}, annotation_text="memorized")
+    figure.update_layout(
+        title=f"exact match over training: {timeline.name}",
+        xaxis_title="training step",
+        yaxis_title="EM (tokens)",
+    )
+    return figure
+
+
+def timeline_heatmap(timeline: MemorizationTimeline) -> go.Figure:
+    """Paragraphs x steps, EM as color; paragraphs sorted by the step each became memorized."""
+    first = timeline.first_memorized_step()
+    never = max(timeline.steps) + 1
+    order = sorted(range(len(timeline.ids)), key=lambda j: (first[timeline.ids[j]] or never, j))
+    figure = go.Figure(
+        go.Heatmap(
+            z=timeline.exact_match[:, order].T.tolist(),
+            x=[str(s) for s in timeline.steps],
+            y=[timeline.ids[j] for j in order],
+            colorscale="Viridis",
+            zmin=0,
+            zmax=timeline.continuation_len,
+            colorbar={"title": {"text": "EM"}},
+            hovertemplate="%{y} at step %{x}: EM %{z}<extra></extra>",
+        )
+    )
+    figure.update_layout(
+        title=f"when each paragraph became memorized: {timeline.name}",
+        xaxis_title="training step",
+        yaxis_title="paragraph (first memorized first)",
+    )
+    figure.update_yaxes(autorange="reversed")
     return figure

@@ -1,0 +1,371 @@
+"""Memorization over training: a series of checkpoints, and when each paragraph became memorized.
+
+A :class:`CheckpointSeries` is an ordered list of training steps, each with a way to load the
+model at that step: a hub model's revisions (Pythia's ``"step143000"``), local checkpoint
+directories, or the organism's own checkpoints (``OrganismConfig.n_checkpoints``). Checkpoints
+are loaded one at a time, and the previous one is released before the next is loaded, so a
+series of any length needs the memory of one model.
+
+:func:`scan_checkpoints` scans the same paragraphs at every step and gives a
+:class:`MemorizationTimeline`: EM and NLL per paragraph per step, the first step at which each
+paragraph reaches EM = continuation length, and the forgetting events (a memorized paragraph
+that falls below full EM at a later step).
+
+Everything that can be checked before any model is loaded is checked first: an empty series,
+steps out of order or repeated, a missing directory, directories of another architecture or with
+another tokenizer than the first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from memloc_tl.backend import HookedModel
+from memloc_tl.memorization import scan_memorization
+from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.results import Drawable
+
+if TYPE_CHECKING:
+    from memloc_tl.organism import Organism
+
+STEP_PATTERN = re.compile(r"step[-_]?(\d+)")
+"""A training step in a revision or directory name: ``step143000``, ``step-000120``."""
+
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "n_embd",
+    "num_layers",
+    "n_layer",
+    "num_hidden_layers",
+    "num_heads",
+    "n_head",
+    "num_attention_heads",
+    "attention_types",
+    "window_size",
+    "intermediate_size",
+)
+"""The ``config.json`` fields that must agree across a series of checkpoint directories."""
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One training step and how to load the model at it.
+
+    Attributes:
+        step: the training step.
+        source: where it comes from (a directory, or ``name@revision``), for messages.
+        load: loads the model (a new one at every call).
+    """
+
+    step: int
+    source: str
+    load: Callable[[], HookedModel]
+
+
+def step_of(name: str) -> int:
+    """The training step named in a revision or directory name (``"step143000"`` -> 143000)."""
+    found = STEP_PATTERN.findall(Path(name).name if "/" in name else name)
+    if not found:
+        raise ValueError(
+            f"no training step in {name!r} (expected e.g. 'step143000' or 'step-000120'); "
+            "pass steps= explicitly"
+        )
+    return int(found[-1])
+
+
+@dataclass(frozen=True)
+class CheckpointSeries:
+    """Checkpoints in training order (see the module docs).
+
+    Attributes:
+        name: what the series is of (a model name, an organism key).
+        checkpoints: one per step, steps strictly increasing.
+    """
+
+    name: str
+    checkpoints: tuple[Checkpoint, ...]
+
+    def __post_init__(self) -> None:
+        if not self.checkpoints:
+            raise ValueError(f"the checkpoint series {self.name!r} is empty: give one or more")
+        steps = [c.step for c in self.checkpoints]
+        for step in steps:
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"steps must be ints >= 0, got {step!r}")
+        bad = [(a, b) for a, b in itertools.pairwise(steps) if b <= a]
+        if bad:
+            raise ValueError(
+                f"checkpoint steps must increase strictly, got {steps} (step {bad[0][1]} after "
+                f"{bad[0][0]}); order the checkpoints by training step"
+            )
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        return tuple(c.step for c in self.checkpoints)
+
+    def __len__(self) -> int:
+        return len(self.checkpoints)
+
+    def __iter__(self) -> Iterator[Checkpoint]:
+        return iter(self.checkpoints)
+
+    @classmethod
+    def from_directories(
+        cls,
+        paths: Sequence[str | Path],
+        *,
+        steps: Sequence[int] | None = None,
+        name: str | None = None,
+        device: str | torch.device | None = None,
+    ) -> CheckpointSeries:
+        """Local checkpoint directories (``transformers`` format), in training order.
+
+        Args:
+            paths: the directories.
+            steps: their training steps (default: read from each name, e.g. ``step-000120``).
+            name: the series' name (default: the first directory's parent).
+            device: device of the loaded models.
+        """
+        from memloc_tl.models import load_model
+
+        directories = [Path(p).expanduser() for p in paths]
+        if not directories:
+            raise ValueError("the checkpoint series is empty: give one or more directories")
+        missing = [str(d) for d in directories if not (d / "config.json").is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"not a checkpoint directory (no config.json): {', '.join(missing)}"
+            )
+        if steps is not None and len(steps) != len(directories):
+            raise ValueError(f"{len(steps)} steps for {len(directories)} directories")
+        numbers = list(steps) if steps is not None else [step_of(str(d)) for d in directories]
+        _check_same_model(directories)
+
+        def loader(directory: Path) -> Callable[[], HookedModel]:
+            return lambda: load_model(directory, device=device)
+
+        return cls(
+            name=name or str(directories[0].parent),
+            checkpoints=tuple(
+                Checkpoint(step, str(d), loader(d))
+                for step, d in zip(numbers, directories, strict=True)
+            ),
+        )
+
+    @classmethod
+    def from_revisions(
+        cls,
+        name: str,
+        revisions: Sequence[str],
+        *,
+        steps: Sequence[int] | None = None,
+        **load_kwargs: Any,
+    ) -> CheckpointSeries:
+        """Hub revisions of one model (Pythia: ``"step1000"``, ...), in training order.
+
+        ``load_kwargs`` go to :func:`~memloc_tl.models.load_model` (device, dtype, ...).
+        """
+        from memloc_tl.models import load_model
+
+        if not revisions:
+            raise ValueError("the checkpoint series is empty: give one or more revisions")
+        if steps is not None and len(steps) != len(revisions):
+            raise ValueError(f"{len(steps)} steps for {len(revisions)} revisions")
+        numbers = list(steps) if steps is not None else [step_of(r) for r in revisions]
+
+        def loader(revision: str) -> Callable[[], HookedModel]:
+            return lambda: load_model(name, revision=revision, **load_kwargs)
+
+        return cls(
+            name=name,
+            checkpoints=tuple(
+                Checkpoint(step, f"{name}@{r}", loader(r))
+                for step, r in zip(numbers, revisions, strict=True)
+            ),
+        )
+
+    @classmethod
+    def from_organism(
+        cls, organism: Organism, *, device: str | torch.device | None = None
+    ) -> CheckpointSeries:
+        """The organism's training checkpoints (``OrganismConfig.n_checkpoints`` of them)."""
+        from memloc_tl.organism import CHECKPOINTS
+
+        directories = sorted((organism.path / CHECKPOINTS).glob("step-*"))
+        if not directories:
+            raise ValueError(
+                f"the organism at {organism.path} kept no training checkpoints; build one with "
+                "OrganismConfig(n_checkpoints=5)"
+            )
+        return cls.from_directories(
+            directories, name=f"organism-{organism.config.key()}", device=device
+        )
+
+
+def _check_same_model(directories: list[Path]) -> None:
+    """One architecture and one tokenizer across the directories, or a clear error."""
+
+    def architecture(directory: Path) -> dict[str, Any]:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        return {k: config[k] for k in ARCHITECTURE_KEYS if k in config}
+
+    def tokenizer(directory: Path) -> str | None:
+        files = [directory / f for f in TOKENIZER_FILES if (directory / f).is_file()]
+        if not files:
+            return None
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+        return digest.hexdigest()
+
+    first, first_tokenizer = architecture(directories[0]), tokenizer(directories[0])
+    for directory in directories[1:]:
+        other = architecture(directory)
+        if other != first:
+            differ = {k: (first.get(k), other.get(k)) for k in first.keys() | other.keys()}
+            differ = {k: v for k, v in differ.items() if v[0] != v[1]}
+            raise ValueError(
+                f"{directory} is a checkpoint of another architecture than {directories[0]} "
+                f"(first vs this: {differ}); a series holds checkpoints of one model"
+            )
+        theirs = tokenizer(directory)
+        if first_tokenizer is not None and theirs is not None and theirs != first_tokenizer:
+            raise ValueError(
+                f"{directory} has another tokenizer than {directories[0]}; a series holds "
+                "checkpoints of one model, whose paragraphs mean the same tokens at every step"
+            )
+
+
+@dataclass(frozen=True)
+class MemorizationTimeline(Drawable):
+    """EM and NLL of the same paragraphs at every checkpoint of a series.
+
+    Attributes:
+        name: the series' name.
+        steps: the training steps, increasing.
+        ids: the paragraphs' ids.
+        exact_match: EM per step and paragraph, ``[n_steps, n_paragraphs]``.
+        nll: mean continuation NLL per step and paragraph, ``[n_steps, n_paragraphs]``.
+        continuation_len: the EM of a memorized paragraph.
+    """
+
+    name: str
+    steps: tuple[int, ...]
+    ids: tuple[str, ...]
+    exact_match: Int[Tensor, "n_steps n_paragraphs"]
+    nll: Float[Tensor, "n_steps n_paragraphs"]
+    continuation_len: int
+
+    @property
+    def memorized(self) -> Tensor:
+        """``[n_steps, n_paragraphs]``: EM = continuation length."""
+        return self.exact_match == self.continuation_len
+
+    def first_memorized_step(self) -> dict[str, int | None]:
+        """Per paragraph, the first step at which it is memorized (``None``: never)."""
+        out: dict[str, int | None] = {}
+        for j, paragraph in enumerate(self.ids):
+            hits = self.memorized[:, j].nonzero().flatten()
+            out[paragraph] = self.steps[int(hits[0])] if len(hits) else None
+        return out
+
+    def forgetting_events(self) -> list[tuple[str, int]]:
+        """(paragraph, step) wherever a paragraph memorized at the previous step is not."""
+        lost = self.memorized[:-1] & ~self.memorized[1:]
+        return [(self.ids[int(j)], self.steps[int(i) + 1]) for i, j in lost.nonzero().tolist()]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: one row per step and paragraph (step, id, exact_match, nll, memorized)."""
+        n_steps, n = self.exact_match.shape
+        return pd.DataFrame(
+            {
+                "step": [s for s in self.steps for _ in range(n)],
+                "id": list(self.ids) * n_steps,
+                "exact_match": self.exact_match.flatten().tolist(),
+                "nll": self.nll.flatten().tolist(),
+                "memorized": self.memorized.flatten().tolist(),
+            }
+        )
+
+    def figure(self) -> Any:
+        """EM vs training step, one line per paragraph."""
+        from memloc_tl.viz import timeline_figure
+
+        return timeline_figure(self)
+
+    def heatmap(self) -> Any:
+        """Paragraphs x steps, EM as color, sorted by the step each became memorized."""
+        from memloc_tl.viz import timeline_heatmap
+
+        return timeline_heatmap(self)
+
+    def __repr__(self) -> str:
+        first = self.first_memorized_step()
+        reached = sum(step is not None for step in first.values())
+        return (
+            f"MemorizationTimeline({self.name}: {len(self.ids)} paragraphs x {len(self.steps)} "
+            f"steps {self.steps[0]}..{self.steps[-1]}; {reached} memorized at some step, "
+            f"{len(self.forgetting_events())} forgetting events)"
+        )
+
+
+def scan_checkpoints(
+    series: CheckpointSeries,
+    paragraphs: Paragraphs,
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> MemorizationTimeline:
+    """Scan ``paragraphs`` at every checkpoint of ``series`` (one model in memory at a time).
+
+    Args:
+        series: the checkpoints.
+        paragraphs: the paragraphs, tokenized with the series' tokenizer.
+        batch_size: paragraphs per forward pass.
+        progress: show a progress bar over the checkpoints.
+    """
+    if not isinstance(series, CheckpointSeries):
+        raise TypeError(f"series must be a CheckpointSeries, got {type(series).__name__}")
+    if not isinstance(paragraphs, Paragraphs):
+        raise TypeError(f"paragraphs must be Paragraphs, got {type(paragraphs).__name__}")
+    if len(paragraphs) == 0:
+        raise ValueError("paragraphs holds no paragraphs")
+    ems, nlls = [], []
+    for checkpoint in tqdm(series, desc="checkpoints", disable=not progress):
+        model = checkpoint.load()
+        try:
+            paragraphs.check_model(model)
+        except ValueError as error:
+            raise ValueError(
+                f"checkpoint at step {checkpoint.step} ({checkpoint.source}): {error}"
+            ) from None
+        scan = scan_memorization(model, paragraphs, batch_size=batch_size, progress=False)
+        ems.append(scan.exact_match.cpu())
+        nlls.append(scan.nll.float().cpu())
+        del model, scan  # released before the next checkpoint is loaded
+    return MemorizationTimeline(
+        name=series.name,
+        steps=series.steps,
+        ids=tuple(paragraphs.ids),
+        exact_match=torch.stack(ems),
+        nll=torch.stack(nlls),
+        continuation_len=paragraphs.continuation_len,
+    )
