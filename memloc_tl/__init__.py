@@ -33,7 +33,13 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time each loads on fir
         rarest_positions,
         run_analyzers,
     )
-    from memloc_tl.checkpoints import CheckpointSeries, MemorizationTimeline, scan_checkpoints
+    from memloc_tl.checkpoints import (
+        CheckpointSeries,
+        HeadTimeline,
+        MemorizationTimeline,
+        localize_over_checkpoints,
+        scan_checkpoints,
+    )
     from memloc_tl.corpus import CorpusConfig, read_corpus_scan, scan_corpus
     from memloc_tl.editing import (
         EditResult,
@@ -122,6 +128,8 @@ _SOURCES: dict[str, str] = {
     "CheckpointSeries": "memloc_tl.checkpoints",
     "MemorizationTimeline": "memloc_tl.checkpoints",
     "scan_checkpoints": "memloc_tl.checkpoints",
+    "HeadTimeline": "memloc_tl.checkpoints",
+    "localize_over_checkpoints": "memloc_tl.checkpoints",
     "greedy_continuations": "memloc_tl.memorization",
     "scan_memorization": "memloc_tl.memorization",
     "summarize": "memloc_tl.memorization",
@@ -182,6 +190,7 @@ __all__ = [
     "HeadRanking",
     "HeadRef",
     "HeadScores",
+    "HeadTimeline",
     "HubUnavailableError",
     "Injection",
     "InjectionBenchmark",
@@ -228,6 +237,7 @@ __all__ = [
     "load_organism",
     "load_workbench",
     "localize",
+    "localize_over_checkpoints",
     "memorization_report",
     "patch_heads",
     "patching_sweep",

@@ -1,4 +1,5 @@
-"""Memorization over training: a series of checkpoints, and when each paragraph became memorized.
+"""Memorization over training: a series of checkpoints, when each paragraph became memorized,
+and where it is localized at each step.
 
 A :class:`CheckpointSeries` is an ordered list of training steps, each with a way to load the
 model at that step: a hub model's revisions (Pythia's ``"step143000"``), local checkpoint
@@ -10,6 +11,12 @@ series of any length needs the memory of one model.
 :class:`MemorizationTimeline`: EM and NLL per paragraph per step, the first step at which each
 paragraph reaches EM = continuation length, and the forgetting events (a memorized paragraph
 that falls below full EM at a later step).
+
+:func:`localize_over_checkpoints` runs one head-level analysis at every checkpoint (rare-token
+attention, exact zero ablation, or any function of the model that gives
+:class:`~memloc_tl.results.HeadScores`) and gives a :class:`HeadTimeline`: the scores per step,
+the rank over steps of the last step's top head, and :meth:`HeadTimeline.answer`, the one-line
+answer to "did the head that matters at the end exist before the paragraphs were memorized?".
 
 Everything that can be checked before any model is loaded is checked first: an empty series,
 steps out of order or repeated, a missing directory, directories of another architecture or with
@@ -25,7 +32,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
@@ -34,9 +41,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from memloc_tl.backend import HookedModel
+from memloc_tl.heads import HeadRef
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.results import Drawable
+from memloc_tl.results import Drawable, HeadScores
 
 if TYPE_CHECKING:
     from memloc_tl.organism import Organism
@@ -350,13 +358,7 @@ def scan_checkpoints(
         raise ValueError("paragraphs holds no paragraphs")
     ems, nlls = [], []
     for checkpoint in tqdm(series, desc="checkpoints", disable=not progress):
-        model = checkpoint.load()
-        try:
-            paragraphs.check_model(model)
-        except ValueError as error:
-            raise ValueError(
-                f"checkpoint at step {checkpoint.step} ({checkpoint.source}): {error}"
-            ) from None
+        model = _load_for(checkpoint, paragraphs)
         scan = scan_memorization(model, paragraphs, batch_size=batch_size, progress=False)
         ems.append(scan.exact_match.cpu())
         nlls.append(scan.nll.float().cpu())
@@ -369,3 +371,201 @@ def scan_checkpoints(
         nll=torch.stack(nlls),
         continuation_len=paragraphs.continuation_len,
     )
+
+
+Order = Literal["largest", "smallest"]
+
+ANALYSES: dict[str, Order] = {"rare_tokens": "smallest", "zero_ablation": "largest"}
+"""The named head analyses and which end of their score ranks first: rare-token attention (the
+pooled mean Kendall tau of attention against frequency rank: most negative = attends most to
+rare tokens) and exact zero ablation (the NLL increase when the head alone is zeroed)."""
+
+
+@dataclass(frozen=True)
+class HeadTimeline(Drawable):
+    """One head-level score at every checkpoint of a series.
+
+    Attributes:
+        name: the series' name.
+        analysis: what the score is.
+        order: which end of the score ranks first (``"largest"`` or ``"smallest"``).
+        steps: the training steps.
+        scores: ``[n_steps, n_layers, n_heads]``.
+        n_paragraphs: paragraphs each step's score was computed from.
+    """
+
+    name: str
+    analysis: str
+    order: Order
+    steps: tuple[int, ...]
+    scores: Float[Tensor, "n_steps n_layers n_heads"]
+    n_paragraphs: int
+
+    def at(self, step: int) -> HeadScores:
+        """The scores at ``step`` (one of :attr:`steps`)."""
+        if step not in self.steps:
+            raise ValueError(f"no checkpoint at step {step}; the steps are {list(self.steps)}")
+        return HeadScores(self.analysis, self.scores[self.steps.index(step)])
+
+    def final_top(self) -> HeadRef:
+        """The top head at the last step."""
+        return self.at(self.steps[-1]).top(1, order=self.order)[0][0]
+
+    def rank_over_steps(self, head: HeadRef | str | None = None) -> dict[int, int]:
+        """``head``'s rank (1 = first) at every step; default the last step's top head."""
+        head = self.final_top() if head is None else head
+        return {step: self.at(step).rank(head, order=self.order) for step in self.steps}
+
+    def first_step_ranked_first(self, head: HeadRef | str | None = None) -> int | None:
+        """The first step from which ``head`` ranks first at every later step (``None``: it is
+        not first at the last step)."""
+        ranks = list(self.rank_over_steps(head).items())
+        first = None
+        for step, rank in reversed(ranks):
+            if rank != 1:
+                break
+            first = step
+        return first
+
+    def answer(self, timeline: MemorizationTimeline) -> str:
+        """Did the last step's top head rank first before the paragraphs became memorized?"""
+        head = self.final_top()
+        since = self.first_step_ranked_first(head)
+        memorized = [s for s in timeline.first_memorized_step().values() if s is not None]
+        n_heads = self.scores[0].numel()
+        ranks = ", ".join(f"{step}: {rank}" for step, rank in self.rank_over_steps(head).items())
+        line = (
+            f"{head} is the top head by {self.analysis} at the last step (step {self.steps[-1]}, "
+            f"n = {self.n_paragraphs} paragraphs); its rank of {n_heads} at each step: {ranks}. "
+        )
+        if not memorized:
+            return line + "No paragraph of the timeline is memorized at any step."
+        if since is None:  # not possible for the final top head, kept for other heads
+            return line + "It does not rank first at the last step."
+        before = sum(step > since for step in memorized)
+        return line + (
+            f"It ranks first from step {since} on; {before} of the {len(memorized)} paragraphs "
+            f"memorized at some step became memorized after that step (first memorized: steps "
+            f"{min(memorized)} to {max(memorized)}): "
+            + (
+                "the head was in place before they were memorized."
+                if before == len(memorized)
+                else "the head was not in place before all of them were memorized."
+            )
+            + " (Point estimates at checkpoint resolution: a paragraph first memorized at the "
+            "step the head first ranks first counts as not after it.)"
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: one row per step and head (step, head, score, rank)."""
+        rows = []
+        for step in self.steps:
+            scores = self.at(step)
+            for rank, (head, score) in enumerate(
+                scores.top(scores.scores.numel(), order=self.order), 1
+            ):
+                rows.append({"step": step, "head": str(head), "score": score, "rank": rank})
+        return pd.DataFrame(rows)
+
+    def figure(self, k: int = 5) -> Any:
+        """The score vs step of the last step's top ``k`` heads."""
+        from memloc_tl.viz import head_timeline_figure
+
+        return head_timeline_figure(self, k)
+
+    def __repr__(self) -> str:
+        return (
+            f"HeadTimeline({self.analysis} over {len(self.steps)} steps of {self.name}: top at "
+            f"the end {self.final_top()}, first from step {self.first_step_ranked_first()})"
+        )
+
+
+def localize_over_checkpoints(
+    series: CheckpointSeries,
+    paragraphs: Paragraphs,
+    *,
+    analysis: str | Callable[[HookedModel], HeadScores] = "rare_tokens",
+    corpus_counts: Int[Tensor, " d_vocab"] | None = None,
+    order: Order | None = None,
+    progress: bool = True,
+) -> HeadTimeline:
+    """Run one head analysis of ``paragraphs`` at every checkpoint (one model at a time).
+
+    Args:
+        series: the checkpoints.
+        paragraphs: the paragraphs analyzed at every step (e.g. those memorized at the end).
+        analysis: ``"rare_tokens"`` (needs ``corpus_counts``), ``"zero_ablation"``, or a
+            function ``model -> HeadScores`` (then give ``order``).
+        corpus_counts: unigram counts, for ``"rare_tokens"``.
+        order: which end of a custom analysis' score ranks first.
+        progress: show a progress bar over the checkpoints.
+    """
+    if not isinstance(series, CheckpointSeries):
+        raise TypeError(f"series must be a CheckpointSeries, got {type(series).__name__}")
+    if not isinstance(paragraphs, Paragraphs) or len(paragraphs) == 0:
+        raise ValueError("paragraphs must be non-empty Paragraphs")
+    if callable(analysis):
+        if order not in ("largest", "smallest"):
+            raise ValueError("a custom analysis needs order='largest' or order='smallest'")
+        run, name, chosen = analysis, getattr(analysis, "__name__", "custom analysis"), order
+    elif analysis in ANALYSES:
+        if analysis == "rare_tokens" and corpus_counts is None:
+            raise ValueError("analysis='rare_tokens' needs corpus_counts (corpus unigram counts)")
+        run, name, chosen = (
+            _named_analysis(analysis, paragraphs, corpus_counts),
+            analysis,
+            ANALYSES[analysis],
+        )
+    else:
+        raise ValueError(
+            f"analysis must be one of {sorted(ANALYSES)} or a function model -> HeadScores, "
+            f"got {analysis!r}"
+        )
+    scores = []
+    for checkpoint in tqdm(series, desc=f"{name} per checkpoint", disable=not progress):
+        model = _load_for(checkpoint, paragraphs)
+        result = run(model)
+        if not isinstance(result, HeadScores):
+            raise TypeError(f"the analysis must return HeadScores, got {type(result).__name__}")
+        scores.append(result.scores.detach().float().cpu())
+        del model, result  # released before the next checkpoint is loaded
+    shapes = {tuple(s.shape) for s in scores}
+    if len(shapes) > 1:
+        raise ValueError(f"the checkpoints have different head layouts: {sorted(shapes)}")
+    return HeadTimeline(
+        name=series.name,
+        analysis=name,
+        order=chosen,
+        steps=series.steps,
+        scores=torch.stack(scores),
+        n_paragraphs=len(paragraphs),
+    )
+
+
+def _load_for(checkpoint: Checkpoint, paragraphs: Paragraphs) -> HookedModel:
+    """Load ``checkpoint`` and check that ``paragraphs`` were tokenized for it."""
+    model = checkpoint.load()
+    try:
+        paragraphs.check_model(model)
+    except ValueError as error:
+        raise ValueError(
+            f"checkpoint at step {checkpoint.step} ({checkpoint.source}): {error}"
+        ) from None
+    return model
+
+
+def _named_analysis(
+    analysis: str, paragraphs: Paragraphs, corpus_counts: Tensor | None
+) -> Callable[[HookedModel], HeadScores]:
+    if analysis == "rare_tokens":
+        from memloc_tl.analysis.rare_tokens import rare_token_attention
+
+        assert corpus_counts is not None
+        return lambda model: (
+            rare_token_attention(model, paragraphs, corpus_counts, progress=False).pooled_tau_mean
+        )
+    from memloc_tl.localization.localizers import localize
+
+    return lambda model: localize(
+        model, paragraphs, method="zero_ablation", level="heads"
+    ).head_scores()

@@ -13,7 +13,13 @@ from collections import Counter
 
 import torch
 
-from memloc_tl import OrganismConfig, build_organism, rare_token_attention, scan_checkpoints
+from memloc_tl import (
+    OrganismConfig,
+    build_organism,
+    localize_over_checkpoints,
+    rare_token_attention,
+    scan_checkpoints,
+)
 
 
 def main() -> None:
@@ -57,6 +63,16 @@ def main() -> None:
             f"step {checkpoint.step}: rare-token head {head} (tau {tau:.2f}); {ranking.verdict()}"
         )
         del model
+    final_timeline = scan_checkpoints(series, memorized, progress=False)
+    for analysis in ("zero_ablation", "rare_tokens"):
+        heads = localize_over_checkpoints(
+            series,
+            memorized,
+            analysis=analysis,
+            corpus_counts=organism.corpus_counts,
+            progress=False,
+        )
+        print(heads.answer(final_timeline))
 
 
 if __name__ == "__main__":

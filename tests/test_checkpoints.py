@@ -17,6 +17,7 @@ from memloc_tl import CheckpointSeries, Paragraphs, scan_checkpoints, scan_memor
 from memloc_tl.checkpoints import Checkpoint, step_of
 from memloc_tl.models import load_model
 from memloc_tl.organism import CHECKPOINTS, Organism, load_organism
+from memloc_tl.results import HeadScores
 
 
 def test_the_last_checkpoint_is_the_final_model_and_every_one_is_checksummed(
@@ -148,3 +149,80 @@ def test_bad_series_are_refused_before_any_model_loads(
     foreign = dataclasses.replace(organism.planted[:2], vocab_fingerprint="0" * 16)
     with pytest.raises(ValueError, match=r"checkpoint at step \d+"):
         scan_checkpoints(organism.checkpoints, foreign, progress=False)
+
+
+def test_localization_over_checkpoints_equals_each_analysis_by_hand(
+    organism: Organism, unchanged: Any
+) -> None:
+    from memloc_tl import localize, localize_over_checkpoints, rare_token_attention
+
+    series, paragraphs = organism.checkpoints, organism.planted[:6]
+    counts = organism.corpus_counts
+    with unchanged(organism.model):
+        rare = localize_over_checkpoints(series, paragraphs, corpus_counts=counts, progress=False)
+        ablation = localize_over_checkpoints(
+            series, paragraphs, analysis="zero_ablation", progress=False
+        )
+    for i, checkpoint in enumerate(series):
+        model = load_model(checkpoint.source)
+        by_hand = rare_token_attention(model, paragraphs, counts, progress=False)
+        torch.testing.assert_close(
+            rare.scores[i], by_hand.pooled_tau_mean.scores.float(), equal_nan=True
+        )
+        found = localize(model, paragraphs, method="zero_ablation", level="heads")
+        torch.testing.assert_close(ablation.scores[i], found.head_scores().scores.float())
+    # the final top head, its rank over steps, and the one-line answer, from the scores
+    last = rare.at(series.steps[-1])
+    (top, _), *_ = last.top(1, order="smallest")
+    assert rare.final_top() == top
+    ranks = rare.rank_over_steps()
+    assert ranks[series.steps[-1]] == 1
+    for step, rank in ranks.items():
+        assert rank == rare.at(step).rank(top, order="smallest")
+    since = rare.first_step_ranked_first()
+    assert since is not None
+    assert all(ranks[s] == 1 for s in series.steps if s >= since)
+    earlier = [s for s in series.steps if s < since]
+    assert not earlier or ranks[earlier[-1]] != 1
+    timeline = scan_checkpoints(series, paragraphs, progress=False)
+    answer = rare.answer(timeline)
+    assert answer.startswith(f"{top} is the top head by rare_tokens")
+    assert f"ranks first from step {since} on" in answer
+    frame = ablation.to_frame()
+    assert len(frame) == len(series) * ablation.scores[0].numel()
+    assert len(ablation.figure(k=3).data) == 3
+
+    # a custom analysis: any function of the model that gives HeadScores
+    def negated(model: Any) -> HeadScores:
+        found = localize(model, paragraphs, method="zero_ablation", level="heads")
+        return HeadScores("minus zero ablation", -found.head_scores().scores)
+
+    custom = localize_over_checkpoints(
+        series, paragraphs, analysis=negated, order="smallest", progress=False
+    )
+    torch.testing.assert_close(custom.scores, -ablation.scores)
+    assert custom.final_top() == ablation.final_top()
+    assert custom.analysis == "negated"
+
+
+def test_localization_over_checkpoints_refuses_bad_input_before_loading(
+    organism: Organism,
+) -> None:
+    from memloc_tl import localize_over_checkpoints
+
+    loads: list[int] = []
+    series = organism.checkpoints
+    counted = dataclasses.replace(
+        series,
+        checkpoints=tuple(
+            dataclasses.replace(c, load=lambda c=c: loads.append(c.step) or c.load())
+            for c in series
+        ),
+    )
+    with pytest.raises(ValueError, match="needs corpus_counts"):
+        localize_over_checkpoints(counted, organism.planted[:2])
+    with pytest.raises(ValueError, match="analysis must be one of"):
+        localize_over_checkpoints(counted, organism.planted[:2], analysis="bogus")
+    with pytest.raises(ValueError, match="needs order="):
+        localize_over_checkpoints(counted, organism.planted[:2], analysis=lambda m: m)
+    assert loads == []

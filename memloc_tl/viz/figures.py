@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from memloc_tl.analysis.gradients import GradientComparison
     from memloc_tl.analysis.patching import HeadIntervention
     from memloc_tl.analysis.perturbation import PrefixPerturbation
-    from memloc_tl.checkpoints import MemorizationTimeline
+    from memloc_tl.checkpoints import HeadTimeline, MemorizationTimeline
     from memloc_tl.editing.sparse_edit import EditResult
     from memloc_tl.localization.units import Localization
     from memloc_tl.memorization import MemorizationScan
@@ -380,4 +380,25 @@ def timeline_heatmap(timeline: MemorizationTimeline) -> go.Figure:
         yaxis_title="paragraph (first memorized first)",
     )
     figure.update_yaxes(autorange="reversed")
+    return figure
+
+
+def head_timeline_figure(timeline: HeadTimeline, k: int = 5) -> go.Figure:
+    """A head score vs training step, one line per head of the last step's top ``k``."""
+    last = timeline.at(timeline.steps[-1])
+    figure = go.Figure()
+    for head, _ in last.top(k, order=timeline.order):
+        figure.add_trace(
+            go.Scatter(
+                x=list(timeline.steps),
+                y=[timeline.at(step)[head] for step in timeline.steps],
+                mode="lines+markers",
+                name=str(head),
+            )
+        )
+    figure.update_layout(
+        title=f"{timeline.analysis} over training: the last step's top {k} heads",
+        xaxis_title="training step",
+        yaxis_title=timeline.analysis,
+    )
     return figure
