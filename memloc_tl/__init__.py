@@ -36,8 +36,10 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time each loads on fir
     from memloc_tl.checkpoints import (
         CheckpointSeries,
         HeadTimeline,
+        MaskDrift,
         MemorizationTimeline,
         localize_over_checkpoints,
+        mask_drift,
         scan_checkpoints,
     )
     from memloc_tl.corpus import CorpusConfig, read_corpus_scan, scan_corpus
@@ -130,6 +132,8 @@ _SOURCES: dict[str, str] = {
     "scan_checkpoints": "memloc_tl.checkpoints",
     "HeadTimeline": "memloc_tl.checkpoints",
     "localize_over_checkpoints": "memloc_tl.checkpoints",
+    "MaskDrift": "memloc_tl.checkpoints",
+    "mask_drift": "memloc_tl.checkpoints",
     "greedy_continuations": "memloc_tl.memorization",
     "scan_memorization": "memloc_tl.memorization",
     "summarize": "memloc_tl.memorization",
@@ -201,6 +205,7 @@ __all__ = [
     "LayerComponentScores",
     "LearnedMaskConfig",
     "Localization",
+    "MaskDrift",
     "MaskedOptimizer",
     "MemorizationReport",
     "MemorizationScan",
@@ -238,6 +243,7 @@ __all__ = [
     "load_workbench",
     "localize",
     "localize_over_checkpoints",
+    "mask_drift",
     "memorization_report",
     "patch_heads",
     "patching_sweep",

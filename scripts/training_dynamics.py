@@ -17,6 +17,7 @@ from memloc_tl import (
     OrganismConfig,
     build_organism,
     localize_over_checkpoints,
+    mask_drift,
     rare_token_attention,
     scan_checkpoints,
 )
@@ -73,6 +74,8 @@ def main() -> None:
             progress=False,
         )
         print(heads.answer(final_timeline))
+    drift = mask_drift(series, memorized, progress=False)  # the paper's gradient, top 0.1%
+    print(drift.to_frame().to_string(index=False))
 
 
 if __name__ == "__main__":

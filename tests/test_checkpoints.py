@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import shutil
 import weakref
 from pathlib import Path
@@ -226,3 +227,29 @@ def test_localization_over_checkpoints_refuses_bad_input_before_loading(
     with pytest.raises(ValueError, match="needs order="):
         localize_over_checkpoints(counted, organism.planted[:2], analysis=lambda m: m)
     assert loads == []
+
+
+def test_mask_drift_equals_the_overlap_of_masks_made_by_hand(organism: Organism) -> None:
+    from memloc_tl import localize, mask_drift
+
+    series, paragraphs = organism.checkpoints, organism.planted[:4]
+    drift = mask_drift(series, paragraphs, fraction=0.01, progress=False)
+    masks = []
+    for checkpoint in series:
+        mask = localize(load_model(checkpoint.source), paragraphs, method="gradient").param_mask(
+            0.01
+        )
+        masks.append(torch.cat([mask.masks[n].flatten() for n in sorted(mask.masks)]))
+    assert drift.sizes.tolist() == [int(m.sum()) for m in masks]
+    by_hand = [int((a & b).sum()) for a, b in itertools.pairwise(masks)]
+    assert drift.shared.tolist() == by_hand
+    union = [int((a | b).sum()) for a, b in itertools.pairwise(masks)]
+    expected = [s / u for s, u in zip(by_hand, union, strict=True)]
+    assert drift.jaccard.tolist() == pytest.approx(expected)
+    frame = drift.to_frame()
+    assert frame["next_step"].tolist() == list(series.steps[1:])
+    assert list(drift.figure().data[0].y) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="method must be one of"):
+        mask_drift(series, paragraphs, method="random")
+    with pytest.raises(ValueError, match="fraction"):
+        mask_drift(series, paragraphs, fraction=1.5)

@@ -15,8 +15,8 @@ from memloc_tl.organism import Organism
 DEMOS = sorted((Path(__file__).parent.parent / "demos").glob("*.ipynb"))
 
 
-def test_there_are_four_demos() -> None:
-    assert [p.name[:2] for p in DEMOS] == ["01", "02", "03", "04"]
+def test_there_are_five_demos() -> None:
+    assert [p.name[:2] for p in DEMOS] == ["01", "02", "03", "04", "05"]
 
 
 @pytest.mark.parametrize("path", DEMOS, ids=lambda p: p.stem)

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from memloc_tl.analysis.gradients import GradientComparison
     from memloc_tl.analysis.patching import HeadIntervention
     from memloc_tl.analysis.perturbation import PrefixPerturbation
-    from memloc_tl.checkpoints import HeadTimeline, MemorizationTimeline
+    from memloc_tl.checkpoints import HeadTimeline, MaskDrift, MemorizationTimeline
     from memloc_tl.editing.sparse_edit import EditResult
     from memloc_tl.localization.units import Localization
     from memloc_tl.memorization import MemorizationScan
@@ -400,5 +400,27 @@ def head_timeline_figure(timeline: HeadTimeline, k: int = 5) -> go.Figure:
         title=f"{timeline.analysis} over training: the last step's top {k} heads",
         xaxis_title="training step",
         yaxis_title=timeline.analysis,
+    )
+    return figure
+
+
+def mask_drift_figure(drift: MaskDrift) -> go.Figure:
+    """Jaccard overlap of consecutive checkpoints' top weights, against the later step."""
+    figure = go.Figure(
+        go.Scatter(
+            x=list(drift.steps[1:]),
+            y=drift.jaccard.tolist(),
+            mode="lines+markers",
+            name=drift.method,
+            customdata=[[a, b] for a, b in zip(drift.steps[:-1], drift.steps[1:], strict=True)],
+            hovertemplate="steps %{customdata[0]} -> %{customdata[1]}: %{y:.3f}<extra></extra>",
+        )
+    )
+    figure.update_layout(
+        title=f"overlap of consecutive top-{drift.fraction:.1%} {drift.method} masks "
+        f"(n = {drift.n_paragraphs} paragraphs)",
+        xaxis_title="training step (the later of the pair)",
+        yaxis_title="Jaccard overlap",
+        yaxis_range=[0, 1],
     )
     return figure
