@@ -350,12 +350,7 @@ def scan_checkpoints(
         batch_size: paragraphs per forward pass.
         progress: show a progress bar over the checkpoints.
     """
-    if not isinstance(series, CheckpointSeries):
-        raise TypeError(f"series must be a CheckpointSeries, got {type(series).__name__}")
-    if not isinstance(paragraphs, Paragraphs):
-        raise TypeError(f"paragraphs must be Paragraphs, got {type(paragraphs).__name__}")
-    if len(paragraphs) == 0:
-        raise ValueError("paragraphs holds no paragraphs")
+    _check_inputs(series, paragraphs)
     ems, nlls = [], []
     for checkpoint in tqdm(series, desc="checkpoints", disable=not progress):
         model = _load_for(checkpoint, paragraphs)
@@ -500,10 +495,7 @@ def localize_over_checkpoints(
         order: which end of a custom analysis' score ranks first.
         progress: show a progress bar over the checkpoints.
     """
-    if not isinstance(series, CheckpointSeries):
-        raise TypeError(f"series must be a CheckpointSeries, got {type(series).__name__}")
-    if not isinstance(paragraphs, Paragraphs) or len(paragraphs) == 0:
-        raise ValueError("paragraphs must be non-empty Paragraphs")
+    _check_inputs(series, paragraphs)
     if callable(analysis):
         if order not in ("largest", "smallest"):
             raise ValueError("a custom analysis needs order='largest' or order='smallest'")
@@ -540,6 +532,16 @@ def localize_over_checkpoints(
         scores=torch.stack(scores),
         n_paragraphs=len(paragraphs),
     )
+
+
+def _check_inputs(series: Any, paragraphs: Any) -> None:
+    """A series and non-empty paragraphs, or a clear error (before any checkpoint loads)."""
+    if not isinstance(series, CheckpointSeries):
+        raise TypeError(f"series must be a CheckpointSeries, got {type(series).__name__}")
+    if not isinstance(paragraphs, Paragraphs):
+        raise TypeError(f"paragraphs must be Paragraphs, got {type(paragraphs).__name__}")
+    if len(paragraphs) == 0:
+        raise ValueError("paragraphs holds no paragraphs")
 
 
 def _load_for(checkpoint: Checkpoint, paragraphs: Paragraphs) -> HookedModel:
@@ -632,10 +634,7 @@ def mask_drift(
     from memloc_tl.localization.localizers import METHODS, localize
     from memloc_tl.validation import check_fraction
 
-    if not isinstance(series, CheckpointSeries):
-        raise TypeError(f"series must be a CheckpointSeries, got {type(series).__name__}")
-    if not isinstance(paragraphs, Paragraphs) or len(paragraphs) == 0:
-        raise ValueError("paragraphs must be non-empty Paragraphs")
+    _check_inputs(series, paragraphs)
     if method not in METHODS["weights"] or method in ("learned", "random"):
         allowed = [m for m in METHODS["weights"] if m not in ("learned", "random")]
         raise ValueError(f"method must be one of {allowed}, got {method!r}")
