@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -45,6 +45,7 @@ from memloc_tl.heads import HeadRef
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable, HeadScores
+from memloc_tl.uncertainty import Order
 
 if TYPE_CHECKING:
     from memloc_tl.organism import Organism
@@ -90,7 +91,7 @@ class Checkpoint:
 
 def step_of(name: str) -> int:
     """The training step named in a revision or directory name (``"step143000"`` -> 143000)."""
-    found = STEP_PATTERN.findall(Path(name).name if "/" in name else name)
+    found = STEP_PATTERN.findall(Path(name).name)
     if not found:
         raise ValueError(
             f"no training step in {name!r} (expected e.g. 'step143000' or 'step-000120'); "
@@ -368,8 +369,6 @@ def scan_checkpoints(
     )
 
 
-Order = Literal["largest", "smallest"]
-
 ANALYSES: dict[str, Order] = {"rare_tokens": "smallest", "zero_ablation": "largest"}
 """The named head analyses and which end of their score ranks first: rare-token attention (the
 pooled mean Kendall tau of attention against frequency rank: most negative = attends most to
@@ -435,8 +434,7 @@ class HeadTimeline(Drawable):
         )
         if not memorized:
             return line + "No paragraph of the timeline is memorized at any step."
-        if since is None:  # not possible for the final top head, kept for other heads
-            return line + "It does not rank first at the last step."
+        assert since is not None  # the last step's top head ranks first at the last step
         before = sum(step > since for step in memorized)
         return line + (
             f"It ranks first from step {since} on; {before} of the {len(memorized)} paragraphs "

@@ -391,6 +391,7 @@ def run_localize_benchmark(args: argparse.Namespace) -> int:
             f"{', '.join(known)}"
         )
     organism = _organism(args)
+    config = InjectionConfig(fraction=args.fraction, max_steps=args.max_steps)
     with warnings.catch_warnings():
         # the lines below say the same, with every seed's numbers side by side
         warnings.simplefilter("ignore", InjectionFailedWarning)
@@ -402,7 +403,7 @@ def run_localize_benchmark(args: argparse.Namespace) -> int:
             methods=methods,
             seeds=range(args.seeds),
             n_paragraphs=args.paragraphs,
-            config=InjectionConfig(fraction=args.fraction, max_steps=args.max_steps),
+            config=config,
             fraction=args.delete_fraction,
             learned=LearnedMaskConfig(steps=args.learned_steps),
         )
@@ -427,7 +428,8 @@ def run_localize_benchmark(args: argparse.Namespace) -> int:
         if damaging:
             print(
                 f"WARNING: the injection of seed(s) {damaging} damaged the model (memorized "
-                "mean EM fell by more than 10 tokens or general perplexity grew more than 1.5x: "
+                f"mean EM fell by more than {config.max_em_drop:g} tokens or general perplexity "
+                f"grew more than {config.max_perplexity_ratio:g}x: "
                 "memorized_em_drop, perplexity_ratio above): its localizers are scored on a model "
                 "that no longer behaves like the original (damaging_runs below)",
                 file=sys.stderr,

@@ -366,8 +366,7 @@ def _train(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
     )
-    steps_per_epoch = math.ceil(len(epoch_indices) / config.batch_size)
-    total = steps_per_epoch * config.epochs
+    total = total_steps(len(epoch_indices), config)
 
     def schedule(step: int) -> float:
         if step < config.warmup_steps:
@@ -397,6 +396,11 @@ def _train(
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     return model.eval(), kept
+
+
+def total_steps(epoch_size: int, config: OrganismConfig) -> int:
+    """Optimizer steps of a build whose epochs hold ``epoch_size`` paragraphs."""
+    return math.ceil(epoch_size / config.batch_size) * config.epochs
 
 
 def checkpoint_steps(total: int, n: int) -> list[int]:
@@ -563,7 +567,7 @@ def _build_into(
         report["epoch_size"] = len(epoch_indices)
         report["corpus_tokens"] = int(counts.sum())
         report["checkpoint_steps"] = sorted(kept)
-        report["total_steps"] = math.ceil(len(epoch_indices) / config.batch_size) * config.epochs
+        report["total_steps"] = total_steps(len(epoch_indices), config)
         manifest = {
             "build_version": BUILD_VERSION,
             "config": dataclasses.asdict(config),

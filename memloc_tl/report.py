@@ -256,7 +256,8 @@ class MemorizationReport:
         if not bool(injections["succeeded"].all()):
             return (
                 f"Here the injection did NOT succeed: the planted paragraph reached EM {em} of "
-                f"50 within {int(injections['steps'].iloc[0])} steps, so no truth was planted "
+                f"{self.scan.continuation_len} within {int(injections['steps'].iloc[0])} steps, "
+                "so no truth was planted "
                 "and the localizers are not scored (a head may be too small a place for an "
                 "unseen paragraph in this model)."
             )
@@ -309,7 +310,7 @@ class MemorizationReport:
             n_resamples=BOOTSTRAP_RESAMPLES,
             seed=self.seed,
         )
-        robust = mp < nmp
+        robust = difference.point < 0  # the statistic whose interval the line reports
         line = (
             f"Here: {mp:.2f} memorized vs {nmp:.2f} non-memorized (difference per paragraph "
             f"{difference.describe()}): "

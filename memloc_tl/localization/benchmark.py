@@ -60,18 +60,21 @@ class InjectionBenchmark(Drawable):
     @property
     def failed_seeds(self) -> list[int]:
         """Seeds whose injection did not reach EM = continuation length (no truth planted)."""
-        if "succeeded" not in self.injections.columns:
-            return []
-        return sorted(int(s) for s in self.injections.loc[~self.injections["succeeded"], "seed"])
+        return self._seeds_where("succeeded", False)
 
     @property
     def damaging_seeds(self) -> list[int]:
         """Seeds whose injection damaged the model beyond its config's bounds (see
         :attr:`~memloc_tl.localization.injection.Injection.damaging`): their truth was planted,
         but in a model that no longer behaves like the original."""
-        if "damaging" not in self.injections.columns:
+        return self._seeds_where("damaging", True)
+
+    def _seeds_where(self, column: str, flag: bool) -> list[int]:
+        """Seeds whose injection has ``column == flag`` (none where the column is absent)."""
+        if column not in self.injections.columns:
             return []
-        return sorted(int(s) for s in self.injections.loc[self.injections["damaging"], "seed"])
+        rows = self.injections[column].astype(bool) == flag
+        return sorted(int(s) for s in self.injections.loc[rows, "seed"])
 
     def summary(self) -> pd.DataFrame:
         """Mean per localizer over the injections that succeeded: recall, recall at 0.1%,

@@ -212,26 +212,31 @@ class Injection:
         """Why this injection is not a clean ground truth, in words (empty when it is)."""
         out = []
         if not self.succeeded:
-            out.append(
-                f"it did not succeed: after {self.steps} steps EM is "
-                f"{[int(e) for e in self.em_after]} of {self.paragraphs.continuation_len} "
-                f"(before {[int(e) for e in self.em_before]})"
-            )
+            out.append(f"it did not succeed: {self._shortfall()}")
         if self.damaging:
-            damage, config = self.damage, self.config
-            parts = []
-            if not math.isnan(damage["memorized_em_drop"]):
-                parts.append(
-                    f"memorized mean EM fell by {damage['memorized_em_drop']:.1f} tokens "
-                    f"(bound {config.max_em_drop})"
-                )
-            if not math.isnan(damage["perplexity_ratio"]):
-                parts.append(
-                    f"general perplexity x{damage['perplexity_ratio']:.2f} (bound "
-                    f"x{config.max_perplexity_ratio})"
-                )
-            out.append(f"it damaged the model: {', '.join(parts)}")
+            out.append(f"it damaged the model: {self._harm()}")
         return out
+
+    def _shortfall(self) -> str:
+        return (
+            f"after {self.steps} steps EM is {[int(e) for e in self.em_after]} of "
+            f"{self.paragraphs.continuation_len} (before {[int(e) for e in self.em_before]})"
+        )
+
+    def _harm(self) -> str:
+        damage, config = self.damage, self.config
+        parts = []
+        if not math.isnan(damage["memorized_em_drop"]):
+            parts.append(
+                f"memorized mean EM fell by {damage['memorized_em_drop']:.1f} tokens "
+                f"(bound {config.max_em_drop})"
+            )
+        if not math.isnan(damage["perplexity_ratio"]):
+            parts.append(
+                f"general perplexity x{damage['perplexity_ratio']:.2f} (bound "
+                f"x{config.max_perplexity_ratio})"
+            )
+        return ", ".join(parts)
 
     def oracle_scores(self) -> dict[str, Tensor]:
         """|delta w| per attributed weight: the trivial upper bound (needs the original)."""
@@ -473,15 +478,15 @@ def report_problems(injection: Injection, *, strict: bool, stacklevel: int = 2) 
         raise InjectionError(f"the injection is not a clean ground truth: {what}. {fix}")
     if not injection.succeeded:
         warnings.warn(
-            f"the injection did not succeed: {problems[0].removeprefix('it did not succeed: ')}; "
-            f"scoring localizers against its truth measures nothing. {fix}",
+            f"the injection did not succeed: {injection._shortfall()}; scoring localizers "
+            f"against its truth measures nothing. {fix}",
             InjectionFailedWarning,
             stacklevel=stacklevel,
         )
     if injection.damaging:
         warnings.warn(
-            f"{problems[-1].replace('it damaged', 'the injection damaged')}: localizers are "
-            "scored on a model that no longer behaves like the original",
+            f"the injection damaged the model: {injection._harm()}: localizers are scored on a "
+            "model that no longer behaves like the original",
             InjectionDamageWarning,
             stacklevel=stacklevel,
         )
