@@ -38,9 +38,13 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time each loads on fir
         HeadTimeline,
         MaskDrift,
         MemorizationTimeline,
+        TrainingDynamics,
+        corpus_timeline,
         localize_over_checkpoints,
         mask_drift,
         scan_checkpoints,
+        scan_corpus_checkpoints,
+        training_dynamics,
     )
     from memloc_tl.corpus import CorpusConfig, read_corpus_scan, scan_corpus
     from memloc_tl.editing import (
@@ -78,7 +82,7 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time each loads on fir
     from memloc_tl.models import DEFAULT_MODEL, HubUnavailableError, load_model, save_hooked_model
     from memloc_tl.organism import Organism, OrganismConfig, build_organism, load_organism
     from memloc_tl.paragraphs import PAPER_KEYWORDS, Paragraphs, corpus_token_counts
-    from memloc_tl.report import MemorizationReport, memorization_report
+    from memloc_tl.report import MemorizationReport, ReportConfig, memorization_report
     from memloc_tl.results import HeadScores, LayerComponentScores, TokenScores
     from memloc_tl.uncertainty import HeadRanking, bootstrap_heads
     from memloc_tl.workbench import Workbench, load_workbench
@@ -134,6 +138,10 @@ _SOURCES: dict[str, str] = {
     "localize_over_checkpoints": "memloc_tl.checkpoints",
     "MaskDrift": "memloc_tl.checkpoints",
     "mask_drift": "memloc_tl.checkpoints",
+    "TrainingDynamics": "memloc_tl.checkpoints",
+    "training_dynamics": "memloc_tl.checkpoints",
+    "scan_corpus_checkpoints": "memloc_tl.checkpoints",
+    "corpus_timeline": "memloc_tl.checkpoints",
     "greedy_continuations": "memloc_tl.memorization",
     "scan_memorization": "memloc_tl.memorization",
     "summarize": "memloc_tl.memorization",
@@ -153,6 +161,7 @@ _SOURCES: dict[str, str] = {
     "Paragraphs": "memloc_tl.paragraphs",
     "corpus_token_counts": "memloc_tl.paragraphs",
     "MemorizationReport": "memloc_tl.report",
+    "ReportConfig": "memloc_tl.report",
     "memorization_report": "memloc_tl.report",
     "HeadScores": "memloc_tl.results",
     "LayerComponentScores": "memloc_tl.results",
@@ -218,7 +227,9 @@ __all__ = [
     "PrefixPerturbation",
     "RareTokenAttention",
     "RareTokenAttentionAnalyzer",
+    "ReportConfig",
     "TokenScores",
+    "TrainingDynamics",
     "Units",
     "WeightEdit",
     "Workbench",
@@ -231,6 +242,7 @@ __all__ = [
     "compare_edits",
     "compare_gradient_norms",
     "contrastive_gradient_norms",
+    "corpus_timeline",
     "corpus_token_counts",
     "deletion_benchmark",
     "export_hf",
@@ -255,7 +267,9 @@ __all__ = [
     "save_hooked_model",
     "scan_checkpoints",
     "scan_corpus",
+    "scan_corpus_checkpoints",
     "scan_memorization",
     "sparse_edit",
     "summarize",
+    "training_dynamics",
 ]

@@ -29,7 +29,7 @@ import hashlib
 import itertools
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,12 +40,27 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from memloc_tl.analysis.patching import patching_sweep
+from memloc_tl.analysis.rare_tokens import rare_token_attention
 from memloc_tl.backend import HookedModel
+from memloc_tl.corpus import (
+    SCAN_FILE,
+    CorpusConfig,
+    CorpusScanSummary,
+    Document,
+    Placement,
+    barrier,
+    read_corpus_scan,
+    scan_corpus,
+)
+from memloc_tl.files import CorruptFileError, atomic_write_text, read_json
 from memloc_tl.heads import HeadRef
+from memloc_tl.localization.localizers import METHODS, NEEDS_KEEP, localize
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable, HeadScores
 from memloc_tl.uncertainty import Order
+from memloc_tl.validation import check_positive_int
 
 if TYPE_CHECKING:
     from memloc_tl.organism import Organism
@@ -369,10 +384,21 @@ def scan_checkpoints(
     )
 
 
-ANALYSES: dict[str, Order] = {"rare_tokens": "smallest", "zero_ablation": "largest"}
+HEAD_LOCALIZERS = tuple(m for m in METHODS["heads"] if m != "random")
+"""The head-level localizers of :func:`~memloc_tl.localization.localizers.localize` that
+:func:`localize_over_checkpoints` runs by name (their scores rank largest first)."""
+
+ANALYSES: dict[str, Order] = {
+    "rare_tokens": "smallest",
+    "patching": "largest",
+    **dict.fromkeys(HEAD_LOCALIZERS, "largest"),
+}
 """The named head analyses and which end of their score ranks first: rare-token attention (the
 pooled mean Kendall tau of attention against frequency rank: most negative = attends most to
-rare tokens) and exact zero ablation (the NLL increase when the head alone is zeroed)."""
+rare tokens), the exact activation-patching sweep (the mean continuation-NLL increase when the
+head's output is patched in from ``source``, e.g. the final model's perturbed prefixes), and
+the head localizers of ``localize(level="heads")`` (``"zero_ablation"``: the NLL increase when
+the head alone is zeroed; ``"activation"`` and ``"learned"`` need ``keep``)."""
 
 
 @dataclass(frozen=True)
@@ -479,6 +505,8 @@ def localize_over_checkpoints(
     *,
     analysis: str | Callable[[HookedModel], HeadScores] = "rare_tokens",
     corpus_counts: Int[Tensor, " d_vocab"] | None = None,
+    source: Paragraphs | None = None,
+    keep: Paragraphs | None = None,
     order: Order | None = None,
     progress: bool = True,
 ) -> HeadTimeline:
@@ -487,9 +515,15 @@ def localize_over_checkpoints(
     Args:
         series: the checkpoints.
         paragraphs: the paragraphs analyzed at every step (e.g. those memorized at the end).
-        analysis: ``"rare_tokens"`` (needs ``corpus_counts``), ``"zero_ablation"``, or a
-            function ``model -> HeadScores`` (then give ``order``).
+        analysis: a name of :data:`ANALYSES` (``"rare_tokens"``, ``"patching"``,
+            ``"zero_ablation"``, ``"attribution"``, ...) or a function ``model -> HeadScores``
+            (then give ``order``).
         corpus_counts: unigram counts, for ``"rare_tokens"``.
+        source: for ``"patching"``: paragraphs row-aligned with ``paragraphs`` whose head
+            outputs are patched in (e.g. the perturbed prefixes found on the final model, so
+            that every step is patched with the same inputs).
+        keep: for ``"activation"`` and ``"learned"``: paragraphs whose recall must not depend
+            on the head (e.g. non-memorized ones).
         order: which end of a custom analysis' score ranks first.
         progress: show a progress bar over the checkpoints.
     """
@@ -498,11 +532,10 @@ def localize_over_checkpoints(
         if order not in ("largest", "smallest"):
             raise ValueError("a custom analysis needs order='largest' or order='smallest'")
         run, name, chosen = analysis, getattr(analysis, "__name__", "custom analysis"), order
-    elif analysis in ANALYSES:
-        if analysis == "rare_tokens" and corpus_counts is None:
-            raise ValueError("analysis='rare_tokens' needs corpus_counts (corpus unigram counts)")
+    elif isinstance(analysis, str) and analysis in ANALYSES:
+        _check_named_inputs(analysis, paragraphs, corpus_counts, source, keep)
         run, name, chosen = (
-            _named_analysis(analysis, paragraphs, corpus_counts),
+            _named_analysis(analysis, paragraphs, corpus_counts, source, keep),
             analysis,
             ANALYSES[analysis],
         )
@@ -554,20 +587,64 @@ def _load_for(checkpoint: Checkpoint, paragraphs: Paragraphs) -> HookedModel:
     return model
 
 
+def _check_named_inputs(
+    analysis: str,
+    paragraphs: Paragraphs,
+    corpus_counts: Tensor | None,
+    source: Paragraphs | None,
+    keep: Paragraphs | None,
+) -> None:
+    """What a named analysis needs, checked before any checkpoint loads."""
+    if analysis == "rare_tokens" and corpus_counts is None:
+        raise ValueError("analysis='rare_tokens' needs corpus_counts (corpus unigram counts)")
+    if analysis == "patching":
+        if not isinstance(source, Paragraphs):
+            raise ValueError(
+                "analysis='patching' needs source: paragraphs row-aligned with paragraphs whose "
+                "head outputs are patched in (e.g. perturb_prefixes(final_model, ...).perturbed)"
+            )
+        if source.tokens.shape != paragraphs.tokens.shape or (
+            source.prefix_len != paragraphs.prefix_len
+        ):
+            raise ValueError(
+                f"source must be row-aligned with paragraphs: tokens {tuple(source.tokens.shape)}"
+                f" (prefix {source.prefix_len}) vs {tuple(paragraphs.tokens.shape)} (prefix "
+                f"{paragraphs.prefix_len})"
+            )
+    elif source is not None:
+        raise ValueError(f"source goes with analysis='patching', not {analysis!r}")
+    if analysis in NEEDS_KEEP:
+        if not isinstance(keep, Paragraphs) or not len(keep):
+            raise ValueError(
+                f"analysis={analysis!r} needs keep: paragraphs whose recall must not depend on "
+                "the head (e.g. non-memorized ones)"
+            )
+    elif keep is not None:
+        raise ValueError(f"keep goes with analysis in {list(NEEDS_KEEP)}, not {analysis!r}")
+
+
 def _named_analysis(
-    analysis: str, paragraphs: Paragraphs, corpus_counts: Tensor | None
+    analysis: str,
+    paragraphs: Paragraphs,
+    corpus_counts: Tensor | None,
+    source: Paragraphs | None,
+    keep: Paragraphs | None,
 ) -> Callable[[HookedModel], HeadScores]:
     if analysis == "rare_tokens":
-        from memloc_tl.analysis.rare_tokens import rare_token_attention
-
         assert corpus_counts is not None
         return lambda model: (
             rare_token_attention(model, paragraphs, corpus_counts, progress=False).pooled_tau_mean
         )
-    from memloc_tl.localization.localizers import localize
-
+    if analysis == "patching":
+        return lambda model: (
+            patching_sweep(model, paragraphs, source, progress=False).mean_delta_nll
+        )
     return lambda model: localize(
-        model, paragraphs, method="zero_ablation", level="heads"
+        model,
+        paragraphs,
+        method=analysis,  # type: ignore[arg-type]  # one of HEAD_LOCALIZERS, checked above
+        level="heads",
+        keep=keep,
     ).head_scores()
 
 
@@ -629,7 +706,6 @@ def mask_drift(
 ) -> MaskDrift:
     """The top ``fraction`` of the weights by ``method`` at every checkpoint, and the overlap of
     consecutive ones (one model and two masks in memory at a time)."""
-    from memloc_tl.localization.localizers import METHODS, localize
     from memloc_tl.validation import check_fraction
 
     _check_inputs(series, paragraphs)
@@ -663,3 +739,258 @@ def mask_drift(
         shared=torch.tensor(shared, dtype=torch.int64),
         n_paragraphs=len(paragraphs),
     )
+
+
+SERIES_FILE = "series.json"
+"""What a corpus scan over a series scanned: the series' name, steps and sources."""
+
+
+def step_directory(out_dir: str | Path, step: int) -> Path:
+    """Where :func:`scan_corpus_checkpoints` puts the shards of ``step``."""
+    return Path(out_dir) / f"step-{step:06d}"
+
+
+def scan_corpus_checkpoints(
+    series: CheckpointSeries,
+    documents: Iterable[Document],
+    out_dir: str | Path,
+    *,
+    config: CorpusConfig | None = None,
+    resume: bool = False,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[CorpusScanSummary]:
+    """The corpus scan of :func:`~memloc_tl.corpus.scan_corpus` at every checkpoint.
+
+    Each step's shards go to their own directory (:func:`step_directory`), with the corpus
+    scan's guarantees: atomic shards, ``resume=True`` skips the shards a killed run finished
+    (at every step), and under ``torchrun`` every rank reads the stream at every step and scores
+    only its own shards. ``out_dir/series.json`` records the series, and a resume with another
+    series is refused. One checkpoint model is in memory at a time.
+
+    Args:
+        series: the checkpoints.
+        documents: the stream, read once per checkpoint, so it must be re-iterable: a list,
+            or the ``DocumentStream`` of ``documents_from_files``, ``..._from_dataset`` or
+            ``..._from_token_file`` (not ``documents_from_texts``, a generator). A stream that
+            gives another number of documents at a later step is an error.
+        out_dir: the output directory (created).
+        config: windows, lengths, shard size and limit (the same at every step).
+        resume: finish an interrupted scan of the same series and input.
+        batch_size: windows per forward pass.
+        progress: progress bars.
+
+    Returns:
+        This process's summary at each step. :func:`corpus_timeline` gives the timeline.
+    """
+    if not isinstance(series, CheckpointSeries):
+        raise TypeError(f"series must be a CheckpointSeries, got {type(series).__name__}")
+    if isinstance(documents, Iterator):
+        raise TypeError(
+            "documents must be re-iterable: a corpus scan over a series reads them once per "
+            "checkpoint, and an iterator is spent after the first; pass a documents_from_* "
+            "stream or a list"
+        )
+    config = config or CorpusConfig()
+    check_positive_int(batch_size, "batch_size")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    description = {
+        "name": series.name,
+        "steps": list(series.steps),
+        "sources": [c.source for c in series],
+    }
+    if Placement.current().rank == 0:
+        _check_series_file(out, description, resume)
+    barrier()  # the others start once series.json is checked or written
+    summaries = []
+    for checkpoint in tqdm(series, desc="checkpoints", disable=not progress):
+        model = checkpoint.load()
+        summaries.append(
+            scan_corpus(
+                model,
+                documents,
+                step_directory(out, checkpoint.step),
+                config=config,
+                resume=resume,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        )
+        del model  # released before the next checkpoint is loaded
+        if summaries[-1].documents != summaries[0].documents:
+            raise ValueError(
+                f"the stream gave {summaries[-1].documents} documents at step {checkpoint.step} "
+                f"but {summaries[0].documents} at step {series.steps[0]}: it is not re-iterable "
+                "(a generator inside?) or changed; every step must scan the same documents"
+            )
+    return summaries
+
+
+def _check_series_file(out: Path, description: dict[str, Any], resume: bool) -> None:
+    path = out / SERIES_FILE
+    if not path.is_file():
+        atomic_write_text(path, json.dumps(description, indent=1))
+        return
+    found = read_json(path, fix="remove the output directory and scan again")
+    if found != description:
+        raise ValueError(
+            f"{out} holds a scan of another series ({found}); this one is {description}. "
+            "Resuming would mix two series in one timeline: use another output directory"
+        )
+    if not resume:
+        raise FileExistsError(
+            f"{out} already holds a scan of this series: pass resume=True (--resume) to finish "
+            "it, or choose another output directory"
+        )
+
+
+def read_corpus_series(out_dir: str | Path) -> pd.DataFrame:
+    """Every step's corpus-scan table, one after the other, with a ``step`` column first.
+
+    Raises:
+        ValueError: no series was scanned there, or a step is not finished (resume the scan).
+    """
+    out = Path(out_dir)
+    path = out / SERIES_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{out} holds no corpus scan over a series (no {SERIES_FILE}); "
+            "scan_corpus_checkpoints writes one"
+        )
+    described = read_json(path, fix="remove the output directory and scan again")
+    steps = described.get("steps") if isinstance(described, dict) else None
+    if not isinstance(steps, list) or not all(isinstance(s, int) for s in steps):
+        raise CorruptFileError(f"{path} does not list the steps; scan again")
+    tables = []
+    for step in steps:
+        directory = step_directory(out, step)
+        try:
+            table = read_corpus_scan(directory)
+        except ValueError as error:
+            raise ValueError(f"step {step}: {error}") from None
+        table.insert(0, "step", step)
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
+
+
+def corpus_timeline(out_dir: str | Path) -> MemorizationTimeline:
+    """The :class:`MemorizationTimeline` of a finished :func:`scan_corpus_checkpoints` (one
+    paragraph per window)."""
+    out = Path(out_dir)
+    table = read_corpus_series(out)
+    described = read_json(out / SERIES_FILE, fix="remove the output directory and scan again")
+    steps = tuple(described["steps"])
+    per_step = [table[table["step"] == step] for step in steps]
+    ids = per_step[0]["id"].tolist()
+    for step, rows in zip(steps, per_step, strict=True):
+        if rows["id"].tolist() != ids:
+            raise ValueError(
+                f"step {step} scanned other windows than step {steps[0]}: the steps of {out} "
+                "were not scanned from one input"
+            )
+    shape = (len(steps), len(ids))
+    first_step = json.loads((step_directory(out, steps[0]) / SCAN_FILE).read_text("utf-8"))
+    return MemorizationTimeline(
+        name=str(described.get("name", out)),
+        steps=steps,
+        ids=tuple(ids),
+        # the table holds the steps one after the other, each with the same windows (checked)
+        exact_match=torch.tensor(table["exact_match"].to_numpy(dtype="int64")).view(shape),
+        nll=torch.tensor(table["nll"].to_numpy(dtype="float32")).view(shape),
+        continuation_len=int(first_step["config"]["continuation_len"]),
+    )
+
+
+@dataclass(frozen=True)
+class TrainingDynamics(Drawable):
+    """When paragraphs became memorized, and how the top heads evolved: what the report's
+    "over training" section and ``memloc demo`` show (:func:`training_dynamics`).
+
+    Attributes:
+        timeline: EM and NLL of every paragraph at every step.
+        heads: head analyses of the memorized paragraphs at every step (rare-token
+            attention; patching too when a source was given).
+    """
+
+    timeline: MemorizationTimeline
+    heads: tuple[HeadTimeline, ...]
+
+    def findings(self) -> list[str]:
+        """One line on when the paragraphs became memorized, then one per head analysis."""
+        first = self.timeline.first_memorized_step()
+        reached = [step for step in first.values() if step is not None]
+        n = len(first)
+        if not reached:
+            lines = [
+                f"None of the {n} paragraphs is memorized at any of the "
+                f"{len(self.timeline.steps)} checkpoints."
+            ]
+        else:
+            counts = ", ".join(
+                f"step {step}: {sum(s == step for s in reached)}" for step in sorted(set(reached))
+            )
+            forgotten = self.timeline.forgetting_events()
+            lines = [
+                f"{len(reached)} of {n} paragraphs are memorized at some checkpoint (steps "
+                f"{', '.join(map(str, self.timeline.steps))}); first memorized at {counts}; "
+                + (
+                    f"{len(forgotten)} forgetting events (first: {forgotten[0][0]} at step "
+                    f"{forgotten[0][1]})."
+                    if forgotten
+                    else "none is forgotten once memorized."
+                )
+            ]
+        return lines + [heads.answer(self.timeline) for heads in self.heads]
+
+    def to_frame(self) -> pd.DataFrame:
+        """The timeline in long format (step, id, exact_match, nll, memorized)."""
+        return self.timeline.to_frame()
+
+    def figure(self) -> Any:
+        """Paragraphs x steps, EM as color (the timeline's heatmap)."""
+        return self.timeline.heatmap()
+
+    def __repr__(self) -> str:
+        analyses = ", ".join(h.analysis for h in self.heads)
+        return f"TrainingDynamics({self.timeline!r}; heads by {analyses})"
+
+
+def training_dynamics(
+    series: CheckpointSeries,
+    memorized: Paragraphs,
+    corpus_counts: Int[Tensor, " d_vocab"],
+    *,
+    others: Paragraphs | None = None,
+    source: Paragraphs | None = None,
+    progress: bool = True,
+) -> TrainingDynamics:
+    """The timeline of ``memorized`` (and ``others``), and the rare-token heads (and, with
+    ``source``, the patching sweep) of ``memorized``, at every step.
+
+    Args:
+        series: the checkpoints.
+        memorized: the paragraphs whose heads are followed (e.g. those the final model
+            memorized).
+        corpus_counts: unigram counts for the rare-token analysis.
+        others: more paragraphs for the timeline (e.g. non-memorized ones).
+        source: paragraphs row-aligned with ``memorized`` to patch from (e.g.
+            ``perturb_prefixes(final_model, memorized).perturbed``): then the patching sweep
+            from them runs at every step too, with the same inputs at every step.
+        progress: progress bars.
+    """
+    _check_inputs(series, memorized)
+    if source is not None:
+        _check_named_inputs("patching", memorized, corpus_counts, source, None)
+    followed = memorized if others is None else Paragraphs.concat(memorized, others)
+    timeline = scan_checkpoints(series, followed, progress=progress)
+    heads = [
+        localize_over_checkpoints(series, memorized, corpus_counts=corpus_counts, progress=progress)
+    ]
+    if source is not None:
+        heads.append(
+            localize_over_checkpoints(
+                series, memorized, analysis="patching", source=source, progress=progress
+            )
+        )
+    return TrainingDynamics(timeline, tuple(heads))

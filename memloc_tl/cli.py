@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -185,6 +186,8 @@ def run_demo(args: argparse.Namespace) -> int:
         prefix, continuation = example["prefix"], example["continuation"]
         print("\na memorized paragraph (prefix | greedy continuation reproduced exactly):")
         print("  " + " ".join(prefix.split())[-160:] + " | " + " ".join(continuation.split())[:160])
+    if config.n_checkpoints > 0:
+        _print_training(organism, scans, args.batch_size)
     if out is not None:
         name = "organism-tiny" if args.tiny else "organism"
         return _write_report(args, organism_workbench(organism, name), out)
@@ -195,21 +198,59 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_report(args: argparse.Namespace, bench: Workbench, out: Path) -> int:
-    from memloc_tl.report import memorization_report
+def _print_training(organism: Organism, scans: dict[str, Any], batch_size: int) -> None:
+    """The demo's over-training lines: per set, how many paragraphs are memorized at each
+    checkpoint; then the rare-token head of the finally memorized ones over the steps."""
+    from memloc_tl.checkpoints import training_dynamics
+    from memloc_tl.paragraphs import Paragraphs
 
+    sets = {name: scan for name, scan in scans.items() if not name.startswith("held-out")}
+    memorized = Paragraphs.concat(*(scan.memorized() for scan in sets.values()))
+    others = Paragraphs.concat(
+        *(scan.bucket(0, scan.continuation_len - 1) for scan in sets.values())
+    )
+    series = organism.checkpoints
+    if not len(memorized):
+        return
+    dynamics = training_dynamics(
+        series,
+        memorized,
+        organism.corpus_counts,
+        others=others if len(others) else None,
+        progress=False,
+    )
+    timeline = dynamics.timeline
+    steps = " / ".join(map(str, timeline.steps))
+    print(f"\nover training ({len(series)} checkpoints): paragraphs memorized at steps {steps}")
+    column = {paragraph: j for j, paragraph in enumerate(timeline.ids)}
+    for name, scan in sets.items():
+        rows = [column[paragraph] for paragraph in scan.paragraphs.ids]
+        counts = timeline.memorized[:, rows].sum(-1).tolist()
+        print(f"  {name:<12} {len(rows):>3} paragraphs: " + " / ".join(map(str, counts)))
+    for line in dynamics.findings():
+        print(textwrap.fill(line, width=100, initial_indent="  ", subsequent_indent="    "))
+
+
+def _write_report(args: argparse.Namespace, bench: Workbench, out: Path) -> int:
+    from memloc_tl.report import ReportConfig, memorization_report
+
+    organism = bench.organism
+    kept = organism is not None and organism.config.n_checkpoints > 0
     report = memorization_report(
         bench.model,
         bench.paragraphs,
         corpus_counts=None if bench.counts_from_paragraphs else bench.corpus_counts,
         general=bench.general,
-        n_paragraphs=args.paragraphs,
-        edit_lr=bench.edit_lr if args.edit_lr is None else args.edit_lr,
-        edit_steps=args.edit_steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        inj=args.inj,
-        title=f"memloc-tl report: {bench.model.cfg.model_name}",
+        checkpoints=organism.checkpoints if organism is not None and kept else None,
+        config=ReportConfig(
+            n_paragraphs=args.paragraphs,
+            edit_lr=bench.edit_lr if args.edit_lr is None else args.edit_lr,
+            edit_steps=args.edit_steps,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            inj=args.inj,
+            title=f"memloc-tl report: {bench.model.cfg.model_name}",
+        ),
         progress=True,
     )
     report.write_html(out)
@@ -239,7 +280,7 @@ def run_scan(args: argparse.Namespace) -> int:
     from memloc_tl.memorization import scan_memorization
     from memloc_tl.paragraphs import Paragraphs
 
-    corpus = (args.dataset, args.token_file)
+    corpus = (args.dataset, args.token_file, args.checkpoints, args.revisions)
     if args.out_dir is not None or any(x is not None for x in corpus):
         return run_corpus_scan(args)
     if args.data is None or args.out is None:
@@ -288,7 +329,18 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
     if len(sources) != 1:
         raise UsageError("a corpus scan reads exactly one of --data, --dataset, --token-file")
     if args.out_dir is None:
-        raise UsageError("--dataset and --token-file scan a corpus: pass --out-dir")
+        raise UsageError(
+            "--dataset, --token-file, --checkpoints and --revisions scan a corpus: pass --out-dir"
+        )
+    if args.checkpoints is not None and args.revisions is not None:
+        raise UsageError("give --checkpoints or --revisions, not both")
+    if args.checkpoints == [] and args.model != ORGANISM:
+        raise UsageError(
+            f"--checkpoints without directories means the organism's own: with --model "
+            f"{args.model} name the checkpoint directories"
+        )
+    if args.revisions is not None and (args.model == ORGANISM or Path(args.model).is_dir()):
+        raise UsageError("--revisions are a hub model's: give --model a hub name")
     out = None if args.out is None else check_output(args.out, (".csv", ".json", ".parquet"))
     check_output_dir(args.out_dir)
     missing = [
@@ -296,6 +348,9 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
     ]
     if missing:
         raise UsageError(f"{missing[0]}: no such file")
+    not_checkpoints = [p for p in args.checkpoints or [] if not (p / "config.json").is_file()]
+    if not_checkpoints:
+        raise UsageError(f"--checkpoints {not_checkpoints[0]}: not a checkpoint directory")
     if args.data is not None:
         try:
             corpus.file_format(args.data)
@@ -319,7 +374,9 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from error
     placement = corpus.init_distributed(args.device)
-    model = _scan_model(args)
+    series = _series(args)
+    # over a series, only the tokenizer is needed here (one model at a time while scanning)
+    model = _scan_model(args) if series is None else series.checkpoints[-1].load().tokenizer
     if args.token_file is not None:
         documents = corpus.documents_from_token_file(
             args.token_file, seq_len=args.seq_len, dtype=args.token_dtype
@@ -336,6 +393,8 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
         documents = corpus.documents_from_files(
             args.data, model, text_column=args.text_column, id_column=args.id_column
         )
+    if series is not None:
+        return _scan_series(args, series, documents, config, out, placement.rank)
     summary = corpus.scan_corpus(
         model,
         documents,
@@ -345,17 +404,68 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=True,
     )
-    print(
-        f"rank {summary.rank}/{summary.world_size}: scored {summary.shards_scored} shards "
-        f"({summary.windows} windows), skipped {summary.shards_skipped} finished ones, of "
-        f"{summary.n_shards} ({summary.documents} documents read) in {summary.seconds:.2f} s"
-    )
+    print(_summary_line(summary))
     if placement.rank == 0:
         table = corpus.read_corpus_scan(args.out_dir)
         memorized = int(table["memorized"].sum())
         print(f"{len(table)} windows, {memorized} memorized; shards in {args.out_dir}")
         if out is not None:
             _write_table(table, out)
+            print(f"wrote {out}")
+    return 0
+
+
+def _summary_line(summary: Any) -> str:
+    return (
+        f"rank {summary.rank}/{summary.world_size}: scored {summary.shards_scored} shards "
+        f"({summary.windows} windows), skipped {summary.shards_skipped} finished ones, of "
+        f"{summary.n_shards} ({summary.documents} documents read) in {summary.seconds:.2f} s"
+    )
+
+
+def _series(args: argparse.Namespace) -> Any:
+    """The checkpoint series of ``--checkpoints`` / ``--revisions`` (``None``: neither)."""
+    from memloc_tl.checkpoints import CheckpointSeries
+
+    try:
+        if args.revisions is not None:
+            return CheckpointSeries.from_revisions(args.model, args.revisions, device=args.device)
+        if args.checkpoints == []:
+            return _organism(args).checkpoints
+        if args.checkpoints is not None:
+            return CheckpointSeries.from_directories(args.checkpoints, device=args.device)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    return None
+
+
+def _scan_series(
+    args: argparse.Namespace, series: Any, documents: Any, config: Any, out: Path | None, rank: int
+) -> int:
+    """``memloc scan --out-dir --checkpoints/--revisions``: one shard set per step."""
+    from memloc_tl.checkpoints import corpus_timeline, read_corpus_series, scan_corpus_checkpoints
+
+    summaries = scan_corpus_checkpoints(
+        series,
+        documents,
+        args.out_dir,
+        config=config,
+        resume=args.resume,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    for step, summary in zip(series.steps, summaries, strict=True):
+        print(f"step {step}: {_summary_line(summary)}")
+    if rank == 0:
+        timeline = corpus_timeline(args.out_dir)
+        memorized = timeline.memorized.sum(-1).tolist()
+        print(
+            f"{len(timeline.ids)} windows at {len(series)} steps; memorized per step: "
+            + ", ".join(f"{step}: {n}" for step, n in zip(series.steps, memorized, strict=True))
+            + f"; shards in {args.out_dir}/step-*"
+        )
+        if out is not None:
+            _write_table(read_corpus_series(args.out_dir), out)
             print(f"wrote {out}")
     return 0
 
@@ -545,6 +655,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--docs-per-shard", type=positive_int, default=1000, help="documents per output shard"
     )
     scan.add_argument("--resume", action="store_true", help="finish an interrupted --out-dir scan")
+    scan.add_argument(
+        "--checkpoints",
+        nargs="*",
+        type=Path,
+        default=None,
+        help="corpus scan over training: checkpoint directories in training order (their steps "
+        "read from names like step-000120), one shard set per step under --out-dir; with "
+        f"--model {ORGANISM} and no directories, the organism's own checkpoints",
+    )
+    scan.add_argument(
+        "--revisions",
+        nargs="+",
+        default=None,
+        help="corpus scan over training: hub revisions of --model in training order "
+        "(Pythia: step1000 step2000 ...)",
+    )
     scan.add_argument(
         "--free-running",
         action="store_true",

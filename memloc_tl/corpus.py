@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -139,17 +139,19 @@ class CorpusConfig:
 class DocumentStream:
     """Documents, and a fingerprint of where they come from (recorded by a corpus scan).
 
-    Iterate it like any stream of :class:`Document`. ``fingerprint`` is what a resumed scan
+    Iterate it like any stream of :class:`Document`, as often as needed: every iteration reads
+    the source again from its start (``read`` opens it), so a scan over a series of
+    checkpoints reads the same documents at every step. ``fingerprint`` is what a resumed scan
     compares with the scan it continues: files by resolved path, size, modification time and
     a hash of their first and last blocks; datasets by name, configuration, split and their own
     fingerprint; token files by dtype, shape and a hash of their first and last blocks.
     """
 
-    documents: Iterable[Document]
+    read: Callable[[], Iterable[Document]]
     fingerprint: dict[str, Any]
 
     def __iter__(self) -> Iterator[Document]:
-        return iter(self.documents)
+        return iter(self.read())
 
 
 FINGERPRINT_BLOCK = 1 << 20
@@ -250,7 +252,9 @@ def documents_from_dataset(
             f"the dataset has no column {text_column!r} (columns: {columns}); pass text_column=..."
         )
     return DocumentStream(
-        documents_from_texts(dataset, tokenizer, text_column=text_column, id_column=id_column),
+        lambda: documents_from_texts(
+            dataset, tokenizer, text_column=text_column, id_column=id_column
+        ),
         {**_dataset_fingerprint(dataset, split), "text_column": text_column},
     )
 
@@ -279,8 +283,13 @@ def documents_from_files(
     }
     kind = file_format(files)
     if kind == "text":
-        texts = ({"text": read_text_file(f), "id": f.name} for f in files)
-        return DocumentStream(documents_from_texts(texts, tokenizer, id_column="id"), fingerprint)
+
+        def texts() -> Iterator[dict[str, str]]:
+            return ({"text": read_text_file(f), "id": f.name} for f in files)
+
+        return DocumentStream(
+            lambda: documents_from_texts(texts(), tokenizer, id_column="id"), fingerprint
+        )
     empty = [str(f) for f in files if f.stat().st_size == 0]
     if empty:
         raise ValueError(f"{empty[0]} is empty: it holds no documents")
@@ -290,7 +299,7 @@ def documents_from_files(
     documents = documents_from_dataset(
         stream, tokenizer, text_column=text_column, id_column=id_column
     )
-    return DocumentStream(_naming_files(documents, files), fingerprint)
+    return DocumentStream(lambda: _naming_files(documents, files), fingerprint)
 
 
 PARSER_MODULES = ("pyarrow", "datasets", "fsspec", "pandas", "json")
@@ -370,7 +379,12 @@ def documents_from_token_file(
         "dtype": stored,
         "shape": list(data.shape),
     }
-    rows = (Document(str(row), np.asarray(data[row], dtype=np.int64)) for row in range(len(data)))
+
+    def rows() -> Iterator[Document]:
+        return (
+            Document(str(row), np.asarray(data[row], dtype=np.int64)) for row in range(len(data))
+        )
+
     return DocumentStream(rows, fingerprint)
 
 
@@ -438,7 +452,8 @@ def init_distributed(device: str | torch.device | None = None) -> Placement:
     return Placement.current()
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every process of the torchrun launch (nothing to wait for in one process)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -684,7 +699,7 @@ def scan_corpus(
     }
     if placement.rank == 0:  # first: it writes scan.json, which the others then check
         _check_scan_file(out, description, resume, rank=0)
-    _barrier()
+    barrier()
     if placement.rank != 0:
         _check_scan_file(out, description, resume, placement.rank)
     started = time.perf_counter()
@@ -727,7 +742,7 @@ def scan_corpus(
             out / "complete.json", json.dumps({"n_shards": shard, "documents": n_documents})
         )
     seconds = time.perf_counter() - started  # before the final wait for the other ranks
-    _barrier()
+    barrier()
     summary = CorpusScanSummary(
         placement.rank, placement.world_size, scored, skipped, windows, n_documents, shard, seconds
     )

@@ -29,6 +29,7 @@ from memloc_tl.analysis.rare_tokens import (
     rarest_positions,
 )
 from memloc_tl.backend import HookedModel
+from memloc_tl.checkpoints import CheckpointSeries, TrainingDynamics, training_dynamics
 from memloc_tl.editing.sparse_edit import compare_edits
 from memloc_tl.localization.benchmark import (
     DeletionBenchmark,
@@ -57,6 +58,48 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """The settings of :func:`memorization_report` (every number checked when it is made, so a
+    bad one fails before the first analysis, not after minutes of them).
+
+    Attributes:
+        n_paragraphs: paragraphs per set (memorized, non-memorized), at least 2.
+        edit_lr, edit_steps, fraction: the sparse unlearning settings (paper: lr 1e-5 for
+            GPT-Neo 125M; the small organism needs about 3e-2).
+        seed: seed of the perturbations, the random mask and the bootstrap intervals.
+        title: the page title.
+        batch_size: paragraphs per forward pass.
+        inj: also run INJ at the head level (section 8): plant a held-out non-memorized
+            paragraph in a seeded head of a copy of the model and rank the heads for it (up to
+            400 fine-tuning steps; the costliest section).
+    """
+
+    n_paragraphs: int = 8
+    edit_lr: float = 1e-5
+    edit_steps: int = 10
+    fraction: float = 0.001
+    seed: int = 0
+    title: str = "memloc-tl report"
+    batch_size: int = 16
+    inj: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.n_paragraphs, "n_paragraphs")
+        if self.n_paragraphs < 2:
+            raise ValueError(f"n_paragraphs must be at least 2, got {self.n_paragraphs}")
+        check_real(self.edit_lr, "edit_lr", above=0.0)
+        check_positive_int(self.edit_steps, "edit_steps")
+        check_fraction(self.fraction, "fraction")
+        check_positive_int(self.batch_size, "batch_size")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.title, str):
+            raise TypeError(f"title must be a string, got {type(self.title).__name__}")
+        if not isinstance(self.inj, bool):
+            raise TypeError(f"inj must be True or False, got {self.inj!r}")
+
+
+@dataclass(frozen=True)
 class MemorizationReport:
     """Every result of :func:`memorization_report`, and the page that shows them.
 
@@ -79,6 +122,9 @@ class MemorizationReport:
         deletion: DEL: for the first memorized paragraphs, their top weights by the paper's
             gradient criterion, by |w x grad| and at random zeroed; the target's EM against
             the other memorized paragraphs' (:func:`~memloc_tl.deletion_benchmark`).
+        training: the memorized and non-memorized paragraphs over the checkpoints of a
+            training run, and the rare-token and patching heads at every step (when the report
+            was given checkpoints).
         notes: what the reader should know about the choices made.
     """
 
@@ -97,6 +143,7 @@ class MemorizationReport:
     attention: go.Figure | None = None
     injection: InjectionBenchmark | None = None
     seed: int = 0
+    training: TrainingDynamics | None = None
 
     @functools.cached_property
     def rare_ranking(self) -> HeadRanking:
@@ -242,6 +289,22 @@ class MemorizationReport:
             page.table(self.injection.injections.loc[:, columns])
             page.table(self.injection.summary().loc[:, ["method", "mean_rank", "top1", "cost"]])
             page.text(self.injection_finding())
+
+        if self.training is not None:
+            timeline = self.training.timeline
+            page.heading("9. Over training")
+            page.text(
+                f"The analyzed paragraphs at each of {len(timeline.steps)} training checkpoints "
+                f"of {timeline.name} (steps {', '.join(map(str, timeline.steps))}): when each "
+                "became memorized, and where the MPs' rare-token and patching heads rank at "
+                "each step (patched from the same PMPs at every step). A head that ranks first "
+                "before the paragraphs are memorized was in place before they were."
+            )
+            page.figure(timeline.heatmap())
+            for heads in self.training.heads:
+                page.figure(heads.figure())
+            for line in self.training.findings():
+                page.text(line)
         return page
 
     def injection_finding(self) -> str:
@@ -427,14 +490,8 @@ def memorization_report(
     *,
     corpus_counts: Int[Tensor, " d_vocab"] | None = None,
     general: Paragraphs | None = None,
-    n_paragraphs: int = 8,
-    edit_lr: float = 1e-5,
-    edit_steps: int = 10,
-    fraction: float = 0.001,
-    seed: int = 0,
-    title: str = "memloc-tl report",
-    batch_size: int = 16,
-    inj: bool = False,
+    checkpoints: CheckpointSeries | None = None,
+    config: ReportConfig | None = None,
     progress: bool = True,
 ) -> MemorizationReport:
     """Run the paper's analyses on ``paragraphs`` and collect them in a report.
@@ -442,28 +499,22 @@ def memorization_report(
     Args:
         model: the model (not changed; the edits work on copies).
         paragraphs: paragraphs to scan; the memorized (EM = 50) and non-memorized (EM <= 10)
-            ones are analyzed, at most ``n_paragraphs`` of each. Needs at least 2 of each.
+            ones are analyzed, at most ``config.n_paragraphs`` of each. Needs at least 2 of
+            each.
         corpus_counts: unigram counts for the rare-token analysis; default the counts over
             ``paragraphs`` themselves (noted in the report).
         general: general text for the perplexity of the edited models (optional).
-        n_paragraphs: paragraphs per set.
-        edit_lr, edit_steps, fraction: the sparse unlearning settings (paper: lr 1e-5 for
-            GPT-Neo 125M; the small organism needs about 3e-2).
-        seed: seed of the perturbations and the random mask.
-        title: the page title.
-        batch_size: paragraphs per forward pass.
-        inj: also run INJ at the head level (section 8): plant a held-out non-memorized
-            paragraph in a seeded head of a copy of the model and rank the heads for it
-            (up to 400 fine-tuning steps; the costliest section).
+        checkpoints: training checkpoints of the model (e.g. ``organism.checkpoints``): adds
+            section 9, the analyzed paragraphs and their heads over training.
+        config: the settings (:class:`ReportConfig`; default ``ReportConfig()``).
         progress: show progress bars.
     """
-    if n_paragraphs < 2:
-        raise ValueError(f"n_paragraphs must be at least 2, got {n_paragraphs}")
-    # every number before the first analysis (the unlearning runs last, minutes later)
-    check_real(edit_lr, "edit_lr", above=0.0)
-    check_positive_int(edit_steps, "edit_steps")
-    check_fraction(fraction, "fraction")
-    check_positive_int(batch_size, "batch_size")
+    config = ReportConfig() if config is None else config
+    if not isinstance(config, ReportConfig):
+        raise TypeError(f"config must be a ReportConfig, got {type(config).__name__}")
+    if checkpoints is not None and not isinstance(checkpoints, CheckpointSeries):
+        raise TypeError(f"checkpoints must be a CheckpointSeries, got {type(checkpoints).__name__}")
+    n_paragraphs, seed, batch_size = config.n_paragraphs, config.seed, config.batch_size
     notes: list[str] = []
     scan = scan_memorization(model, paragraphs, batch_size=batch_size, progress=progress)
     memorized, non_memorized = scan.memorized(), scan.non_memorized()
@@ -530,9 +581,9 @@ def memorization_report(
         heldout=heldout if len(heldout) else None,
         general=general,
         masks=("gradient", "random"),
-        fraction=fraction,
-        lr=edit_lr,
-        steps=edit_steps,
+        fraction=config.fraction,
+        lr=config.edit_lr,
+        steps=config.edit_steps,
         seed=seed,
         batch_size=batch_size,
         progress=progress,
@@ -544,14 +595,14 @@ def memorization_report(
         others=memorized,
         non_memorized=non_memorized,
         methods=["gradient", "grad_x_weight", "random"],
-        fraction=fraction,
+        fraction=config.fraction,
         seed=seed,
         batch_size=batch_size,
         progress=progress,
     )
 
     injection = None
-    if inj:
+    if config.inj:
         planted = heldout[:1] if len(heldout) else non_memorized[:1]
         injection = injection_benchmark(
             model,
@@ -582,8 +633,18 @@ def memorization_report(
     attention = attention_figure(
         model, tokens, top_heads, query_pos=rare.query_pos, rare_positions=rarest
     )
+    training = None
+    if checkpoints is not None:
+        training = training_dynamics(
+            checkpoints,
+            memorized,
+            corpus_counts,
+            others=non_memorized,
+            source=pmp if sweep is not None else None,
+            progress=progress,
+        )
     return MemorizationReport(
-        title=title,
+        title=config.title,
         scan=scan,
         memorized=memorized,
         non_memorized=non_memorized,
@@ -597,6 +658,7 @@ def memorization_report(
         attention=attention,
         injection=injection,
         seed=seed,
+        training=training,
         notes=(
             f"Model: {model.cfg.model_name} ({model.cfg.n_layers} layers x "
             f"{model.cfg.n_heads} heads); seed {seed}; generated with torch {torch.__version__}.",

@@ -36,7 +36,7 @@ from memloc_tl.backend import HookedModel
 from memloc_tl.cli import positive_int
 from memloc_tl.corpus import documents_from_dataset, documents_from_files, local_device
 from memloc_tl.paragraphs import tokenizer_fingerprint
-from memloc_tl.report import memorization_report
+from memloc_tl.report import ReportConfig, memorization_report
 
 LENGTH = 100  # a 50-token prefix and a 50-token continuation
 
@@ -133,12 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         model,
         everything,
         corpus_counts=counts,
-        n_paragraphs=args.paragraphs,
-        edit_lr=args.edit_lr,
-        edit_steps=args.edit_steps,
-        seed=args.seed,
-        title=f"memloc-tl: {args.model}",
-        batch_size=args.batch_size,
+        config=ReportConfig(
+            n_paragraphs=args.paragraphs,
+            edit_lr=args.edit_lr,
+            edit_steps=args.edit_steps,
+            seed=args.seed,
+            title=f"memloc-tl: {args.model}",
+            batch_size=args.batch_size,
+        ),
     )
     scan = report.scan  # the report scans every paragraph: its scan is the one written
     buckets = {name: len(part) for name, part in scan.buckets().items()}

@@ -18,6 +18,7 @@ from memloc_tl import (
     build_organism,
     localize_over_checkpoints,
     mask_drift,
+    perturb_prefixes,
     rare_token_attention,
     scan_checkpoints,
 )
@@ -74,6 +75,17 @@ def main() -> None:
             progress=False,
         )
         print(heads.answer(final_timeline))
+    # patching from the PMPs found on the final model, the same inputs at every step (the
+    # report's section 9: its first 8 memorized paragraphs)
+    started = time.perf_counter()
+    targets = memorized[:8]
+    pmp = perturb_prefixes(organism.model, targets, reference="greedy", progress=False).perturbed
+    assert pmp is not None
+    patched = localize_over_checkpoints(
+        series, targets, analysis="patching", source=pmp, progress=False
+    )
+    print(patched.answer(scan_checkpoints(series, targets, progress=False)))
+    print(f"patching over checkpoints (8 paragraphs): {time.perf_counter() - started:.1f} s")
     drift = mask_drift(series, memorized, progress=False)  # the paper's gradient, top 0.1%
     print(drift.to_frame().to_string(index=False))
 

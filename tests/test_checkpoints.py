@@ -5,11 +5,17 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 import weakref
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -206,6 +212,31 @@ def test_localization_over_checkpoints_equals_each_analysis_by_hand(
     assert custom.analysis == "negated"
 
 
+def test_patching_and_head_localizers_over_checkpoints_equal_each_run_by_hand(
+    organism: Organism,
+) -> None:
+    from memloc_tl import localize, localize_over_checkpoints, patching_sweep
+
+    full = organism.checkpoints
+    series = dataclasses.replace(full, checkpoints=full.checkpoints[::2])  # first, middle, last
+    target, keep = organism.planted[:3], organism.control[:3]
+    source = organism.control[3:6]  # row-aligned paragraphs patched in, the same at every step
+    patched = localize_over_checkpoints(
+        series, target, analysis="patching", source=source, progress=False
+    )
+    activation = localize_over_checkpoints(
+        series, target, analysis="activation", keep=keep, progress=False
+    )
+    assert patched.order == activation.order == "largest"
+    for i, checkpoint in enumerate(series):
+        model = load_model(checkpoint.source)
+        sweep = patching_sweep(model, target, source, progress=False)
+        torch.testing.assert_close(patched.scores[i], sweep.mean_delta_nll.scores.float())
+        found = localize(model, target, method="activation", level="heads", keep=keep)
+        torch.testing.assert_close(activation.scores[i], found.head_scores().scores.float())
+    assert patched.final_top() == patched.at(series.steps[-1]).top(1)[0][0]
+
+
 def test_localization_over_checkpoints_refuses_bad_input_before_loading(
     organism: Organism,
 ) -> None:
@@ -226,6 +257,18 @@ def test_localization_over_checkpoints_refuses_bad_input_before_loading(
         localize_over_checkpoints(counted, organism.planted[:2], analysis="bogus")
     with pytest.raises(ValueError, match="needs order="):
         localize_over_checkpoints(counted, organism.planted[:2], analysis=lambda m: m)
+    with pytest.raises(ValueError, match="'patching' needs source"):
+        localize_over_checkpoints(counted, organism.planted[:2], analysis="patching")
+    with pytest.raises(ValueError, match="row-aligned"):
+        localize_over_checkpoints(
+            counted, organism.planted[:2], analysis="patching", source=organism.control[:3]
+        )
+    with pytest.raises(ValueError, match="source goes with analysis='patching'"):
+        localize_over_checkpoints(
+            counted, organism.planted[:2], analysis="zero_ablation", source=organism.control[:2]
+        )
+    with pytest.raises(ValueError, match="'activation' needs keep"):
+        localize_over_checkpoints(counted, organism.planted[:2], analysis="activation")
     assert loads == []
 
 
@@ -253,3 +296,120 @@ def test_mask_drift_equals_the_overlap_of_masks_made_by_hand(organism: Organism)
         mask_drift(series, paragraphs, method="random")
     with pytest.raises(ValueError, match="fraction"):
         mask_drift(series, paragraphs, fraction=1.5)
+
+
+def test_the_corpus_scan_over_a_series_equals_one_scan_per_checkpoint_and_resumes(
+    organism: Organism, tmp_path: Path
+) -> None:
+    from memloc_tl.checkpoints import (
+        SERIES_FILE,
+        corpus_timeline,
+        read_corpus_series,
+        scan_corpus_checkpoints,
+        step_directory,
+    )
+    from memloc_tl.corpus import (
+        CorpusConfig,
+        documents_from_texts,
+        read_corpus_scan,
+        scan_corpus,
+    )
+
+    full = organism.checkpoints
+    series = dataclasses.replace(full, checkpoints=full.checkpoints[-3:])
+    texts = [organism.tokenizer.decode(row) for row in organism.planted.tokens[:8]]
+    texts += [organism.tokenizer.decode(row) for row in organism.control.tokens[:4]]
+    documents = list(documents_from_texts(texts, organism.model))
+    config = CorpusConfig(docs_per_shard=5)
+    out = tmp_path / "series"
+    summaries = scan_corpus_checkpoints(series, documents, out, config=config, progress=False)
+    assert [s.shards_scored for s in summaries] == [3, 3, 3]
+    table = read_corpus_series(out)
+    assert table.columns[0] == "step"
+    timeline = corpus_timeline(out)
+    assert timeline.steps == series.steps
+    paragraphs = Paragraphs.from_texts(texts, organism.model, on_short="skip")
+    by_checkpoints = scan_checkpoints(series, paragraphs, progress=False)
+    assert timeline.ids == tuple(str(i) for i in range(len(texts)))
+    assert torch.equal(timeline.exact_match, by_checkpoints.exact_match)
+    torch.testing.assert_close(timeline.nll, by_checkpoints.nll)
+    for checkpoint in series:  # each step's shards equal the corpus scan of it, by hand
+        single = tmp_path / f"single-{checkpoint.step}"
+        scan_corpus(load_model(checkpoint.source), documents, single, config=config, progress=False)
+        expected = read_corpus_scan(single)
+        got = table[table["step"] == checkpoint.step].drop(columns="step")
+        pd.testing.assert_frame_equal(got.reset_index(drop=True), expected)
+
+    # a lost shard: the series cannot be read; a resume scores only that shard, same table
+    middle = step_directory(out, series.steps[1])
+    (middle / "shard-000001.json").unlink()
+    with pytest.raises(ValueError, match=rf"step {series.steps[1]}: .*--resume"):
+        read_corpus_series(out)
+    with pytest.raises(FileExistsError, match="resume"):
+        scan_corpus_checkpoints(series, documents, out, config=config, progress=False)
+    resumed = scan_corpus_checkpoints(
+        series, documents, out, config=config, resume=True, progress=False
+    )
+    assert [s.shards_scored for s in resumed] == [0, 1, 0]
+    pd.testing.assert_frame_equal(read_corpus_series(out), table)
+    # another series, or a spent iterator, is refused before any model loads
+    other = dataclasses.replace(full, checkpoints=full.checkpoints[:2])
+    with pytest.raises(ValueError, match="another series"):
+        scan_corpus_checkpoints(other, documents, out, config=config, resume=True)
+    with pytest.raises(TypeError, match="re-iterable"):
+        scan_corpus_checkpoints(series, iter(documents), tmp_path / "x")
+
+    class Once:  # re-iterable in form, but spent after the first pass
+        def __init__(self) -> None:
+            self.rows = iter(documents)
+
+        def __iter__(self) -> Any:
+            return self.rows
+
+    with pytest.raises(ValueError, match="gave 0 documents at step"):
+        scan_corpus_checkpoints(series, Once(), tmp_path / "once", progress=False)
+    assert (out / SERIES_FILE).is_file()
+
+
+def test_a_hub_revision_series_loads_each_revision_offline(
+    organism: Organism, tmp_path: Path
+) -> None:
+    """Pythia's path (``revision="step…"``), offline: the organism's checkpoints laid out as the
+    revisions of one hub model in a Hugging Face cache; the timeline equals the directories'."""
+    name = "EleutherAI/gpt-neo-125M"  # a name TransformerLens knows; its files are ours
+    repo = tmp_path / ("models--" + name.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    series = organism.checkpoints
+    for checkpoint in series:
+        commit = f"{checkpoint.step:040x}"
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(checkpoint.source, snapshot)
+        (repo / "refs" / f"step{checkpoint.step}").write_text(commit)
+    # main is the end of training, as on the hub (TransformerLens reads the tokenizer there);
+    # weights taken from main instead of the revision would fail the comparison below
+    (repo / "refs" / "main").write_text(commit)
+    paragraphs = organism.planted[:6]
+    script = textwrap.dedent(
+        f"""
+        import json, torch
+        from memloc_tl import CheckpointSeries, Paragraphs, scan_checkpoints
+        series = CheckpointSeries.from_revisions(
+            {name!r}, {[f"step{s}" for s in series.steps]}, device="cpu"
+        )
+        paragraphs = Paragraphs.from_tokens(
+            torch.tensor({paragraphs.tokens.tolist()}), prefix_len={paragraphs.prefix_len}
+        )
+        timeline = scan_checkpoints(series, paragraphs, progress=False)
+        print(json.dumps({{"steps": timeline.steps, "em": timeline.exact_match.tolist()}}))
+        """
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = scan_checkpoints(series, paragraphs, progress=False)
+    assert output["steps"] == list(series.steps)
+    assert output["em"] == expected.exact_match.tolist()
+    assert len({tuple(row) for row in output["em"]}) > 1  # the revisions are different models

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from memloc_tl.checkpoints import scan_checkpoints
 from memloc_tl.cli import main
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.organism import Organism
@@ -60,6 +61,13 @@ def test_demo_prints_the_summary(
     assert "control x1" in out
     assert "first run" not in out  # the suite's organism is cached
     assert "next: memloc report --tiny --out report.html" in out
+    # over training: the top tier's memorized count at each checkpoint, as scanned by hand
+    series = organism.checkpoints
+    assert f"paragraphs memorized at steps {' / '.join(map(str, series.steps))}" in out
+    timeline = scan_checkpoints(series, organism.planted.select(tiers == 0), progress=False)
+    counts = " / ".join(map(str, timeline.memorized.sum(-1).tolist()))
+    assert f"planted x{top_repetitions}  {n_top:>3} paragraphs: {counts}" in out
+    assert "is the top head by rare_tokens at the last step" in out
 
 
 def test_the_first_demo_says_how_long_the_build_takes_and_that_it_is_cached(

@@ -272,6 +272,39 @@ def test_torchrun_two_processes_equal_one_and_resume_after_kill_9(
     pd.testing.assert_frame_equal(table, expected)
 
 
+def test_torchrun_scans_the_organisms_checkpoints_like_one_process(
+    organism: Organism, organism_cache: Path, texts: list[str], tmp_path: Path
+) -> None:
+    from memloc_tl.checkpoints import corpus_timeline, read_corpus_series, scan_corpus_checkpoints
+
+    data = _jsonl(texts[:20], tmp_path / "corpus.jsonl")
+    single = tmp_path / "single"
+    scan_corpus_checkpoints(
+        organism.checkpoints,
+        documents_from_files([data], organism.model, id_column="auto"),
+        single,
+        config=CorpusConfig(windows="all", docs_per_shard=3),
+        progress=False,
+    )
+    out, table = tmp_path / "two-ranks", tmp_path / "series.parquet"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [*_torchrun(organism_cache, data, out, "--docs-per-shard", "3", "--checkpoints")]
+    done = subprocess.run(
+        [*command, "--out", str(table)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = read_corpus_series(single)
+    pd.testing.assert_frame_equal(read_corpus_series(out), expected)
+    pd.testing.assert_frame_equal(pd.read_parquet(table), expected, check_dtype=False)
+    timeline = corpus_timeline(out)
+    memorized = ", ".join(
+        f"{step}: {n}"
+        for step, n in zip(timeline.steps, timeline.memorized.sum(-1).tolist(), strict=True)
+    )
+    assert f"memorized per step: {memorized}" in done.stdout
+    assert done.stdout.count(f"step {timeline.steps[-1]}: rank ") == 2  # each rank, every step
+
+
 def test_bad_corpus_input_is_refused(organism: Organism, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="stride goes with"):
         CorpusConfig(windows="strided")
@@ -312,6 +345,19 @@ def test_corpus_command_lines_are_checked_before_any_work(
     ]
     for extra, message in cases:
         assert main(["scan", "--model", "organism", *extra]) == 2
+        assert message in capsys.readouterr().err
+    over_training = [
+        (["--model", "organism", "--checkpoints", "--data", str(data)], "pass --out-dir"),
+        (["--model", "x/y", "--checkpoints", "--data", str(data), "--out-dir", "o"], "name the"),
+        (["--model", "organism", "--revisions", "step1", "--data", str(data), "--out-dir", "o"],
+         "hub name"),
+        (["--model", "x/y", "--revisions", "step1", "--checkpoints", str(tmp_path), "--data",
+          str(data), "--out-dir", "o"], "not both"),
+        (["--model", "x/y", "--checkpoints", str(tmp_path), "--data", str(data), "--out-dir",
+          "o"], "not a checkpoint directory"),
+    ]  # fmt: skip
+    for argv, message in over_training:
+        assert main(["scan", *argv]) == 2
         assert message in capsys.readouterr().err
 
 

@@ -10,10 +10,17 @@ from typing import Any
 import pytest
 import torch
 
-from memloc_tl import Paragraphs, rare_token_attention, scan_memorization
+from memloc_tl import (
+    Paragraphs,
+    patching_sweep,
+    rare_token_attention,
+    scan_checkpoints,
+    scan_memorization,
+)
 from memloc_tl.cli import main
+from memloc_tl.models import load_model
 from memloc_tl.organism import Organism
-from memloc_tl.report import memorization_report
+from memloc_tl.report import ReportConfig, memorization_report
 
 from .browser import visit
 
@@ -36,10 +43,8 @@ def test_the_report_holds_the_library_results(
             model,
             everything,
             corpus_counts=organism.corpus_counts,
-            n_paragraphs=4,
-            edit_steps=2,
-            edit_lr=3e-2,
-            inj=True,
+            checkpoints=organism.checkpoints,
+            config=ReportConfig(n_paragraphs=4, edit_steps=2, edit_lr=3e-2, inj=True),
             progress=False,
         )
     scan = scan_memorization(model, report.memorized, progress=False)
@@ -77,7 +82,33 @@ def test_the_report_holds_the_library_results(
     assert inj.loc["zero_ablation", "rank"] == 1
     assert "8. Is the localization real? A head with known contents" in html
     assert escape(report.injection_finding()) in html
-    assert html.count("Plotly.newPlot") == 8
+    # section 9: the analyzed paragraphs and their heads over the organism's checkpoints
+    training = report.training
+    assert training is not None
+    series = organism.checkpoints
+    followed = Paragraphs.concat(report.memorized, report.non_memorized)
+    by_hand = scan_checkpoints(series, followed, progress=False)
+    assert training.timeline.ids == followed.ids
+    assert torch.equal(training.timeline.exact_match, by_hand.exact_match)
+    rare_heads, patched = training.heads
+    assert (rare_heads.analysis, patched.analysis) == ("rare_tokens", "patching")
+    last = load_model(series.checkpoints[-1].source)  # the organism's final model
+    pmp = report.perturbation["memorized"].perturbed
+    assert pmp is not None
+    sweep = patching_sweep(last, report.memorized, pmp, progress=False)
+    torch.testing.assert_close(patched.scores[-1], sweep.mean_delta_nll.scores.float())
+    torch.testing.assert_close(
+        rare_heads.scores[-1],
+        rare_token_attention(
+            last, report.memorized, organism.corpus_counts, progress=False
+        ).pooled_tau_mean.scores.float(),
+        equal_nan=True,
+    )
+    assert "9. Over training" in html
+    for line in training.findings():
+        assert escape(line) in html
+    assert training.findings()[1] == rare_heads.answer(training.timeline)
+    assert html.count("Plotly.newPlot") == 11
     assert html.count('class="memloc-view"') == 3
     assert "MP: memorized paragraph (EM = 50)" in html
     # every comparison states its sample: the perturbation difference with its interval
@@ -138,7 +169,13 @@ def test_too_few_memorized_paragraphs_is_a_clear_error(organism: Organism) -> No
     with pytest.raises(ValueError, match="at least 2 memorized"):
         memorization_report(organism.model, organism.control, progress=False)
     with pytest.raises(ValueError, match="n_paragraphs"):
-        memorization_report(organism.model, organism.planted, n_paragraphs=1, progress=False)
+        ReportConfig(n_paragraphs=1)
+    with pytest.raises(ValueError, match="edit_lr"):
+        ReportConfig(edit_lr=float("nan"))
+    with pytest.raises(TypeError, match="config must be a ReportConfig"):
+        memorization_report(organism.model, organism.planted, config={"n_paragraphs": 4})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="checkpoints must be a CheckpointSeries"):
+        memorization_report(organism.model, organism.planted, checkpoints=["step-1"])  # type: ignore[arg-type]
 
 
 def test_cli_rejects_a_non_html_report(tmp_path: Path, organism: Organism) -> None:
@@ -156,7 +193,8 @@ def test_demo_writes_the_report_of_its_organism(tmp_path: Path, organism: Organi
     cache = str(organism.path.parent)
     assert main(["demo", "--tiny", "--cache-dir", cache, "--report", str(out)]) == 0
     html = out.read_text(encoding="utf-8")
-    assert html.count("Plotly.newPlot") == 8
+    assert "9. Over training" in html  # the organism kept checkpoints
+    assert html.count("Plotly.newPlot") == 11
     assert organism.model.cfg.model_name in html
 
 
@@ -195,9 +233,9 @@ def test_the_report_opens_offline_in_chromium(report_file: Path) -> None:
     assert seen.errors == []
     assert seen.console_errors == []
     assert seen.network_requests == []
-    assert seen.facts["figures"] == 8
-    assert seen.facts["drawn"] == 8
-    assert seen.facts["heatmaps"] >= 4
+    assert seen.facts["figures"] == 11
+    assert seen.facts["drawn"] == 11
+    assert seen.facts["heatmaps"] >= 5
     assert seen.facts["colorbars"] >= seen.facts["heatmaps"]
     assert seen.facts["colorbar_titles"] == seen.facts["colorbars"]
     assert seen.facts["cut_titles"] == 0
@@ -210,9 +248,9 @@ def test_the_report_opens_offline_in_chromium(report_file: Path) -> None:
     assert seen.facts["views"] == [1, 1, 1]
     headings = seen.facts["headings"]
     assert isinstance(headings, list)
-    assert len(headings) == 7
-    assert headings[-2].startswith("6. Sparse unlearning")
-    assert headings[-1].startswith("7. Is the localization real?")
+    assert len(headings) == 8
+    assert headings[-2].startswith("7. Is the localization real?")
+    assert headings[-1].startswith("9. Over training")
 
 
 def test_the_specificity_verdict_of_an_edit_that_unlearned_nothing_is_no_effect() -> None:
