@@ -11,18 +11,29 @@ target's continuation:
 Prints both times, the ratio (goal: at least 3x), and the largest disagreement of the maps;
 then attribution patching (``memloc_tl.attribution_patching``, one forward and backward for
 every head): its time against both, and its correlation with the exact sweep.
+
+``--sources pmp`` patches from perturbed copies of the targets instead (the paper's PMPs: on
+the organism ``perturb_prefixes``' most damaging single-token change; on GPT-Neo 125M's
+layout, whose random weights memorize nothing, one token changed at a seeded position in
+40..49), where the sweep recomputes only from the first changed position on (causal reuse);
+it also times the sweep with that reuse switched off, in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
-from common import add_subject_args, describe, load_subject, synchronize
+from common import Subject, add_subject_args, describe, load_subject, synchronize
 from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
 
+import memloc_tl.analysis.patching as patching_module
+from memloc_tl import Paragraphs, perturb_prefixes, scan_memorization
 from memloc_tl.analysis import attribution_patching, patching_sweep
+from memloc_tl.analysis.patching import first_difference
 
 
 def main() -> None:
@@ -30,11 +41,15 @@ def main() -> None:
     add_subject_args(parser)
     parser.add_argument("--paragraphs", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--sources", choices=["control", "pmp"], default="control")
+    parser.add_argument("--seed", type=int, default=0, help="--sources pmp on a layout")
     args = parser.parse_args()
     subject = load_subject(args)
     model = subject.model
     n = min(args.paragraphs, len(subject.planted), len(subject.control))
     target, source = subject.planted[list(range(n))], subject.control[list(range(n))]
+    if args.sources == "pmp":
+        target, source = perturbed_sources(subject, n, args.seed)
     tokens = target.tokens.to(model.cfg.device)
 
     def mean_nll(logits: torch.Tensor) -> torch.Tensor:
@@ -55,7 +70,23 @@ def main() -> None:
 
     ours = sweep.delta_nll.mean(-1) + baseline.cpu()
     print(describe(subject))
-    print(f"{n} paragraphs, batch {args.batch_size} target paragraphs x all heads")
+    print(f"{n} paragraphs ({args.sources} sources), batch {args.batch_size} targets x all heads")
+    if args.sources == "pmp":
+        first = [
+            first_difference(t[None], s[None], 50)
+            for t, s in zip(tokens, source.tokens, strict=True)
+        ]
+        print(f"first changed position per paragraph: mean {sum(first) / len(first):.1f}")
+        started = time.perf_counter()
+        with without_causal_reuse():
+            plain = patching_sweep(
+                model, target, source, batch_size=args.batch_size, progress=False
+            )
+        t_plain = time.perf_counter() - started
+        print(f"patching_sweep, no causal reuse          {t_plain:8.3f} s")
+        print(f"no reuse / reuse = {t_plain / t_ours:6.2f}x")
+        difference = (plain.delta_nll - sweep.delta_nll).abs().max()
+        print(f"max |difference| reuse vs no reuse: {difference:.2e}")
     print(f"patching_sweep                           {t_ours:8.3f} s")
     print(f"get_act_patch_attn_head_out_all_pos      {t_theirs:8.3f} s")
     print(f"theirs / ours = {t_theirs / t_ours:6.2f}x   (goal >= 3)")
@@ -70,6 +101,33 @@ def main() -> None:
     print(f"sweep / attribution = {t_ours / t_attribution:6.2f}x")
     print(f"correlation with the exact sweep: {estimate.correlation(sweep):.3f}")
     print(f"largest estimated dNLL: {[(str(h), round(s, 4)) for h, s in estimate.top(3)]}")
+
+
+def perturbed_sources(subject: Subject, n: int, seed: int) -> tuple[Paragraphs, Paragraphs]:
+    """Targets and their perturbed copies (see the module docs)."""
+    model = subject.model
+    if subject.organism is not None:
+        memorized = scan_memorization(model, subject.planted, progress=False).memorized()[:n]
+        pmp = perturb_prefixes(model, memorized, seed=seed, progress=False).perturbed
+        assert pmp is not None
+        return memorized, pmp
+    target = subject.planted[list(range(n))]
+    generator = torch.Generator().manual_seed(seed)
+    tokens = target.tokens.clone()
+    where = torch.randint(40, 50, (n,), generator=generator)
+    tokens[torch.arange(n), where] = torch.randint(0, model.cfg.d_vocab, (n,), generator=generator)
+    return target, Paragraphs.from_tokens(tokens, prefix_len=target.prefix_len)
+
+
+@contextlib.contextmanager
+def without_causal_reuse() -> Iterator[None]:
+    """The sweep as it runs on a backend without a shareable key/value cache."""
+    original = patching_module.shares_prefix_cache
+    patching_module.shares_prefix_cache = lambda model: False
+    try:
+        yield
+    finally:
+        patching_module.shares_prefix_cache = original
 
 
 if __name__ == "__main__":

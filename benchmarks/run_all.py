@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "editing": [],
     "backends": [],
     "corpus": [],
+    "precision": [],
     "startup": ["--repeats", "3"],
 }
 MODEL_FREE = {"startup"}
@@ -50,6 +51,7 @@ LARGE_BATCHES: dict[str, list[str]] = {
         "--continuation-len",
         "32",
     ],
+    "precision": ["--batch-size", "256"],
     "startup": [],
 }
 """Batch sizes that keep a GPU busy (GPT-Neo 125M fits these in well under 40 GB)."""

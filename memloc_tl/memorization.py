@@ -36,6 +36,7 @@ from memloc_tl.backend import (
 )
 from memloc_tl.hooks import hook_name
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.precision import Precision, decision_margins, near_flip
 from memloc_tl.results import Drawable
 from memloc_tl.validation import check_positive_int, check_set
 
@@ -83,7 +84,8 @@ def continuation_logits(
             the model is not changed.
         past_kv_cache: a frozen cache holding the keys and values of the first ``m`` positions
             of ``tokens`` (``m < prefix_len``, see :class:`PrefixKV`); only positions ``m``
-            onwards are computed. Token ids only.
+            onwards are computed. With ``start_at_layer``, ``tokens`` is the residual stream of
+            every position and the cache's layers from ``start_at_layer`` on are read.
     """
     # The forward stops at the residual after the last block (backend.final_residual), so that
     # only the continuation positions pass through ln_final and the unembedding.
@@ -91,8 +93,8 @@ def continuation_logits(
     skipped = 0
     if past_kv_cache is not None:
         skipped = past_kv_cache.entries[0].past_keys.shape[1]
-        if start_at_layer is not None or weights is not None:
-            raise ValueError("past_kv_cache cannot be combined with start_at_layer or weights")
+        if weights is not None:
+            raise ValueError("past_kv_cache cannot be combined with weights")
         if not shares_prefix_cache(model):
             raise ValueError(
                 "past_kv_cache is TransformerLens 3's key/value cache; a TransformerBridge "
@@ -101,10 +103,12 @@ def continuation_logits(
         if not 0 <= skipped < prefix_len:
             raise ValueError(f"the cache holds {skipped} positions; it must hold < {prefix_len}")
         tokens = tokens[:, skipped:]
-        # An explicit all-ones mask: TransformerLens would otherwise guess padding from the
-        # tokenizer's pad token, which may occur in real text.
         kwargs["past_kv_cache"] = past_kv_cache
-        kwargs["attention_mask"] = torch.ones_like(tokens, device=model.cfg.device)
+        if start_at_layer is None:
+            # An explicit all-ones mask: TransformerLens would otherwise guess padding from the
+            # tokenizer's pad token, which may occur in real text. (From a residual stream it
+            # guesses nothing: the blocks apply the causal mask over the cache and the rest.)
+            kwargs["attention_mask"] = torch.ones_like(tokens, device=model.cfg.device)
     # with ``weights``: the same forward with some parameters replaced for this call only
     scope = contextlib.nullcontext() if weights is None else replaced_weights(model, weights)
     with scope:
@@ -221,7 +225,14 @@ def score_continuations(
         weights=weights,
         past_kv_cache=past_kv_cache,
     )
-    target = tokens[:, prefix_len:]
+    return scores_from_logits(logits, tokens[:, prefix_len:])
+
+
+def scores_from_logits(
+    logits: Float[Tensor, "batch continuation_pos d_vocab"],
+    target: Int[Tensor, "batch continuation_pos"],
+) -> tuple[Bool[Tensor, "batch continuation_pos"], Float[Tensor, "batch continuation_pos"]]:
+    """``(greedy_match, token_nll)`` of continuation logits against the reference tokens."""
     # NLL = logsumexp - target logit: no second [batch, pos, d_vocab] tensor is written.
     token_nll = logits.logsumexp(dim=-1) - logits.gather(-1, target[..., None]).squeeze(-1)
     greedy_match = logits.argmax(dim=-1) == target
@@ -317,6 +328,12 @@ class MemorizationScan(Drawable):
         token_nll: NLL of each continuation token.
         greedy_match: whether the teacher-forced argmax equals each continuation token.
         model_name: ``model.cfg.model_name`` of the scanned model.
+        dtype: the precision of the matrix products (``"float32"``, ``"bfloat16"``, ...).
+        near_flip: with a reduced ``dtype``: the windows with a decision margin below
+            ``margin`` at a position that decides EM (see :mod:`memloc_tl.precision`).
+        verified: whether those windows were scored again in float32 (their EM, NLL and
+            matches are then float32's).
+        margin: the flip margin in logits.
     """
 
     paragraphs: Paragraphs
@@ -325,6 +342,10 @@ class MemorizationScan(Drawable):
     token_nll: Float[Tensor, "n_paragraphs continuation_pos"]
     greedy_match: Bool[Tensor, "n_paragraphs continuation_pos"]
     model_name: str = ""
+    dtype: str = "float32"
+    near_flip: Bool[Tensor, " n_paragraphs"] | None = None
+    verified: bool = False
+    margin: float = 0.0
 
     def __post_init__(self) -> None:
         n, c = len(self.paragraphs), self.paragraphs.continuation_len
@@ -333,9 +354,10 @@ class MemorizationScan(Drawable):
             ("nll", (n,)),
             ("token_nll", (n, c)),
             ("greedy_match", (n, c)),
+            ("near_flip", (n,)),
         ):
             value = getattr(self, name)
-            if tuple(value.shape) != shape:
+            if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
 
     @property
@@ -356,6 +378,10 @@ class MemorizationScan(Drawable):
             token_nll=self.token_nll[index],
             greedy_match=self.greedy_match[index],
             model_name=self.model_name,
+            dtype=self.dtype,
+            near_flip=None if self.near_flip is None else self.near_flip[index],
+            verified=self.verified,
+            margin=self.margin,
         )
 
     def bucket(self, min_em: int, max_em: int) -> Paragraphs:
@@ -392,14 +418,23 @@ class MemorizationScan(Drawable):
         frame["exact_match"] = self.exact_match.tolist()
         frame["nll"] = self.nll.tolist()
         frame["memorized"] = (self.exact_match == self.continuation_len).tolist()
+        if self.near_flip is not None:
+            frame["near_flip"] = self.near_flip.tolist()
         return frame
 
     def __repr__(self) -> str:
         n_mem = int((self.exact_match == self.continuation_len).sum())
         mean_em = float(self.exact_match.float().mean()) if len(self) else float("nan")
+        precision = ""
+        if self.near_flip is not None:
+            what = "re-scored in float32" if self.verified else "not re-scored"
+            precision = (
+                f", {self.dtype}: {int(self.near_flip.sum())} near a flip (margin "
+                f"{self.margin:g}), {what}"
+            )
         return (
             f"MemorizationScan(model={self.model_name!r}, n={len(self)}, memorized={n_mem}, "
-            f"mean_em={mean_em:.2f})"
+            f"mean_em={mean_em:.2f}{precision})"
         )
 
 
@@ -408,6 +443,7 @@ def scan_memorization(
     paragraphs: Paragraphs,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    precision: Precision | None = None,
     progress: bool = True,
 ) -> MemorizationScan:
     """Measure every paragraph's exact-match length and continuation NLL (paper section 3.2).
@@ -419,6 +455,10 @@ def scan_memorization(
         model: the model.
         paragraphs: the paragraphs, tokenized for this model.
         batch_size: paragraphs per forward pass.
+        precision: score in reduced precision (``Precision(torch.bfloat16)``): the windows
+            near a flip are counted, and with ``verify="margin"`` (its default) scored again in
+            float32, so that the EM column equals float32's (see :mod:`memloc_tl.precision`).
+            Default: the model's own dtype, no check.
         progress: show a progress bar.
 
     Raises:
@@ -427,18 +467,44 @@ def scan_memorization(
     check_set(model, paragraphs, "paragraphs", allow_empty=True)
     check_positive_int(batch_size, "batch_size")
     _check_tokens(model, paragraphs.tokens, paragraphs.prefix_len)
-    matches, nlls = [], []
+    if precision is not None and not isinstance(precision, Precision):
+        raise TypeError(
+            f"precision must be a Precision (e.g. Precision(torch.bfloat16)), got "
+            f"{type(precision).__name__}"
+        )
+    reduced = precision is not None and precision.reduced
+    matches, nlls, flips = [], [], []
+    prefix_len = paragraphs.prefix_len
     with torch.no_grad():
         for start in tqdm(
             range(0, len(paragraphs), batch_size), desc="scanning", disable=not progress
         ):
             batch = paragraphs.tokens[start : start + batch_size]
-            greedy_match, token_nll = score_continuations(model, batch, paragraphs.prefix_len)
+            if precision is not None and reduced:
+                with precision.autocast(model.cfg.device or "cpu"):
+                    logits = continuation_logits(model, batch, prefix_len)
+                target = batch[:, prefix_len:].to(logits.device)
+                greedy_match, token_nll = scores_from_logits(logits, target)
+                margins = decision_margins(logits, target)
+                em = exact_match_length(greedy_match)
+                flips.append(near_flip(margins, em, precision.threshold).cpu())
+                del logits, margins
+            else:
+                greedy_match, token_nll = score_continuations(model, batch, prefix_len)
             matches.append(greedy_match.cpu())
             nlls.append(token_nll.cpu())
     c = paragraphs.continuation_len
     greedy_match = torch.cat(matches) if matches else torch.empty(0, c, dtype=torch.bool)
     token_nll = torch.cat(nlls) if nlls else torch.empty(0, c)
+    flagged = (torch.cat(flips) if flips else torch.zeros(0, dtype=torch.bool)) if reduced else None
+    verified = precision is not None and reduced and precision.verify == "margin"
+    if verified and flagged is not None and bool(flagged.any()):
+        rows = flagged.nonzero().flatten()
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                chosen = rows[start : start + batch_size]
+                match, nll = score_continuations(model, paragraphs.tokens[chosen], prefix_len)
+                greedy_match[chosen], token_nll[chosen] = match.cpu(), nll.cpu().float()
     return MemorizationScan(
         paragraphs=paragraphs,
         exact_match=exact_match_length(greedy_match),
@@ -446,6 +512,10 @@ def scan_memorization(
         token_nll=token_nll,
         greedy_match=greedy_match,
         model_name=str(model.cfg.model_name),
+        dtype="float32" if precision is None else precision.name,
+        near_flip=flagged,
+        verified=verified,
+        margin=0.0 if precision is None else precision.threshold,
     )
 
 

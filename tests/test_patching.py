@@ -106,6 +106,57 @@ def test_batched_sweep_equals_a_per_head_loop(
     assert len(sweep.to_frame()) == model.cfg.n_layers * model.cfg.n_heads
 
 
+@pytest.mark.parametrize("positions", [None, [12, 44, 47, 60]])
+def test_a_sweep_from_perturbed_copies_recomputes_only_from_the_first_change(
+    organism: Organism, positions: Any, unchanged: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Causal reuse: sources equal to their targets up to position p change nothing before p,
+    so only positions from p on run (with the target's keys and values before p), and the
+    numbers equal a per-head loop of ``patch_heads``, which recomputes every position."""
+    from memloc_tl.backend import shares_prefix_cache, skips_early_blocks
+
+    model = organism.model
+    reuse = shares_prefix_cache(model) and skips_early_blocks(model)  # not on a bridge
+    target = organism.planted[list(range(5))]
+    tokens = target.tokens.clone()
+    changed = torch.tensor([44, 47, 45, 49, 46])  # one token per paragraph, PMP-like
+    tokens[torch.arange(5), changed] = (tokens[torch.arange(5), changed] + 7) % model.cfg.d_vocab
+    source = type(target).from_tokens(tokens, prefix_len=target.prefix_len)
+    seen: list[int] = []
+    original = patching.make_each_head_replace_hook
+
+    def counting(replacement: Any, chosen: Any) -> Any:
+        replace = original(replacement, chosen)
+
+        def counted(z: Any, hook: Any) -> Any:  # TransformerLens passes hook= by name
+            seen.append(z.shape[1])
+            return replace(z, hook)
+
+        return counted
+
+    monkeypatch.setattr(patching, "make_each_head_replace_hook", counting)
+    with unchanged(model):
+        sweep = patching_sweep(
+            model, target, source, positions=positions, batch_size=3, progress=False
+        )
+    # the rows that change latest batched together: (49, 47, 46) and (45, 44), so from
+    # positions 46 and 44 on, every layer (a bridge, whose cache is Hugging Face's, recomputes
+    # every position: the same numbers, no saving)
+    n_layers, seq = model.cfg.n_layers, target.seq_len
+    firsts = (46, 44) if reuse else (0, 0)
+    assert seen == [seq - firsts[0]] * n_layers + [seq - firsts[1]] * n_layers
+    assert patching.first_difference(target.tokens[:3], tokens[:3], 50) == 44
+    assert patching.first_difference(target.tokens, target.tokens, 50) == 49  # capped
+    assert patching.first_differences(target.tokens, tokens).tolist() == changed.tolist()
+    chosen = None if positions is None else torch.tensor(positions)
+    for head in all_heads(model.cfg):
+        one = patch_heads(model, target, source, [head], positions=chosen, progress=False)
+        assert torch.equal(sweep.delta_em[head.layer, head.head], one.delta_em), head
+        torch.testing.assert_close(
+            sweep.delta_nll[head.layer, head.head], one.delta_nll, atol=1e-5, rtol=0
+        )
+
+
 def test_mean_head_outputs_are_the_reference_mean(organism: Organism) -> None:
     """Mean ablation replaces a head by its mean over the reference, per position."""
     model = organism.model

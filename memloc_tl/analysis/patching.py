@@ -27,10 +27,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import HookedModel
+from memloc_tl.backend import HookedModel, shares_prefix_cache, skips_early_blocks
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name, make_each_head_replace_hook, make_head_replace_hook
-from memloc_tl.memorization import exact_match_length, layer_starts, score_continuations
+from memloc_tl.memorization import (
+    PrefixKV,
+    exact_match_length,
+    layer_starts,
+    score_continuations,
+)
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.results import Drawable, HeadScores
 from memloc_tl.uncertainty import HeadRanking, bootstrap_heads
@@ -193,6 +198,35 @@ def _check_pair(
 
 def _positions(positions: Sequence[int] | Tensor | None, seq_len: int) -> Tensor | None:
     return None if positions is None else check_positions(positions, seq_len)
+
+
+def first_difference(
+    target: Int[Tensor, "batch pos"], source: Int[Tensor, "batch pos"], prefix_len: int
+) -> int:
+    """The first position at which any row of ``source`` differs from its ``target`` row,
+    at most ``prefix_len - 1`` (the first position a continuation score reads).
+
+    Attention is causal, so before that position the source run and the target run are the
+    same, and patching a head there changes nothing: a sweep recomputes only from it on.
+    """
+    return min(int(first_differences(target, source).min()), prefix_len - 1)
+
+
+def first_differences(
+    target: Int[Tensor, "batch pos"], source: Int[Tensor, "batch pos"]
+) -> Int[Tensor, " batch"]:
+    """Per row, the first position at which ``source`` differs from ``target`` (the length
+    where it does not differ)."""
+    differs = target != source.to(target.device)
+    first = differs.int().argmax(-1)
+    return torch.where(differs.any(-1), first, target.shape[1])
+
+
+def _shifted(positions: Tensor | None, first: int) -> Tensor | None:
+    """``positions`` counted from ``first`` (those before it dropped: patching them is a no-op)."""
+    if positions is None or first == 0:
+        return positions
+    return positions[positions >= first] - first
 
 
 def mean_head_outputs(
@@ -409,13 +443,24 @@ def patching_sweep(
     cfg = model.cfg
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     chosen = _positions(positions, target.seq_len)
+    # a source equal to the target up to some position (a PMP) changes nothing before it
+    reuse = (
+        kind == "patch"
+        and source is not None
+        and shares_prefix_cache(model)
+        and skips_early_blocks(model)
+    )
     layers = list(range(n_layers))
     means = mean_head_outputs(model, reference, layers) if kind == "mean" and reference else None
     delta_nll = torch.zeros(n_layers, n_heads, len(target))
     delta_em = torch.zeros(n_layers, n_heads, len(target), dtype=torch.long)
+    order = torch.arange(len(target))
+    if reuse and source is not None:  # batch the rows that change late together
+        changes = first_differences(target.tokens, source.tokens)
+        order = changes.argsort(descending=True, stable=True)
     with torch.no_grad():
         for start in tqdm(range(0, len(target), batch_size), desc="sweep", disable=not progress):
-            rows = slice(start, start + batch_size)
+            rows = order[start : start + batch_size]
             tokens = target.tokens[rows].to(cfg.device)
             b, seq = tokens.shape
             starts = layer_starts(model, tokens)
@@ -426,11 +471,26 @@ def patching_sweep(
                 model, kind, layers, source_tokens, means, (b, seq, n_heads, cfg.d_head)
             )
             stacked_tokens = tokens.repeat(n_heads, 1)
+            first = (
+                first_difference(tokens, source_tokens, target.prefix_len)
+                if reuse and source_tokens is not None
+                else 0
+            )
+            reused: dict[str, Any] = {}
+            if first > 0:  # the target's keys and values before it, for every stacked copy
+                prefix = PrefixKV.build(model, tokens)
+                reused["past_kv_cache"] = prefix.cache(torch.arange(b).repeat(n_heads), first)
             for layer in layers:
-                replace_own_head = make_each_head_replace_hook(replacement[layer], chosen)
+                replace_own_head = make_each_head_replace_hook(
+                    replacement[layer][:, first:], _shifted(chosen, first)
+                )
                 with model.hooks(fwd_hooks=[(hook_name("z", layer), replace_own_head)]):
                     match, token_nll = score_continuations(
-                        model, stacked_tokens, target.prefix_len, **starts(layer, n_heads)
+                        model,
+                        stacked_tokens,
+                        target.prefix_len,
+                        **starts(layer, n_heads),
+                        **reused,
                     )
                 em = exact_match_length(match).view(n_heads, b)
                 nll = token_nll.mean(-1).view(n_heads, b)
