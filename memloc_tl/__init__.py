@@ -82,6 +82,7 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time each loads on fir
     from memloc_tl.models import DEFAULT_MODEL, HubUnavailableError, load_model, save_hooked_model
     from memloc_tl.organism import Organism, OrganismConfig, build_organism, load_organism
     from memloc_tl.paragraphs import PAPER_KEYWORDS, Paragraphs, corpus_token_counts
+    from memloc_tl.precision import Precision
     from memloc_tl.report import MemorizationReport, ReportConfig, memorization_report
     from memloc_tl.results import HeadScores, LayerComponentScores, TokenScores
     from memloc_tl.uncertainty import HeadRanking, bootstrap_heads
@@ -162,6 +163,7 @@ _SOURCES: dict[str, str] = {
     "corpus_token_counts": "memloc_tl.paragraphs",
     "MemorizationReport": "memloc_tl.report",
     "ReportConfig": "memloc_tl.report",
+    "Precision": "memloc_tl.precision",
     "memorization_report": "memloc_tl.report",
     "HeadScores": "memloc_tl.results",
     "LayerComponentScores": "memloc_tl.results",
@@ -224,6 +226,7 @@ __all__ = [
     "Paragraphs",
     "ParamMask",
     "PatchingSweep",
+    "Precision",
     "PrefixPerturbation",
     "RareTokenAttention",
     "RareTokenAttentionAnalyzer",

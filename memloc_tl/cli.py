@@ -279,6 +279,7 @@ def run_report(args: argparse.Namespace) -> int:
 def run_scan(args: argparse.Namespace) -> int:
     from memloc_tl.memorization import scan_memorization
     from memloc_tl.paragraphs import Paragraphs
+    from memloc_tl.precision import Precision
 
     corpus = (args.dataset, args.token_file, args.checkpoints, args.revisions)
     if args.out_dir is not None or any(x is not None for x in corpus):
@@ -304,7 +305,10 @@ def run_scan(args: argparse.Namespace) -> int:
     )
     if not len(paragraphs):
         raise UsageError(f"no text in {args.data} is long enough for one 100-token paragraph")
-    scan = scan_memorization(model, paragraphs, batch_size=args.batch_size, progress=True)
+    precision = None if args.dtype == "float32" else Precision(args.dtype)
+    scan = scan_memorization(
+        model, paragraphs, batch_size=args.batch_size, precision=precision, progress=True
+    )
     _write_table(scan.to_frame(), out)
     print(
         f"scanned {len(scan)} paragraphs ({paragraphs.n_too_short} texts too short): "
@@ -365,6 +369,7 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
             docs_per_shard=args.docs_per_shard,
             limit=args.limit,
             free_running=args.free_running,
+            dtype=args.dtype,
         )
     except ValueError as error:
         raise UsageError(str(error)) from error
@@ -393,17 +398,10 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
         documents = corpus.documents_from_files(
             args.data, model, text_column=args.text_column, id_column=args.id_column
         )
+    options = {"config": config, "resume": args.resume, "batch_size": args.batch_size}
     if series is not None:
-        return _scan_series(args, series, documents, config, out, placement.rank)
-    summary = corpus.scan_corpus(
-        model,
-        documents,
-        args.out_dir,
-        config=config,
-        resume=args.resume,
-        batch_size=args.batch_size,
-        progress=True,
-    )
+        return _scan_series(args, series, documents, options, out, placement.rank)
+    summary = corpus.scan_corpus(model, documents, args.out_dir, **options, progress=True)
     print(_summary_line(summary))
     if placement.rank == 0:
         table = corpus.read_corpus_scan(args.out_dir)
@@ -440,20 +438,17 @@ def _series(args: argparse.Namespace) -> Any:
 
 
 def _scan_series(
-    args: argparse.Namespace, series: Any, documents: Any, config: Any, out: Path | None, rank: int
+    args: argparse.Namespace,
+    series: Any,
+    documents: Any,
+    options: dict[str, Any],
+    out: Path | None,
+    rank: int,
 ) -> int:
     """``memloc scan --out-dir --checkpoints/--revisions``: one shard set per step."""
     from memloc_tl.checkpoints import corpus_timeline, read_corpus_series, scan_corpus_checkpoints
 
-    summaries = scan_corpus_checkpoints(
-        series,
-        documents,
-        args.out_dir,
-        config=config,
-        resume=args.resume,
-        batch_size=args.batch_size,
-        progress=True,
-    )
+    summaries = scan_corpus_checkpoints(series, documents, args.out_dir, **options, progress=True)
     for step, summary in zip(series.steps, summaries, strict=True):
         print(f"step {step}: {_summary_line(summary)}")
     if rank == 0:
@@ -676,6 +671,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="corpus scan: add Pythia's memorization_score (share of the continuation that "
         "greedy generation reproduces; generates for every window not fully memorized)",
+    )
+    scan.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="precision of the matrix products; bfloat16/float16 score the windows near a "
+        "flip again in float32, so EM equals float32's (adds a near_flip column)",
     )
     scan.add_argument("--text-column", default="text", help="column holding the texts")
     scan.add_argument(

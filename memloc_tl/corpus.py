@@ -55,6 +55,8 @@ from memloc_tl.paragraphs import (
     read_text_file,
     window_starts,
 )
+from memloc_tl.precision import DTYPES as PRECISIONS
+from memloc_tl.precision import Precision
 from memloc_tl.validation import check_choice, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,9 @@ COLUMNS = (
 FREE_RUNNING = "memorization_score"
 """Pythia's memorization score (Biderman et al. 2023): the share of continuation tokens that
 free-running greedy decoding from the prefix reproduces."""
+NEAR_FLIP = "near_flip"
+"""With a reduced ``CorpusConfig.dtype``: the window had a decision margin near a flip and was
+scored again in float32."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,10 @@ class CorpusConfig:
         free_running: also compute Pythia's ``memorization_score`` (share of the continuation
             that greedy *generation* reproduces; generated only for windows with EM below the
             continuation length, the others score 1 without a second pass).
+        dtype: ``"float32"`` (default), or ``"bfloat16"`` / ``"float16"``: the matrix products
+            in that precision, and the windows near a flip scored again in float32, so the EM
+            column equals float32's (:mod:`memloc_tl.precision`); adds the ``near_flip``
+            column.
     """
 
     prefix_len: int = 50
@@ -109,8 +118,10 @@ class CorpusConfig:
     docs_per_shard: int = 1000
     limit: int | None = None
     free_running: bool = False
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        check_choice(self.dtype, "dtype", tuple(PRECISIONS))
         check_positive_int(self.prefix_len, "prefix_len")
         check_positive_int(self.continuation_len, "continuation_len")
         check_choice(self.windows, "windows", ("first", "all", "strided"))
@@ -131,7 +142,13 @@ class CorpusConfig:
     @property
     def columns(self) -> tuple[str, ...]:
         """The table's columns, in order."""
-        return (*COLUMNS, FREE_RUNNING) if self.free_running else COLUMNS
+        extra = (FREE_RUNNING,) * self.free_running + (NEAR_FLIP,) * (self.dtype != "float32")
+        return (*COLUMNS, *extra)
+
+    @property
+    def precision(self) -> Precision | None:
+        """The reduced precision of the scan (``None``: float32)."""
+        return None if self.dtype == "float32" else Precision(self.dtype)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -525,12 +542,16 @@ def _score_shard(
     paragraphs = Paragraphs.from_tokens(
         tokens, prefix_len=config.prefix_len, vocab_size=model.cfg.d_vocab
     )
-    scan = scan_memorization(model, paragraphs, batch_size=batch_size, progress=False)
+    scan = scan_memorization(
+        model, paragraphs, batch_size=batch_size, precision=config.precision, progress=False
+    )
     frame = pd.DataFrame(rows, columns=pd.Index(["id", "document", "start"]))
     frame["exact_match"] = scan.exact_match.numpy()
     frame["nll"] = scan.nll.numpy()
     frame["teacher_forced_match"] = scan.greedy_match.float().mean(-1).numpy()
     frame["memorized"] = frame["exact_match"] == config.continuation_len
+    if scan.near_flip is not None:
+        frame[NEAR_FLIP] = scan.near_flip.numpy()
     if config.free_running:
         frame[FREE_RUNNING] = free_running_scores(
             model, tokens, scan.exact_match, config.prefix_len, batch_size
@@ -570,6 +591,7 @@ DTYPES = {
     "teacher_forced_match": "float32",
     "memorized": "bool",
     FREE_RUNNING: "float32",
+    NEAR_FLIP: "bool",
 }
 """The dtype of each column; an empty shard and an empty scan have them too."""
 

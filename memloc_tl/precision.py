@@ -9,7 +9,7 @@ reference token's logit minus the best other token's. A window with any such mar
 ``Precision.margin`` in absolute value is *near a flip*. With ``verify="margin"`` (the default)
 exactly those windows are scored again in float32, so the EM column equals the float32 scan's
 wherever the reduced-precision logits are within ``margin / 2`` of the float32 ones (the
-benchmark ``benchmarks/scan.py --dtype`` measures that error, and the agreement).
+benchmark ``benchmarks/precision.py`` measures that error, and the agreement).
 
 The NLL of a window that is not re-scored stays at the reduced precision (its error is printed
 by the benchmark too); a re-scored window's NLL is float32's.
@@ -36,9 +36,11 @@ Verify = Literal["margin", "none"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 DEFAULT_MARGINS = {torch.bfloat16: 1.0, torch.float16: 0.25, torch.float32: 0.0}
-"""Default flip margins in logits: about eight times the largest logit error measured against
-float32 on the default organism and on GPT-Neo 125M's layout (``benchmarks/scan.py --dtype``;
-docs/benchmarks.md)."""
+"""Default flip margins in logits. A margin is a difference of two logits, each off by at most
+the largest error, so it must exceed twice that error: measured against float32
+(``benchmarks/precision.py``, docs/memorization.md) the largest error was 0.153 (bf16) and
+0.021 (fp16) on the default organism, 0.053 and 0.0065 on GPT-Neo 125M's layout, so these
+margins are 3.3-19x twice the largest error."""
 
 
 @dataclass(frozen=True)

@@ -105,3 +105,41 @@ def test_bad_precisions_are_refused(organism: Organism, paragraphs: Paragraphs) 
             Precision(margin=margin)
     with pytest.raises(TypeError, match="precision must be a Precision"):
         scan_memorization(organism.model, paragraphs, precision="bfloat16")  # type: ignore[arg-type]
+
+
+def test_corpus_scans_and_the_command_in_bf16_keep_float32s_em(
+    organism: Organism, paragraphs: Paragraphs, tmp_path: Any
+) -> None:
+    import json
+
+    import pandas as pd
+
+    from memloc_tl.cli import main
+    from memloc_tl.corpus import CorpusConfig, documents_from_texts, read_corpus_scan, scan_corpus
+
+    texts = [organism.tokenizer.decode(row) for row in paragraphs.tokens[:40]]
+    documents = list(documents_from_texts(texts, organism.model))
+    tables = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        config = CorpusConfig(docs_per_shard=16, dtype=dtype)
+        scan_corpus(organism.model, documents, out, config=config, progress=False)
+        tables[dtype] = read_corpus_scan(out)
+    exact, reduced = tables["float32"], tables["bfloat16"]
+    assert "near_flip" not in exact.columns
+    assert reduced["near_flip"].dtype == bool
+    assert reduced["exact_match"].tolist() == exact["exact_match"].tolist()
+    flagged = reduced["near_flip"]
+    pd.testing.assert_series_equal(reduced.loc[flagged, "nll"], exact.loc[flagged, "nll"])
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        CorpusConfig(dtype="int8")
+    # the command: a file scan in bf16 writes float32's EM and the near_flip column
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    table = tmp_path / "scan.csv"
+    cache = str(organism.path.parent)
+    argv = ["scan", "--model", "organism", "--tiny", "--cache-dir", cache, "--data", str(data)]
+    assert main([*argv, "--out", str(table), "--dtype", "bfloat16"]) == 0
+    written = pd.read_csv(table)
+    assert written["exact_match"].tolist() == exact["exact_match"].tolist()
+    assert written["near_flip"].tolist() == flagged.tolist()
