@@ -8,6 +8,9 @@ one run and on the same paragraphs,
 - one bare forward pass of the same tokens (``model(tokens)``, full logits);
 
 and prints the ratios. Goals (issue 2): scan >= 3x faster than generation, <= 1.2x a forward.
+Beside them, the limit: the scan's arithmetic (every block at every position, the unembedding
+at the continuation positions) divided by its time, as a share of the FLOP/s of a dense
+2048 x 2048 fp32 matmul timed on the same device in the same run.
 """
 
 from __future__ import annotations
@@ -68,6 +71,40 @@ def main() -> None:
     print(f"scan / forward    = {t_scan / t_forward:6.2f}x   (goal <= 1.2)")
     em_scan = scan_memorization(model, paragraphs, progress=False).exact_match
     print(f"EM agrees with generation on {int((em_scan == generate()).sum())}/{len(paragraphs)}")
+    # the limit: the scan's unavoidable arithmetic at the dense-matmul rate of this device
+    flops = scan_flops(model.cfg, len(paragraphs), paragraphs.seq_len, paragraphs.continuation_len)
+    peak = matmul_flops_per_second(model.cfg.device)
+    print(
+        f"scan arithmetic {flops / 1e9:.1f} GFLOP; achieved {flops / t_scan / 1e9:.1f} GFLOP/s; "
+        f"a dense {MATMUL}x{MATMUL} fp32 matmul here: {peak / 1e9:.1f} GFLOP/s"
+    )
+    print(f"scan share of the matmul rate = {flops / t_scan / peak:.2f}x  (1.00 = at the limit)")
+
+
+MATMUL = 2048
+
+
+def scan_flops(cfg: object, n: int, seq: int, continuation: int) -> float:
+    """Multiply-adds x 2 of a teacher-forced scan: every block at every position (attention
+    projections, scores and mixing, MLP) plus ``ln_final`` + unembedding at the continuation
+    positions only (what ``scan_memorization`` computes)."""
+    d, layers = cfg.d_model, cfg.n_layers  # type: ignore[attr-defined]
+    mlp, vocab = cfg.d_mlp, cfg.d_vocab  # type: ignore[attr-defined]
+    per_token = layers * (4 * d * d + 2 * d * mlp + 2 * seq * d)  # QKVO, MLP, scores + mixing
+    return 2.0 * n * (seq * per_token + continuation * d * vocab)
+
+
+def matmul_flops_per_second(device: object, repeats: int = 5) -> float:
+    """FLOP/s of a dense fp32 matmul on ``device``, best of ``repeats`` (the attainable rate)."""
+    a = torch.randn(MATMUL, MATMUL, device=device)  # type: ignore[arg-type]
+    b = torch.randn(MATMUL, MATMUL, device=device)  # type: ignore[arg-type]
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2.0 * MATMUL**3 / best
 
 
 if __name__ == "__main__":

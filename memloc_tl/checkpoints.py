@@ -412,6 +412,7 @@ class HeadTimeline(Drawable):
         steps: the training steps.
         scores: ``[n_steps, n_layers, n_heads]``.
         n_paragraphs: paragraphs each step's score was computed from.
+        score: what one score is, as the analysis names it (e.g. ``"patch: mean dNLL"``).
     """
 
     name: str
@@ -420,6 +421,7 @@ class HeadTimeline(Drawable):
     steps: tuple[int, ...]
     scores: Float[Tensor, "n_steps n_layers n_heads"]
     n_paragraphs: int
+    score: str = ""
 
     def at(self, step: int) -> HeadScores:
         """The scores at ``step`` (one of :attr:`steps`)."""
@@ -544,13 +546,14 @@ def localize_over_checkpoints(
             f"analysis must be one of {sorted(ANALYSES)} or a function model -> HeadScores, "
             f"got {analysis!r}"
         )
-    scores = []
+    scores, named = [], ""
     for checkpoint in tqdm(series, desc=f"{name} per checkpoint", disable=not progress):
         model = _load_for(checkpoint, paragraphs)
         result = run(model)
         if not isinstance(result, HeadScores):
             raise TypeError(f"the analysis must return HeadScores, got {type(result).__name__}")
         scores.append(result.scores.detach().float().cpu())
+        named = result.name
         del model, result  # released before the next checkpoint is loaded
     shapes = {tuple(s.shape) for s in scores}
     if len(shapes) > 1:
@@ -562,6 +565,7 @@ def localize_over_checkpoints(
         steps=series.steps,
         scores=torch.stack(scores),
         n_paragraphs=len(paragraphs),
+        score=named,
     )
 
 
@@ -573,6 +577,14 @@ def _check_inputs(series: Any, paragraphs: Any) -> None:
         raise TypeError(f"paragraphs must be Paragraphs, got {type(paragraphs).__name__}")
     if len(paragraphs) == 0:
         raise ValueError("paragraphs holds no paragraphs")
+
+
+def check_fits(series: CheckpointSeries, paragraphs: Paragraphs) -> None:
+    """Load the first checkpoint and check that ``paragraphs`` were tokenized for it, so that a
+    study which reaches the series only after minutes of other work fails at once instead."""
+    _check_inputs(series, paragraphs)
+    model = _load_for(series.checkpoints[0], paragraphs)
+    del model
 
 
 def _load_for(checkpoint: Checkpoint, paragraphs: Paragraphs) -> HookedModel:

@@ -29,7 +29,12 @@ from memloc_tl.analysis.rare_tokens import (
     rarest_positions,
 )
 from memloc_tl.backend import HookedModel
-from memloc_tl.checkpoints import CheckpointSeries, TrainingDynamics, training_dynamics
+from memloc_tl.checkpoints import (
+    CheckpointSeries,
+    TrainingDynamics,
+    check_fits,
+    training_dynamics,
+)
 from memloc_tl.editing.sparse_edit import compare_edits
 from memloc_tl.localization.benchmark import (
     DeletionBenchmark,
@@ -514,6 +519,8 @@ def memorization_report(
         raise TypeError(f"config must be a ReportConfig, got {type(config).__name__}")
     if checkpoints is not None and not isinstance(checkpoints, CheckpointSeries):
         raise TypeError(f"checkpoints must be a CheckpointSeries, got {type(checkpoints).__name__}")
+    if checkpoints is not None:  # before the first analysis, not after all of them
+        check_fits(checkpoints, paragraphs)
     n_paragraphs, seed, batch_size = config.n_paragraphs, config.seed, config.batch_size
     notes: list[str] = []
     scan = scan_memorization(model, paragraphs, batch_size=batch_size, progress=progress)

@@ -178,6 +178,9 @@ def test_localization_over_checkpoints_equals_each_analysis_by_hand(
         )
         found = localize(model, paragraphs, method="zero_ablation", level="heads")
         torch.testing.assert_close(ablation.scores[i], found.head_scores().scores.float())
+    # each figure's axis says what the score is, as the analysis names it
+    assert rare.score == by_hand.pooled_tau_mean.name
+    assert rare.figure().layout.yaxis.title.text == rare.score
     # the final top head, its rank over steps, and the one-line answer, from the scores
     last = rare.at(series.steps[-1])
     (top, _), *_ = last.top(1, order="smallest")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from html import escape
 from pathlib import Path
@@ -165,7 +166,9 @@ def test_the_report_holds_the_library_results(
     assert f"Here: {mp:.2f} memorized vs {nmp:.2f} non-memorized" in html
 
 
-def test_too_few_memorized_paragraphs_is_a_clear_error(organism: Organism) -> None:
+def test_too_few_memorized_paragraphs_is_a_clear_error(
+    organism: Organism, default_organism: Organism
+) -> None:
     with pytest.raises(ValueError, match="at least 2 memorized"):
         memorization_report(organism.model, organism.control, progress=False)
     with pytest.raises(ValueError, match="n_paragraphs"):
@@ -174,6 +177,14 @@ def test_too_few_memorized_paragraphs_is_a_clear_error(organism: Organism) -> No
         ReportConfig(edit_lr=float("nan"))
     with pytest.raises(TypeError, match="config must be a ReportConfig"):
         memorization_report(organism.model, organism.planted, config={"n_paragraphs": 4})  # type: ignore[arg-type]
+    # checkpoints of another model (the default organism's tokenizer) fail before the first
+    # analysis, not after all of them
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"checkpoint at step \d+"):
+        memorization_report(
+            organism.model, organism.planted, checkpoints=default_organism.checkpoints
+        )
+    assert time.perf_counter() - started < 30
     with pytest.raises(TypeError, match="checkpoints must be a CheckpointSeries"):
         memorization_report(organism.model, organism.planted, checkpoints=["step-1"])  # type: ignore[arg-type]
 

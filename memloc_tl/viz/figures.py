@@ -399,7 +399,7 @@ def head_timeline_figure(timeline: HeadTimeline, k: int = 5) -> go.Figure:
     figure.update_layout(
         title=f"{timeline.analysis} over training: the last step's top {k} heads",
         xaxis_title="training step",
-        yaxis_title=timeline.analysis,
+        yaxis_title=timeline.score or timeline.analysis,
     )
     return figure
 
