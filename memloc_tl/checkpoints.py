@@ -58,6 +58,7 @@ from memloc_tl.heads import HeadRef
 from memloc_tl.localization.localizers import METHODS, NEEDS_KEEP, localize
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.rendering import render
 from memloc_tl.results import Drawable, HeadScores
 from memloc_tl.uncertainty import Order
 from memloc_tl.validation import check_positive_int
@@ -331,15 +332,11 @@ class MemorizationTimeline(Drawable):
 
     def figure(self) -> Any:
         """EM vs training step, one line per paragraph."""
-        from memloc_tl.viz import timeline_figure
-
-        return timeline_figure(self)
+        return render(self)
 
     def heatmap(self) -> Any:
         """Paragraphs x steps, EM as color, sorted by the step each became memorized."""
-        from memloc_tl.viz import timeline_heatmap
-
-        return timeline_heatmap(self)
+        return render(self, "heatmap")
 
     def __repr__(self) -> str:
         first = self.first_memorized_step()
@@ -490,9 +487,7 @@ class HeadTimeline(Drawable):
 
     def figure(self, k: int = 5) -> Any:
         """The score vs step of the last step's top ``k`` heads."""
-        from memloc_tl.viz import head_timeline_figure
-
-        return head_timeline_figure(self, k)
+        return render(self, k=k)
 
     def __repr__(self) -> str:
         return (
@@ -703,9 +698,7 @@ class MaskDrift(Drawable):
 
     def figure(self) -> Any:
         """Jaccard overlap of consecutive masks vs the later step."""
-        from memloc_tl.viz import mask_drift_figure
-
-        return mask_drift_figure(self)
+        return render(self)
 
 
 def mask_drift(

@@ -37,6 +37,7 @@ from memloc_tl.backend import (
 from memloc_tl.hooks import hook_name
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.precision import Precision, decision_margins, near_flip
+from memloc_tl.rendering import render
 from memloc_tl.results import Drawable
 from memloc_tl.validation import check_positive_int, check_set
 
@@ -408,9 +409,7 @@ class MemorizationScan(Drawable):
 
     def figure(self) -> Any:
         """Histogram of EM lengths (:func:`memloc_tl.viz.exact_match_figure`)."""
-        from memloc_tl.viz import exact_match_figure
-
-        return exact_match_figure(self)
+        return render(self)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per paragraph: id, meta columns, EM, NLL, memorized flag."""

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from memloc_tl.heads import HeadRef
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.rendering import render
 
 
 class Drawable:
@@ -93,9 +94,7 @@ class HeadScores(Drawable):
 
     def figure(self) -> Any:
         """A plotly heatmap, layers x heads (:func:`memloc_tl.viz.head_scores_figure`)."""
-        from memloc_tl.viz import head_scores_figure
-
-        return head_scores_figure(self)
+        return render(self)
 
     def __repr__(self) -> str:
         best = ", ".join(f"{h}={s:.3g}" for h, s in self.top(3, order="abs"))
@@ -146,9 +145,7 @@ class TokenScores(Drawable):
 
     def figure(self) -> Any:
         """A plotly heatmap, paragraphs x positions (:func:`memloc_tl.viz.token_scores_figure`)."""
-        from memloc_tl.viz import token_scores_figure
-
-        return token_scores_figure(self)
+        return render(self)
 
     def __repr__(self) -> str:
         return f"TokenScores({self.name!r}, shape={tuple(self.scores.shape)})"
@@ -208,9 +205,7 @@ class LayerComponentScores(Drawable):
 
     def figure(self) -> Any:
         """A plotly heatmap, layers x components (:func:`memloc_tl.viz.layer_component_figure`)."""
-        from memloc_tl.viz import layer_component_figure
-
-        return layer_component_figure(self)
+        return render(self)
 
     def __repr__(self) -> str:
         best = ", ".join(f"L{layer}.{c}={s:.3g}" for layer, c, s in self.top(3))

@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from memloc_tl.heads import HeadRef
+from memloc_tl.rendering import render
 from memloc_tl.results import Drawable, HeadScores, head_order
 from memloc_tl.validation import check_positive_int, check_real
 
@@ -144,9 +145,7 @@ class HeadRanking(Drawable):
 
     def figure(self, k: int = 10) -> Any:
         """The top ``k`` heads with their intervals."""
-        from memloc_tl.viz import ranking_figure
-
-        return ranking_figure(self, k)
+        return render(self, k=k)
 
     def __repr__(self) -> str:
         return f"HeadRanking({self.name}: {self.verdict()})"

@@ -47,6 +47,7 @@ from memloc_tl.objectives import (
     reference_logprobs,
 )
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.rendering import render
 from memloc_tl.results import Drawable, LayerComponentScores
 from memloc_tl.validation import check_choice, check_positive_int, check_set
 
@@ -186,9 +187,7 @@ class GradientComparison(Drawable):
 
     def figure(self, statistic: str = "max_abs") -> Any:
         """Both maps and the layer-share difference (see ``viz.gradient_comparison_figure``)."""
-        from memloc_tl.viz import gradient_comparison_figure
-
-        return gradient_comparison_figure(self, statistic=statistic)
+        return render(self, statistic=statistic)
 
     def __repr__(self) -> str:
         diff = ", ".join(f"{d:+.3f}" for d in self.layer_share_difference().tolist())

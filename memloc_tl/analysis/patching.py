@@ -37,6 +37,7 @@ from memloc_tl.memorization import (
     score_continuations,
 )
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.rendering import render
 from memloc_tl.results import Drawable, HeadScores
 from memloc_tl.uncertainty import HeadRanking, bootstrap_heads
 from memloc_tl.validation import check_positions, check_positive_int, check_set
@@ -87,9 +88,7 @@ class HeadIntervention(Drawable):
 
     def figure(self) -> Any:
         """EM per paragraph without vs with (:func:`memloc_tl.viz.intervention_figure`)."""
-        from memloc_tl.viz import intervention_figure
-
-        return intervention_figure(self)
+        return render(self)
 
     def __repr__(self) -> str:
         heads = ",".join(map(str, self.heads))

@@ -34,6 +34,7 @@ from memloc_tl.memorization import (
     score_continuations,
 )
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.rendering import render
 from memloc_tl.results import Drawable, TokenScores
 from memloc_tl.validation import check_choice, check_positive_int, check_set
 
@@ -131,9 +132,7 @@ class PrefixPerturbation(Drawable):
 
     def figure(self, name: str = "paragraphs") -> Any:
         """Mean EM drop per prefix position (:func:`memloc_tl.viz.em_drop_figure`)."""
-        from memloc_tl.viz import em_drop_figure
-
-        return em_drop_figure((name, self))
+        return render(self, name=name)
 
     def __repr__(self) -> str:
         return (

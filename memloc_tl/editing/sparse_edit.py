@@ -51,6 +51,7 @@ from memloc_tl.objectives import (
     reference_logprobs,
 )
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.rendering import render
 from memloc_tl.results import Drawable
 from memloc_tl.validation import check_choice, check_positive_int, check_real, check_set
 
@@ -231,9 +232,7 @@ class EditResult(Drawable):
 
     def figure(self, metric: str = "mean_em") -> Any:
         """Before and after per evaluated set (:func:`memloc_tl.viz.edit_result_figure`)."""
-        from memloc_tl.viz import edit_result_figure
-
-        return edit_result_figure(self, metric=metric)
+        return render(self, metric=metric)
 
     def revert(self) -> None:
         """Undo the edit on ``self.model`` exactly."""

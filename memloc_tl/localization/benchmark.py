@@ -38,6 +38,7 @@ from memloc_tl.localization.units import Localization, Units
 from memloc_tl.memorization import exact_match_length, score_continuations
 from memloc_tl.objectives import attributed_parameters
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.rendering import render
 from memloc_tl.results import Drawable
 from memloc_tl.validation import check_fraction
 
@@ -109,9 +110,7 @@ class InjectionBenchmark(Drawable):
         return self.frame
 
     def figure(self) -> Any:
-        from memloc_tl.viz import benchmark_figure
-
-        return benchmark_figure(self.summary(), "recall", "INJ: recall of the injected units")
+        return render(self)
 
     def __repr__(self) -> str:
         best = self.summary().sort_values("recall", ascending=False).head(3)
@@ -147,11 +146,7 @@ class DeletionBenchmark(Drawable):
         return self.frame
 
     def figure(self) -> Any:
-        from memloc_tl.viz import benchmark_figure
-
-        return benchmark_figure(
-            self.summary(), "specificity", "DEL: target EM drop minus others' EM drop"
-        )
+        return render(self)
 
     def __repr__(self) -> str:
         best = self.summary().sort_values("specificity", ascending=False).head(3)

@@ -29,6 +29,7 @@ from memloc_tl.editing.masks import ParamMask, unflatten_like
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name
 from memloc_tl.objectives import HEAD_MATRICES, attributed_parameters
+from memloc_tl.rendering import render
 from memloc_tl.results import Drawable, HeadScores
 from memloc_tl.validation import check_fraction
 
@@ -265,9 +266,7 @@ class Localization(Drawable):
         return pd.DataFrame(rows).assign(method=self.method, level=self.level)
 
     def figure(self) -> Any:
-        from memloc_tl.viz import localization_figure
-
-        return localization_figure(self)
+        return render(self)
 
     def __repr__(self) -> str:
         return f"Localization({self.method}, {self.level}, {self.total} units, {self.seconds:.2f}s)"

@@ -1,9 +1,13 @@
 """Renderers: plotly figures of the result types and circuitsvis views of attention and tokens.
 
-The only package that imports plotly and circuitsvis. Result types draw themselves through it
-(``result.figure()``), importing it lazily.
+The only package that imports plotly and circuitsvis, and the top of the package: nothing
+else imports it (the import linter checks), except the report and the command, which lay out
+pages. Result types draw themselves with ``result.figure()``, which asks
+:func:`memloc_tl.rendering.render`; importing this package registers the renderers
+(:mod:`memloc_tl.viz.renderers`).
 """
 
+from memloc_tl.viz import renderers as renderers  # registers every result type's figure
 from memloc_tl.viz.figures import (
     benchmark_figure,
     edit_comparison_figure,
