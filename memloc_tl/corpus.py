@@ -49,8 +49,8 @@ from memloc_tl.files import (
 from memloc_tl.memorization import greedy_continuations, scan_memorization
 from memloc_tl.paragraphs import (
     Paragraphs,
-    _as_tokenizer,
-    _encode,
+    as_tokenizer,
+    encode_texts,
     file_format,
     read_text_file,
     window_starts,
@@ -219,7 +219,7 @@ def documents_from_texts(
     Document ids come from ``id_column`` (``"auto"``: a column ``id`` where rows have one), else
     the position in the stream.
     """
-    hf_tokenizer = _as_tokenizer(tokenizer)
+    hf_tokenizer = as_tokenizer(tokenizer)
     rows = iter(texts)
     index = 0
     while chunk := list(itertools.islice(rows, batch)):
@@ -241,7 +241,7 @@ def documents_from_texts(
                 raise TypeError(f"document {ids[-1]!r} is {type(text).__name__}, not str")
             texts_now.append(text)
             index += 1
-        for doc_id, token_ids in zip(ids, _encode(hf_tokenizer, texts_now), strict=True):
+        for doc_id, token_ids in zip(ids, encode_texts(hf_tokenizer, texts_now), strict=True):
             yield Document(doc_id, np.asarray(token_ids, dtype=np.int64))
 
 

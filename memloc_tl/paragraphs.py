@@ -85,7 +85,7 @@ def read_text_file(path: Path) -> str:
         ) from error
 
 
-def _as_tokenizer(tokenizer_or_model: Any) -> Any:
+def as_tokenizer(tokenizer_or_model: Any) -> Any:
     """Accept a Hugging Face tokenizer or a HookedTransformer (its ``.tokenizer``)."""
     tokenizer = getattr(tokenizer_or_model, "tokenizer", None)
     if tokenizer is not None and hasattr(tokenizer_or_model, "cfg"):
@@ -105,7 +105,7 @@ def _model_vocab(tokenizer_or_model: Any) -> int | None:
 
 def tokenizer_fingerprint(tokenizer_or_model: Any) -> str:
     """A short hash of a tokenizer's vocabulary, to tell whether two tokenizers agree."""
-    vocab = _as_tokenizer(tokenizer_or_model).get_vocab()
+    vocab = as_tokenizer(tokenizer_or_model).get_vocab()
     blob = json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()
     return hashlib.sha1(blob).hexdigest()[:16]
 
@@ -130,7 +130,8 @@ def window_starts(
     return range(0, last + 1, step)
 
 
-def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, in one call of a Hugging Face tokenizer, no special tokens."""
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
@@ -278,12 +279,12 @@ class Paragraphs:
         if ids is not None and len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} texts")
         text_ids = [str(i) for i in (ids if ids is not None else range(len(texts)))]
-        hf_tokenizer = _as_tokenizer(tokenizer)
+        hf_tokenizer = as_tokenizer(tokenizer)
         length = prefix_len + continuation_len
         rows: list[list[int]] = []
         row_ids: list[str] = []
         too_short: list[tuple[str, int]] = []
-        for text_id, token_ids in zip(text_ids, _encode(hf_tokenizer, texts), strict=True):
+        for text_id, token_ids in zip(text_ids, encode_texts(hf_tokenizer, texts), strict=True):
             if len(token_ids) < length:
                 too_short.append((text_id, len(token_ids)))
                 continue
@@ -554,7 +555,7 @@ class Paragraphs:
         """
         if mode not in ("token_set", "text"):
             raise ValueError(f"mode must be 'token_set' or 'text', got {mode!r}")
-        hf_tokenizer = _as_tokenizer(tokenizer)
+        hf_tokenizer = as_tokenizer(tokenizer)
         if mode == "text":
             lowered = [k.lower() for k in keywords]
             texts = hf_tokenizer.batch_decode(self.tokens.tolist())
@@ -566,7 +567,7 @@ class Paragraphs:
             for form in (keyword, keyword.upper(), keyword.capitalize())
             for space in ("", " ")
         }
-        variant_sets = [set(ids) for ids in _encode(hf_tokenizer, sorted(variants)) if ids]
+        variant_sets = [set(ids) for ids in encode_texts(hf_tokenizer, sorted(variants)) if ids]
         keep = []
         for row in self.tokens:
             present = set(row.tolist())
@@ -576,13 +577,13 @@ class Paragraphs:
     # ------------------------------------------------------------------ output
     def texts(self, tokenizer: Any) -> list[str]:
         """The decoded paragraphs."""
-        return _as_tokenizer(tokenizer).batch_decode(self.tokens.tolist())
+        return as_tokenizer(tokenizer).batch_decode(self.tokens.tolist())
 
     def to_frame(self, tokenizer: Any = None) -> pd.DataFrame:
         """One row per paragraph: id, meta columns, and the decoded prefix and continuation."""
         frame = pd.DataFrame({"id": list(self.ids), **{k: list(v) for k, v in self.meta.items()}})
         if tokenizer is not None:
-            hf_tokenizer = _as_tokenizer(tokenizer)
+            hf_tokenizer = as_tokenizer(tokenizer)
             frame["prefix"] = hf_tokenizer.batch_decode(self.prefix.tolist())
             frame["continuation"] = hf_tokenizer.batch_decode(self.continuation.tolist())
         return frame
@@ -630,7 +631,7 @@ def corpus_token_counts(
         return torch.bincount(source.tokens.flatten(), minlength=size)
     if tokenizer is None:
         raise TypeError("counting tokens of texts needs a tokenizer (or a HookedTransformer)")
-    hf_tokenizer = _as_tokenizer(tokenizer)
+    hf_tokenizer = as_tokenizer(tokenizer)
     if d_vocab is None:
         d_vocab = _model_vocab(tokenizer) or len(hf_tokenizer)
     if isinstance(source, str):
@@ -645,7 +646,7 @@ def corpus_token_counts(
     batch: list[str] = []
 
     def flush() -> None:
-        ids = [i for row in _encode(hf_tokenizer, batch) for i in row]
+        ids = [i for row in encode_texts(hf_tokenizer, batch) for i in row]
         if ids:
             flat = torch.tensor(ids, dtype=torch.int64)
             if int(flat.max()) >= d_vocab:

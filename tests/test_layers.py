@@ -97,3 +97,18 @@ def test_render_refuses_a_result_without_a_renderer() -> None:
 
     with pytest.raises(TypeError, match="no 'figure' renderer for Unknown"):
         render(Unknown())
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    import ast
+
+    package = ROOT / "memloc_tl"
+    found = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("memloc_tl"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                private = [name for name in private if not name.startswith("__")]
+                if private:
+                    found.append(f"{path.relative_to(ROOT)}: {node.module} {private}")
+    assert found == []

@@ -22,7 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.analysis.patching import PatchingSweep, _check_pair, _positions
+from memloc_tl.analysis.patching import PatchingSweep, check_pair, chosen_positions
 from memloc_tl.backend import HookedModel
 from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name, make_graph_start_hook, make_store_hook, position_mask
@@ -98,10 +98,10 @@ def attribution_patching(
         progress: show a progress bar.
     """
     check_set(model, target, "target")
-    _check_pair(model, target, source, "source", aligned=True)
+    check_pair(model, target, source, "source", aligned=True)
     check_positive_int(batch_size, "batch_size")
     cfg = model.cfg
-    chosen = position_mask(target.seq_len, _positions(positions, target.seq_len), "cpu")
+    chosen = position_mask(target.seq_len, chosen_positions(positions, target.seq_len), "cpu")
     names = [hook_name("z", layer) for layer in range(cfg.n_layers)]
     p = target.prefix_len
     estimate = torch.zeros(cfg.n_layers, cfg.n_heads, len(target))

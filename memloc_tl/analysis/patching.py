@@ -176,7 +176,7 @@ def _check_kind(kind: str, source: Paragraphs | None, reference: Paragraphs | No
         raise ValueError("mean ablation needs reference paragraphs to average over")
 
 
-def _check_pair(
+def check_pair(
     model: HookedModel,
     target: Paragraphs,
     other: Paragraphs,
@@ -184,6 +184,8 @@ def _check_pair(
     *,
     aligned: bool = False,
 ) -> None:
+    """``other`` (a source or reference set) fits ``model`` and ``target``: the same window
+    length, and with ``aligned`` one paragraph per target row."""
     check_set(model, other, what)
     if other.seq_len != target.seq_len:
         raise ValueError(f"{what} windows have {other.seq_len} tokens, targets {target.seq_len}")
@@ -195,7 +197,8 @@ def _check_pair(
         )
 
 
-def _positions(positions: Sequence[int] | Tensor | None, seq_len: int) -> Tensor | None:
+def chosen_positions(positions: Sequence[int] | Tensor | None, seq_len: int) -> Tensor | None:
+    """The positions to intervene at, checked against ``seq_len`` (``None``: all of them)."""
     return None if positions is None else check_positions(positions, seq_len)
 
 
@@ -346,7 +349,7 @@ def patch_heads(
     """
     parsed = _heads(model, heads)
     check_set(model, target, "target")
-    _check_pair(model, target, source, "source", aligned=True)
+    check_pair(model, target, source, "source", aligned=True)
     check_positive_int(batch_size, "batch_size")
     return _intervene(
         model,
@@ -355,7 +358,7 @@ def patch_heads(
         "patch",
         source,
         None,
-        _positions(positions, target.seq_len),
+        chosen_positions(positions, target.seq_len),
         batch_size,
         progress,
     )
@@ -391,7 +394,7 @@ def ablate_heads(
     check_set(model, paragraphs, "paragraphs")
     check_positive_int(batch_size, "batch_size")
     if reference is not None:
-        _check_pair(model, paragraphs, reference, "reference")
+        check_pair(model, paragraphs, reference, "reference")
     return _intervene(
         model,
         paragraphs,
@@ -399,7 +402,7 @@ def ablate_heads(
         kind,
         None,
         reference,
-        _positions(positions, paragraphs.seq_len),
+        chosen_positions(positions, paragraphs.seq_len),
         batch_size,
         progress,
     )
@@ -435,13 +438,13 @@ def patching_sweep(
     _check_kind(kind, source, reference)
     check_set(model, target, "target")
     if source is not None:
-        _check_pair(model, target, source, "source", aligned=True)
+        check_pair(model, target, source, "source", aligned=True)
     if reference is not None:
-        _check_pair(model, target, reference, "reference")
+        check_pair(model, target, reference, "reference")
     check_positive_int(batch_size, "batch_size")
     cfg = model.cfg
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
-    chosen = _positions(positions, target.seq_len)
+    chosen = chosen_positions(positions, target.seq_len)
     # a source equal to the target up to some position (a PMP) changes nothing before it
     reuse = (
         kind == "patch"
