@@ -61,7 +61,7 @@ from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.rendering import render
 from memloc_tl.results import Drawable, HeadScores
 from memloc_tl.uncertainty import Order
-from memloc_tl.validation import check_positive_int
+from memloc_tl.validation import check_fraction, check_positive_int
 
 if TYPE_CHECKING:
     from memloc_tl.organism import Organism
@@ -384,6 +384,10 @@ def scan_checkpoints(
 HEAD_LOCALIZERS = tuple(m for m in METHODS["heads"] if m != "random")
 """The head-level localizers of :func:`~memloc_tl.localization.localizers.localize` that
 :func:`localize_over_checkpoints` runs by name (their scores rank largest first)."""
+
+WEIGHT_LOCALIZERS = tuple(m for m in METHODS["weights"] if m not in ("learned", "random"))
+"""The weights localizers :func:`mask_drift` runs (a learned mask is trained per call, a random
+one says nothing about the model)."""
 
 ANALYSES: dict[str, Order] = {
     "rare_tokens": "smallest",
@@ -711,12 +715,9 @@ def mask_drift(
 ) -> MaskDrift:
     """The top ``fraction`` of the weights by ``method`` at every checkpoint, and the overlap of
     consecutive ones (one model and two masks in memory at a time)."""
-    from memloc_tl.validation import check_fraction
-
     _check_inputs(series, paragraphs)
-    if method not in METHODS["weights"] or method in ("learned", "random"):
-        allowed = [m for m in METHODS["weights"] if m not in ("learned", "random")]
-        raise ValueError(f"method must be one of {allowed}, got {method!r}")
+    if method not in WEIGHT_LOCALIZERS:
+        raise ValueError(f"method must be one of {list(WEIGHT_LOCALIZERS)}, got {method!r}")
     check_fraction(fraction, "fraction")
     sizes, shared = [], []
     previous: Tensor | None = None

@@ -379,9 +379,9 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from error
     placement = corpus.init_distributed(args.device)
-    series = _series(args)
+    series, tokenizer = _series(args)
     # over a series, only the tokenizer is needed here (one model at a time while scanning)
-    model = _scan_model(args) if series is None else series.checkpoints[-1].load().tokenizer
+    model = _scan_model(args) if series is None else tokenizer
     if args.token_file is not None:
         documents = corpus.documents_from_token_file(
             args.token_file, seq_len=args.seq_len, dtype=args.token_dtype
@@ -421,20 +421,25 @@ def _summary_line(summary: Any) -> str:
     )
 
 
-def _series(args: argparse.Namespace) -> Any:
-    """The checkpoint series of ``--checkpoints`` / ``--revisions`` (``None``: neither)."""
+def _series(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The checkpoint series of ``--checkpoints`` / ``--revisions`` and the tokenizer its
+    documents are read with (``(None, None)``: neither option)."""
     from memloc_tl.checkpoints import CheckpointSeries
 
     try:
-        if args.revisions is not None:
-            return CheckpointSeries.from_revisions(args.model, args.revisions, device=args.device)
         if args.checkpoints == []:
-            return _organism(args).checkpoints
-        if args.checkpoints is not None:
-            return CheckpointSeries.from_directories(args.checkpoints, device=args.device)
+            organism = _organism(args)
+            return organism.checkpoints, organism.tokenizer
+        if args.revisions is not None:
+            series = CheckpointSeries.from_revisions(args.model, args.revisions, device=args.device)
+        elif args.checkpoints is not None:
+            series = CheckpointSeries.from_directories(args.checkpoints, device=args.device)
+        else:
+            return None, None
     except ValueError as error:
         raise UsageError(str(error)) from error
-    return None
+    # the last checkpoint's tokenizer (the series has one); its model is released at once
+    return series, series.checkpoints[-1].load().tokenizer
 
 
 def _scan_series(
