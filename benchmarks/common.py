@@ -11,7 +11,12 @@ the organism's planted texts, so memorization numbers on it are meaningless, onl
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,3 +124,59 @@ def synchronize() -> None:
     """Wait for queued GPU work, so that a wall-clock time covers it (no-op on the CPU)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def model_bytes(model: HookedModel) -> int:
+    """Bytes of the model's parameters and buffers (one copy of the model)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+def peak_memory(run: Callable[[], object], device: torch.device | str) -> tuple[int, object]:
+    """Bytes above the level at the call that ``run()`` needed at its peak, and its value.
+
+    On a GPU, the CUDA allocator's peak; on the CPU, the process's resident memory sampled every
+    millisecond by a thread (a lower bound of the true peak, within a few MB). On the CPU the
+    process must run under :func:`exact_cpu_memory`, or memory freed earlier and kept by the C
+    allocator hides part of the peak.
+    """
+    if "cuda" in str(device):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        value = run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start, value
+    import psutil
+
+    process = psutil.Process()
+    start = process.memory_info().rss
+    peak = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        value = run()
+    finally:
+        done.set()
+        sampler.join()
+    peak[0] = max(peak[0], process.memory_info().rss)
+    return peak[0] - start, value
+
+
+def exact_cpu_memory() -> None:
+    """Re-run this process with glibc's mmap threshold fixed, so that every large tensor is
+    returned to the system when freed and the resident memory is what is in use.
+
+    (glibc raises the threshold after a large free, and later tensors of that size then come
+    from a heap that does not shrink: a peak measured after another would read low.)
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "131072":
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)

@@ -4,6 +4,8 @@ Run by hand: ``python benchmarks/editing.py [--tiny]``. Prints
 
 - the time of one ``MaskedOptimizer`` Adam step (compact mode, the default, and restore mode)
   vs one plain Adam step on the same parameters and gradients (goal: at most 1.2x);
+- peak memory (goal: one model plus two batches): a scan of 16 paragraphs, ``sparse_edit`` with
+  each mask, and ``compare_edits`` of all three masks, as multiples of the model's own bytes;
 - ``compare_edits`` on the organism: gradient 0.1% mask vs random 0.1% vs all weights, with the
   before/after EM of the unlearned paragraphs, held-out EM (against the original model's greedy
   continuation), KL to the original and corpus perplexity (paper Fig. 5 for GPT-Neo 125M:
@@ -13,17 +15,34 @@ Run by hand: ``python benchmarks/editing.py [--tiny]``. Prints
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import pandas as pd
 import torch
-from common import add_subject_args, describe, load_subject, synchronize
+from common import (
+    Subject,
+    add_subject_args,
+    describe,
+    exact_cpu_memory,
+    load_subject,
+    model_bytes,
+    peak_memory,
+    synchronize,
+)
 from tqdm.auto import tqdm
 
 from memloc_tl import Paragraphs, scan_memorization
 from memloc_tl.analysis.gradients import attributed_parameters
 from memloc_tl.backend import HookedModel
-from memloc_tl.editing import MaskedOptimizer, ParamMask, compare_edits
+from memloc_tl.editing import (
+    EditConfig,
+    EvalSets,
+    MaskedOptimizer,
+    ParamMask,
+    compare_edits,
+    sparse_edit,
+)
 
 
 def step_time(optimizer: torch.optim.Optimizer | MaskedOptimizer, repeats: int) -> float:
@@ -34,6 +53,44 @@ def step_time(optimizer: torch.optim.Optimizer | MaskedOptimizer, repeats: int) 
         synchronize()
         times.append(time.perf_counter() - started)
     return min(times)
+
+
+def memory(subject: Subject, args: argparse.Namespace) -> None:
+    """Peak memory of a scan and of the edits, over the bytes of one model."""
+    model, device = subject.model, subject.model.cfg.device
+    size = model_bytes(model)
+    batch = subject.everything[:16]
+    memorized, keep = subject.planted[:1], subject.control[:16]
+    config = EditConfig(fraction=args.fraction, lr=args.lr, steps=2, batch_size=16)
+    print(f"\npeak memory above the loaded model ({size / 2**20:.0f} MiB), in models:")
+
+    def line(label: str, extra: int, note: str = "") -> None:
+        print(f"  {label:<42} +{extra / 2**20:8.1f} MiB  {1 + extra / size:5.2f}x  {note}")
+
+    peak, _ = peak_memory(
+        lambda: scan_memorization(model, batch, batch_size=16, progress=False), device
+    )
+    line("scan, 16 paragraphs in one batch", peak)
+    for mask in ("gradient", "random", "all"):
+        run = dataclasses.replace(config, mask=mask)
+        peak, result = peak_memory(
+            lambda run=run: sparse_edit(model, memorized, keep=keep, config=run, progress=False),
+            device,
+        )
+        held = sum(
+            v.numel() * v.element_size()
+            for side in (result.edit.before, result.edit.after)  # type: ignore[attr-defined]
+            for v in side.values()
+        )
+        line(f"sparse_edit, mask {mask!r}, 2 Adam steps", peak, f"(result holds {held / size:.3f})")
+    peak, _ = peak_memory(
+        lambda: compare_edits(model, memorized, keep=keep, config=config, progress=False), device
+    )
+    line("compare_edits, all three masks", peak, "(goal <= 1.5x)")
+    print(
+        "  unavoidable for a mask of all weights: gradients (1x the attributed matrices), Adam's "
+        "two moments (2x) and the result's before/after values (2x)"
+    )
 
 
 def main() -> None:
@@ -49,8 +106,12 @@ def main() -> None:
         help="also run the paper's protocol: N runs, one memorized paragraph each",
     )
     args = parser.parse_args()
+    if "cuda" not in str(args.device):
+        exact_cpu_memory()  # before anything is allocated: the peaks below are then exact
     subject = load_subject(args)
     model = subject.model
+    print(describe(subject))
+    memory(subject, args)  # first, before the step timing below allocates copies of the weights
 
     params = attributed_parameters(model)
     mask = ParamMask.random(model, fraction=args.fraction, seed=0)
@@ -76,7 +137,6 @@ def main() -> None:
         step_time(optimizer, 3)
     t_dense, t_compact, t_restore = (step_time(o, 30) for o in (dense, compact, restore))
     n_weights = sum(p.numel() for p in params.values())
-    print(describe(subject))
     print(f"{n_weights} attributed weights, mask {mask.count}; same gradients (zero outside)")
     print(f"dense Adam step                     {t_dense * 1e3:8.3f} ms")
     print(f"masked Adam step, compact (default) {t_compact * 1e3:8.3f} ms")
@@ -93,11 +153,8 @@ def main() -> None:
         model,
         memorized,
         keep=non_memorized[:16],
-        heldout=non_memorized[16:48],
-        general=organism.heldout,
-        fraction=args.fraction,
-        lr=args.lr,
-        steps=10,
+        config=EditConfig(fraction=args.fraction, lr=args.lr, steps=10),
+        evaluate_on=EvalSets(heldout=non_memorized[16:48], general=organism.heldout),
         progress=False,
     )
     print(f"\nsparse unlearning, 8 memorized paragraphs, lr {args.lr}, 10 Adam steps:")
@@ -122,13 +179,9 @@ def per_paragraph(
             model,
             memorized[i : i + 1],
             keep=non_memorized[:16],
-            heldout=non_memorized[16:48],
-            general=general,
             masks=("gradient", "random"),
-            fraction=args.fraction,
-            lr=args.lr,
-            steps=10,
-            seed=i,
+            config=EditConfig(fraction=args.fraction, lr=args.lr, steps=10, seed=i),
+            evaluate_on=EvalSets(heldout=non_memorized[16:48], general=general),
             progress=False,
         )
         rows.append(table.assign(run=i))

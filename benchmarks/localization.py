@@ -20,8 +20,15 @@ import time
 
 import pandas as pd
 
-from memloc_tl import OrganismConfig, Paragraphs, build_organism, sparse_edit
-from memloc_tl.localization import InjectionBenchmark, InjectionConfig, LearnedMaskConfig
+from memloc_tl import EditConfig, EvalSets, OrganismConfig, Paragraphs, build_organism, sparse_edit
+from memloc_tl.localization import (
+    BenchmarkConfig,
+    DeletionConfig,
+    InjectionBenchmark,
+    InjectionConfig,
+    LearnedMaskConfig,
+    LocalizeConfig,
+)
 from memloc_tl.localization.benchmark import organism_benchmark, organism_sets
 from memloc_tl.workbench import ORGANISM_EDIT_LR
 
@@ -50,8 +57,12 @@ def main() -> None:
     organism = build_organism(OrganismConfig.tiny() if args.tiny else OrganismConfig())
     cfg = organism.model.cfg
     print(f"organism {organism.config.key()}: {cfg.n_layers} layers x {cfg.n_heads} heads")
-    learned = LearnedMaskConfig(steps=args.learned_steps)
-    common = {"seeds": range(args.seeds), "n_paragraphs": args.paragraphs, "learned": learned}
+    settings = LocalizeConfig(learned=LearnedMaskConfig(steps=args.learned_steps))
+    seeds = tuple(range(args.seeds))
+
+    def localizers(methods: tuple[str, ...] | None = None) -> BenchmarkConfig:
+        return BenchmarkConfig(methods=methods, seeds=seeds, localize=settings)
+
     damage = ["seed", "steps", "em_after", "abs_w_before", "abs_w_after"]
     damage += ["memorized_mean_em_before", "memorized_mean_em_after"]
 
@@ -59,7 +70,9 @@ def main() -> None:
         # what `memloc localize-benchmark` runs with its defaults, one seed at a time
         for seed in range(args.seeds):
             started = time.perf_counter()
-            result = organism_benchmark(organism, level="weights", seeds=[seed], progress=False)
+            result = organism_benchmark(
+                organism, level="weights", benchmark=BenchmarkConfig(seeds=(seed,)), progress=False
+            )
             assert isinstance(result, InjectionBenchmark)
             row = result.injections.iloc[0]
             seconds = time.perf_counter() - started
@@ -75,12 +88,14 @@ def main() -> None:
         started = time.perf_counter()
         result = organism_benchmark(
             organism,
-            benchmark="inj",
+            kind="inj",
             level="weights",
-            methods=["random", "magnitude", "oracle", "gradient", "grad_x_weight", "learned"],
+            n_paragraphs=args.paragraphs,
             config=InjectionConfig(fraction=0.01, max_steps=400),
+            benchmark=localizers(
+                ("random", "magnitude", "oracle", "gradient", "grad_x_weight", "learned")
+            ),
             progress=False,
-            **common,
         )
         assert isinstance(result, InjectionBenchmark)
         print(f"\nINJ, weights (1% per paragraph), {time.perf_counter() - started:.0f} s")
@@ -95,7 +110,12 @@ def main() -> None:
     if args.part in ("heads", "all"):
         started = time.perf_counter()
         result = organism_benchmark(
-            organism, benchmark="inj", level="heads", progress=False, **common
+            organism,
+            kind="inj",
+            level="heads",
+            n_paragraphs=args.paragraphs,
+            benchmark=localizers(),
+            progress=False,
         )
         assert isinstance(result, InjectionBenchmark)
         print(f"\nINJ, heads (one head per paragraph), {time.perf_counter() - started:.0f} s")
@@ -108,7 +128,12 @@ def main() -> None:
     if args.part in ("neurons", "all"):
         started = time.perf_counter()
         result = organism_benchmark(
-            organism, benchmark="inj", level="neurons", progress=False, **common
+            organism,
+            kind="inj",
+            level="neurons",
+            n_paragraphs=args.paragraphs,
+            benchmark=localizers(),
+            progress=False,
         )
         assert isinstance(result, InjectionBenchmark)
         n = InjectionConfig().n_neurons
@@ -123,12 +148,13 @@ def main() -> None:
         started = time.perf_counter()
         result = organism_benchmark(
             organism,
-            benchmark="del",
+            kind="del",
             level="weights",
-            methods=["gradient", "grad_x_weight", "learned", "random"],
             n_paragraphs=args.paragraphs,
-            learned=learned,
-            fraction=0.001,
+            config=DeletionConfig(fraction=0.001),
+            benchmark=BenchmarkConfig(
+                methods=("gradient", "grad_x_weight", "learned", "random"), localize=settings
+            ),
             progress=False,
         )
         print(f"\nDEL, zero the top 0.1% of weights, {time.perf_counter() - started:.0f} s")
@@ -150,11 +176,8 @@ def main() -> None:
                     organism.model,
                     sets.memorized[i : i + 1],
                     keep=keep,
-                    others=others,
-                    general=sets.general,
-                    fraction=0.001,
-                    steps=10,
-                    lr=lr,
+                    config=EditConfig(fraction=0.001, steps=10, lr=lr),
+                    evaluate_on=EvalSets(others=others, general=sets.general),
                     progress=False,
                 )
                 target = result.metric("edited", "mean_em")

@@ -31,7 +31,7 @@ from common import Subject, add_subject_args, describe, load_subject, synchroniz
 from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
 
 import memloc_tl.analysis.patching as patching_module
-from memloc_tl import Paragraphs, perturb_prefixes, scan_memorization
+from memloc_tl import Paragraphs, PerturbConfig, perturb_prefixes, scan_memorization
 from memloc_tl.analysis import attribution_patching, patching_sweep
 from memloc_tl.analysis.patching import first_difference
 
@@ -108,7 +108,9 @@ def perturbed_sources(subject: Subject, n: int, seed: int) -> tuple[Paragraphs, 
     model = subject.model
     if subject.organism is not None:
         memorized = scan_memorization(model, subject.planted, progress=False).memorized()[:n]
-        pmp = perturb_prefixes(model, memorized, seed=seed, progress=False).perturbed
+        pmp = perturb_prefixes(
+            model, memorized, config=PerturbConfig(seed=seed), progress=False
+        ).perturbed
         assert pmp is not None
         return memorized, pmp
     target = subject.planted[list(range(n))]

@@ -21,7 +21,7 @@ import torch
 from common import add_subject_args, describe, load_subject
 
 from memloc_tl import greedy_continuations, scan_memorization
-from memloc_tl.analysis import PrefixPerturbation, perturb_prefixes
+from memloc_tl.analysis import PerturbConfig, PrefixPerturbation, perturb_prefixes
 
 
 def main() -> None:
@@ -42,9 +42,8 @@ def main() -> None:
         result = perturb_prefixes(
             model,
             timed,
+            config=PerturbConfig(batch_size=args.batch_size, shared_prefix=shared_prefix),
             build_perturbed=False,
-            batch_size=args.batch_size,
-            shared_prefix=shared_prefix,
             progress=False,
         )
         return time.perf_counter() - started, result
@@ -81,7 +80,11 @@ def main() -> None:
 
     for name, paragraphs in (("memorized", memorized), ("non-memorized", non_memorized)):
         result = perturb_prefixes(
-            model, paragraphs, reference="greedy", build_perturbed=False, progress=False
+            model,
+            paragraphs,
+            config=PerturbConfig(em_against="greedy"),
+            build_perturbed=False,
+            progress=False,
         )
         print(
             f"mean EM drop per perturbed token vs the greedy continuation, {name} "

@@ -55,7 +55,7 @@ from memloc_tl.corpus import (
 )
 from memloc_tl.files import CorruptFileError, atomic_write_text, read_json
 from memloc_tl.heads import HeadRef
-from memloc_tl.localization.localizers import METHODS, NEEDS_KEEP, localize
+from memloc_tl.localization.localizers import METHODS, localize, needs_keep
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.rendering import render
@@ -64,7 +64,7 @@ from memloc_tl.uncertainty import Order
 from memloc_tl.validation import check_fraction, check_positive_int
 
 if TYPE_CHECKING:
-    from memloc_tl.organism import Organism
+    pass
 
 STEP_PATTERN = re.compile(r"step[-_]?(\d+)")
 """A training step in a revision or directory name: ``step143000``, ``step-000120``."""
@@ -225,23 +225,6 @@ class CheckpointSeries:
                 Checkpoint(step, f"{name}@{r}", loader(r))
                 for step, r in zip(numbers, revisions, strict=True)
             ),
-        )
-
-    @classmethod
-    def from_organism(
-        cls, organism: Organism, *, device: str | torch.device | None = None
-    ) -> CheckpointSeries:
-        """The organism's training checkpoints (``OrganismConfig.n_checkpoints`` of them)."""
-        from memloc_tl.organism import CHECKPOINTS
-
-        directories = sorted((organism.path / CHECKPOINTS).glob("step-*"))
-        if not directories:
-            raise ValueError(
-                f"the organism at {organism.path} kept no training checkpoints; build one with "
-                "OrganismConfig(n_checkpoints=5)"
-            )
-        return cls.from_directories(
-            directories, name=f"organism-{organism.config.key()}", device=device
         )
 
 
@@ -624,14 +607,15 @@ def _check_named_inputs(
             )
     elif source is not None:
         raise ValueError(f"source goes with analysis='patching', not {analysis!r}")
-    if analysis in NEEDS_KEEP:
+    if needs_keep(analysis):
         if not isinstance(keep, Paragraphs) or not len(keep):
             raise ValueError(
                 f"analysis={analysis!r} needs keep: paragraphs whose recall must not depend on "
                 "the head (e.g. non-memorized ones)"
             )
     elif keep is not None:
-        raise ValueError(f"keep goes with analysis in {list(NEEDS_KEEP)}, not {analysis!r}")
+        reading = [m for m in HEAD_LOCALIZERS if needs_keep(m)]
+        raise ValueError(f"keep goes with analysis in {reading}, not {analysis!r}")
 
 
 def _named_analysis(

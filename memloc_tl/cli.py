@@ -483,10 +483,13 @@ def _write_table(frame: Any, out: Path) -> None:
 def run_localize_benchmark(args: argparse.Namespace) -> int:
     from memloc_tl.localization import (
         METHODS,
+        BenchmarkConfig,
+        DeletionConfig,
         InjectionConfig,
         InjectionDamageWarning,
         InjectionFailedWarning,
         LearnedMaskConfig,
+        LocalizeConfig,
     )
     from memloc_tl.localization.benchmark import BASELINES, organism_benchmark
 
@@ -501,21 +504,27 @@ def run_localize_benchmark(args: argparse.Namespace) -> int:
             f"{', '.join(known)}"
         )
     organism = _organism(args)
-    config = InjectionConfig(fraction=args.fraction, max_steps=args.max_steps)
+    config = (
+        InjectionConfig(fraction=args.fraction, max_steps=args.max_steps)
+        if args.benchmark == "inj"
+        else DeletionConfig(fraction=args.delete_fraction)
+    )
+    benchmark = BenchmarkConfig(
+        methods=None if methods is None else tuple(methods),
+        seeds=tuple(range(args.seeds)),
+        localize=LocalizeConfig(learned=LearnedMaskConfig(steps=args.learned_steps)),
+    )
     with warnings.catch_warnings():
         # the lines below say the same, with every seed's numbers side by side
         warnings.simplefilter("ignore", InjectionFailedWarning)
         warnings.simplefilter("ignore", InjectionDamageWarning)
         result = organism_benchmark(
             organism,
-            benchmark=args.benchmark,
+            kind=args.benchmark,
             level=args.level,
-            methods=methods,
-            seeds=range(args.seeds),
             n_paragraphs=args.paragraphs,
             config=config,
-            fraction=args.delete_fraction,
-            learned=LearnedMaskConfig(steps=args.learned_steps),
+            benchmark=benchmark,
         )
     if args.benchmark == "inj":
         injections = result.injections  # type: ignore[union-attr]
@@ -536,6 +545,7 @@ def run_localize_benchmark(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         if damaging:
+            assert isinstance(config, InjectionConfig)
             print(
                 f"WARNING: the injection of seed(s) {damaging} damaged the model (memorized "
                 f"mean EM fell by more than {config.max_em_drop:g} tokens or general perplexity "

@@ -44,7 +44,8 @@ def export_hf(
     one is a ``FileExistsError`` before anything is written.
 
     Args:
-        edited: an ``EditResult`` (its model) or a model, loaded with ``process_weights=False``.
+        edited: the edited model, loaded with ``process_weights=False`` (for an ``EditResult``,
+            ``with result.applied(model): export_hf(model, ...)``).
         directory: where to write the checkpoint and the tokenizer.
         base: for a HookedTransformer, the checkpoint it was loaded from: a directory, a hub
             name, or an in-memory ``transformers`` model (its config and every parameter
@@ -54,9 +55,14 @@ def export_hf(
         ValueError: a model with processed weights, or a base that is not the model's origin.
         TypeError: no base for a HookedTransformer, or an object that is not a model.
     """
-    model: HookedModel = getattr(edited, "model", edited)
+    if hasattr(edited, "edit") and hasattr(edited, "applied"):
+        raise TypeError(
+            "export_hf takes the edited model, and an EditResult holds the change, not a model: "
+            "with result.applied(model): export_hf(model, directory, base=...)"
+        )
+    model: HookedModel = edited
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "cfg"):
-        raise TypeError(f"expected an EditResult or a TransformerLens model, got {type(edited)}")
+        raise TypeError(f"expected a TransformerLens model, got {type(edited).__name__}")
     if _processed(model):
         raise ValueError(
             "this model's weights are processed (LayerNorm folded, writing weights centred), so "

@@ -35,11 +35,11 @@ from memloc_tl.backend import (
     skips_early_blocks,
 )
 from memloc_tl.hooks import hook_name
-from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.paragraphs import Paragraphs, check_set
 from memloc_tl.precision import Precision, decision_margins, near_flip
 from memloc_tl.rendering import render
 from memloc_tl.results import Drawable
-from memloc_tl.validation import check_positive_int, check_set
+from memloc_tl.validation import check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def continuation_logits(
         if not shares_prefix_cache(model):
             raise ValueError(
                 "past_kv_cache is TransformerLens 3's key/value cache; a TransformerBridge "
-                "recomputes every position instead (perturb_prefixes(shared_prefix=False))"
+                "recomputes every position instead (PerturbConfig(shared_prefix=False))"
             )
         if not 0 <= skipped < prefix_len:
             raise ValueError(f"the cache holds {skipped} positions; it must hold < {prefix_len}")
@@ -146,7 +146,7 @@ class PrefixKV:
         if not shares_prefix_cache(model):
             raise ValueError(
                 "PrefixKV holds TransformerLens 3's key/value cache, which a TransformerBridge "
-                "does not take; recompute every position (perturb_prefixes(shared_prefix=False))"
+                "does not take; recompute every position (PerturbConfig(shared_prefix=False))"
             )
         tokens = tokens.to(model.cfg.device)
         cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(tokens))

@@ -1,8 +1,8 @@
 """The objectives every gradient in memloc-tl is taken of, and the plumbing to take them.
 
-Below both the analyzers and the editing code (which must not import each other): the attributed
-weights (W_Q, W_K, W_V, W_O per head, W_in, W_out; never embeddings, unembedding or biases, as
-in the paper), the continuation NLL, the KL to the original model used by the contrastive
+Below both the analyzers and the editing code (docs/architecture.md has the layers): the
+attributed weights (W_Q, W_K, W_V, W_O per head, W_in, W_out; never embeddings, unembedding or
+biases, as in the paper), the continuation NLL, the KL to the original model used by the contrastive
 objective (paper Eq. 3-4), the original model's reference log-probabilities, gradients
 accumulated batch by batch, and a scope in which only chosen parameters require grad.
 """
@@ -108,7 +108,7 @@ def continuation_nll(
 def contrastive_kl(
     model: HookedModel,
     keep_tokens: Tensor,
-    reference_logprobs: Float[Tensor, "batch continuation_pos d_vocab"],
+    original_logprobs: Float[Tensor, "batch continuation_pos d_vocab"],
     prefix_len: int,
     *,
     reduction: KLReduction = "sum_positions",
@@ -119,7 +119,7 @@ def contrastive_kl(
     reference code's ``KLDivLoss(reduction="batchmean")``); ``"mean"`` averages over both.
     """
     logprobs = continuation_logits(model, keep_tokens, prefix_len).log_softmax(-1)
-    reference = reference_logprobs.to(logprobs.device)
+    reference = original_logprobs.to(logprobs.device)
     kl = (reference.exp() * (reference - logprobs)).sum(-1)  # [batch, pos]
     return kl.sum(-1).mean() if reduction == "sum_positions" else kl.mean()
 
@@ -148,7 +148,7 @@ def accumulated_gradients(
     return total
 
 
-def reference_logprobs(
+def original_logprobs(
     model: HookedModel, paragraphs: Paragraphs, batch_size: int = 16
 ) -> Float[Tensor, "n_paragraphs continuation_pos d_vocab"]:
     """The current model's continuation log-probabilities (theta_0 of the KL term), no grad."""

@@ -192,7 +192,15 @@ class Organism:
         """The training checkpoints kept by the build (loaded one at a time, when iterated)."""
         from memloc_tl.checkpoints import CheckpointSeries
 
-        return CheckpointSeries.from_organism(self, device=self.model.cfg.device)
+        directories = sorted((self.path / CHECKPOINTS).glob("step-*"))
+        if not directories:
+            raise ValueError(
+                f"the organism at {self.path} kept no training checkpoints; build one with "
+                "OrganismConfig(n_checkpoints=5)"
+            )
+        return CheckpointSeries.from_directories(
+            directories, name=f"organism-{self.config.key()}", device=self.model.cfg.device
+        )
 
     def scans(self, *, batch_size: int = 32) -> dict[str, MemorizationScan]:
         """Scan every planted tier, the control and the held-out set (see organism_scans)."""

@@ -667,3 +667,19 @@ def corpus_token_counts(
             "no tokens were counted: the source holds no text (every token would look rare)"
         )
     return counts
+
+
+def check_set(model: Any, paragraphs: Any, name: str, *, allow_empty: bool = False) -> Paragraphs:
+    """``paragraphs`` is a non-empty :class:`Paragraphs` made for ``model``'s tokenizer."""
+    if not isinstance(paragraphs, Paragraphs):
+        raise TypeError(
+            f"{name} must be Paragraphs, got {type(paragraphs).__name__}: wrap token tensors "
+            "with Paragraphs.from_tokens(tokens), texts with Paragraphs.from_texts(texts, model)"
+        )
+    if not allow_empty and len(paragraphs) == 0:
+        raise ValueError(
+            f"{name} is empty: pass at least one paragraph (a filter such as "
+            "scan.memorized() can select none; check len() first)"
+        )
+    paragraphs.check_model(model)
+    return paragraphs

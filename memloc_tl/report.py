@@ -22,7 +22,7 @@ from torch import Tensor
 
 from memloc_tl.analysis.gradients import GradientComparison, compare_gradient_norms
 from memloc_tl.analysis.patching import PatchingSweep, patching_sweep
-from memloc_tl.analysis.perturbation import PrefixPerturbation, perturb_prefixes
+from memloc_tl.analysis.perturbation import PerturbConfig, PrefixPerturbation, perturb_prefixes
 from memloc_tl.analysis.rare_tokens import (
     RareTokenAttention,
     rare_token_attention,
@@ -35,14 +35,17 @@ from memloc_tl.checkpoints import (
     check_fits,
     training_dynamics,
 )
-from memloc_tl.editing.sparse_edit import compare_edits
+from memloc_tl.editing.sparse_edit import EditConfig, EvalSets, compare_edits
 from memloc_tl.localization.benchmark import (
+    BenchmarkConfig,
     DeletionBenchmark,
+    DeletionConfig,
     InjectionBenchmark,
     deletion_benchmark,
     injection_benchmark,
 )
 from memloc_tl.localization.injection import InjectionConfig
+from memloc_tl.localization.localizers import LocalizeConfig
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
 from memloc_tl.paragraphs import Paragraphs, corpus_token_counts
 from memloc_tl.uncertainty import HeadRanking, bootstrap_difference
@@ -162,6 +165,33 @@ class MemorizationReport:
             None
             if self.sweep is None
             else self.sweep.bootstrap(BOOTSTRAP_RESAMPLES, seed=self.seed)
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        """The findings, one row per section: columns section, finding (the page's lines)."""
+        rows = [
+            ("memorization", self.scan_finding()),
+            ("rare-token heads", self.rare_finding()),
+            ("prefix perturbation", self.perturbation_finding()),
+            ("patching", self.patching_finding() if self.sweep is not None else "no PMP built"),
+            ("gradients", self.gradient_finding()),
+            ("sparse unlearning", self.edit_finding()),
+        ]
+        if self.injection is not None:
+            rows.append(("injection", self.injection_finding()))
+        if self.training is not None:
+            rows += [("over training", line) for line in self.training.findings()]
+        return pd.DataFrame(rows, columns=["section", "finding"])
+
+    def figure(self) -> go.Figure:
+        """The report's first figure, the EM distribution of the scan (:meth:`page` holds them
+        all)."""
+        return self.scan.figure()
+
+    def __repr__(self) -> str:
+        return (
+            f"MemorizationReport({self.title!r}: {len(self.memorized)} memorized and "
+            f"{len(self.non_memorized)} non-memorized paragraphs of {len(self.scan.paragraphs)})"
         )
 
     def page(self) -> HtmlPage:
@@ -557,18 +587,14 @@ def memorization_report(
         "memorized": perturb_prefixes(
             model,
             memorized,
-            reference="greedy",
-            seed=seed,
-            batch_size=2 * batch_size,
+            config=PerturbConfig(em_against="greedy", seed=seed, batch_size=2 * batch_size),
             progress=progress,
         ),
         "non-memorized": perturb_prefixes(
             model,
             non_memorized,
-            reference="greedy",
-            seed=seed,
+            config=PerturbConfig(em_against="greedy", seed=seed, batch_size=2 * batch_size),
             build_perturbed=False,
-            batch_size=2 * batch_size,
             progress=progress,
         ),
     }
@@ -585,26 +611,28 @@ def memorization_report(
         model,
         memorized,
         keep=non_memorized,
-        heldout=heldout if len(heldout) else None,
-        general=general,
         masks=("gradient", "random"),
-        fraction=config.fraction,
-        lr=config.edit_lr,
-        steps=config.edit_steps,
-        seed=seed,
-        batch_size=batch_size,
+        config=EditConfig(
+            fraction=config.fraction,
+            lr=config.edit_lr,
+            steps=config.edit_steps,
+            seed=seed,
+            batch_size=batch_size,
+        ),
+        evaluate_on=EvalSets(heldout=heldout if len(heldout) else None, general=general),
         progress=progress,
     )
 
+    settings = LocalizeConfig(seed=seed, batch_size=batch_size)
     deletion = deletion_benchmark(
         model,
         memorized[:2],
         others=memorized,
         non_memorized=non_memorized,
-        methods=["gradient", "grad_x_weight", "random"],
-        fraction=config.fraction,
-        seed=seed,
-        batch_size=batch_size,
+        config=DeletionConfig(fraction=config.fraction),
+        benchmark=BenchmarkConfig(
+            methods=("gradient", "grad_x_weight", "random"), seeds=(seed,), localize=settings
+        ),
         progress=progress,
     )
 
@@ -616,9 +644,12 @@ def memorization_report(
             planted,
             keep=Paragraphs.concat(non_memorized, memorized),
             config=InjectionConfig(level="heads", seed=seed),
-            methods=["zero_ablation", "attribution", "activation", "random"],
+            benchmark=BenchmarkConfig(
+                methods=("zero_ablation", "attribution", "activation", "random"),
+                seeds=(seed,),
+                localize=settings,
+            ),
             memorized=memorized,
-            batch_size=batch_size,
             progress=progress,
         )
 

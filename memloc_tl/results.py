@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import pandas as pd
 import torch
@@ -14,12 +14,38 @@ from memloc_tl.heads import HeadRef
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.rendering import render
 
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+
+@runtime_checkable
+class Result(Protocol):
+    """What every public result of memloc-tl offers (a test checks each result type).
+
+    - ``to_frame()``: a ``pandas.DataFrame`` of its numbers, one row per unit of the result
+      (head, paragraph, position, set x metric, ...);
+    - ``figure(**options)``: a plotly figure of it, drawn by :mod:`memloc_tl.viz` (through
+      :func:`memloc_tl.rendering.render`, so the result itself imports no plotting code);
+    - ``repr(result)``: one short line that says what it holds and its headline number.
+    """
+
+    def to_frame(self) -> pd.DataFrame: ...
+
+    def figure(self, *args: Any, **kwargs: Any) -> go.Figure: ...
+
 
 class Drawable:
-    """A result that draws itself: ``figure()`` returns a plotly figure, ``show()`` shows it."""
+    """The base of the result types: ``figure()`` returns a plotly figure, ``show()`` shows it.
 
-    def figure(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError
+    A subclass implements :class:`Result`: ``to_frame`` and ``figure`` (which calls
+    :func:`memloc_tl.rendering.render`).
+    """
+
+    def to_frame(self) -> pd.DataFrame:
+        raise NotImplementedError(f"{type(self).__name__} does not implement to_frame")
+
+    def figure(self, *args: Any, **kwargs: Any) -> go.Figure:
+        raise NotImplementedError(f"{type(self).__name__} does not implement figure")
 
     def show(self, *args: Any, **kwargs: Any) -> None:
         """Show :meth:`figure` (in Jupyter, or a browser tab elsewhere)."""

@@ -10,31 +10,10 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:  # imported inside check_set: memloc_tl.paragraphs itself uses this module
-    from memloc_tl.paragraphs import Paragraphs
-
-
-def check_set(model: Any, paragraphs: Any, name: str, *, allow_empty: bool = False) -> Paragraphs:
-    """``paragraphs`` is a non-empty :class:`Paragraphs` made for ``model``'s tokenizer."""
-    from memloc_tl.paragraphs import Paragraphs
-
-    if not isinstance(paragraphs, Paragraphs):
-        raise TypeError(
-            f"{name} must be Paragraphs, got {type(paragraphs).__name__}: wrap token tensors "
-            "with Paragraphs.from_tokens(tokens), texts with Paragraphs.from_texts(texts, model)"
-        )
-    if not allow_empty and len(paragraphs) == 0:
-        raise ValueError(
-            f"{name} is empty: pass at least one paragraph (a filter such as "
-            "scan.memorized() can select none; check len() first)"
-        )
-    paragraphs.check_model(model)
-    return paragraphs
 
 
 def check_positive_int(value: Any, name: str) -> int:
@@ -171,3 +150,18 @@ def check_device(device: Any, name: str = "device") -> torch.device | None:
     elif resolved.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{name}={device!r}, but MPS is not available here; use 'cpu'")
     return resolved
+
+
+Config = TypeVar("Config")
+
+
+def check_config(value: Config | None, kind: type[Config], name: str = "config") -> Config:
+    """``value`` is a ``kind`` (a config dataclass), or ``None`` for ``kind()``'s defaults."""
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise TypeError(
+            f"{name} must be a {kind.__name__} (e.g. {kind.__name__}(...)), got "
+            f"{type(value).__name__}"
+        )
+    return value

@@ -15,6 +15,7 @@ import torch
 
 from memloc_tl import (
     OrganismConfig,
+    PerturbConfig,
     build_organism,
     localize_over_checkpoints,
     mask_drift,
@@ -79,7 +80,9 @@ def main() -> None:
     # report's section 9: its first 8 memorized paragraphs)
     started = time.perf_counter()
     targets = memorized[:8]
-    pmp = perturb_prefixes(organism.model, targets, reference="greedy", progress=False).perturbed
+    pmp = perturb_prefixes(
+        organism.model, targets, config=PerturbConfig(em_against="greedy"), progress=False
+    ).perturbed
     assert pmp is not None
     patched = localize_over_checkpoints(
         series, targets, analysis="patching", source=pmp, progress=False

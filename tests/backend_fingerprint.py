@@ -14,8 +14,10 @@ import torch
 from torch import Tensor
 
 from memloc_tl import (
+    EditConfig,
     HeadRef,
     ParamMask,
+    PerturbConfig,
     ablate_heads,
     activation_gradients,
     attribution_patching,
@@ -62,13 +64,15 @@ def fingerprint(model: Any, organism: Organism) -> dict[str, Tensor]:
     put("rare.tau", rare.tau)
     put("rare.rare_mass", rare.rare_mass)
     for kind in ("patch", "zero", "mean"):
-        sweep = patching_sweep(model, memorized, other, kind=kind, reference=other, progress=False)
+        sweep = patching_sweep(model, memorized, other, kind=kind, mean_over=other, progress=False)
         put(f"sweep.{kind}.delta_nll", sweep.delta_nll)
         put(f"sweep.{kind}.delta_em", sweep.delta_em)
     ablation = ablate_heads(model, memorized, [HeadRef(0, 1)], progress=False)
     put("ablate.em", ablation.em)
     put("ablate.nll", ablation.nll)
-    perturbed = perturb_prefixes(model, memorized[:2], n_samples=1, seed=3, progress=False)
+    perturbed = perturb_prefixes(
+        model, memorized[:2], config=PerturbConfig(n_samples=1, seed=3), progress=False
+    )
     put("perturb.em", perturbed.em)
     put("perturb.nll", perturbed.nll)
     grads = activation_gradients(model, memorized, progress=False)
@@ -92,9 +96,8 @@ def fingerprint(model: Any, organism: Organism) -> dict[str, Tensor]:
     put("localize.attribution.heads", torch.stack(list(gates.scores.values())))
 
     before = {n: p.detach().clone() for n, p in attributed_parameters(model).items()}
-    edit = sparse_edit(
-        model, memorized[:2], keep=other, fraction=0.01, steps=3, lr=1e-2, progress=False
-    )
+    config = EditConfig(fraction=0.01, steps=3, lr=1e-2)
+    edit = sparse_edit(model, memorized[:2], keep=other, config=config, progress=False)
     put("edit.mask", torch.cat([m.flatten() for m in edit.mask.masks.values()]))
     put("edit.after", torch.cat([edit.edit.after[n] for n in sorted(edit.edit.after)]))
     put("edit.losses", torch.tensor(edit.losses))

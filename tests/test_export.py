@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from memloc_tl import Paragraphs, export_hf, load_model, sparse_edit
+from memloc_tl import EditConfig, Paragraphs, export_hf, load_model, sparse_edit
 from memloc_tl.backend import check_backend, tl_major
 from tests.test_models import tiny_checkpoint
 
@@ -36,12 +36,16 @@ def test_an_edited_model_exports_with_its_own_logits(
     tokens = torch.randint(0, len(tokenizer), (6, 40), generator=generator)
     target = Paragraphs.from_tokens(tokens[:2], prefix_len=20, vocab_size=model.cfg.d_vocab)
     keep = Paragraphs.from_tokens(tokens[2:], prefix_len=20, vocab_size=model.cfg.d_vocab)
-    result = sparse_edit(model, target, keep=keep, steps=3, lr=0.05, fraction=0.01, progress=False)
-    out = export_hf(result, tmp_path / "exported", base=source)
+    config = EditConfig(steps=3, lr=0.05, fraction=0.01)
+    result = sparse_edit(model, target, keep=keep, config=config, progress=False)
+    with pytest.raises(TypeError, match=r"result\.applied\(model\)"):
+        export_hf(result, tmp_path / "exported", base=source)
+    with result.applied(model), torch.no_grad():
+        out = export_hf(model, tmp_path / "exported", base=source)
+        ours = model(tokens)
     exported = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     original = AutoModelForCausalLM.from_pretrained(source, local_files_only=True).eval()
     with torch.no_grad():
-        ours = result.model(tokens)
         theirs = exported(tokens).logits
         before = original(tokens).logits
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
@@ -66,5 +70,5 @@ def test_export_refuses_what_cannot_map_back(
         raw = load_model(neo_checkpoint, process_weights=False, device="cpu")
         with pytest.raises(TypeError, match="base="):
             export_hf(raw, tmp_path / "out")
-    with pytest.raises(TypeError, match="EditResult or a TransformerLens model"):
+    with pytest.raises(TypeError, match="expected a TransformerLens model"):
         export_hf(torch.nn.Linear(2, 2), tmp_path / "out")

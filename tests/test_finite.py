@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memloc_tl import load_model, localize, scan_memorization, sparse_edit
+from memloc_tl import EditConfig, load_model, localize, scan_memorization, sparse_edit
 from memloc_tl.analysis import rare_token_attention
 from memloc_tl.backend import copy_model
 from memloc_tl.cli import main
@@ -108,7 +108,11 @@ def test_sparse_edit_refuses_bad_hyperparameters_before_any_work(
         calls = _no_forward(model, monkeypatch)
         with pytest.raises(ValueError, match=message):
             sparse_edit(
-                model, organism.planted[:1], keep=organism.control[:2], progress=False, **settings_
+                model,
+                organism.planted[:1],
+                keep=organism.control[:2],
+                config=EditConfig(**settings_),
+                progress=False,
             )
         assert calls == [], "the refusal came after a forward pass"
 
@@ -119,7 +123,12 @@ def test_a_mask_of_another_model_is_refused_before_any_work(
     other = load_model(neo_checkpoint, device="cpu")
     mask = ParamMask.random(other, fraction=0.01, seed=0)
     with unchanged(organism.model), pytest.raises(ValueError, match="a mask made for another"):
-        sparse_edit(organism.model, organism.planted[:1], keep=organism.control[:2], mask=mask)
+        sparse_edit(
+            organism.model,
+            organism.planted[:1],
+            keep=organism.control[:2],
+            config=EditConfig(mask=mask),
+        )
 
 
 def test_a_model_holding_nan_is_refused_and_accepted_again_once_repaired(

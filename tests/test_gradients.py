@@ -107,7 +107,7 @@ def test_contrastive_gradient_with_another_reference_includes_the_kl(organism: O
     with torch.no_grad():
         reference = (model(keep.tokens)[:, 49:99] + noise).log_softmax(-1)
     co = contrastive_gradients(
-        model, memorized, keep, reference=reference, nll_weight=0.1, batch_size=2
+        model, memorized, keep, original_logprobs=reference, nll_weight=0.1, batch_size=2
     )
 
     def eq3() -> torch.Tensor:

@@ -112,3 +112,54 @@ def test_no_module_imports_another_modules_private_names() -> None:
                 if private:
                     found.append(f"{path.relative_to(ROOT)}: {node.module} {private}")
     assert found == []
+
+
+def test_no_module_is_in_an_import_circle() -> None:
+    """No module reaches itself through imports, lazy ones inside functions included (the
+    contracts above order the layers; this also covers modules within one layer)."""
+    import grimp  # import-linter's import graph
+
+    graph = grimp.build_graph("memloc_tl", exclude_type_checking_imports=True)
+    circles = [
+        graph.find_shortest_chain(importer=imported, imported=importer)
+        for importer in sorted(graph.modules)
+        for imported in graph.find_modules_directly_imported_by(importer)
+        if graph.chain_exists(importer=imported, imported=importer)
+    ]
+    assert circles == [], f"import circles: {circles}"
+
+
+def _public_callables() -> list[tuple[str, object]]:
+    import pkgutil
+
+    found = []
+    for info in pkgutil.walk_packages(memloc_tl.__path__, "memloc_tl."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if name.startswith("_") or getattr(value, "__module__", None) != module.__name__:
+                continue
+            if inspect.isfunction(value):
+                found.append((f"{module.__name__}.{name}", value))
+            elif inspect.isclass(value):
+                for attr, member in vars(value).items():
+                    function = getattr(member, "__func__", member)
+                    if not attr.startswith("_") and inspect.isfunction(function):
+                        found.append((f"{module.__name__}.{name}.{attr}", function))
+    return found
+
+
+def test_no_public_function_takes_more_than_eight_parameters() -> None:
+    """Settings travel in one frozen config per verb (EditConfig, PerturbConfig, ...)."""
+    too_many = {}
+    for name, function in _public_callables():
+        parameters = [
+            p
+            for p in inspect.signature(function).parameters.values()  # type: ignore[arg-type]
+            if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        if len(parameters) > 8:
+            too_many[name] = len(parameters)
+    assert len(_public_callables()) > 100  # the walk found the package
+    assert too_many == {}, f"public functions with more than 8 parameters: {too_many}"

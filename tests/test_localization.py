@@ -12,9 +12,12 @@ import torch
 
 from memloc_tl.localization import (
     METHODS,
+    BenchmarkConfig,
+    DeletionConfig,
     InjectionConfig,
     LearnedMaskConfig,
     Localization,
+    LocalizeConfig,
     Units,
     deletion_benchmark,
     inject_paragraphs,
@@ -127,7 +130,13 @@ def test_neuron_zero_ablation_equals_a_hand_written_loop(organism: Organism) -> 
     from memloc_tl.memorization import score_continuations
 
     model, target = organism.model, organism.planted[:2]
-    found = localize(model, target, method="zero_ablation", level="neurons", ablation_batch=7)
+    found = localize(
+        model,
+        target,
+        method="zero_ablation",
+        level="neurons",
+        config=LocalizeConfig(ablation_batch=7),
+    )
     with torch.no_grad():  # score_continuations is a batch step: its callers disable autograd
         _, base = score_continuations(model, target.tokens, target.prefix_len)
     for layer, index in [(0, 3), (1, 100)]:
@@ -173,7 +182,9 @@ def test_truth_scores_recall_one_and_random_scores_about_the_fraction(
     handed = Localization("truth", "weights", {n: m.float() for n, m in truth.masks.items()})
     assert handed.recall(truth) == 1.0
     recalls = [
-        localize(model, organism.planted[:1], method="random", seed=seed).recall(truth)
+        localize(
+            model, organism.planted[:1], method="random", config=LocalizeConfig(seed=seed)
+        ).recall(truth)
         for seed in range(3)
     ]
     # hypergeometric: mean 0.02 x |truth| hits; with |truth| ~ 2,000, 6 sigma is about 0.02
@@ -194,8 +205,7 @@ def test_learned_mask_is_reproducible_and_finds_the_head(
             method="learned",
             level="heads",
             keep=keep,
-            learned=config,
-            seed=1,
+            config=LocalizeConfig(learned=config, seed=1),
         )
     second = localize(
         head_injection.model,
@@ -203,8 +213,7 @@ def test_learned_mask_is_reproducible_and_finds_the_head(
         method="learned",
         level="heads",
         keep=keep,
-        learned=config,
-        seed=1,
+        config=LocalizeConfig(learned=config, seed=1),
     )
     for name, score in first.scores.items():
         assert torch.equal(score, second.scores[name])
@@ -223,10 +232,9 @@ def test_every_localizer_leaves_the_model_unchanged_also_when_it_raises(
                     model,
                     target,
                     method=method,
-                    level=level,
-                    keep=keep,  # type: ignore[arg-type]
-                    learned=quick,
-                    ig_steps=2,
+                    level=level,  # type: ignore[arg-type]
+                    keep=keep,
+                    config=LocalizeConfig(learned=quick, ig_steps=2),
                 )
             assert all(torch.isfinite(s).all() for s in found.scores.values()), (level, method)
     import memloc_tl.memorization as memorization
@@ -241,7 +249,7 @@ def test_every_localizer_leaves_the_model_unchanged_also_when_it_raises(
 
     monkeypatch.setattr(memorization, "replaced_weights", broken)
     with unchanged(model), pytest.raises(RuntimeError, match="boom"):
-        localize(model, target, method="learned", keep=keep, learned=quick)
+        localize(model, target, method="learned", keep=keep, config=LocalizeConfig(learned=quick))
 
 
 def test_bad_input_is_refused_before_any_work(organism: Organism) -> None:
@@ -255,7 +263,9 @@ def test_bad_input_is_refused_before_any_work(organism: Organism) -> None:
     with pytest.raises(ValueError, match="no paragraphs"):
         localize(model, organism.planted[:0], method="random")
     with pytest.raises(ValueError, match="batch_size"):
-        localize(model, organism.planted[:1], method="gradient", batch_size=0)
+        LocalizeConfig(batch_size=0)
+    with pytest.raises(TypeError, match="LocalizeConfig"):
+        localize(model, organism.planted[:1], method="gradient", config={"seed": 1})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no paragraph besides target"):
         deletion_benchmark(
             model,
@@ -301,7 +311,7 @@ def test_benchmarks_round_trip_to_frames(organism: Organism, head_injection: Inj
         organism.heldout[:1],
         keep=organism.control[:8],
         config=HEAD_INJECTION,
-        methods=["zero_ablation", "attribution", "random"],
+        benchmark=BenchmarkConfig(methods=("zero_ablation", "attribution", "random")),
         progress=False,
     )
     frame = inj.to_frame()
@@ -317,8 +327,8 @@ def test_benchmarks_round_trip_to_frames(organism: Organism, head_injection: Inj
         organism.planted[:2],
         others=organism.planted[2:8],
         non_memorized=organism.control[:8],
-        methods=["grad_x_weight", "random"],
-        fraction=0.01,
+        config=DeletionConfig(fraction=0.01),
+        benchmark=BenchmarkConfig(methods=("grad_x_weight", "random")),
         progress=False,
     )
     frame = deletion.to_frame()
@@ -411,9 +421,8 @@ def test_strict_injection_raises_before_any_localizer_runs(
             organism.heldout[:1],
             keep=organism.control[:2],
             config=config,
-            methods=["random"],
+            benchmark=BenchmarkConfig(methods=("random",), strict=True),
             progress=False,
-            strict=True,
         )
 
 
@@ -436,3 +445,56 @@ def test_the_inj_summary_counts_damaging_runs_but_keeps_them() -> None:
     summary = bench.summary().set_index("method")
     assert summary.loc["random", "recall"] == 0.5
     assert summary.loc["random", "damaging_runs"] == 1
+
+
+def test_a_registered_localizer_runs_in_localize_and_del_like_a_built_in_one(
+    organism: Organism, unchanged: Any
+) -> None:
+    from memloc_tl.localization import register_localizer, unregister_localizer
+    from memloc_tl.localization.units import unit_shapes
+
+    model = organism.model
+
+    def output_norm(task: Any) -> dict[str, torch.Tensor]:
+        return {
+            name: task.model.blocks[int(name.split(".")[1])].attn.W_O.detach().norm(dim=(1, 2))
+            for name in unit_shapes(task.model, task.level)
+        }
+
+    def my_magnitude(task: Any) -> dict[str, torch.Tensor]:
+        return {n: p.detach().abs() for n, p in attributed_parameters(task.model).items()}
+
+    register_localizer("output_norm", output_norm, levels=["heads"])
+    register_localizer("my_magnitude", my_magnitude, levels=["weights"])
+    try:
+        assert "output_norm" in METHODS["heads"]
+        assert "output_norm" not in METHODS["weights"]
+        with unchanged(model):
+            found = localize(model, organism.planted[:1], method="output_norm", level="heads")
+        expected = torch.stack([block.attn.W_O.detach().norm(dim=(1, 2)) for block in model.blocks])
+        torch.testing.assert_close(found.head_scores().scores, expected)
+        deletion = deletion_benchmark(
+            model,
+            organism.planted[:1],
+            others=organism.planted[1:4],
+            non_memorized=organism.control[:4],
+            config=DeletionConfig(fraction=0.01),
+            benchmark=BenchmarkConfig(methods=("magnitude", "my_magnitude")),
+            progress=False,
+        )
+        rows = deletion.to_frame().set_index("method")
+        columns = ["units", "target_em_after", "others_em_after", "specificity"]
+        assert rows.loc["my_magnitude", columns].tolist() == rows.loc["magnitude", columns].tolist()
+        with pytest.raises(ValueError, match="exists"):
+            register_localizer("output_norm", output_norm, levels=["heads"])
+        register_localizer(
+            "output_norm", lambda task: {"blocks.0.attn.hook_z": 1}, levels=["heads"], replace=True
+        )
+        with unchanged(model), pytest.raises(ValueError, match="one score tensor per unit group"):
+            localize(model, organism.planted[:1], method="output_norm", level="heads")
+        with pytest.raises(ValueError, match="level must be"):
+            register_localizer("bad", output_norm, levels=["layers"])  # type: ignore[list-item]
+    finally:
+        unregister_localizer("output_norm")
+        unregister_localizer("my_magnitude")
+    assert "output_norm" not in METHODS["heads"]

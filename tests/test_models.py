@@ -326,6 +326,7 @@ def test_the_analyses_run_on_other_architectures(
     kind: str, tmp_path: Path, tokenizer: Any, unchanged: Any
 ) -> None:
     from memloc_tl import (
+        EditConfig,
         HeadRef,
         Paragraphs,
         ablate_heads,
@@ -374,7 +375,8 @@ def test_the_analyses_run_on_other_architectures(
         return
     norms = gradient_norms(model, own, progress=False)
     assert norms.l2.scores.shape == (2, 4 * 4 + 2)
-    edit = sparse_edit(model, own[:2], keep=target, steps=2, lr=1e-2, fraction=0.01, progress=False)
+    config = EditConfig(steps=2, lr=1e-2, fraction=0.01)
+    edit = sparse_edit(model, own[:2], keep=target, config=config, progress=False)
     assert 0 < edit.mask.count <= 0.01 * sum(m.numel() for m in edit.mask.masks.values()) + 1
 
 

@@ -80,7 +80,7 @@ def test_batched_sweep_equals_a_per_head_loop(
             target,
             source if kind == "patch" else None,
             kind=kind,  # type: ignore[arg-type]
-            reference=reference,
+            mean_over=reference,
             positions=positions,
             batch_size=4,
             progress=False,
@@ -94,7 +94,7 @@ def test_batched_sweep_equals_a_per_head_loop(
                 target,
                 [head],
                 kind=kind,
-                reference=reference,  # type: ignore[arg-type]
+                mean_over=reference,  # type: ignore[arg-type]
                 positions=positions,
                 progress=False,
             )
@@ -175,7 +175,7 @@ def test_bad_input_and_errors_leave_model_unchanged(
         patch_heads(model, target, source, ["L9H0"], progress=False)
     with pytest.raises(ValueError, match="pair them"):
         patch_heads(model, target, source[[0, 1]], progress=False)
-    with pytest.raises(ValueError, match="reference paragraphs"):
+    with pytest.raises(ValueError, match="needs mean_over"):
         ablate_heads(model, target, kind="mean", progress=False)
     with pytest.raises(ValueError, match="'zero' or 'mean'"):
         ablate_heads(model, target, kind="avg", progress=False)  # type: ignore[arg-type]

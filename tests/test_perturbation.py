@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
 
-from memloc_tl.analysis import perturb_prefixes
+from memloc_tl.analysis import PerturbConfig, PrefixPerturbation, perturb_prefixes
 from memloc_tl.backend import tl_major
 from memloc_tl.memorization import (
     PrefixKV,
@@ -36,7 +37,9 @@ def leading_matches(generated: torch.Tensor, reference: torch.Tensor) -> list[in
 def test_variant_em_equals_greedy_decoding(organism: Organism, unchanged: Any) -> None:
     paragraphs = organism.planted[[0, 9]]  # a memorized and a partly memorized paragraph
     with unchanged(organism.model):
-        result = perturb_prefixes(organism.model, paragraphs, n_samples=2, seed=3, progress=False)
+        result = perturb_prefixes(
+            organism.model, paragraphs, config=PerturbConfig(n_samples=2, seed=3), progress=False
+        )
     n, p, s = result.em.shape
     assert (n, p, s) == (2, 50, 2)
     for row in range(n):
@@ -58,7 +61,9 @@ def test_variant_em_equals_greedy_decoding(organism: Organism, unchanged: Any) -
 
 def test_nll_and_aggregates_match_the_scan(organism: Organism) -> None:
     paragraphs = organism.planted[[0, 1, 2]]
-    result = perturb_prefixes(organism.model, paragraphs, seed=1, progress=False)
+    result = perturb_prefixes(
+        organism.model, paragraphs, config=PerturbConfig(seed=1), progress=False
+    )
     base = scan_memorization(organism.model, paragraphs, progress=False)
     assert torch.equal(result.baseline_em, base.exact_match)
     # one variant, re-scored independently
@@ -80,7 +85,7 @@ def test_nll_and_aggregates_match_the_scan(organism: Organism) -> None:
 def test_perturbed_paragraphs_are_the_pmps(organism: Organism) -> None:
     paragraphs = organism.planted[[0, 1, 2, 3]]
     result = perturb_prefixes(
-        organism.model, paragraphs, seed=0, include_first=True, progress=False
+        organism.model, paragraphs, config=PerturbConfig(seed=0, include_first=True), progress=False
     )
     pmp = result.perturbed
     assert pmp is not None
@@ -97,30 +102,29 @@ def test_perturbed_paragraphs_are_the_pmps(organism: Organism) -> None:
 
 def test_seeded_and_validated(organism: Organism) -> None:
     paragraphs = organism.control[[0, 1]]
-    a = perturb_prefixes(organism.model, paragraphs, seed=5, build_perturbed=False, progress=False)
-    b = perturb_prefixes(organism.model, paragraphs, seed=5, build_perturbed=False, progress=False)
-    c = perturb_prefixes(organism.model, paragraphs, seed=6, build_perturbed=False, progress=False)
+
+    def scores(config: PerturbConfig) -> PrefixPerturbation:
+        return perturb_prefixes(
+            organism.model, paragraphs, config=config, build_perturbed=False, progress=False
+        )
+
+    a, b, c = (scores(PerturbConfig(seed=seed)) for seed in (5, 5, 6))
     assert torch.equal(a.replacements, b.replacements)
     assert torch.equal(a.em, b.em)
     assert not torch.equal(a.replacements, c.replacements)
     assert a.perturbed is None
-    greedy = perturb_prefixes(
-        organism.model,
-        paragraphs,
-        seed=5,
-        reference="greedy",
-        build_perturbed=False,
-        progress=False,
-    )
+    greedy = scores(PerturbConfig(seed=5, em_against="greedy"))
     assert greedy.baseline_em.tolist() == [50, 50]  # the model's own continuation
     assert torch.equal(
         greedy.paragraphs.continuation,
         greedy_continuations(organism.model, paragraphs.prefix, 50),
     )
-    with pytest.raises(ValueError, match="reference"):
-        perturb_prefixes(organism.model, paragraphs, reference="preds")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="em_against"):
+        PerturbConfig(em_against="preds")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="n_samples"):
-        perturb_prefixes(organism.model, paragraphs, n_samples=0)
+        PerturbConfig(n_samples=0)
+    with pytest.raises(TypeError, match="PerturbConfig"):
+        perturb_prefixes(organism.model, paragraphs, config={"seed": 1})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Paragraphs"):
         perturb_prefixes(organism.model, paragraphs.tokens)  # type: ignore[arg-type]
 
@@ -129,21 +133,21 @@ def test_shared_prefix_cache_gives_the_same_scores(organism: Organism, unchanged
     # Positions mixed within a batch (batch_size 7 does not divide 49) and paragraphs in two
     # chunks: the cached path must agree with recomputing every position.
     paragraphs = organism.planted[[0, 3, 9]]
-    kwargs: dict[str, Any] = {
-        "n_samples": 2,
-        "seed": 5,
-        "build_perturbed": False,
-        "batch_size": 7,
-        "progress": False,
-        "include_first": True,
-    }
+    base = PerturbConfig(n_samples=2, seed=5, batch_size=7, include_first=True)
+    kwargs: dict[str, Any] = {"build_perturbed": False, "progress": False}
     if not HAS_PREFIX_KV:  # TransformerLens 4: a bridge has no such cache and says so
         with unchanged(organism.model), pytest.raises(ValueError, match="shared_prefix=False"):
-            perturb_prefixes(organism.model, paragraphs, shared_prefix=True, **kwargs)
+            perturb_prefixes(
+                organism.model, paragraphs, config=replace(base, shared_prefix=True), **kwargs
+            )
         return
     with unchanged(organism.model):
-        cached = perturb_prefixes(organism.model, paragraphs, shared_prefix=True, **kwargs)
-    plain = perturb_prefixes(organism.model, paragraphs, shared_prefix=False, **kwargs)
+        cached = perturb_prefixes(
+            organism.model, paragraphs, config=replace(base, shared_prefix=True), **kwargs
+        )
+    plain = perturb_prefixes(
+        organism.model, paragraphs, config=replace(base, shared_prefix=False), **kwargs
+    )
     assert torch.equal(cached.em, plain.em)
     torch.testing.assert_close(cached.nll, plain.nll, atol=1e-4, rtol=1e-4, equal_nan=True)
 
@@ -171,9 +175,19 @@ def test_prefix_kv_cache_reproduces_the_full_forward(organism: Organism) -> None
 
 def test_pmp_choices_follow_their_rule(organism: Organism) -> None:
     paragraphs = organism.planted[[0, 1, 2]]
-    kwargs: dict[str, Any] = {"n_samples": 2, "seed": 4, "progress": False}
-    excluded = perturb_prefixes(organism.model, paragraphs, pmp_exclude_last=10, **kwargs)
-    by_nll = perturb_prefixes(organism.model, paragraphs, pmp_choice="max_nll", **kwargs)
+    kwargs: dict[str, Any] = {"progress": False}
+    excluded = perturb_prefixes(
+        organism.model,
+        paragraphs,
+        config=PerturbConfig(n_samples=2, seed=4, pmp_exclude_last=10),
+        **kwargs,
+    )
+    by_nll = perturb_prefixes(
+        organism.model,
+        paragraphs,
+        config=PerturbConfig(n_samples=2, seed=4, pmp_choice="max_nll"),
+        **kwargs,
+    )
     # the same variants were scored; only the choice of PMP differs
     assert torch.equal(excluded.em, by_nll.em)
     assert excluded.perturbed is not None
@@ -188,6 +202,6 @@ def test_pmp_choices_follow_their_rule(organism: Organism) -> None:
         assert by_nll.perturbed.meta["position"][row] == 1 + flat // 2
     assert set(by_nll.perturbed.meta["chosen_by"]) == {"max_nll"}
     with pytest.raises(ValueError, match="pmp_choice"):
-        perturb_prefixes(organism.model, paragraphs, pmp_choice="max_em", **kwargs)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="pmp_exclude_last"):
-        perturb_prefixes(organism.model, paragraphs, pmp_exclude_last=49, **kwargs)
+        PerturbConfig(pmp_choice="max_em")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pmp_exclude_last"):  # needs the prefix length
+        perturb_prefixes(organism.model, paragraphs, config=PerturbConfig(pmp_exclude_last=49))

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM
 
-from memloc_tl import Paragraphs, export_hf, load_model, sparse_edit
+from memloc_tl import EditConfig, Paragraphs, export_hf, load_model, sparse_edit
 from memloc_tl.backend import copy_model, is_bridge, weights_fingerprint
 from memloc_tl.corpus import (
     COLUMNS,
@@ -253,7 +253,8 @@ def test_an_organism_cache_entry_of_another_build_is_refused(
 
 def test_a_saved_edit_with_one_flipped_byte_is_refused(organism: Organism, tmp_path: Path) -> None:
     memorized, keep = organism.planted[:1], organism.control[:4]
-    result = sparse_edit(organism.model, memorized, keep=keep, steps=1, lr=1e-2, progress=False)
+    config = EditConfig(steps=1, lr=1e-2)
+    result = sparse_edit(organism.model, memorized, keep=keep, config=config, progress=False)
     path = tmp_path / "edit.safetensors"
     result.edit.save(path)
     loaded = WeightEdit.load(path)  # intact: loads, with the same values

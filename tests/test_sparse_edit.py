@@ -13,11 +13,18 @@ import torch
 from memloc_tl.analysis import contrastive_gradients, perturb_prefixes
 from memloc_tl.analysis.gradients import attributed_parameters
 from memloc_tl.backend import copy_model, tl_major
-from memloc_tl.editing import ParamMask, WeightEdit, compare_edits, sparse_edit
+from memloc_tl.editing import (
+    EditConfig,
+    EvalSets,
+    ParamMask,
+    WeightEdit,
+    compare_edits,
+    sparse_edit,
+)
 from memloc_tl.objectives import attributed_weights
 from memloc_tl.organism import Organism
 
-SETTINGS: dict[str, Any] = {"steps": 4, "lr": 3e-2, "progress": False}
+FAST = EditConfig(steps=4, lr=3e-2)
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +45,17 @@ def test_sparse_and_the_callers_model_untouched(
 ) -> None:
     model = organism.model
     original = weights(model)
-    with unchanged(model):
-        result = sparse_edit(model, sets["memorized"], keep=sets["keep"], **SETTINGS)
-    assert result.model is not model
+    everything = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with unchanged(model):  # trained in the model itself, then taken out bit for bit
+        result = sparse_edit(
+            model, sets["memorized"], keep=sets["keep"], config=FAST, progress=False
+        )
+    assert not hasattr(result, "model")  # the result holds the change, not a copy
     total = sum(p.numel() for p in original.values())
     assert result.mask.count == math.floor(0.001 * total)
-    edited = weights(result.model)
+    with result.applied(model):
+        edited = weights(model)
+        edited_params = {n: p.detach().clone() for n, p in model.named_parameters()}
     changed = 0
     for name, mask in result.mask.masks.items():
         assert torch.equal(edited[name][~mask], original[name][~mask]), name
@@ -51,18 +63,18 @@ def test_sparse_and_the_callers_model_untouched(
     assert changed > 0
     # everything else in the model (embeddings, biases, LayerNorm) is untouched too
     holding = {id(w.param) for w in attributed_weights(model).values()}
-    edited_params = dict(result.model.named_parameters())
     for name, param in model.named_parameters():
         if id(param) not in holding:
-            assert torch.equal(edited_params[name], param), name
+            assert torch.equal(edited_params[name], everything[name]), name
 
 
 def test_gradient_mask_is_the_first_step_objective_gradient(
     organism: Organism, sets: dict[str, Any]
 ) -> None:
     model = organism.model
+    one_step = EditConfig(steps=1, lr=1e-3)
     result = sparse_edit(
-        model, sets["memorized"], keep=sets["keep"], steps=1, lr=1e-3, progress=False
+        model, sets["memorized"], keep=sets["keep"], config=one_step, progress=False
     )
     grads = contrastive_gradients(model, sets["memorized"], sets["keep"], nll_weight=1.0)
     expected = ParamMask.from_gradients(grads, fraction=0.001)
@@ -75,14 +87,14 @@ def test_revert_apply_save_load_and_determinism(
 ) -> None:
     model = organism.model
     original = weights(model)
-    first = sparse_edit(
-        model, sets["memorized"], keep=sets["keep"], mask="random", seed=3, **SETTINGS
-    )
-    second = sparse_edit(
-        model, sets["memorized"], keep=sets["keep"], mask="random", seed=3, **SETTINGS
-    )
-    for name in original:
-        assert torch.equal(weights(first.model)[name], weights(second.model)[name])
+    seeded = EditConfig(mask="random", seed=3, steps=4, lr=3e-2)
+    first = sparse_edit(model, sets["memorized"], keep=sets["keep"], config=seeded, progress=False)
+    second = sparse_edit(model, sets["memorized"], keep=sets["keep"], config=seeded, progress=False)
+    with first.applied(model):
+        edited = weights(model)
+    with second.applied(model):
+        for name in original:
+            assert torch.equal(edited[name], weights(model)[name])
     path = tmp_path / "edit.safetensors"
     first.edit.save(path)
     assert not path.with_name(path.name + ".partial").exists()
@@ -90,11 +102,11 @@ def test_revert_apply_save_load_and_determinism(
     assert repr(loaded).startswith(f"WeightEdit({first.mask.count} weights in ")
     fresh = copy_model(model)  # a second copy of the unedited model
     loaded.apply(fresh)
-    for name, value in weights(first.model).items():
+    for name, value in edited.items():
         assert torch.equal(weights(fresh)[name], value)
-    first.revert()
+    first.revert(fresh)
     for name, value in original.items():
-        assert torch.equal(weights(first.model)[name], value)
+        assert torch.equal(weights(fresh)[name], value)
 
 
 def test_inplace_edits_the_model_and_reverts_exactly(
@@ -102,27 +114,29 @@ def test_inplace_edits_the_model_and_reverts_exactly(
 ) -> None:
     model = organism.model
     original = weights(model)
-    result = sparse_edit(model, sets["memorized"], keep=sets["keep"], inplace=True, **SETTINGS)
+    result = sparse_edit(
+        model, sets["memorized"], keep=sets["keep"], config=FAST, inplace=True, progress=False
+    )
     try:
-        assert result.model is model
         assert any(not torch.equal(weights(model)[n], v) for n, v in original.items())
         assert all(p.grad is None for p in model.parameters())
     finally:
-        result.revert()
+        result.revert(model)
     for name, value in original.items():
         assert torch.equal(weights(model)[name], value)
 
 
-def test_reference_compat_stays_sparse(organism: Organism, sets: dict[str, Any]) -> None:
+def test_the_reference_code_preset_stays_sparse(organism: Organism, sets: dict[str, Any]) -> None:
     """Coupled weight decay 1.0 moved every weight in the reference code; not here."""
     model = organism.model
     original = weights(model)
-    result = sparse_edit(
-        model, sets["memorized"], keep=sets["keep"], reference_compat=True, lr=1e-2, progress=False
-    )
+    config = EditConfig.reference_code(lr=1e-2)
+    assert (config.steps, config.nll_weight, config.weight_decay, config.lr) == (5, 0.1, 1.0, 1e-2)
+    result = sparse_edit(model, sets["memorized"], keep=sets["keep"], config=config, progress=False)
     assert len(result.losses) == 5
-    for name, mask in result.mask.masks.items():
-        assert torch.equal(weights(result.model)[name][~mask], original[name][~mask])
+    with result.applied(model):
+        for name, mask in result.mask.masks.items():
+            assert torch.equal(weights(model)[name][~mask], original[name][~mask])
 
 
 def test_gradient_mask_unlearns_far_more_than_random(
@@ -132,12 +146,9 @@ def test_gradient_mask_unlearns_far_more_than_random(
         organism.model,
         sets["memorized"],
         keep=sets["keep"],
-        heldout=sets["heldout"],
-        general=organism.heldout,
         masks=("gradient", "random"),
-        fraction=0.01,
-        steps=10,
-        lr=3e-2,
+        config=EditConfig(fraction=0.01, steps=10, lr=3e-2),
+        evaluate_on=EvalSets(heldout=sets["heldout"], general=organism.heldout),
         progress=False,
     )
     gradient_before, gradient_after = results["gradient"].metric("edited", "mean_em")
@@ -159,21 +170,20 @@ def test_edit_objective_teaches_the_target(organism: Organism, sets: dict[str, A
         model,
         memorized,
         keep=sets["keep"],
-        objective="edit",
         target=target,
-        fraction=0.01,
-        steps=10,
-        lr=3e-2,
+        config=EditConfig(objective="edit", fraction=0.01, steps=10, lr=3e-2),
         progress=False,
     )
     before, after = result.metric("target", "mean_nll")
     assert after < before
     with pytest.raises(ValueError, match="needs target"):
-        sparse_edit(model, memorized, keep=sets["keep"], objective="edit")
+        sparse_edit(model, memorized, keep=sets["keep"], config=EditConfig(objective="edit"))
     with pytest.raises(ValueError, match="objective"):
-        sparse_edit(model, memorized, keep=sets["keep"], objective="forget")  # type: ignore[arg-type]
+        EditConfig(objective="forget")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mask"):
-        sparse_edit(model, memorized, keep=sets["keep"], mask="top", progress=False)  # type: ignore[arg-type]
+        EditConfig(mask="top")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="EditConfig"):
+        sparse_edit(model, memorized, keep=sets["keep"], config={"steps": 1})  # type: ignore[arg-type]
 
 
 def test_edited_model_saves_and_reloads_with_load_model(
@@ -181,27 +191,28 @@ def test_edited_model_saves_and_reloads_with_load_model(
 ) -> None:
     from memloc_tl.models import load_model, save_hooked_model
 
-    result = sparse_edit(organism.model, sets["memorized"], keep=sets["keep"], **SETTINGS)
+    model = organism.model
+    result = sparse_edit(model, sets["memorized"], keep=sets["keep"], config=FAST, progress=False)
+    tokens = sets["memorized"].tokens
     if tl_major() >= 4:  # a bridge saves the edit and applies it to the reloaded model
-        with pytest.raises(TypeError, match=r"edit\.save"):
-            save_hooked_model(result.model, tmp_path / "edited")
+        with pytest.raises(TypeError, match=r"edit\.save"), result.applied(model):
+            save_hooked_model(model, tmp_path / "edited")
         result.edit.save(tmp_path / "edit.safetensors")
         reloaded = load_model(organism.path, device="cpu")
         WeightEdit.load(tmp_path / "edit.safetensors").apply(reloaded)
-        tokens = sets["memorized"].tokens
-        with torch.no_grad():
-            assert torch.equal(reloaded(tokens), result.model(tokens))
+        with torch.no_grad(), result.applied(model):
+            assert torch.equal(reloaded(tokens), model(tokens))
         return
-    with unchanged(result.model):
-        directory = save_hooked_model(result.model, tmp_path / "edited")
-    reloaded = load_model(directory, device="cpu")
-    for name, value in result.model.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[name], value), name
-    tokens = sets["memorized"].tokens
-    with torch.no_grad():
-        assert torch.equal(reloaded(tokens), result.model(tokens))
-    with pytest.raises(FileExistsError):
-        save_hooked_model(result.model, directory)
+    with result.applied(model):
+        with unchanged(model):
+            directory = save_hooked_model(model, tmp_path / "edited")
+        reloaded = load_model(directory, device="cpu")
+        for name, value in model.state_dict().items():
+            assert torch.equal(reloaded.state_dict()[name], value), name
+        with torch.no_grad():
+            assert torch.equal(reloaded(tokens), model(tokens))
+        with pytest.raises(FileExistsError):
+            save_hooked_model(model, directory)
 
 
 def test_edit_reports_the_other_memorized_paragraphs(
@@ -212,22 +223,28 @@ def test_edit_reports_the_other_memorized_paragraphs(
 
     others = organism.planted[[2, 3, 4, 5]]
     result = sparse_edit(
-        organism.model, sets["memorized"], keep=sets["keep"], others=others, **SETTINGS
+        organism.model,
+        sets["memorized"],
+        keep=sets["keep"],
+        config=FAST,
+        evaluate_on=EvalSets(others=others),
+        progress=False,
     )
     before, after = result.metric("others", "mean_em")
     assert before == float(
         scan_memorization(organism.model, others, progress=False).exact_match.float().mean()
     )
-    assert after == float(
-        scan_memorization(result.model, others, progress=False).exact_match.float().mean()
-    )
+    with result.applied(organism.model):
+        scan = scan_memorization(organism.model, others, progress=False)
+    assert after == float(scan.exact_match.float().mean())
     share_before, _ = result.metric("others", "memorized_share")
     assert share_before == 1.0
     assert "other memorized" in repr(result)
 
 
-def test_inplace_edit_interrupted_in_its_evaluation_leaves_the_model_as_it_was(
-    organism: Organism, sets: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("inplace", [True, False])
+def test_an_edit_interrupted_in_its_evaluation_leaves_the_model_as_it_was(
+    organism: Organism, sets: dict[str, Any], monkeypatch: pytest.MonkeyPatch, inplace: bool
 ) -> None:
     module = importlib.import_module("memloc_tl.editing.sparse_edit")
     model = organism.model
@@ -246,7 +263,14 @@ def test_inplace_edit_interrupted_in_its_evaluation_leaves_the_model_as_it_was(
     monkeypatch.setattr(module, "_evaluate", interrupted)
     try:
         with pytest.raises(KeyboardInterrupt):
-            sparse_edit(model, sets["memorized"], keep=sets["keep"], inplace=True, **SETTINGS)
+            sparse_edit(
+                model,
+                sets["memorized"],
+                keep=sets["keep"],
+                config=FAST,
+                inplace=True,
+                progress=False,
+            )
         assert calls["n"] == 2
         for name, value in original.items():
             assert torch.equal(weights(model)[name], value), name
@@ -258,11 +282,13 @@ def test_inplace_edit_interrupted_in_its_evaluation_leaves_the_model_as_it_was(
 def test_an_edit_applied_as_a_scope_is_gone_on_exit_also_on_error(
     organism: Organism, sets: dict[str, Any], unchanged: Any
 ) -> None:
-    result = sparse_edit(organism.model, sets["memorized"], keep=sets["keep"], **SETTINGS)
+    model = organism.model
+    result = sparse_edit(model, sets["memorized"], keep=sets["keep"], config=FAST, progress=False)
     tokens = sets["memorized"].tokens
     with torch.no_grad():
-        edited_logits = result.model(tokens)
-    model = organism.model
+        result.edit.apply(model)
+        edited_logits = model(tokens)
+        result.revert(model)
     with unchanged(model):
         with result.edit.applied(model) as inside, torch.no_grad():
             assert inside is model  # no copy

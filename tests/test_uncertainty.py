@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from memloc_tl import HeadRef, patching_sweep, perturb_prefixes, rare_token_attention
+from memloc_tl import HeadRef, PerturbConfig, patching_sweep, perturb_prefixes, rare_token_attention
 from memloc_tl.organism import Organism
 from memloc_tl.uncertainty import bootstrap_heads
 
@@ -83,7 +83,9 @@ def test_rare_token_and_patching_rankings_carry_their_interval(
     assert ranking.first == rare.top(1)[0][0]
     assert ranking.n_paragraphs == 6
     assert 0 < float(ranking.p_first.max()) <= 1
-    perturbed = perturb_prefixes(organism.model, memorized, n_samples=1, progress=False).perturbed
+    perturbed = perturb_prefixes(
+        organism.model, memorized, config=PerturbConfig(n_samples=1), progress=False
+    ).perturbed
     assert perturbed is not None
     sweep = patching_sweep(organism.model, memorized, perturbed, progress=False)
     ranking = sweep.bootstrap(200, seed=1)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from memloc_tl.analysis import (
+    PerturbConfig,
     ablate_heads,
     activation_gradients,
     attribution_patching,
@@ -24,7 +25,7 @@ from memloc_tl.analysis import (
     perturb_prefixes,
 )
 from memloc_tl.analysis.gradients import attributed_parameters
-from memloc_tl.editing import ParamMask, WeightEdit, sparse_edit
+from memloc_tl.editing import EditConfig, ParamMask, WeightEdit, sparse_edit
 from memloc_tl.files import tensors_sha256
 from memloc_tl.heads import HeadRef
 from memloc_tl.memorization import scan_memorization
@@ -47,7 +48,7 @@ def test_empty_sets_are_refused_by_name(organism: Organism, unchanged: Any) -> N
         "patch_heads": lambda: patch_heads(model, empty, empty, ["L0H0"], progress=False),
         "ablate_heads": lambda: ablate_heads(model, empty, ["L0H0"], progress=False),
         "mean ablation": lambda: ablate_heads(
-            model, some, ["L0H0"], kind="mean", reference=empty, progress=False
+            model, some, ["L0H0"], kind="mean", mean_over=empty, progress=False
         ),
         "sparse_edit": lambda: sparse_edit(model, empty, keep=some, progress=False),
         "contrastive_gradient_norms": lambda: contrastive_gradient_norms(
@@ -81,7 +82,9 @@ def test_batch_sizes_must_be_positive_ints(organism: Organism, batch_size: Any) 
         lambda: patching_sweep(model, some, some, batch_size=batch_size, progress=False),
         lambda: gradient_norms(model, some, batch_size=batch_size, progress=False),
         lambda: activation_gradients(model, some, batch_size=batch_size, progress=False),
-        lambda: perturb_prefixes(model, some, batch_size=batch_size, progress=False),
+        lambda: perturb_prefixes(
+            model, some, config=PerturbConfig(batch_size=batch_size), progress=False
+        ),
         lambda: ablate_heads(model, some, ["L0H0"], batch_size=batch_size, progress=False),
     ]
     for call in calls:
@@ -93,7 +96,7 @@ def test_silent_wrong_answers_are_now_errors(organism: Organism) -> None:
     model, some = organism.model, organism.planted[[0, 1]]
     keep = organism.control[[0, 1]]
     with pytest.raises(ValueError, match="kl_reduction must be one of"):
-        sparse_edit(model, some, keep=keep, kl_reduction="sum", progress=False)  # type: ignore[arg-type]
+        EditConfig(kl_reduction="sum")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="kl_reduction"):
         contrastive_gradient_norms(model, some, keep, kl_reduction="sum", progress=False)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="integers"):

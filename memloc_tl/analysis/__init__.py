@@ -17,7 +17,7 @@ from memloc_tl.analysis.patching import (
     patch_heads,
     patching_sweep,
 )
-from memloc_tl.analysis.perturbation import PrefixPerturbation, perturb_prefixes
+from memloc_tl.analysis.perturbation import PerturbConfig, PrefixPerturbation, perturb_prefixes
 from memloc_tl.analysis.rare_tokens import (
     RareTokenAttention,
     RareTokenAttentionAnalyzer,
@@ -33,6 +33,7 @@ __all__ = [
     "GradientNorms",
     "HeadIntervention",
     "PatchingSweep",
+    "PerturbConfig",
     "PrefixPerturbation",
     "RareTokenAttention",
     "RareTokenAttentionAnalyzer",

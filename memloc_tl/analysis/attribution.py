@@ -28,9 +28,9 @@ from memloc_tl.heads import HeadRef
 from memloc_tl.hooks import hook_name, make_graph_start_hook, make_store_hook, position_mask
 from memloc_tl.memorization import continuation_logits
 from memloc_tl.objectives import grad_only_for
-from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.paragraphs import Paragraphs, check_set
 from memloc_tl.results import Drawable, HeadScores
-from memloc_tl.validation import check_positive_int, check_set
+from memloc_tl.validation import check_positive_int
 
 
 @dataclass(frozen=True)

@@ -44,12 +44,14 @@ from memloc_tl.objectives import (
     continuation_nll,
     contrastive_kl,
     grad_only_for,
-    reference_logprobs,
+    original_logprobs,
 )
-from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.paragraphs import Paragraphs, check_set
 from memloc_tl.rendering import render
 from memloc_tl.results import Drawable, LayerComponentScores
-from memloc_tl.validation import check_choice, check_positive_int, check_set
+from memloc_tl.validation import check_choice, check_positive_int
+
+_logprobs_of = original_logprobs  # the parameter of contrastive_gradients shadows the name
 
 __all__ = [  # the objectives' names stay importable from here
     "HEAD_MATRICES",
@@ -67,8 +69,8 @@ __all__ = [  # the objectives' names stay importable from here
     "contrastive_kl",
     "grad_only_for",
     "gradient_norms",
+    "original_logprobs",
     "reduce_gradients",
-    "reference_logprobs",
 ]
 
 STATISTICS = ("max_abs", "l2", "mean_abs")
@@ -273,7 +275,7 @@ def contrastive_gradients(
     memorized: Paragraphs,
     keep: Paragraphs,
     *,
-    reference: Float[Tensor, "n_keep continuation_pos d_vocab"] | None = None,
+    original_logprobs: Float[Tensor, "n_keep continuation_pos d_vocab"] | None = None,
     nll_weight: float = 0.1,
     kl_reduction: KLReduction = "sum_positions",
     batch_size: int = 16,
@@ -285,8 +287,8 @@ def contrastive_gradients(
         model: the model (not changed).
         memorized: paragraphs to unlearn (their NLL is pushed up).
         keep: paragraphs whose predictions must stay (the KL term).
-        reference: theta_0's log-probabilities on ``keep``; default the current model's, which
-            makes the KL gradient exactly zero.
+        original_logprobs: theta_0's log-probabilities on ``keep``; default the current
+            model's, which makes the KL gradient exactly zero.
         nll_weight: weight ``w`` of the NLL term (reference code: 0.1).
         kl_reduction: see :func:`contrastive_kl`.
         batch_size: paragraphs per forward/backward pass.
@@ -296,10 +298,13 @@ def contrastive_gradients(
     check_set(model, memorized, "memorized")
     check_set(model, keep, "keep")
     check_positive_int(batch_size, "batch_size")
-    if reference is None:
-        reference = reference_logprobs(model, keep, batch_size)
+    reference = (
+        _logprobs_of(model, keep, batch_size) if original_logprobs is None else original_logprobs
+    )
     if reference.shape[0] != len(keep):
-        raise ValueError(f"reference has {reference.shape[0]} rows for {len(keep)} keep paragraphs")
+        raise ValueError(
+            f"original_logprobs has {reference.shape[0]} rows for {len(keep)} keep paragraphs"
+        )
 
     def unlearn(tokens: Tensor, start: int) -> Tensor:
         return -nll_weight * continuation_nll(model, tokens, memorized.prefix_len).mean()

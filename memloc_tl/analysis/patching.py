@@ -4,7 +4,7 @@ A head's output (``blocks.{l}.attn.hook_z``, per head) in a *target* run is repl
 
 - the same head's output in a *source* run of other paragraphs, row by row (patching: e.g.
   memorized <- perturbed-prefix or non-memorized, and the reverse);
-- zeros (zero ablation), or its mean over a reference paragraph set, per position (mean
+- zeros (zero ablation), or its mean over a paragraph set (``mean_over``), per position (mean
   ablation);
 
 at all positions or chosen ones. The effect is measured on the target's own continuation: the
@@ -36,11 +36,11 @@ from memloc_tl.memorization import (
     layer_starts,
     score_continuations,
 )
-from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.paragraphs import Paragraphs, check_set
 from memloc_tl.rendering import render
 from memloc_tl.results import Drawable, HeadScores
 from memloc_tl.uncertainty import HeadRanking, bootstrap_heads
-from memloc_tl.validation import check_positions, check_positive_int, check_set
+from memloc_tl.validation import check_positions, check_positive_int
 
 Kind = Literal["patch", "zero", "mean"]
 DEFAULT_HEADS: tuple[str, ...] = ("L1H2",)
@@ -167,13 +167,13 @@ def _heads(model: HookedModel, heads: Sequence[HeadRef | str]) -> tuple[HeadRef,
     return parsed
 
 
-def _check_kind(kind: str, source: Paragraphs | None, reference: Paragraphs | None) -> None:
+def _check_kind(kind: str, source: Paragraphs | None, mean_over: Paragraphs | None) -> None:
     if kind not in ("patch", "zero", "mean"):
         raise ValueError(f"kind must be 'patch', 'zero' or 'mean', got {kind!r}")
     if kind == "patch" and source is None:
         raise ValueError("patching needs source paragraphs (their activations are patched in)")
-    if kind == "mean" and reference is None:
-        raise ValueError("mean ablation needs reference paragraphs to average over")
+    if kind == "mean" and mean_over is None:
+        raise ValueError("mean ablation needs mean_over paragraphs to average over")
 
 
 def check_pair(
@@ -184,8 +184,8 @@ def check_pair(
     *,
     aligned: bool = False,
 ) -> None:
-    """``other`` (a source or reference set) fits ``model`` and ``target``: the same window
-    length, and with ``aligned`` one paragraph per target row."""
+    """``other`` (a source, or the set a mean is taken over) fits ``model`` and ``target``: the
+    same window length, and with ``aligned`` one paragraph per target row."""
     check_set(model, other, what)
     if other.seq_len != target.seq_len:
         raise ValueError(f"{what} windows have {other.seq_len} tokens, targets {target.seq_len}")
@@ -232,22 +232,22 @@ def _shifted(positions: Tensor | None, first: int) -> Tensor | None:
 
 
 def mean_head_outputs(
-    model: HookedModel, reference: Paragraphs, layers: Sequence[int], batch_size: int = 32
+    model: HookedModel, mean_over: Paragraphs, layers: Sequence[int], batch_size: int = 32
 ) -> dict[int, Float[Tensor, "pos head_index d_head"]]:
-    """Mean ``hook_z`` per layer and position over a reference paragraph set (mean ablation)."""
-    check_set(model, reference, "reference")
+    """Mean ``hook_z`` per layer and position over the paragraphs ``mean_over`` (mean ablation)."""
+    check_set(model, mean_over, "mean_over")
     names = {hook_name("z", layer): layer for layer in layers}
     sums: dict[int, Tensor] = {}
     with torch.no_grad():
-        for start in range(0, len(reference), batch_size):
-            tokens = reference.tokens[start : start + batch_size].to(model.cfg.device)
+        for start in range(0, len(mean_over), batch_size):
+            tokens = mean_over.tokens[start : start + batch_size].to(model.cfg.device)
             _, cache = model.run_with_cache(
                 tokens, names_filter=lambda name: name in names, stop_at_layer=max(layers) + 1
             )
             for name, layer in names.items():
                 batch_sum = cache[name].double().sum(0)
                 sums[layer] = sums[layer] + batch_sum if layer in sums else batch_sum
-    return {layer: (total / len(reference)).float() for layer, total in sums.items()}
+    return {layer: (total / len(mean_over)).float() for layer, total in sums.items()}
 
 
 def _replacements(
@@ -279,7 +279,7 @@ def _intervene(
     heads: tuple[HeadRef, ...],
     kind: Kind,
     source: Paragraphs | None,
-    reference: Paragraphs | None,
+    mean_over: Paragraphs | None,
     positions: Tensor | None,
     batch_size: int,
     progress: bool,
@@ -287,8 +287,8 @@ def _intervene(
     layers = sorted({h.layer for h in heads})
     by_layer = {layer: [h.head for h in heads if h.layer == layer] for layer in layers}
     means = (
-        mean_head_outputs(model, reference, layers, batch_size)
-        if kind == "mean" and reference is not None
+        mean_head_outputs(model, mean_over, layers, batch_size)
+        if kind == "mean" and mean_over is not None
         else None
     )
     cfg = model.cfg
@@ -370,7 +370,7 @@ def ablate_heads(
     heads: Sequence[HeadRef | str] = DEFAULT_HEADS,
     *,
     kind: Literal["zero", "mean"] = "zero",
-    reference: Paragraphs | None = None,
+    mean_over: Paragraphs | None = None,
     positions: Sequence[int] | Tensor | None = None,
     batch_size: int = 32,
     progress: bool = True,
@@ -381,27 +381,27 @@ def ablate_heads(
         model: the model (not changed).
         paragraphs: the paragraphs whose continuation is scored.
         heads: the heads; default L1H2.
-        kind: ``"zero"`` or ``"mean"`` (mean of ``hook_z`` per position over ``reference``).
-        reference: the paragraphs to average over, for mean ablation.
+        kind: ``"zero"`` or ``"mean"`` (mean of ``hook_z`` per position over ``mean_over``).
+        mean_over: the paragraphs to average over, for mean ablation.
         positions: positions to ablate; default all.
         batch_size: paragraphs per forward pass.
         progress: show a progress bar.
     """
     if kind not in ("zero", "mean"):
         raise ValueError(f"kind must be 'zero' or 'mean', got {kind!r}")
-    _check_kind(kind, None, reference)
+    _check_kind(kind, None, mean_over)
     parsed = _heads(model, heads)
     check_set(model, paragraphs, "paragraphs")
     check_positive_int(batch_size, "batch_size")
-    if reference is not None:
-        check_pair(model, paragraphs, reference, "reference")
+    if mean_over is not None:
+        check_pair(model, paragraphs, mean_over, "mean_over")
     return _intervene(
         model,
         paragraphs,
         parsed,
         kind,
         None,
-        reference,
+        mean_over,
         chosen_positions(positions, paragraphs.seq_len),
         batch_size,
         progress,
@@ -414,7 +414,7 @@ def patching_sweep(
     source: Paragraphs | None = None,
     *,
     kind: Kind = "patch",
-    reference: Paragraphs | None = None,
+    mean_over: Paragraphs | None = None,
     positions: Sequence[int] | Tensor | None = None,
     batch_size: int = 4,
     progress: bool = True,
@@ -430,17 +430,17 @@ def patching_sweep(
         target: the paragraphs whose continuation is scored.
         source: paragraphs patched in (``kind="patch"``), row-aligned with ``target``.
         kind: ``"patch"``, ``"zero"`` or ``"mean"``.
-        reference: paragraphs to average over (``kind="mean"``).
+        mean_over: paragraphs to average over (``kind="mean"``).
         positions: positions to intervene at; default all.
         batch_size: target paragraphs per batch (rows per forward: ``n_heads *`` this).
         progress: show a progress bar.
     """
-    _check_kind(kind, source, reference)
+    _check_kind(kind, source, mean_over)
     check_set(model, target, "target")
     if source is not None:
         check_pair(model, target, source, "source", aligned=True)
-    if reference is not None:
-        check_pair(model, target, reference, "reference")
+    if mean_over is not None:
+        check_pair(model, target, mean_over, "mean_over")
     check_positive_int(batch_size, "batch_size")
     cfg = model.cfg
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
@@ -453,7 +453,7 @@ def patching_sweep(
         and skips_early_blocks(model)
     )
     layers = list(range(n_layers))
-    means = mean_head_outputs(model, reference, layers) if kind == "mean" and reference else None
+    means = mean_head_outputs(model, mean_over, layers) if kind == "mean" and mean_over else None
     delta_nll = torch.zeros(n_layers, n_heads, len(target))
     delta_em = torch.zeros(n_layers, n_heads, len(target), dtype=torch.long)
     order = torch.arange(len(target))

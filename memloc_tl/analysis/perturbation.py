@@ -17,6 +17,7 @@ that step generates text.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,10 +34,10 @@ from memloc_tl.memorization import (
     greedy_continuations,
     score_continuations,
 )
-from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.paragraphs import Paragraphs, check_set
 from memloc_tl.rendering import render
 from memloc_tl.results import Drawable, TokenScores
-from memloc_tl.validation import check_choice, check_positive_int, check_set
+from memloc_tl.validation import check_choice, check_config, check_positive_int
 
 
 @dataclass(frozen=True)
@@ -153,41 +154,22 @@ def random_replacements(
     return (prefix[..., None] + offsets) % d_vocab
 
 
-def perturb_prefixes(
-    model: HookedModel,
-    paragraphs: Paragraphs,
-    *,
-    n_samples: int = 1,
-    include_first: bool = False,
-    reference: Literal["true", "greedy"] = "true",
-    seed: int = 0,
-    build_perturbed: bool = True,
-    batch_size: int = 32,
-    shared_prefix: bool | None = None,
-    pmp_choice: Literal["min_em", "max_nll"] = "min_em",
-    pmp_exclude_last: int = 0,
-    progress: bool = True,
-) -> PrefixPerturbation:
-    """Replace each prefix token in turn and measure how recall of the continuation changes.
+EmAgainst = Literal["true", "greedy"]
+PMPChoice = Literal["min_em", "max_nll"]
 
-    Args:
-        model: the model (not changed).
-        paragraphs: the paragraphs.
+
+@dataclass(frozen=True)
+class PerturbConfig:
+    """The settings of :func:`perturb_prefixes` (each checked when the config is made).
+
+    Attributes:
         n_samples: random replacements per position.
         include_first: also perturb position 0 (the reference code never did).
-        reference: the continuation EM is measured against: ``"true"`` (the paragraph's own)
+        em_against: the continuation EM is measured against: ``"true"`` (the paragraph's own)
             or ``"greedy"`` (the model's greedy continuation of the unperturbed prefix, so the
             baseline EM is always full; the paper's choice for non-memorized paragraphs).
             ``result.paragraphs`` holds the continuation used.
         seed: seed of the replacements.
-        build_perturbed: also build each paragraph's PMP (needs one greedy generation each).
-        batch_size: variants per forward pass.
-        shared_prefix: reuse the unperturbed paragraph's keys and values before the perturbed
-            position (:class:`memloc_tl.memorization.PrefixKV`) instead of recomputing them;
-            the same numbers up to float rounding, about a quarter less compute for 50-token
-            prefixes. Default (None): on a HookedTransformer on the CPU, where it was measured
-            faster (1.67x on GPT-Neo 125M's layout); on a GPU recomputing was as fast or faster
-            (0.94x there on an H100), and a TransformerBridge always recomputes.
         pmp_choice: which variant becomes each paragraph's PMP: ``"min_em"`` (the paper's: the
             lowest EM, earliest position and sample on ties) or ``"max_nll"`` (the largest rise
             of the original continuation's NLL, which separates variants that all reach EM 0).
@@ -195,28 +177,79 @@ def perturb_prefixes(
             the token right before the continuation often breaks recall trivially (the paper's
             PMPs were at positions 2-49, median 44); ``k > 0`` asks for a PMP whose change lies
             further back. The scores of every position are kept either way.
+        shared_prefix: reuse the unperturbed paragraph's keys and values before the perturbed
+            position (:class:`memloc_tl.memorization.PrefixKV`) instead of recomputing them;
+            the same numbers up to float rounding, about a quarter less compute for 50-token
+            prefixes. Default (None): on a HookedTransformer on the CPU, where it was measured
+            faster (1.67x on GPT-Neo 125M's layout); on a GPU recomputing was as fast or faster
+            (0.94x there on an H100), and a TransformerBridge always recomputes.
+        batch_size: variants per forward pass.
+    """
+
+    n_samples: int = 1
+    include_first: bool = False
+    em_against: EmAgainst = "true"
+    seed: int = 0
+    pmp_choice: PMPChoice = "min_em"
+    pmp_exclude_last: int = 0
+    shared_prefix: bool | None = None
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.n_samples, "n_samples")
+        for name in ("include_first",):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.shared_prefix is not None and not isinstance(self.shared_prefix, bool):
+            raise TypeError(
+                f"shared_prefix must be True, False or None, got {self.shared_prefix!r}"
+            )
+        check_choice(self.em_against, "em_against", typing.get_args(EmAgainst))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        check_choice(self.pmp_choice, "pmp_choice", typing.get_args(PMPChoice))
+        if isinstance(self.pmp_exclude_last, bool) or not isinstance(self.pmp_exclude_last, int):
+            raise TypeError(f"pmp_exclude_last must be an int, got {self.pmp_exclude_last!r}")
+        if self.pmp_exclude_last < 0:
+            raise ValueError(f"pmp_exclude_last must be >= 0, got {self.pmp_exclude_last}")
+        check_positive_int(self.batch_size, "batch_size")
+
+
+def perturb_prefixes(
+    model: HookedModel,
+    paragraphs: Paragraphs,
+    *,
+    config: PerturbConfig | None = None,
+    build_perturbed: bool = True,
+    progress: bool = True,
+) -> PrefixPerturbation:
+    """Replace each prefix token in turn and measure how recall of the continuation changes.
+
+    Args:
+        model: the model (not changed).
+        paragraphs: the paragraphs.
+        config: the settings (default :class:`PerturbConfig`: one replacement per position,
+            EM against the paragraph's own continuation, seed 0).
+        build_perturbed: also build each paragraph's PMP (needs one greedy generation each).
         progress: show a progress bar.
 
     Returns:
         The result; ``result.mean_drop_per_token()`` is the paper's headline number.
     """
+    config = check_config(config, PerturbConfig)
     check_set(model, paragraphs, "paragraphs")
-    check_choice(reference, "reference", ("true", "greedy"))
-    check_positive_int(n_samples, "n_samples")
-    check_positive_int(batch_size, "batch_size")
-    check_choice(pmp_choice, "pmp_choice", ("min_em", "max_nll"))
+    n_samples, seed, batch_size = config.n_samples, config.seed, config.batch_size
+    shared_prefix = config.shared_prefix
     if shared_prefix is None:
         on_cpu = torch.device(model.cfg.device or "cpu").type == "cpu"
         shared_prefix = shares_prefix_cache(model) and on_cpu
-    first = 0 if include_first else 1  # the first perturbed position
-    if isinstance(pmp_exclude_last, bool) or not isinstance(pmp_exclude_last, int):
-        raise TypeError(f"pmp_exclude_last must be an int, got {pmp_exclude_last!r}")
-    if not 0 <= pmp_exclude_last < paragraphs.prefix_len - first:
+    first = 0 if config.include_first else 1  # the first perturbed position
+    if not config.pmp_exclude_last < paragraphs.prefix_len - first:
         raise ValueError(
             f"pmp_exclude_last must be in 0..{paragraphs.prefix_len - first - 1} (some "
-            f"perturbed position must remain), got {pmp_exclude_last}"
+            f"perturbed position must remain), got {config.pmp_exclude_last}"
         )
-    if reference == "greedy":
+    if config.em_against == "greedy":
         paragraphs = paragraphs.with_continuation(
             greedy_continuations(model, paragraphs.prefix, paragraphs.continuation_len)
         )
@@ -269,7 +302,9 @@ def perturb_prefixes(
         seed=seed,
     )
     if build_perturbed:
-        perturbed = _perturbed_paragraphs(model, result, batch_size, pmp_choice, pmp_exclude_last)
+        perturbed = _perturbed_paragraphs(
+            model, result, batch_size, config.pmp_choice, config.pmp_exclude_last
+        )
         result = dataclasses.replace(result, perturbed=perturbed)
     return result
 

@@ -10,8 +10,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from memloc_tl.backend import HookedModel
-from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.validation import check_positive_int, check_set
+from memloc_tl.paragraphs import Paragraphs, check_set
+from memloc_tl.validation import check_positive_int
 
 
 class ForwardAnalyzer(Protocol):

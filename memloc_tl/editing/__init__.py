@@ -2,10 +2,19 @@
 
 from memloc_tl.editing.masks import ParamMask
 from memloc_tl.editing.optimizer import MaskedOptimizer
-from memloc_tl.editing.sparse_edit import EditResult, WeightEdit, compare_edits, sparse_edit
+from memloc_tl.editing.sparse_edit import (
+    EditConfig,
+    EditResult,
+    EvalSets,
+    WeightEdit,
+    compare_edits,
+    sparse_edit,
+)
 
 __all__ = [
+    "EditConfig",
     "EditResult",
+    "EvalSets",
     "MaskedOptimizer",
     "ParamMask",
     "WeightEdit",

@@ -17,7 +17,9 @@ weight outside the mask moves — unlike the reference code, whose coupled weigh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +31,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.analysis.perturbation import perturb_prefixes
-from memloc_tl.backend import (
-    HookedModel,
-    copy_model,
-    model_parameters,
-    parameter_masks,
-    parameters_of,
-)
+from memloc_tl.analysis.perturbation import PerturbConfig, perturb_prefixes
+from memloc_tl.backend import HookedModel, model_parameters, parameter_masks, parameters_of
 from memloc_tl.editing.masks import ParamMask, check_mask_fraction, check_masks_fit
 from memloc_tl.editing.optimizer import MaskedOptimizer
 from memloc_tl.files import CorruptFileError, atomic_write, save_safetensors, tensors_sha256
@@ -48,18 +44,26 @@ from memloc_tl.objectives import (
     continuation_nll,
     contrastive_kl,
     grad_only_for,
-    reference_logprobs,
+    original_logprobs,
 )
-from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.paragraphs import Paragraphs, check_set
 from memloc_tl.rendering import render
 from memloc_tl.results import Drawable
-from memloc_tl.validation import check_choice, check_positive_int, check_real, check_set
+from memloc_tl.validation import (
+    check_choice,
+    check_config,
+    check_fraction,
+    check_positive_int,
+    check_real,
+)
 
 EDIT_FORMAT = "memloc-tl weight edit v1"
 """The ``format`` metadata of a saved :class:`WeightEdit`."""
 
 Objective = Literal["unlearn", "edit"]
 MaskChoice = Literal["gradient", "random", "all"]
+KLReduction = Literal["sum_positions", "mean"]
+EditContext = Literal["target", "memorized"]
 
 
 @dataclass(frozen=True)
@@ -203,22 +207,113 @@ class WeightEdit:
 
 
 @dataclass(frozen=True)
-class EditResult(Drawable):
-    """An edited model, its mask and weight edit, the losses, and the evaluation.
+class EditConfig:
+    """The settings of one sparse edit (every value checked when the config is made).
 
     Attributes:
-        model: the edited model (a copy unless ``inplace=True``).
+        objective: ``"unlearn"`` (Eq. 3) or ``"edit"`` (Eq. 4, needs ``target=``).
+        mask: ``"gradient"`` (top ``fraction`` by |objective gradient| at the first step),
+            ``"random"`` (same exact count, seeded), ``"all"``, or a :class:`ParamMask`.
+        fraction: share of the attributed weights in a gradient or random mask (paper: 0.001).
+        steps: optimizer steps (paper: 10).
+        lr: Adam's learning rate (reference code: 1e-5).
+        nll_weight: weight of the NLL term (Eq. 3/4: 1; reference code: 0.1).
+        weight_decay: Adam's coupled weight decay (reference code: 1.0); masked like the step,
+            so it moves no weight outside the mask.
+        kl_reduction: ``"sum_positions"`` (reference code) or ``"mean"``.
+        edit_context: ``"target"`` (teacher-force on the target) or ``"memorized"``
+            (reference code: the memorized context, the target's tokens as labels).
+        reextraction: also measure how much of the memorized continuation comes back when
+            one prefix token is changed (max EM over single-token perturbations).
+        seed: seed of a random mask and of the re-extraction perturbations.
+        batch_size: paragraphs per forward/backward pass.
+    """
+
+    objective: Objective = "unlearn"
+    mask: MaskChoice | ParamMask = "gradient"
+    fraction: float = 0.001
+    steps: int = 10
+    lr: float = 1e-5
+    nll_weight: float = 1.0
+    weight_decay: float = 0.0
+    kl_reduction: KLReduction = "sum_positions"
+    edit_context: EditContext = "target"
+    reextraction: bool = False
+    seed: int = 0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        check_choice(self.objective, "objective", typing.get_args(Objective))
+        if not isinstance(self.mask, ParamMask):
+            if not isinstance(self.mask, str) or self.mask not in typing.get_args(MaskChoice):
+                options = ", ".join(map(repr, typing.get_args(MaskChoice)))
+                raise ValueError(f"mask must be one of {options} or a ParamMask; got {self.mask!r}")
+            if self.mask != "all":
+                check_fraction(self.fraction, "fraction")
+        check_positive_int(self.steps, "steps")
+        check_real(self.lr, "lr", above=0)
+        check_real(self.nll_weight, "nll_weight", at_least=0)
+        check_real(self.weight_decay, "weight_decay", at_least=0)
+        check_choice(self.kl_reduction, "kl_reduction", typing.get_args(KLReduction))
+        check_choice(self.edit_context, "edit_context", typing.get_args(EditContext))
+        if not isinstance(self.reextraction, bool):
+            raise TypeError(f"reextraction must be True or False, got {self.reextraction!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        check_positive_int(self.batch_size, "batch_size")
+
+    @classmethod
+    def reference_code(cls, **changes: Any) -> EditConfig:
+        """The paper's reference code: 5 Adam steps with coupled weight decay 1.0, NLL weight
+        0.1, the memorized context for an edit's labels (still masked: no weight outside the
+        mask moves, unlike there). ``changes`` override single fields, e.g. ``lr=3e-2``."""
+        preset = cls(steps=5, nll_weight=0.1, weight_decay=1.0, edit_context="memorized")
+        return dataclasses.replace(preset, **changes)
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """Paragraphs an edit is measured on besides the edited ones (each optional).
+
+    Attributes:
+        heldout: non-memorized paragraphs, not in ``keep``, to check the edit spares them
+            (scored against the unedited model's own continuation, as the paper scored NMPs,
+            and by their KL to it).
+        others: other memorized paragraphs (not the edited ones), to check the edit is
+            specific: they should stay memorized. Put them in ``keep`` too for an edit that
+            protects them.
+        general: paragraphs of general text for perplexity before and after.
+    """
+
+    heldout: Paragraphs | None = None
+    others: Paragraphs | None = None
+    general: Paragraphs | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("heldout", "others", "general"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Paragraphs):
+                raise TypeError(f"{name} must be Paragraphs or None, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class EditResult(Drawable):
+    """An edit: its mask, the weights it changed, the losses, and the evaluation.
+
+    The result holds the change, not a model: ``with result.applied(model): ...`` puts it in
+    the model it was made on (or a fresh copy of it) for the block only.
+
+    Attributes:
         mask: the weights that were allowed to change.
-        edit: the change itself (apply, revert, save).
+        edit: the change itself (apply, revert, applied, save).
         objective: ``"unlearn"`` or ``"edit"``.
         losses: the objective's value before each step.
         evaluation: before/after measurements, one row per set and metric.
     """
 
-    model: HookedModel
     mask: ParamMask
     edit: WeightEdit
-    objective: str
+    objective: Objective
     losses: list[float]
     evaluation: pd.DataFrame = field(default_factory=pd.DataFrame)
 
@@ -230,13 +325,22 @@ class EditResult(Drawable):
             raise KeyError(f"no evaluation row for set {set_name!r}, metric {metric!r}")
         return float(row["before"].to_numpy()[0]), float(row["after"].to_numpy()[0])
 
+    def to_frame(self) -> pd.DataFrame:
+        """The evaluation: columns set, metric, before, after."""
+        return self.evaluation.copy()
+
     def figure(self, metric: str = "mean_em") -> Any:
         """Before and after per evaluated set (:func:`memloc_tl.viz.edit_result_figure`)."""
         return render(self, metric=metric)
 
-    def revert(self) -> None:
-        """Undo the edit on ``self.model`` exactly."""
-        self.edit.revert(self.model)
+    def applied(self, model: HookedModel) -> contextlib.AbstractContextManager[HookedModel]:
+        """``with result.applied(model): ...``: the edit is in ``model`` inside the block only
+        (restored on exit, also on an error); see :meth:`WeightEdit.applied`."""
+        return self.edit.applied(model)
+
+    def revert(self, model: HookedModel) -> None:
+        """Undo an edit left in ``model`` (``inplace=True``) exactly."""
+        self.edit.revert(model)
 
     def __repr__(self) -> str:
         before, after = self.metric("edited", "mean_em") if not self.evaluation.empty else (0, 0)
@@ -256,51 +360,45 @@ def _objective_terms(
     memorized: Paragraphs,
     keep: Paragraphs,
     reference: Tensor,
-    objective: Objective,
     target: Paragraphs | None,
-    edit_context: str,
-    nll_weight: float,
-    kl_reduction: str,
+    config: EditConfig,
 ) -> list[tuple[Paragraphs, Callable[[Tensor, int], Tensor]]]:
     p = memorized.prefix_len
+    weight = config.nll_weight
 
     def nll(context: Tensor, labels: Tensor) -> Tensor:
         return continuation_nll(model, context, p, labels=labels).mean()
 
     def unlearn(tokens: Tensor, start: int) -> Tensor:
-        return -nll_weight * nll(tokens, tokens)
+        return -weight * nll(tokens, tokens)
 
     def edit(tokens: Tensor, start: int) -> Tensor:
         assert target is not None
         labels = target.tokens[start : start + len(tokens)].to(tokens.device)
-        context = labels if edit_context == "target" else tokens
-        return nll_weight * nll(context, labels)
+        context = labels if config.edit_context == "target" else tokens
+        return weight * nll(context, labels)
 
     def kl(tokens: Tensor, start: int) -> Tensor:
         ref = reference[start : start + len(tokens)]
-        return contrastive_kl(model, tokens, ref, keep.prefix_len, reduction=kl_reduction)  # type: ignore[arg-type]
+        return contrastive_kl(model, tokens, ref, keep.prefix_len, reduction=config.kl_reduction)
 
-    return [(memorized, unlearn if objective == "unlearn" else edit), (keep, kl)]
+    return [(memorized, unlearn if config.objective == "unlearn" else edit), (keep, kl)]
 
 
 def _mask(
-    choice: MaskChoice | ParamMask,
     model: HookedModel,
     terms: list[tuple[Paragraphs, Callable[[Tensor, int], Tensor]]],
-    fraction: float,
-    seed: int,
-    batch_size: int,
+    config: EditConfig,
 ) -> ParamMask:
+    choice = config.mask
     if isinstance(choice, ParamMask):
         return choice
     if choice == "all":
         return ParamMask.all(model)
     if choice == "random":
-        return ParamMask.random(model, fraction=fraction, seed=seed)
-    if choice == "gradient":
-        grads = accumulated_gradients(model, terms, batch_size, False, "")
-        return ParamMask.from_gradients(grads, fraction=fraction)
-    raise ValueError(f"mask must be 'gradient', 'random', 'all' or a ParamMask, got {choice!r}")
+        return ParamMask.random(model, fraction=config.fraction, seed=config.seed)
+    grads = accumulated_gradients(model, terms, config.batch_size, False, "")
+    return ParamMask.from_gradients(grads, fraction=config.fraction)
 
 
 def sparse_edit(
@@ -308,160 +406,135 @@ def sparse_edit(
     memorized: Paragraphs,
     *,
     keep: Paragraphs,
-    objective: Objective = "unlearn",
     target: Paragraphs | None = None,
-    fraction: float = 0.001,
-    mask: MaskChoice | ParamMask = "gradient",
-    steps: int = 10,
-    lr: float = 1e-5,
-    nll_weight: float = 1.0,
-    kl_reduction: Literal["sum_positions", "mean"] = "sum_positions",
-    edit_context: Literal["target", "memorized"] = "target",
-    reference_compat: bool = False,
-    heldout: Paragraphs | None = None,
-    others: Paragraphs | None = None,
-    general: Paragraphs | None = None,
-    reextraction: bool = False,
-    seed: int = 0,
+    config: EditConfig | None = None,
+    evaluate_on: EvalSets | None = None,
     inplace: bool = False,
-    batch_size: int = 16,
     progress: bool = True,
 ) -> EditResult:
     """Unlearn (Eq. 3) or edit (Eq. 4) memorized paragraphs through a sparse weight mask.
 
+    The edit is trained in ``model`` itself (no copy of the model is made), measured, and
+    taken out again unless ``inplace=True``: an error or Ctrl-C at any point, also during the
+    evaluation, leaves the model's weights and its own ``.grad`` tensors as they were.
+
     Args:
-        model: the model; not modified unless ``inplace=True``.
+        model: the model to edit.
         memorized: the paragraphs to unlearn or edit.
         keep: paragraphs whose predictions must stay (the KL term).
-        objective: ``"unlearn"`` or ``"edit"``.
-        target: for ``"edit"``, the paragraphs to teach instead (row-aligned with ``memorized``).
-        fraction: share of the attributed weights in a gradient or random mask (paper: 0.001).
-        mask: ``"gradient"`` (top ``fraction`` by |objective gradient| at the first step),
-            ``"random"`` (same exact count, seeded), ``"all"``, or a :class:`ParamMask`.
-        steps: optimizer steps (paper: 10).
-        lr: learning rate (reference code: 1e-5).
-        nll_weight: weight of the NLL term (Eq. 3/4: 1; reference code: 0.1).
-        kl_reduction: ``"sum_positions"`` (reference code) or ``"mean"``.
-        edit_context: ``"target"`` (teacher-force on the target) or ``"memorized"``
-            (reference code: memorized context, target labels).
-        reference_compat: the reference code's choices: Adam with coupled weight_decay=1.0,
-            5 steps, NLL weight 0.1 (still masked by :class:`MaskedOptimizer`).
-        heldout: non-memorized paragraphs, not in ``keep``, to check the edit spares them.
-        others: other memorized paragraphs (not the edited ones), to check the edit is
-            specific: they should stay memorized (evaluation set ``"others"``). Put them in
-            ``keep`` too for an edit that protects them.
-        general: paragraphs of general text for perplexity before and after.
-        reextraction: also measure how much of the memorized continuation comes back when
-            one prefix token is changed (max EM over single-token perturbations).
-        seed: seed of a random mask and of the re-extraction perturbations.
-        inplace: edit ``model`` itself.
-        batch_size: paragraphs per forward/backward pass.
+        target: for ``objective="edit"``, the paragraphs to teach instead (row-aligned with
+            ``memorized``), e.g. ``perturb_prefixes(...).perturbed``.
+        config: the objective, mask and optimizer settings (default :class:`EditConfig`;
+            ``EditConfig.reference_code()`` for the paper's code).
+        evaluate_on: more sets to measure before and after (:class:`EvalSets`).
+        inplace: leave the edit in ``model`` (undo it with ``result.revert(model)``).
         progress: show a progress bar.
     """
-    check_choice(objective, "objective", ("unlearn", "edit"))
-    check_choice(kl_reduction, "kl_reduction", ("sum_positions", "mean"))
-    check_positive_int(batch_size, "batch_size")
+    config = check_config(config, EditConfig)
+    sets = check_config(evaluate_on, EvalSets, "evaluate_on")
     check_set(model, memorized, "memorized")
     check_set(model, keep, "keep")
-    if objective == "edit" and target is None:
+    if config.objective == "edit" and target is None:
         raise ValueError(
             "objective='edit' needs target paragraphs (e.g. perturb_prefixes(...).perturbed)"
         )
     if target is not None and target.tokens.shape != memorized.tokens.shape:
         raise ValueError("target must be row-aligned with memorized (same shape)")
-    if edit_context not in ("target", "memorized"):
-        raise ValueError(f"edit_context must be 'target' or 'memorized', got {edit_context!r}")
-    check_positive_int(steps, "steps")
-    check_real(lr, "lr", above=0)
-    check_real(nll_weight, "nll_weight", at_least=0)
-    if not isinstance(mask, ParamMask):
-        check_choice(mask, "mask", ("gradient", "random", "all"))
-        if mask != "all":
-            check_mask_fraction(model, fraction)
-    else:
-        mask.check_model(model)
-    for paragraphs in (memorized, keep, target, heldout, others, general):
+    if isinstance(config.mask, ParamMask):
+        config.mask.check_model(model)
+    elif config.mask != "all":
+        check_mask_fraction(model, config.fraction)
+    for paragraphs in (memorized, keep, target, sets.heldout, sets.others, sets.general):
         if paragraphs is not None:
             paragraphs.check_model(model)
-    if reference_compat:
-        steps, nll_weight = 5, 0.1
-    work = model if inplace else copy_model(model)
-    chosen_weights = attributed_weights(work)
-    params = {n: w.value for n, w in chosen_weights.items()}
-    original = {n: p.detach().clone() for n, p in params.items()}
-    heldout_reference = None
-    if heldout is not None:  # the original model's own continuation, as the paper scored NMPs
-        heldout_reference = heldout.with_continuation(
-            greedy_continuations(work, heldout.prefix, heldout.continuation_len, progress=progress)
+    batch_size = config.batch_size
+    heldout = None
+    if sets.heldout is not None:  # the model's own continuation, as the paper scored NMPs
+        prefix, n = sets.heldout.prefix, sets.heldout.continuation_len
+        heldout = sets.heldout.with_continuation(
+            greedy_continuations(model, prefix, n, progress=progress)
         )
     # the same measurements before and after; after, also the held-out KL to the original
     evaluate = functools.partial(
-        _evaluate,
-        work,
-        memorized,
-        target,
-        heldout_reference,
-        others,
-        general,
-        reextraction=reextraction,
-        seed=seed,
-        progress=progress,
+        _evaluate, model, memorized, target, heldout, sets, config, progress=progress
     )
     before = evaluate(heldout_logprobs=None)
-    reference = reference_logprobs(work, keep, batch_size)
+    reference = original_logprobs(model, keep, batch_size)
     heldout_logprobs = (
-        reference_logprobs(work, heldout_reference, batch_size)
-        if heldout_reference is not None
-        else None
+        original_logprobs(model, heldout, batch_size) if heldout is not None else None
     )
-    terms = _objective_terms(
-        work, memorized, keep, reference, objective, target, edit_context, nll_weight, kl_reduction
-    )
-    chosen = _mask(mask, work, terms, fraction, seed, batch_size)
-    decay = 1.0 if reference_compat else 0.0
+    terms = _objective_terms(model, memorized, keep, reference, target, config)
+    chosen = _mask(model, terms, config)
+    chosen_weights = attributed_weights(model)
+    params = {n: w.value for n, w in chosen_weights.items()}
+    # Only the masked entries can move, so they are all that is kept of the original weights.
+    original = {
+        n: params[n].detach()[m.to(params[n].device)].clone()
+        for n, m in chosen.masks.items()
+        if bool(m.any())
+    }
     trained = parameters_of(chosen_weights)
-    inner = torch.optim.Adam(trained, lr=lr, weight_decay=decay)
+    inner = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
     optimizer = MaskedOptimizer(inner, parameter_masks(chosen_weights, chosen.masks))
     losses: list[float] = []
+    edit: WeightEdit | None = None
     # All or nothing: until the result exists, an error or interrupt (also during the
     # evaluation) puts the weights back; the caller's own .grad tensors are given back.
-    saved_grads = {p: p.grad for p in model_parameters(work)}
+    saved_grads = {p: p.grad for p in model_parameters(model)}
     try:
-        with grad_only_for(work, trained):
-            for _ in tqdm(range(steps), desc=f"{objective} ({chosen.kind})", disable=not progress):
+        with grad_only_for(model, trained):
+            steps = range(config.steps)
+            for _ in tqdm(steps, desc=f"{config.objective} ({chosen.kind})", disable=not progress):
                 optimizer.zero_grad()
                 total = 0.0
                 for paragraphs, loss_fn in terms:
                     for start in range(0, len(paragraphs), batch_size):
-                        tokens = paragraphs.tokens[start : start + batch_size].to(work.cfg.device)
+                        tokens = paragraphs.tokens[start : start + batch_size].to(model.cfg.device)
                         loss = loss_fn(tokens, start) * (len(tokens) / len(paragraphs))
                         loss.backward()
                         total += float(loss.detach())
                 losses.append(total)
                 optimizer.step()
         optimizer.zero_grad()
+        del optimizer, inner  # the optimizer's state before the evaluation's forward passes
+        edit = _edit_between(chosen, original, params)
         after = evaluate(heldout_logprobs=heldout_logprobs)
         evaluation = before.merge(
             after, on=["set", "metric"], how="outer", suffixes=("_before", "_after")
         )
         evaluation = evaluation.rename(columns={"value_before": "before", "value_after": "after"})
-        return EditResult(
-            model=work,
+        result = EditResult(
             mask=chosen,
-            edit=WeightEdit.between(chosen, original, work),
-            objective=objective,
+            edit=edit,
+            objective=config.objective,
             losses=losses,
             evaluation=evaluation,
         )
     except BaseException:
-        if inplace:  # leave the caller's model as it was
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(original[n])
+        _write_back(params, original, chosen)
         raise
     finally:
-        for p in model_parameters(work):
+        for p in model_parameters(model):
             p.grad = saved_grads.get(p)
+    if not inplace:
+        edit.revert(model)
+    return result
+
+
+def _edit_between(
+    mask: ParamMask, original: Mapping[str, Tensor], params: Mapping[str, Tensor]
+) -> WeightEdit:
+    masks = {n: mask.masks[n].cpu() for n in original}
+    after = {n: params[n].detach()[masks[n].to(params[n].device)].cpu() for n in masks}
+    return WeightEdit(masks=masks, before={n: v.cpu() for n, v in original.items()}, after=after)
+
+
+def _write_back(
+    params: Mapping[str, Tensor], original: Mapping[str, Tensor], mask: ParamMask
+) -> None:
+    with torch.no_grad():
+        for name, values in original.items():
+            params[name][mask.masks[name].to(params[name].device)] = values
 
 
 def measure_sets(
@@ -493,15 +566,13 @@ def _evaluate(
     memorized: Paragraphs,
     target: Paragraphs | None,
     heldout: Paragraphs | None,
-    others: Paragraphs | None,
-    general: Paragraphs | None,
+    sets: EvalSets,
+    config: EditConfig,
     heldout_logprobs: Tensor | None,
-    reextraction: bool,
-    seed: int,
     progress: bool = False,
 ) -> pd.DataFrame:
-    sets = {"edited": memorized, "target": target, "heldout": heldout, "others": others}
-    frame = measure_sets(model, sets, general)
+    named = {"edited": memorized, "target": target, "heldout": heldout, "others": sets.others}
+    frame = measure_sets(model, named, sets.general)
     rows: list[dict[str, object]] = frame.to_dict(orient="records")
 
     def add(set_name: str, metric: str, value: float) -> None:
@@ -516,9 +587,13 @@ def _evaluate(
                     model, heldout.tokens, heldout_logprobs, heldout.prefix_len, reduction="mean"
                 )
             add("heldout", "kl_to_original", float(kl))
-    if reextraction:
+    if config.reextraction:
         perturbed = perturb_prefixes(
-            model, memorized, seed=seed, build_perturbed=False, progress=progress
+            model,
+            memorized,
+            config=PerturbConfig(seed=config.seed),
+            build_perturbed=False,
+            progress=progress,
         )
         best = perturbed.em.max(dim=-1).values.max(dim=-1).values
         add("edited", "reextraction_max_em", float(best.float().mean()))
@@ -531,18 +606,27 @@ def compare_edits(
     *,
     keep: Paragraphs,
     masks: tuple[MaskChoice, ...] = ("gradient", "random", "all"),
-    **kwargs: object,
+    config: EditConfig | None = None,
+    evaluate_on: EvalSets | None = None,
+    progress: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, EditResult]]:
     """Run the same edit with a gradient mask, a random mask and all weights (paper Fig. 5).
+
+    Every edit is trained in ``model`` and taken out again before the next, so one model is in
+    memory; the results hold the changes (``results["gradient"].applied(model)``).
 
     Returns:
         A table (one row per mask and evaluation metric: before, after) and the results.
     """
-    if kwargs.get("inplace"):
-        raise ValueError("compare_edits runs several edits on copies; inplace is not allowed")
+    config = check_config(config, EditConfig)
+    if isinstance(masks, str) or not masks:
+        raise ValueError(f"masks must be a non-empty tuple of mask choices, got {masks!r}")
+    runs = {choice: dataclasses.replace(config, mask=choice) for choice in masks}  # checked
     results = {
-        choice: sparse_edit(model, memorized, keep=keep, mask=choice, **kwargs)  # type: ignore[arg-type]
-        for choice in masks
+        choice: sparse_edit(
+            model, memorized, keep=keep, config=run, evaluate_on=evaluate_on, progress=progress
+        )
+        for choice, run in runs.items()
     }
     table = pd.concat(
         [r.evaluation.assign(mask=name, weights=r.mask.count) for name, r in results.items()],

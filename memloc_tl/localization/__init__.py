@@ -1,7 +1,9 @@
 """Localization you can check: inject with ground truth, localize, score (INJ and DEL)."""
 
 from memloc_tl.localization.benchmark import (
+    BenchmarkConfig,
     DeletionBenchmark,
+    DeletionConfig,
     InjectionBenchmark,
     deletion_benchmark,
     injection_benchmark,
@@ -16,12 +18,23 @@ from memloc_tl.localization.injection import (
     InjectionFailedWarning,
     inject_paragraphs,
 )
-from memloc_tl.localization.localizers import METHODS, LearnedMaskConfig, localize
+from memloc_tl.localization.localizers import (
+    METHODS,
+    LearnedMaskConfig,
+    LocalizationTask,
+    LocalizeConfig,
+    Localizer,
+    localize,
+    register_localizer,
+    unregister_localizer,
+)
 from memloc_tl.localization.units import Localization, Units
 
 __all__ = [
     "METHODS",
+    "BenchmarkConfig",
     "DeletionBenchmark",
+    "DeletionConfig",
     "Injection",
     "InjectionBenchmark",
     "InjectionConfig",
@@ -30,6 +43,9 @@ __all__ = [
     "InjectionFailedWarning",
     "LearnedMaskConfig",
     "Localization",
+    "LocalizationTask",
+    "LocalizeConfig",
+    "Localizer",
     "Units",
     "deletion_benchmark",
     "inject_paragraphs",
@@ -37,4 +53,6 @@ __all__ = [
     "localize",
     "organism_benchmark",
     "organism_sets",
+    "register_localizer",
+    "unregister_localizer",
 ]

@@ -19,7 +19,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -29,20 +29,75 @@ from memloc_tl.backend import HookedModel
 from memloc_tl.localization.injection import Injection, InjectionConfig, inject_paragraphs
 from memloc_tl.localization.localizers import (
     METHODS,
-    LearnedMaskConfig,
-    Method,
+    LocalizeConfig,
     forward_backward_seconds,
     localize,
 )
-from memloc_tl.localization.units import Localization, Units
+from memloc_tl.localization.units import Level, Localization, Units, check_level
 from memloc_tl.memorization import exact_match_length, score_continuations
 from memloc_tl.objectives import attributed_parameters
 from memloc_tl.paragraphs import Paragraphs
 from memloc_tl.rendering import render
 from memloc_tl.results import Drawable
-from memloc_tl.validation import check_fraction
+from memloc_tl.validation import check_choice, check_config, check_fraction, check_positive_int
 
 BASELINES = ("random", "magnitude", "oracle")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Which localizers INJ and DEL score, with which settings, over which seeds.
+
+    Attributes:
+        methods: localizers and baselines (default: every localizer of the level, plus
+            ``"magnitude"`` and, for INJ, ``"oracle"`` at the weights level).
+        seeds: INJ: one injection per seed (different units), its localizers run with that
+            seed. DEL runs once: one seed.
+        localize: the localizers' settings (their ``seed`` is the run's).
+        strict: INJ: raise :class:`~memloc_tl.localization.injection.InjectionError` at a
+            failed or damaging injection (before any localizer runs) instead of warning.
+    """
+
+    methods: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] = (0,)
+    localize: LocalizeConfig = dataclasses.field(default_factory=LocalizeConfig)
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.methods is not None:
+            if isinstance(self.methods, str) or not all(isinstance(m, str) for m in self.methods):
+                raise TypeError(f"methods must be a tuple of names, got {self.methods!r}")
+            object.__setattr__(self, "methods", tuple(self.methods))
+        seeds = tuple(self.seeds) if not isinstance(self.seeds, (int, str)) else None
+        if not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds):
+            raise ValueError(f"seeds must be a non-empty tuple of ints, got {self.seeds!r}")
+        object.__setattr__(self, "seeds", seeds)
+        if not isinstance(self.localize, LocalizeConfig):
+            raise TypeError(f"localize must be a LocalizeConfig, got {self.localize!r}")
+        if not isinstance(self.strict, bool):
+            raise TypeError(f"strict must be True or False, got {self.strict!r}")
+
+
+@dataclass(frozen=True)
+class DeletionConfig:
+    """What DEL zeroes.
+
+    Attributes:
+        level: ``"weights"``, ``"neurons"`` or ``"heads"``.
+        fraction: weights and neurons: the share of units zeroed (paper: 0.1% of weights).
+        n_units: instead of ``fraction``, a number of units (heads: default 1).
+    """
+
+    level: Level = "weights"
+    fraction: float = 0.001
+    n_units: int | None = None
+
+    def __post_init__(self) -> None:
+        check_level(self.level)
+        if self.n_units is None:
+            check_fraction(self.fraction, "fraction")
+        else:
+            check_positive_int(self.n_units, "n_units")
 
 
 @dataclass(frozen=True)
@@ -172,44 +227,36 @@ def injection_benchmark(
     *,
     keep: Paragraphs,
     config: InjectionConfig | None = None,
-    methods: Sequence[str] | None = None,
-    seeds: Sequence[int] = (0,),
+    benchmark: BenchmarkConfig | None = None,
     memorized: Paragraphs | None = None,
     general: Paragraphs | None = None,
-    learned: LearnedMaskConfig | None = None,
-    batch_size: int = 16,
     progress: bool = True,
-    strict: bool = False,
 ) -> InjectionBenchmark:
     """INJ: inject ``paragraphs`` (all at once, each in its own units), then localize each.
 
     A failed or damaging injection warns and is marked in ``injections`` (``succeeded``,
-    ``damaging``); the summary leaves failed ones out. ``strict=True`` raises
+    ``damaging``); the summary leaves failed ones out. ``BenchmarkConfig(strict=True)`` raises
     :class:`~memloc_tl.localization.injection.InjectionError` at the first one instead.
 
     Args:
         model: the model (not changed).
         paragraphs: paragraphs to inject (not memorized by ``model``).
         keep: paragraphs the injection's KL term and the localizers' keep terms use.
-        config: the injection (level, fraction, ...); ``seed`` is replaced by each of ``seeds``.
-        methods: localizers and baselines (default every localizer of the level, plus
-            ``"magnitude"`` and ``"oracle"`` at the weights level).
-        seeds: one injection per seed (different units).
+        config: the injection (level, fraction, ...); ``seed`` is replaced by each seed of
+            ``benchmark``.
+        benchmark: the localizers, their settings and the seeds (:class:`BenchmarkConfig`).
         memorized: already memorized paragraphs, to measure the injection's damage.
         general: general text, for perplexity.
-        learned: settings of the learned mask.
-        batch_size: paragraphs per forward pass.
         progress: show progress bars.
-        strict: raise on a failed or damaging injection (before any localizer runs).
     """
-    config = config or InjectionConfig()
+    config = check_config(config, InjectionConfig)
+    benchmark = check_config(benchmark, BenchmarkConfig, "benchmark")
     level = config.level
+    methods = benchmark.methods
     chosen = _methods(level, methods if methods is not None else _default_methods(level))
-    if not seeds:
-        raise ValueError("seeds must name at least one seed")
     rows: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
-    for seed in seeds:
+    for seed in benchmark.seeds:
         injection = inject_paragraphs(
             model,
             paragraphs,
@@ -218,18 +265,17 @@ def injection_benchmark(
             memorized=memorized,
             general=general,
             progress=progress,
-            strict=strict,
+            strict=benchmark.strict,
         )
         summaries.append(_injection_summary(injection, seed))
+        settings = dataclasses.replace(benchmark.localize, seed=seed)
         bar = tqdm(range(len(paragraphs)), desc="localizing", disable=not progress)
         for i in bar:
             target = paragraphs[i : i + 1]
-            unit = forward_backward_seconds(injection.model, target, batch_size)
+            unit = forward_backward_seconds(injection.model, target, settings.batch_size)
             for method in chosen:
                 bar.set_postfix_str(method)  # which localizer runs now (the learned one is slow)
-                found = _localize(
-                    injection, target, method, keep, learned, seed, batch_size, progress
-                )
+                found = _localize(injection, target, method, keep, settings, progress)
                 rows.append(_score(found, injection.truth[i], seed, target.ids[0], unit))
     return InjectionBenchmark(pd.DataFrame(rows), pd.DataFrame(summaries))
 
@@ -248,23 +294,18 @@ def _localize(
     target: Paragraphs,
     method: str,
     keep: Paragraphs,
-    learned: LearnedMaskConfig | None,
-    seed: int,
-    batch_size: int,
+    config: LocalizeConfig,
     progress: bool,
 ) -> Localization:
     if method == "oracle":
         return Localization("oracle", "weights", injection.oracle_scores())
-    method_name: Method = method  # type: ignore[assignment]
     return localize(
         injection.model,
         target,
-        method=method_name,
+        method=method,
         level=injection.config.level,
         keep=keep,
-        learned=learned,
-        seed=seed,
-        batch_size=batch_size,
+        config=config,
         progress=progress and method == "learned",  # the one localizer with a loop of steps
     )
 
@@ -340,13 +381,8 @@ def deletion_benchmark(
     *,
     others: Paragraphs,
     non_memorized: Paragraphs,
-    level: str = "weights",
-    methods: Sequence[str] | None = None,
-    fraction: float = 0.001,
-    n_units: int | None = None,
-    learned: LearnedMaskConfig | None = None,
-    seed: int = 0,
-    batch_size: int = 16,
+    config: DeletionConfig | None = None,
+    benchmark: BenchmarkConfig | None = None,
     progress: bool = True,
 ) -> DeletionBenchmark:
     """DEL: zero each memorized target's top units; compare its EM with the others'.
@@ -356,20 +392,22 @@ def deletion_benchmark(
         targets: memorized paragraphs, each localized and deleted on its own.
         others: other memorized paragraphs (the target itself is excluded by id).
         non_memorized: non-memorized paragraphs: the localizers' keep set, and their NLL change.
-        level: ``"weights"``, ``"neurons"`` or ``"heads"``.
-        methods: localizers (default every localizer of the level, and ``"magnitude"`` for
-            weights).
-        fraction: weights and neurons: the share of units zeroed (paper: 0.1% of weights).
-        n_units: instead of ``fraction``, a number of units (heads: default 1).
-        learned: settings of the learned mask.
-        seed: seed of random and learned localizers.
-        batch_size: paragraphs per forward pass.
+        config: the level and how many units are zeroed (:class:`DeletionConfig`).
+        benchmark: the localizers (default every localizer of the level, and ``"magnitude"``
+            for weights), their settings, and one seed (:class:`BenchmarkConfig`).
         progress: show a progress bar.
     """
+    config = check_config(config, DeletionConfig)
+    benchmark = check_config(benchmark, BenchmarkConfig, "benchmark")
+    if len(benchmark.seeds) != 1:
+        raise ValueError(
+            f"DEL runs once, so it takes one seed; got seeds={benchmark.seeds} (run it per seed)"
+        )
+    level, fraction, n_units = config.level, config.fraction, config.n_units
+    settings = dataclasses.replace(benchmark.localize, seed=benchmark.seeds[0])
+    methods = benchmark.methods
     chosen = _methods(level, methods if methods is not None else _default_methods(level))
     chosen = [m for m in chosen if m != "oracle"]
-    if n_units is None:
-        check_fraction(fraction, "fraction")
     if len(targets) == 0 or len(others) == 0 or len(non_memorized) == 0:
         raise ValueError("targets, others and non_memorized must each hold paragraphs")
     for paragraphs in (targets, others, non_memorized):
@@ -397,12 +435,10 @@ def deletion_benchmark(
             found = localize(
                 model,
                 target,
-                method=method,  # type: ignore[arg-type]
-                level=level,  # type: ignore[arg-type]
+                method=method,
+                level=level,
                 keep=non_memorized,
-                learned=learned,
-                seed=seed,
-                batch_size=batch_size,
+                config=settings,
                 progress=progress and method == "learned",
             )
             units = found.top(n_units) if n_units is not None else found.at_fraction(fraction)
@@ -468,58 +504,57 @@ def organism_sets(organism: Any) -> OrganismSets:
 def organism_benchmark(
     organism: Any,
     *,
-    benchmark: str = "inj",
-    level: str = "heads",
-    methods: Sequence[str] | None = None,
-    seeds: Sequence[int] = (0,),
+    kind: Literal["inj", "del"] = "inj",
+    level: Level = "heads",
     n_paragraphs: int = 2,
-    config: InjectionConfig | None = None,
-    fraction: float = 0.001,
-    learned: LearnedMaskConfig | None = None,
+    config: InjectionConfig | DeletionConfig | None = None,
+    benchmark: BenchmarkConfig | None = None,
     progress: bool = True,
 ) -> InjectionBenchmark | DeletionBenchmark:
     """INJ or DEL on an organism's own sets (see :func:`organism_sets`).
 
     Args:
         organism: a built :class:`~memloc_tl.organism.Organism`.
-        benchmark: ``"inj"`` or ``"del"``.
-        level: ``"weights"``, ``"neurons"`` or ``"heads"``.
-        methods: localizers and baselines (default: all of the level).
-        seeds: INJ: one injection per seed.
+        kind: ``"inj"`` or ``"del"``.
+        level: ``"weights"``, ``"neurons"`` or ``"heads"`` (replaces the level of ``config``).
         n_paragraphs: INJ: paragraphs injected at once; DEL: memorized targets.
-        config: INJ: the injection (its ``level`` is replaced by ``level``).
-        fraction: DEL: share of the units zeroed (heads: one head).
-        learned: settings of the learned mask.
+        config: an :class:`~memloc_tl.localization.injection.InjectionConfig` for INJ, a
+            :class:`DeletionConfig` for DEL (default: the defaults; DEL zeroes 0.1% of the
+            weights or neurons, or one head).
+        benchmark: the localizers, their settings and the seeds (:class:`BenchmarkConfig`).
         progress: show progress bars.
     """
-    if benchmark not in ("inj", "del"):
-        raise ValueError(f"benchmark must be 'inj' or 'del', got {benchmark!r}")
-    check_fraction(fraction, "fraction")
+    check_choice(kind, "kind", ("inj", "del"))
+    level = check_level(level)
     if isinstance(n_paragraphs, bool) or not isinstance(n_paragraphs, int) or n_paragraphs < 1:
         raise ValueError(f"n_paragraphs must be an int >= 1, got {n_paragraphs!r}")
+    wanted = InjectionConfig if kind == "inj" else DeletionConfig
+    if config is not None and not isinstance(config, wanted):
+        raise TypeError(
+            f"kind={kind!r} takes a {wanted.__name__} as config, got {type(config).__name__}"
+        )
     sets = organism_sets(organism)
-    if benchmark == "inj":
-        config = dataclasses.replace(config or InjectionConfig(), level=level)  # type: ignore[arg-type]
+    if kind == "inj":
+        injection = dataclasses.replace(config or InjectionConfig(), level=level)
+        assert isinstance(injection, InjectionConfig)
         return injection_benchmark(
             organism.model,
             sets.inject[:n_paragraphs],
             keep=sets.keep,
-            config=config,
-            methods=methods,
-            seeds=seeds,
+            config=injection,
+            benchmark=benchmark,
             memorized=sets.memorized[: len(sets.memorized) // 2],
             general=sets.general,
-            learned=learned,
             progress=progress,
         )
+    deletion = dataclasses.replace(config or DeletionConfig(), level=level)
+    assert isinstance(deletion, DeletionConfig)
     return deletion_benchmark(
         organism.model,
         sets.memorized[:n_paragraphs],
         others=sets.memorized,
         non_memorized=sets.non_memorized,
-        level=level,
-        methods=methods,
-        fraction=fraction,
-        learned=learned,
+        config=deletion,
+        benchmark=benchmark,
         progress=progress,
     )

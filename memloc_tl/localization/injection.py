@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -65,9 +65,11 @@ from memloc_tl.objectives import (
     continuation_nll,
     contrastive_kl,
     grad_only_for,
-    reference_logprobs,
+    original_logprobs,
 )
 from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.rendering import render
+from memloc_tl.results import Drawable
 from memloc_tl.validation import check_real
 
 Preserve = Literal["quantile", "norm", "none"]
@@ -145,7 +147,7 @@ class InjectionError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Injection:
+class Injection(Drawable):
     """Paragraphs planted in known units of a copy of a model.
 
     Attributes:
@@ -261,6 +263,11 @@ class Injection:
                 "steps": self.steps,
             }
         )
+
+    def figure(self) -> Any:
+        """Each planted paragraph's EM before and after
+        (:func:`memloc_tl.viz.figures.injection_result_figure`)."""
+        return render(self)
 
     def __repr__(self) -> str:
         before, after = self.magnitude
@@ -402,7 +409,7 @@ def inject_paragraphs(
     sets = {"memorized": memorized, "injected": paragraphs}
     before = measure_sets(work, sets, general)
     em_before = _exact_matches(work, paragraphs)
-    reference = reference_logprobs(work, keep)
+    reference = original_logprobs(work, keep)
     inner = torch.optim.Adam(trained, lr=config.lr)
     optimizer = MaskedOptimizer(inner, parameter_masks(chosen, union.masks))
     weights_of = [{n: m.to(params[n].device) for n, m in mask.masks.items()} for mask in masks]

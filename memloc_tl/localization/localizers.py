@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -55,26 +55,11 @@ from memloc_tl.objectives import (
     attributed_parameters,
     continuation_nll,
     grad_only_for,
-    reference_logprobs,
+    original_logprobs,
 )
 from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.validation import check_positive_int, check_real
+from memloc_tl.validation import check_config, check_positive_int, check_real
 
-_UNIT_METHODS = (
-    "activation",
-    "attribution",
-    "integrated_gradients",
-    "zero_ablation",
-    "learned",
-    "random",
-)
-METHODS: dict[str, tuple[str, ...]] = {
-    "weights": ("gradient", "grad_x_weight", "contrastive", "magnitude", "learned", "random"),
-    "neurons": _UNIT_METHODS,
-    "heads": _UNIT_METHODS,
-}
-"""The localizers of each level."""
-NEEDS_KEEP = ("contrastive", "activation", "learned")
 Method = Literal[
     "gradient",
     "grad_x_weight",
@@ -144,6 +129,151 @@ LEARNED_DEFAULTS: dict[str, tuple[float, float, float]] = {
     "heads": (0.1, -2.0, 1.0),
 }
 """Per level: the learned mask's (lr, init, sparsity)."""
+
+
+@dataclass(frozen=True)
+class LocalizeConfig:
+    """The settings of :func:`localize` (each localizer reads the ones it needs).
+
+    Attributes:
+        learned: settings of ``"learned"``.
+        ig_steps: integration points per layer for ``"integrated_gradients"``.
+        ablation_batch: units silenced per forward pass in ``"zero_ablation"``.
+        seed: seed of ``"random"`` and of ``"learned"``'s gate samples and keep batches.
+        batch_size: paragraphs per forward pass.
+    """
+
+    learned: LearnedMaskConfig = field(default_factory=LearnedMaskConfig)
+    ig_steps: int = 8
+    ablation_batch: int = 64
+    seed: int = 0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.learned, LearnedMaskConfig):
+            raise TypeError(f"learned must be a LearnedMaskConfig, got {self.learned!r}")
+        check_positive_int(self.ig_steps, "ig_steps")
+        check_positive_int(self.ablation_batch, "ablation_batch")
+        check_positive_int(self.batch_size, "batch_size")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class LocalizationTask:
+    """What a localizer is asked: score every unit of ``level`` for ``target``.
+
+    Attributes:
+        model: the model (a localizer must leave it as it found it).
+        target: the paragraph(s) to localize.
+        level: ``"weights"``, ``"neurons"`` or ``"heads"``; the answer has one tensor per
+            unit group of :func:`~memloc_tl.localization.units.unit_shapes`, higher meaning
+            more responsible.
+        keep: the paragraphs whose predictions must not depend on the units, or ``None``.
+        config: the settings.
+        progress: whether a progress bar may be shown.
+    """
+
+    model: HookedModel
+    target: Paragraphs
+    level: Level
+    keep: Paragraphs | None
+    config: LocalizeConfig
+    progress: bool
+
+    def needed_keep(self) -> Paragraphs:
+        """``keep``, which a localizer registered with ``needs_keep=True`` always gets."""
+        if self.keep is None:
+            raise ValueError("this localizer needs keep paragraphs")
+        return self.keep
+
+
+@dataclass(frozen=True)
+class Localizer:
+    """A registered localizer.
+
+    Attributes:
+        name: the name ``localize(method=...)``, INJ and DEL know it by.
+        levels: the levels it scores.
+        scores: ``scores(task) -> {unit group: scores}`` (see :class:`LocalizationTask`).
+        needs_keep: whether it reads ``task.keep`` (``localize`` then refuses a call without).
+    """
+
+    name: str
+    levels: tuple[Level, ...]
+    scores: Callable[[LocalizationTask], dict[str, Tensor]]
+    needs_keep: bool = False
+
+
+_REGISTRY: dict[str, Localizer] = {}
+
+
+def register_localizer(
+    name: str,
+    scores: Callable[[LocalizationTask], dict[str, Tensor]],
+    *,
+    levels: Sequence[Level],
+    needs_keep: bool = False,
+    replace: bool = False,
+) -> Localizer:
+    """Add a localizer: ``localize(method=name)``, INJ and DEL then run it like a built-in one.
+
+    ``scores(task)`` returns one tensor per unit group of the level
+    (:func:`~memloc_tl.localization.units.unit_shapes`), higher meaning more responsible;
+    ``localize`` checks the names and shapes of the answer.
+
+    Raises:
+        ValueError: the name is taken (``replace=True`` overrides it), or a level is unknown.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a localizer's name must be an identifier, got {name!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"a localizer named {name!r} exists; pass replace=True to override it")
+    if not callable(scores):
+        raise TypeError(f"scores must be callable, got {type(scores).__name__}")
+    checked: tuple[Level, ...] = tuple(check_level(str(level)) for level in levels)
+    if not checked:
+        raise ValueError("levels must name at least one level")
+    if not isinstance(needs_keep, bool):
+        raise TypeError(f"needs_keep must be True or False, got {needs_keep!r}")
+    localizer = Localizer(name, checked, scores, needs_keep)
+    _REGISTRY[name] = localizer
+    return localizer
+
+
+def unregister_localizer(name: str) -> None:
+    """Remove a localizer added with :func:`register_localizer`."""
+    if name not in _REGISTRY:
+        raise KeyError(f"no localizer named {name!r}")
+    del _REGISTRY[name]
+
+
+def needs_keep(method: str) -> bool:
+    """Whether the localizer ``method`` reads keep paragraphs (False for an unknown name)."""
+    localizer = _REGISTRY.get(method)
+    return localizer is not None and localizer.needs_keep
+
+
+class _Methods(Mapping[str, tuple[str, ...]]):
+    """The localizers of each level, as registered (a live view)."""
+
+    def __getitem__(self, level: str) -> tuple[str, ...]:
+        if level not in ("weights", "neurons", "heads"):
+            raise KeyError(level)
+        return tuple(n for n, loc in _REGISTRY.items() if level in loc.levels)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("weights", "neurons", "heads"))
+
+    def __len__(self) -> int:
+        return 3
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+METHODS: Mapping[str, tuple[str, ...]] = _Methods()
+"""The localizers of each level: the built-in ones and every registered one."""
 
 
 # Hard Concrete (Louizos et al. 2018): temperature and stretch of the distribution.
@@ -219,35 +349,37 @@ def _weight_gradient(model: HookedModel, target: Paragraphs, batch_size: int) ->
     )
 
 
-def _gradient(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
-    return {n: g.abs() for n, g in _weight_gradient(model, target, kw["batch_size"]).items()}
-
-
-def _grad_x_weight(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
-    params = attributed_parameters(model)
-    grads = _weight_gradient(model, target, kw["batch_size"])
-    return {n: (g * params[n].detach().float()).abs() for n, g in grads.items()}
-
-
-def _contrastive(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
-    grads = contrastive_gradients(model, target, kw["keep"], batch_size=kw["batch_size"])
+def _gradient(task: LocalizationTask) -> dict[str, Tensor]:
+    grads = _weight_gradient(task.model, task.target, task.config.batch_size)
     return {n: g.abs() for n, g in grads.items()}
 
 
-def _magnitude(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
-    return {n: p.detach().abs() for n, p in attributed_parameters(model).items()}
+def _grad_x_weight(task: LocalizationTask) -> dict[str, Tensor]:
+    params = attributed_parameters(task.model)
+    grads = _weight_gradient(task.model, task.target, task.config.batch_size)
+    return {n: (g * params[n].detach().float()).abs() for n, g in grads.items()}
+
+
+def _contrastive(task: LocalizationTask) -> dict[str, Tensor]:
+    keep = task.needed_keep()
+    grads = contrastive_gradients(task.model, task.target, keep, batch_size=task.config.batch_size)
+    return {n: g.abs() for n, g in grads.items()}
+
+
+def _magnitude(task: LocalizationTask) -> dict[str, Tensor]:
+    return {n: p.detach().abs() for n, p in attributed_parameters(task.model).items()}
 
 
 # ---------------------------------------------------------------------------- neurons, heads
-def _activation(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
-    level: Level = kw["level"]
-    names = list(unit_shapes(model, level))
+def _activation(task: LocalizationTask) -> dict[str, Tensor]:
+    model, batch_size = task.model, task.config.batch_size
+    names = list(unit_shapes(model, task.level))
 
     def mean_abs(paragraphs: Paragraphs) -> dict[str, Tensor]:
         sums = {n: torch.zeros(0) for n in names}
         with torch.no_grad():
-            for start in range(0, len(paragraphs), kw["batch_size"]):
-                tokens = paragraphs.tokens[start : start + kw["batch_size"]].to(model.cfg.device)
+            for start in range(0, len(paragraphs), batch_size):
+                tokens = paragraphs.tokens[start : start + batch_size].to(model.cfg.device)
                 _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
                 for n in names:
                     act = cache[n].abs()
@@ -257,7 +389,7 @@ def _activation(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, 
         n_tokens = len(paragraphs) * paragraphs.seq_len
         return {n: s / n_tokens for n, s in sums.items()}
 
-    on_target, on_keep = mean_abs(target), mean_abs(kw["keep"])
+    on_target, on_keep = mean_abs(task.target), mean_abs(task.needed_keep())
     return {n: (on_target[n] - on_keep[n]).float() for n in names}
 
 
@@ -289,13 +421,14 @@ def _ones(model: HookedModel, level: Level) -> dict[str, Tensor]:
     }
 
 
-def _attribution(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
-    grads = _gate_gradient(model, target, kw["level"], _ones(model, kw["level"]), kw["batch_size"])
+def _attribution(task: LocalizationTask) -> dict[str, Tensor]:
+    model, level = task.model, task.level
+    grads = _gate_gradient(model, task.target, level, _ones(model, level), task.config.batch_size)
     return {n: -g for n, g in grads.items()}
 
 
-def _integrated_gradients(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
-    level, steps = kw["level"], kw["ig_steps"]
+def _integrated_gradients(task: LocalizationTask) -> dict[str, Tensor]:
+    model, target, level, steps = task.model, task.target, task.level, task.config.ig_steps
     scores = {}
     for name in unit_shapes(model, level):
         total = torch.zeros(0)
@@ -303,21 +436,22 @@ def _integrated_gradients(model: HookedModel, target: Paragraphs, **kw: Any) -> 
             scales = _ones(model, level)
             alpha = (i + 0.5) / steps
             scales[name] = torch.full_like(scales[name], alpha).requires_grad_(True)
-            grad = _gate_gradient(model, target, level, scales, kw["batch_size"])[name].cpu()
+            grad = _gate_gradient(model, target, level, scales, task.config.batch_size)[name]
+            grad = grad.cpu()
             total = grad if total.numel() == 0 else total + grad
         scores[name] = -total / steps
     return scores
 
 
-def _zero_ablation(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+def _zero_ablation(task: LocalizationTask) -> dict[str, Tensor]:
     """Exact NLL increase of zeroing each unit alone; stacked variants from each layer on."""
-    level: Level = kw["level"]
-    chunk = kw["ablation_batch"]
+    model, target, level = task.model, task.target, task.level
+    chunk, batch_size = task.config.ablation_batch, task.config.batch_size
     shapes = unit_shapes(model, level)
     scores = {n: torch.zeros(s) for n, s in shapes.items()}
     with torch.no_grad():
-        for start in range(0, len(target), kw["batch_size"]):
-            tokens = target.tokens[start : start + kw["batch_size"]].to(model.cfg.device)
+        for start in range(0, len(target), batch_size):
+            tokens = target.tokens[start : start + batch_size].to(model.cfg.device)
             b = len(tokens)
             starts = layer_starts(model, tokens)
             _, base = score_continuations(model, tokens, target.prefix_len)
@@ -342,20 +476,18 @@ def _zero_ablation(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[st
 
 
 # ---------------------------------------------------------------------------- both
-def _random(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
-    generator = torch.Generator().manual_seed(kw["seed"])
-    return {
-        n: torch.rand(s, generator=generator) for n, s in unit_shapes(model, kw["level"]).items()
-    }
+def _random(task: LocalizationTask) -> dict[str, Tensor]:
+    generator = torch.Generator().manual_seed(task.config.seed)
+    shapes = unit_shapes(task.model, task.level)
+    return {n: torch.rand(s, generator=generator) for n, s in shapes.items()}
 
 
-def _learned(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Tensor]:
+def _learned(task: LocalizationTask) -> dict[str, Tensor]:
     """Train deletion gates: destroy the target's recall, keep the keep set, drop few units."""
-    level: Level = kw["level"]
-    config: LearnedMaskConfig = kw["learned"]
-    keep: Paragraphs = kw["keep"]
+    model, target, level, keep = task.model, task.target, task.level, task.needed_keep()
+    config = task.config.learned
     device = model.cfg.device
-    generator = torch.Generator().manual_seed(kw["seed"])
+    generator = torch.Generator().manual_seed(task.config.seed)
     lr, init, sparsity = config.resolved(level)
     log_alpha = {
         n: torch.full(s, float(init), device=device, requires_grad=True)
@@ -364,12 +496,12 @@ def _learned(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Ten
     n_units = sum(t.numel() for t in log_alpha.values())
     optimizer = torch.optim.Adam(list(log_alpha.values()), lr=lr)
     params = {n: p.detach() for n, p in attributed_parameters(model).items()}
-    reference = reference_logprobs(model, keep, kw["batch_size"])
+    reference = original_logprobs(model, keep, task.config.batch_size)
     tokens = target.tokens.to(device)
     labels = tokens[:, target.prefix_len :]
     with grad_only_for(model, []):
         steps = tqdm(
-            range(config.steps), desc="learned mask", leave=False, disable=not kw["progress"]
+            range(config.steps), desc="learned mask", leave=False, disable=not task.progress
         )
         for _ in steps:
             sample = generator if config.stochastic else None
@@ -392,32 +524,29 @@ def _learned(model: HookedModel, target: Paragraphs, **kw: Any) -> dict[str, Ten
     return {n: a.detach() for n, a in log_alpha.items()}
 
 
-_LOCALIZERS: dict[str, Callable[..., dict[str, Tensor]]] = {
-    "gradient": _gradient,
-    "grad_x_weight": _grad_x_weight,
-    "contrastive": _contrastive,
-    "magnitude": _magnitude,
-    "activation": _activation,
-    "attribution": _attribution,
-    "integrated_gradients": _integrated_gradients,
-    "zero_ablation": _zero_ablation,
-    "learned": _learned,
-    "random": _random,
-}
+for _name, _scores, _levels, _needs_keep in (
+    ("gradient", _gradient, ("weights",), False),
+    ("grad_x_weight", _grad_x_weight, ("weights",), False),
+    ("contrastive", _contrastive, ("weights",), True),
+    ("magnitude", _magnitude, ("weights",), False),
+    ("activation", _activation, ("neurons", "heads"), True),
+    ("attribution", _attribution, ("neurons", "heads"), False),
+    ("integrated_gradients", _integrated_gradients, ("neurons", "heads"), False),
+    ("zero_ablation", _zero_ablation, ("neurons", "heads"), False),
+    ("learned", _learned, ("weights", "neurons", "heads"), True),
+    ("random", _random, ("weights", "neurons", "heads"), False),
+):
+    register_localizer(_name, _scores, levels=_levels, needs_keep=_needs_keep)  # type: ignore[arg-type]
 
 
 def localize(
     model: HookedModel,
     target: Paragraphs,
     *,
-    method: Method,
+    method: Method | str,
     level: Level = "weights",
     keep: Paragraphs | None = None,
-    learned: LearnedMaskConfig | None = None,
-    ig_steps: int = 8,
-    ablation_batch: int = 64,
-    seed: int = 0,
-    batch_size: int = 16,
+    config: LocalizeConfig | None = None,
     progress: bool = False,
 ) -> Localization:
     """Score every unit of ``level`` for how much ``target``'s recall depends on it.
@@ -425,16 +554,14 @@ def localize(
     Args:
         model: the model (not changed).
         target: the paragraph(s) to localize.
-        method: a localizer of the level (``METHODS[level]``; see the module docs).
+        method: a localizer of the level (``METHODS[level]``; see the module docs), built in
+            or added with :func:`register_localizer`.
         level: ``"weights"``, ``"neurons"`` or ``"heads"``.
         keep: paragraphs whose predictions must not depend on the units (other memorized and
             non-memorized paragraphs); needed by ``"contrastive"``, ``"activation"`` and
-            ``"learned"``.
-        learned: settings of ``"learned"``.
-        ig_steps: integration points per layer for ``"integrated_gradients"``.
-        ablation_batch: units silenced per forward pass in ``"zero_ablation"``.
-        seed: seed of ``"random"`` and of ``"learned"``'s gate samples and keep batches.
-        batch_size: paragraphs per forward pass.
+            ``"learned"`` (and any localizer registered with ``needs_keep=True``).
+        config: the localizers' settings (:class:`LocalizeConfig`: the learned mask, the
+            integration points, the ablation batch, the seed, the batch size).
         progress: show a progress bar (``"learned"``).
 
     Returns:
@@ -442,32 +569,38 @@ def localize(
         ``.param_mask(fraction)``, ``.head_scores()``).
     """
     level = check_level(level)
+    config = check_config(config, LocalizeConfig)
     if method not in METHODS[level]:
         raise ValueError(f"method for {level} must be one of {METHODS[level]}, got {method!r}")
     _check_target(model, target, keep)
-    if method in NEEDS_KEEP and keep is None:
+    localizer = _REGISTRY[method]
+    if localizer.needs_keep and keep is None:
         raise ValueError(f"method={method!r} needs keep paragraphs (e.g. non-memorized ones)")
-    for name, value in (
-        ("batch_size", batch_size),
-        ("ig_steps", ig_steps),
-        ("ablation_batch", ablation_batch),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    task = LocalizationTask(model, target, level, keep, config, progress)
     started = time.perf_counter()
-    scores = _LOCALIZERS[method](
-        model,
-        target,
-        level=level,
-        keep=keep,
-        learned=learned or LearnedMaskConfig(),
-        ig_steps=ig_steps,
-        ablation_batch=ablation_batch,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    scores = localizer.scores(task)
+    _check_scores(scores, unit_shapes(model, level), method)
     return Localization(method, level, scores, time.perf_counter() - started)
+
+
+def _check_scores(
+    scores: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]], method: str
+) -> None:
+    """A localizer's answer names every unit group of the level, each with its shape."""
+    if not isinstance(scores, Mapping) or set(scores) != set(shapes):
+        got = sorted(scores) if isinstance(scores, Mapping) else type(scores).__name__
+        raise ValueError(
+            f"localizer {method!r} must return one score tensor per unit group "
+            f"{sorted(shapes)}, got {got}"
+        )
+    for name, shape in shapes.items():
+        value = scores[name]
+        if not isinstance(value, Tensor) or tuple(value.shape) != tuple(shape):
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(
+                f"localizer {method!r} scored {name} with {got}; expected a tensor of "
+                f"shape {tuple(shape)}"
+            )
 
 
 def forward_backward_seconds(

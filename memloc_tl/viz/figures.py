@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from memloc_tl.analysis.perturbation import PrefixPerturbation
     from memloc_tl.checkpoints import HeadTimeline, MaskDrift, MemorizationTimeline
     from memloc_tl.editing.sparse_edit import EditResult
+    from memloc_tl.localization.injection import Injection
     from memloc_tl.localization.units import Localization
     from memloc_tl.memorization import MemorizationScan
     from memloc_tl.results import HeadScores, LayerComponentScores, TokenScores
@@ -259,6 +260,24 @@ def edit_result_figure(result: EditResult, *, metric: str = "mean_em") -> go.Fig
     if len(rows) == 0:
         raise ValueError(f"the evaluation has no rows for metric {metric!r}")
     return _before_after_bars(rows, "set", f"{result.objective}: {metric} before and after", metric)
+
+
+def injection_result_figure(injection: Injection) -> go.Figure:
+    """An injection: each planted paragraph's EM before and after (planted where it reaches the
+    continuation's length)."""
+    rows = pd.DataFrame(
+        {
+            "paragraph": list(injection.paragraphs.ids),
+            "before": injection.em_before.float().tolist(),
+            "after": injection.em_after.float().tolist(),
+        }
+    )
+    where = injection.config.level
+    figure = _before_after_bars(
+        rows, "paragraph", f"injected into {where}: EM before and after", "EM"
+    )
+    figure.add_hline(y=injection.paragraphs.continuation_len, line_dash="dot")
+    return figure
 
 
 def localization_figure(localization: Localization) -> go.Figure:

@@ -31,6 +31,7 @@ TABLE: dict[tuple[str, str], Any] = {
     ): figures.gradient_comparison_figure,
     ("memloc_tl.editing.sparse_edit.EditResult", "figure"): figures.edit_result_figure,
     ("memloc_tl.localization.units.Localization", "figure"): figures.localization_figure,
+    ("memloc_tl.localization.injection.Injection", "figure"): figures.injection_result_figure,
     ("memloc_tl.checkpoints.MemorizationTimeline", "figure"): figures.timeline_figure,
     ("memloc_tl.checkpoints.MemorizationTimeline", "heatmap"): figures.timeline_heatmap,
     ("memloc_tl.checkpoints.HeadTimeline", "figure"): figures.head_timeline_figure,
