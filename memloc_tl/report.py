@@ -78,8 +78,8 @@ class ReportConfig:
         title: the page title.
         batch_size: paragraphs per forward pass.
         inj: also run INJ at the head level (section 8): plant a held-out non-memorized
-            paragraph in a seeded head of a copy of the model and rank the heads for it (up to
-            400 fine-tuning steps; the costliest section).
+            paragraph in a seeded head of the model (taken out again after) and rank the heads
+            for it (up to 400 fine-tuning steps; the costliest section).
     """
 
     n_paragraphs: int = 8
@@ -126,7 +126,8 @@ class MemorizationReport:
         attention: the attention from the last prefix position of the first memorized
             paragraph, every token labelled, for the rare-token and patching heads.
         injection: INJ at the head level (``inj=True``): a non-memorized paragraph planted in
-            a known head of a copy of the model, then looked for by the head localizers.
+            a known head of the model (taken out again after), then looked for by the head
+            localizers.
         deletion: DEL: for the first memorized paragraphs, their top weights by the paper's
             gradient criterion, by |w x grad| and at random zeroed; the target's EM against
             the other memorized paragraphs' (:func:`~memloc_tl.deletion_benchmark`).
@@ -315,7 +316,7 @@ class MemorizationReport:
             page.heading("8. Is the localization real? A head with known contents")
             page.text(
                 "A non-memorized paragraph is fine-tuned into all weights of one chosen head of "
-                "a copy of the model (everything else frozen, a KL term holding the rest), then "
+                "the model (everything else frozen, a KL term holding the rest), then "
                 "each head localizer ranks the heads for that paragraph. Rank 1 = the planted "
                 "head found. Random ranks it by chance."
             )

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from memloc_tl.backend import copy_model
 from memloc_tl.localization import (
     METHODS,
     BenchmarkConfig,
@@ -37,7 +38,8 @@ HEAD_INJECTION = InjectionConfig(
 @pytest.fixture(scope="module")
 def head_injection(organism: Organism) -> Injection:
     """One held-out paragraph injected into head L1H1 of the tiny organism."""
-    return inject_paragraphs(
+    before = {n: p.detach().clone() for n, p in organism.model.state_dict().items()}
+    injection = inject_paragraphs(
         organism.model,
         organism.heldout[:1],
         keep=organism.control[:8],
@@ -45,20 +47,31 @@ def head_injection(organism: Organism) -> Injection:
         memorized=organism.planted[:4],
         progress=False,
     )
+    for name, value in organism.model.state_dict().items():  # trained in it, taken out again
+        assert torch.equal(value, before[name]), name
+    return injection
+
+
+@pytest.fixture(scope="module")
+def injected(organism: Organism, head_injection: Injection) -> Any:
+    """A second copy of the tiny organism with the head injection applied to it."""
+    model = copy_model(organism.model)
+    head_injection.edit.apply(model)
+    return model
 
 
 def test_injection_reaches_em_50_and_changes_only_its_head(
-    organism: Organism, head_injection: Injection, unchanged: Any
+    organism: Organism, head_injection: Injection, injected: Any, unchanged: Any
 ) -> None:
     injection = head_injection
     assert injection.succeeded, injection
-    em = scan_memorization(injection.model, organism.heldout[:1], progress=False).exact_match
+    em = scan_memorization(injected, organism.heldout[:1], progress=False).exact_match
     assert int(em[0]) == organism.heldout.continuation_len  # checked independently
     assert int(injection.em_before[0]) < organism.heldout.continuation_len
     assert injection.truth[0].heads() == [injection.truth[0].heads()[0]]
     assert str(injection.truth[0].heads()[0]) == "L1H1"
     original = attributed_parameters(organism.model)
-    changed = attributed_parameters(injection.model)
+    changed = attributed_parameters(injected)
     allowed = injection.weights[0].masks
     moved = 0
     for name, param in changed.items():
@@ -67,14 +80,15 @@ def test_injection_reaches_em_50_and_changes_only_its_head(
         moved += int(differs.sum())
     assert moved > 0
     # every other parameter (embeddings, biases, LayerNorm) is bit-identical
-    holding = {id(w.param) for w in attributed_weights(injection.model).values()}
+    holding = {id(w.param) for w in attributed_weights(injected).values()}
     others = dict(organism.model.named_parameters())
-    for name, param in injection.model.named_parameters():
+    for name, param in injected.named_parameters():
         if id(param) not in holding:
             assert torch.equal(param, others[name]), name
-    # the original model was not touched by the injection
-    with unchanged(organism.model):
-        localize(injection.model, organism.heldout[:1], method="zero_ablation", level="heads")
+    # the scope puts the same values in the original model, and takes them out again
+    with unchanged(organism.model), injection.applied(organism.model) as inside:
+        for name, param in attributed_parameters(inside).items():
+            assert torch.equal(param, changed[name]), name
 
 
 def test_quantile_preservation_keeps_the_injected_values(organism: Organism) -> None:
@@ -99,23 +113,23 @@ def test_quantile_preservation_keeps_the_injected_values(organism: Organism) -> 
 
 
 def test_exact_head_ablation_finds_the_injected_head(
-    organism: Organism, head_injection: Injection, unchanged: Any
+    organism: Organism, head_injection: Injection, injected: Any, unchanged: Any
 ) -> None:
     target = organism.heldout[:1]
     truth = head_injection.truth[0]
-    with unchanged(head_injection.model):
-        found = localize(head_injection.model, target, method="zero_ablation", level="heads")
+    with unchanged(injected):
+        found = localize(injected, target, method="zero_ablation", level="heads")
     assert found.rank_of(truth) == 1
     assert found.head_scores().top(1)[0][0] == truth.heads()[0]
 
 
 def test_zero_ablation_equals_a_hand_written_loop(
-    organism: Organism, head_injection: Injection
+    organism: Organism, head_injection: Injection, injected: Any
 ) -> None:
     """The batched per-unit ablation equals ablating each head alone in a plain loop."""
     from memloc_tl.analysis.patching import ablate_heads
 
-    model, target = head_injection.model, organism.heldout[:1]
+    model, target = injected, organism.heldout[:1]
     found = localize(model, target, method="zero_ablation", level="heads")
     for layer, head in [(0, 0), (1, 1), (1, 3)]:
         alone = ablate_heads(model, target, [f"L{layer}H{head}"], progress=False)
@@ -194,13 +208,13 @@ def test_truth_scores_recall_one_and_random_scores_about_the_fraction(
 
 
 def test_learned_mask_is_reproducible_and_finds_the_head(
-    organism: Organism, head_injection: Injection, unchanged: Any
+    organism: Organism, head_injection: Injection, injected: Any, unchanged: Any
 ) -> None:
     config = LearnedMaskConfig(steps=40)
     target, keep = organism.heldout[:1], organism.control[8:16]
-    with unchanged(head_injection.model):
+    with unchanged(injected):
         first = localize(
-            head_injection.model,
+            injected,
             target,
             method="learned",
             level="heads",
@@ -208,7 +222,7 @@ def test_learned_mask_is_reproducible_and_finds_the_head(
             config=LocalizeConfig(learned=config, seed=1),
         )
     second = localize(
-        head_injection.model,
+        injected,
         target,
         method="learned",
         level="heads",
@@ -305,7 +319,9 @@ def test_weight_injection_trains_disjoint_subsets_of_the_fraction(organism: Orga
         assert float(after.norm()) == pytest.approx(float(before.norm()), rel=1e-4)
 
 
-def test_benchmarks_round_trip_to_frames(organism: Organism, head_injection: Injection) -> None:
+def test_benchmarks_round_trip_to_frames(
+    organism: Organism, head_injection: Injection, injected: Any
+) -> None:
     inj = injection_benchmark(
         organism.model,
         organism.heldout[:1],
@@ -378,7 +394,7 @@ def test_the_inj_summary_leaves_out_failed_injections() -> None:
 
 
 def test_damage_is_measured_by_hand_and_bounds_turn_it_into_a_warning(
-    organism: Organism, head_injection: Injection
+    organism: Organism, head_injection: Injection, injected: Any
 ) -> None:
     import dataclasses
     import warnings
@@ -388,7 +404,7 @@ def test_damage_is_measured_by_hand_and_bounds_turn_it_into_a_warning(
 
     memorized = organism.planted[:4]
     before = scan_memorization(organism.model, memorized, progress=False).exact_match
-    after = scan_memorization(head_injection.model, memorized, progress=False).exact_match
+    after = scan_memorization(injected, memorized, progress=False).exact_match
     damage = head_injection.damage
     assert damage["memorized_em_drop"] == pytest.approx(float((before - after).float().mean()))
     assert math.isnan(damage["perplexity_ratio"])  # no general set given: not measured

@@ -55,10 +55,11 @@ def test_readme_blocks_run_as_written_on_the_default_organism(
 
     localize, target = memloc_tl.localize, namespace["target"]
     chance = injection.config.fraction
-    recall = {
-        method: localize(injection.model, target, method=method).recall(truth)
-        for method in ("grad_x_weight", "gradient", "magnitude", "random")
-    }
+    with injection.applied(model):
+        recall = {
+            method: localize(model, target, method=method).recall(truth)
+            for method in ("grad_x_weight", "gradient", "magnitude", "random")
+        }
     assert 0.1 < recall["grad_x_weight"] < 0.3  # "about a fifth ... (20x chance)"
     assert recall["gradient"] < chance  # "fewer there than chance"
     assert recall["magnitude"] > recall["grad_x_weight"]  # "|w| alone ... finds the most"

@@ -270,13 +270,14 @@ def injection_benchmark(
         summaries.append(_injection_summary(injection, seed))
         settings = dataclasses.replace(benchmark.localize, seed=seed)
         bar = tqdm(range(len(paragraphs)), desc="localizing", disable=not progress)
-        for i in bar:
-            target = paragraphs[i : i + 1]
-            unit = forward_backward_seconds(injection.model, target, settings.batch_size)
-            for method in chosen:
-                bar.set_postfix_str(method)  # which localizer runs now (the learned one is slow)
-                found = _localize(injection, target, method, keep, settings, progress)
-                rows.append(_score(found, injection.truth[i], seed, target.ids[0], unit))
+        with injection.applied(model):  # the localizers read the injected model
+            for i in bar:
+                target = paragraphs[i : i + 1]
+                unit = forward_backward_seconds(model, target, settings.batch_size)
+                for method in chosen:
+                    bar.set_postfix_str(method)  # which one runs now (the learned one is slow)
+                    found = _localize(model, injection, target, method, keep, settings, progress)
+                    rows.append(_score(found, injection.truth[i], seed, target.ids[0], unit))
     return InjectionBenchmark(pd.DataFrame(rows), pd.DataFrame(summaries))
 
 
@@ -290,6 +291,7 @@ def _with_seed(config: InjectionConfig, seed: int) -> InjectionConfig:
 
 
 def _localize(
+    model: HookedModel,
     injection: Injection,
     target: Paragraphs,
     method: str,
@@ -298,9 +300,9 @@ def _localize(
     progress: bool,
 ) -> Localization:
     if method == "oracle":
-        return Localization("oracle", "weights", injection.oracle_scores())
+        return Localization("oracle", "weights", injection.oracle_scores(model))
     return localize(
-        injection.model,
+        model,
         target,
         method=method,
         level=injection.config.level,

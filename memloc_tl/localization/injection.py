@@ -35,6 +35,7 @@ the EM of already memorized paragraphs and the perplexity of general text, befor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -47,7 +48,6 @@ from tqdm.auto import tqdm
 
 from memloc_tl.backend import (
     HookedModel,
-    copy_model,
     gradients,
     model_parameters,
     parameter_masks,
@@ -148,14 +148,16 @@ class InjectionError(RuntimeError):
 
 @dataclass(frozen=True)
 class Injection(Drawable):
-    """Paragraphs planted in known units of a copy of a model.
+    """Paragraphs planted in known units of a model: the truth, and the change that plants them.
+
+    The injection holds the change, not a model: ``with injection.applied(model): ...`` puts
+    it in the model it was made on (or a fresh load of it) for the block only.
 
     Attributes:
-        model: the injected model (a copy; the original is untouched).
         paragraphs: the injected paragraphs.
         truth: per paragraph, the units it was injected into.
         weights: per paragraph, the weights that were trained (its units' weights).
-        edit: every changed weight, before and after (``edit.revert(model)`` undoes it).
+        edit: every changed weight, before and after (``applied(model)`` puts it in).
         config: the settings.
         steps: optimizer steps taken.
         em_before, em_after: each paragraph's exact-match length before and after.
@@ -163,7 +165,6 @@ class Injection(Drawable):
         magnitude: mean |w| of the injected weights before and after.
     """
 
-    model: HookedModel
     paragraphs: Paragraphs
     truth: tuple[Units, ...]
     weights: tuple[ParamMask, ...]
@@ -240,10 +241,16 @@ class Injection(Drawable):
             )
         return ", ".join(parts)
 
-    def oracle_scores(self) -> dict[str, Tensor]:
-        """|delta w| per attributed weight: the trivial upper bound (needs the original)."""
+    def applied(self, model: HookedModel) -> contextlib.AbstractContextManager[HookedModel]:
+        """``with injection.applied(model): ...``: the injected paragraphs are in ``model``
+        inside the block only (its own values come back on exit, also on an error)."""
+        return self.edit.applied(model)
+
+    def oracle_scores(self, model: HookedModel) -> dict[str, Tensor]:
+        """|delta w| per attributed weight of ``model``: the trivial upper bound (it reads the
+        original weights)."""
         scores = {}
-        for name, p in attributed_parameters(self.model).items():
+        for name, p in attributed_parameters(model).items():
             delta = torch.zeros(p.shape)
             if name in self.edit.masks:
                 mask = self.edit.masks[name]
@@ -337,7 +344,8 @@ def _preserve(
     original: dict[str, Tensor],
     how: Preserve,
 ) -> None:
-    """Map each matrix's injected entries back onto their original value distribution."""
+    """Map each matrix's injected entries back onto their original value distribution
+    (``original``: the injected entries' values before the injection, per matrix)."""
     if how == "none":
         return
     for name, mask in union.masks.items():
@@ -345,7 +353,7 @@ def _preserve(
             continue
         param = params[name]
         where = mask.to(param.device)
-        values, start = param[where], original[name][where.to(original[name].device)]
+        values, start = param[where], original[name].to(param.device)
         if how == "norm":
             scale = start.norm() / values.norm().clamp_min(1e-12)
             param[where] = values * scale.to(values.dtype)
@@ -369,7 +377,11 @@ def inject_paragraphs(
     progress: bool = True,
     strict: bool = False,
 ) -> Injection:
-    """Fine-tune ``paragraphs`` into known units of a copy of ``model`` (see the module docs).
+    """Fine-tune ``paragraphs`` into known units of ``model`` (see the module docs).
+
+    The injection is trained in ``model`` and taken out again before this returns (also on an
+    error or Ctrl-C), so no copy of the model is made; ``injection.applied(model)`` puts it
+    back for a block.
 
     An injection that does not reach EM = continuation length warns
     (:class:`InjectionFailedWarning`), and one that damages the ``memorized`` set or general
@@ -377,7 +389,7 @@ def inject_paragraphs(
     ``strict=True`` either raises :class:`InjectionError` instead.
 
     Args:
-        model: the model (not changed: a copy is injected).
+        model: the model (as it was after the call).
         paragraphs: paragraphs to plant, typically not memorized (EM well below the length).
         keep: paragraphs whose predictions the KL term holds (e.g. non-memorized ones).
         config: where and how to inject.
@@ -396,75 +408,91 @@ def inject_paragraphs(
         if value is not None:
             value.check_model(model)
     generator = torch.Generator().manual_seed(config.seed)
-    work = copy_model(model)
-    truth = _truth(work, len(paragraphs), config, generator)
-    masks = [units.weights(work) for units in truth]
+    truth = _truth(model, len(paragraphs), config, generator)
+    masks = [units.weights(model) for units in truth]
     union = masks[0]
     for mask in masks[1:]:
         union = ParamMask({n: m | mask.masks[n] for n, m in union.masks.items()}, "injected")
-    chosen = attributed_weights(work)
+    chosen = attributed_weights(model)
     params = {n: w.value for n, w in chosen.items()}
     trained = parameters_of(chosen)
-    original = {n: p.detach().clone() for n, p in params.items()}
+    # Only the injected entries can move (MaskedOptimizer), so they are all that is kept.
+    original = {
+        n: params[n].detach()[m.to(params[n].device)].clone()
+        for n, m in union.masks.items()
+        if bool(m.any())
+    }
     sets = {"memorized": memorized, "injected": paragraphs}
-    before = measure_sets(work, sets, general)
-    em_before = _exact_matches(work, paragraphs)
-    reference = original_logprobs(work, keep)
+    before = measure_sets(model, sets, general)
+    em_before = _exact_matches(model, paragraphs)
+    reference = original_logprobs(model, keep)
     inner = torch.optim.Adam(trained, lr=config.lr)
     optimizer = MaskedOptimizer(inner, parameter_masks(chosen, union.masks))
     weights_of = [{n: m.to(params[n].device) for n, m in mask.masks.items()} for mask in masks]
     full = paragraphs.continuation_len
     steps = 0
-    bar = tqdm(total=config.max_steps, desc="injecting", disable=not progress)
-    with grad_only_for(work, trained):
-        while steps < config.max_steps:
-            if steps % config.check_every == 0 and bool(
-                (_exact_matches(work, paragraphs) == full).all()
-            ):
-                break
-            optimizer.zero_grad()
-            for i in range(len(paragraphs)):  # each paragraph's gradient reaches its own subset
-                loss = continuation_nll(work, paragraphs.tokens[i : i + 1], paragraphs.prefix_len)
-                for name, grad in gradients(loss.mean(), chosen).items():
-                    w = chosen[name]
-                    if w.param.grad is None:
-                        w.param.grad = torch.zeros_like(w.param)
-                    w.of(w.param.grad).add_(grad * weights_of[i][name])
-            if config.kl_weight > 0:
-                rows = torch.randperm(len(keep), generator=generator)[: config.keep_batch]
-                kl = contrastive_kl(
-                    work, keep.tokens[rows], reference[rows], keep.prefix_len, reduction="mean"
-                )
-                (config.kl_weight * kl).backward()
-            optimizer.step()
-            _preserve(params, union, original, config.preserve)
-            steps += 1
-            bar.update()
-    bar.close()
-    optimizer.zero_grad()
-    for p in model_parameters(work):
-        p.grad = None
-    em_after = _exact_matches(work, paragraphs)
-    after = measure_sets(work, sets, general)
+    saved_grads = {p: p.grad for p in model_parameters(model)}
+    # The injection is trained in the model itself and taken out again before returning (also
+    # on an error or Ctrl-C): the Injection holds the change, not a copy of the model.
+    try:
+        bar = tqdm(total=config.max_steps, desc="injecting", disable=not progress)
+        with grad_only_for(model, trained):
+            while steps < config.max_steps:
+                if steps % config.check_every == 0 and bool(
+                    (_exact_matches(model, paragraphs) == full).all()
+                ):
+                    break
+                optimizer.zero_grad()
+                for i in range(len(paragraphs)):  # each paragraph's gradient reaches its subset
+                    tokens = paragraphs.tokens[i : i + 1]
+                    loss = continuation_nll(model, tokens, paragraphs.prefix_len)
+                    for name, grad in gradients(loss.mean(), chosen).items():
+                        w = chosen[name]
+                        if w.param.grad is None:
+                            w.param.grad = torch.zeros_like(w.param)
+                        w.of(w.param.grad).add_(grad * weights_of[i][name])
+                if config.kl_weight > 0:
+                    rows = torch.randperm(len(keep), generator=generator)[: config.keep_batch]
+                    kl = contrastive_kl(
+                        model, keep.tokens[rows], reference[rows], keep.prefix_len, reduction="mean"
+                    )
+                    (config.kl_weight * kl).backward()
+                optimizer.step()
+                _preserve(params, union, original, config.preserve)
+                steps += 1
+                bar.update()
+        bar.close()
+        optimizer.zero_grad()
+        del optimizer, inner
+        em_after = _exact_matches(model, paragraphs)
+        after = measure_sets(model, sets, general)
+        masked = {n: union.masks[n].cpu() for n in original}
+        edit = WeightEdit(
+            masks=masked,
+            before={n: v.cpu() for n, v in original.items()},
+            after={n: params[n].detach()[masked[n].to(params[n].device)].cpu() for n in masked},
+        )
+    finally:
+        with torch.no_grad():  # the model as it was: the injected entries' own values back
+            for name, values in original.items():
+                params[name][union.masks[name].to(params[name].device)] = values
+        for p in model_parameters(model):
+            p.grad = saved_grads.get(p)
     evaluation = before.merge(after, on=["set", "metric"], suffixes=("_before", "_after"))
     evaluation = evaluation.rename(columns={"value_before": "before", "value_after": "after"})
-    injected = [original[n][m.to(original[n].device)] for n, m in union.masks.items() if m.any()]
-    now = [params[n].detach()[m.to(params[n].device)] for n, m in union.masks.items() if m.any()]
+    injected = torch.cat([v.flatten() for v in edit.before.values()])
+    now = torch.cat([v.flatten() for v in edit.after.values()])
     injection = Injection(
-        model=work,
         paragraphs=paragraphs,
         truth=tuple(truth),
         weights=tuple(masks),
-        edit=WeightEdit.between(union, original, work),
+        edit=edit,
         config=config,
         steps=steps,
         em_before=em_before,
         em_after=em_after,
         evaluation=evaluation,
-        magnitude=(
-            float(torch.cat(injected).abs().mean()),
-            float(torch.cat(now).abs().mean()),
-        ),
+        magnitude=(float(injected.abs().mean()), float(now.abs().mean())),
     )
     report_problems(injection, strict=strict, stacklevel=3)
     return injection
