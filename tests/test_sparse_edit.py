@@ -303,3 +303,41 @@ def test_an_edit_applied_as_a_scope_is_gone_on_exit_also_on_error(
         pass
     for name, value in other.state_dict().items():  # its own values came back, not `before`'s
         assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_training_in_place_takes_the_change_out_unless_kept_and_always_on_error(
+    organism: Organism, keep: bool
+) -> None:
+    from memloc_tl.editing.weight_edit import trained_in_place
+
+    model = organism.model
+    original = weights(model)
+    mask = ParamMask.random(model, fraction=0.01, seed=0)
+    name = next(n for n, m in mask.masks.items() if bool(m.any()))
+    marker = torch.full_like(model.W_E, 3.0)
+    model.W_E.grad = marker
+    try:
+        with trained_in_place(model, mask, keep=keep) as run:
+            with torch.no_grad():
+                run.params[name][mask.masks[name]] += 1.0  # what a masked step would do
+            model.W_E.grad = None
+            edit = run.edit()
+        assert model.W_E.grad is marker  # the caller's gradient came back
+        changed = not torch.equal(weights(model)[name], original[name])
+        assert changed == keep
+        assert torch.equal(edit.after[name], edit.before[name] + 1.0)
+        if keep:
+            edit.revert(model)
+
+        def interrupted() -> None:
+            with trained_in_place(model, mask, keep=True) as run, torch.no_grad():
+                run.params[name][mask.masks[name]] += 1.0
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            interrupted()
+        for key, value in original.items():  # also a kept edit is taken out on an error
+            assert torch.equal(weights(model)[key], value), key
+    finally:
+        model.W_E.grad = None

@@ -6,10 +6,10 @@ from memloc_tl.editing.sparse_edit import (
     EditConfig,
     EditResult,
     EvalSets,
-    WeightEdit,
     compare_edits,
     sparse_edit,
 )
+from memloc_tl.editing.weight_edit import WeightEdit
 
 __all__ = [
     "EditConfig",

@@ -20,26 +20,23 @@ import contextlib
 import dataclasses
 import functools
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from memloc_tl.analysis.perturbation import PerturbConfig, perturb_prefixes
-from memloc_tl.backend import HookedModel, model_parameters, parameter_masks, parameters_of
-from memloc_tl.editing.masks import ParamMask, check_mask_fraction, check_masks_fit
+from memloc_tl.backend import HookedModel, parameter_masks, parameters_of
+from memloc_tl.editing.masks import ParamMask, check_mask_fraction
 from memloc_tl.editing.optimizer import MaskedOptimizer
-from memloc_tl.files import CorruptFileError, atomic_write, save_safetensors, tensors_sha256
+from memloc_tl.editing.weight_edit import WeightEdit, trained_in_place
 from memloc_tl.memorization import greedy_continuations, scan_memorization
 from memloc_tl.objectives import (
     accumulated_gradients,
-    attributed_parameters,
     attributed_weights,
     continuation_nll,
     contrastive_kl,
@@ -57,153 +54,10 @@ from memloc_tl.validation import (
     check_real,
 )
 
-EDIT_FORMAT = "memloc-tl weight edit v1"
-"""The ``format`` metadata of a saved :class:`WeightEdit`."""
-
 Objective = Literal["unlearn", "edit"]
 MaskChoice = Literal["gradient", "random", "all"]
 KLReduction = Literal["sum_positions", "mean"]
 EditContext = Literal["target", "memorized"]
-
-
-@dataclass(frozen=True)
-class WeightEdit:
-    """The weights an edit changed: per matrix, the mask and the values before and after.
-
-    ``apply`` writes the after-values into a model with the same architecture (e.g. freshly
-    loaded); ``revert`` writes the before-values back, exactly.
-    """
-
-    masks: Mapping[str, Tensor]
-    before: Mapping[str, Tensor]
-    after: Mapping[str, Tensor]
-
-    def __post_init__(self) -> None:
-        if not (set(self.masks) == set(self.before) == set(self.after)):
-            raise ValueError("masks, before and after must name the same matrices")
-        for name, mask in self.masks.items():
-            if mask.dtype != torch.bool:
-                raise TypeError(f"the mask of {name} must be boolean, got {mask.dtype}")
-            n = int(mask.sum())
-            for side in ("before", "after"):
-                values = getattr(self, side)[name]
-                if values.ndim != 1 or len(values) != n:
-                    raise ValueError(
-                        f"{side}[{name!r}] holds {tuple(values.shape)} values for a mask of {n} "
-                        "entries: one value per masked entry is needed"
-                    )
-
-    @classmethod
-    def between(
-        cls, mask: ParamMask, original: Mapping[str, Tensor], model: HookedModel
-    ) -> WeightEdit:
-        params = attributed_parameters(model)
-        masks = {n: m.cpu() for n, m in mask.masks.items() if bool(m.any())}
-        return cls(
-            masks=masks,
-            before={n: original[n][masks[n].to(original[n].device)].cpu() for n in masks},
-            after={n: params[n].detach()[masks[n].to(params[n].device)].cpu() for n in masks},
-        )
-
-    def _check(self, model: HookedModel) -> None:
-        check_masks_fit(self.masks, model, "not the model (architecture) the edit was made on")
-
-    def _write(self, model: HookedModel, values: Mapping[str, Tensor]) -> None:
-        self._check(model)  # every check before the first write: edited whole or not at all
-        params = attributed_parameters(model)
-        with torch.no_grad():
-            for name, mask in self.masks.items():
-                params[name][mask.to(params[name].device)] = values[name].to(
-                    params[name].device, params[name].dtype
-                )
-
-    def apply(self, model: HookedModel) -> None:
-        """Write the edited values into ``model``."""
-        self._write(model, self.after)
-
-    @contextlib.contextmanager
-    def applied(self, model: HookedModel) -> Iterator[HookedModel]:
-        """``with edit.applied(model): ...``: the edit is in ``model`` inside the block only.
-
-        On exit, also on an error or Ctrl-C, the masked entries get back the values they had
-        before the block (bit for bit), whatever model the edit was made on; no copy of the
-        model is made.
-        """
-        self._check(model)  # before anything is read or written
-        params = attributed_parameters(model)
-        saved = {
-            name: params[name].detach()[mask.to(params[name].device)].clone()
-            for name, mask in self.masks.items()
-        }
-        self.apply(model)
-        try:
-            yield model
-        finally:
-            self._write(model, saved)
-
-    def revert(self, model: HookedModel) -> None:
-        """Write the original values back into ``model`` (bit-identical to before the edit)."""
-        self._write(model, self.before)
-
-    @property
-    def count(self) -> int:
-        return sum(int(m.sum()) for m in self.masks.values())
-
-    def __repr__(self) -> str:
-        if not self.masks:
-            return "WeightEdit(no weights)"
-        change = torch.cat([(self.after[n] - self.before[n]).abs().flatten() for n in self.masks])
-        return (
-            f"WeightEdit({self.count} weights in {len(self.masks)} matrices, "
-            f"max |delta| {float(change.max()):.3g})"
-        )
-
-    def save(self, path: str | Path) -> None:
-        """Save as safetensors (written to a temporary file, then renamed)."""
-        path = Path(path)
-        tensors = {}
-        for name, mask in self.masks.items():
-            tensors[f"{name}.mask"] = mask.to(torch.uint8).contiguous()
-            tensors[f"{name}.before"] = self.before[name].contiguous()
-            tensors[f"{name}.after"] = self.after[name].contiguous()
-        metadata = {"format": EDIT_FORMAT, "sha256": tensors_sha256(tensors)}
-        atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata=metadata))
-
-    @classmethod
-    def load(cls, path: str | Path) -> WeightEdit:
-        """Read an edit written by :meth:`save` (anything else is a clear ``ValueError``)."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no edit file at {path}")
-        fix = "save the edit again (WeightEdit.save)"
-        try:
-            with safe_open(str(path), framework="pt") as file:
-                metadata = file.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as error:  # safetensors raises its own error types
-            raise CorruptFileError(
-                f"{path} is not a readable safetensors file ({error}); {fix}"
-            ) from error
-        if metadata.get("format") != EDIT_FORMAT:
-            raise ValueError(
-                f"{path} is not a memloc-tl weight edit (format {metadata.get('format')!r}); "
-                "write edits with WeightEdit.save or EditResult.edit.save"
-            )
-        if "sha256" not in metadata:
-            raise CorruptFileError(f"{path} carries no checksum, so it cannot be checked; {fix}")
-        if tensors_sha256(tensors) != metadata["sha256"]:
-            raise CorruptFileError(f"{path} differs from when it was written (corrupted); {fix}")
-        names = sorted({key.rsplit(".", 1)[0] for key in tensors})
-        expected = {f"{n}.{part}" for n in names for part in ("mask", "before", "after")}
-        if set(tensors) != expected:
-            raise ValueError(f"{path} is incomplete: missing {sorted(expected - set(tensors))}")
-        return cls(
-            masks={n: tensors[f"{n}.mask"].bool() for n in names},
-            before={n: tensors[f"{n}.before"] for n in names},
-            after={n: tensors[f"{n}.after"] for n in names},
-        )
 
 
 @dataclass(frozen=True)
@@ -466,22 +320,13 @@ def sparse_edit(
     terms = _objective_terms(model, memorized, keep, reference, target, config)
     chosen = _mask(model, terms, config)
     chosen_weights = attributed_weights(model)
-    params = {n: w.value for n, w in chosen_weights.items()}
-    # Only the masked entries can move, so they are all that is kept of the original weights.
-    original = {
-        n: params[n].detach()[m.to(params[n].device)].clone()
-        for n, m in chosen.masks.items()
-        if bool(m.any())
-    }
     trained = parameters_of(chosen_weights)
-    inner = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
-    optimizer = MaskedOptimizer(inner, parameter_masks(chosen_weights, chosen.masks))
     losses: list[float] = []
-    edit: WeightEdit | None = None
     # All or nothing: until the result exists, an error or interrupt (also during the
     # evaluation) puts the weights back; the caller's own .grad tensors are given back.
-    saved_grads = {p: p.grad for p in model_parameters(model)}
-    try:
+    with trained_in_place(model, chosen, keep=inplace) as run:
+        inner = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = MaskedOptimizer(inner, parameter_masks(chosen_weights, chosen.masks))
         with grad_only_for(model, trained):
             steps = range(config.steps)
             for _ in tqdm(steps, desc=f"{config.objective} ({chosen.kind})", disable=not progress):
@@ -497,44 +342,19 @@ def sparse_edit(
                 optimizer.step()
         optimizer.zero_grad()
         del optimizer, inner  # the optimizer's state before the evaluation's forward passes
-        edit = _edit_between(chosen, original, params)
+        edit = run.edit()
         after = evaluate(heldout_logprobs=heldout_logprobs)
-        evaluation = before.merge(
-            after, on=["set", "metric"], how="outer", suffixes=("_before", "_after")
-        )
-        evaluation = evaluation.rename(columns={"value_before": "before", "value_after": "after"})
-        result = EditResult(
-            mask=chosen,
-            edit=edit,
-            objective=config.objective,
-            losses=losses,
-            evaluation=evaluation,
-        )
-    except BaseException:
-        _write_back(params, original, chosen)
-        raise
-    finally:
-        for p in model_parameters(model):
-            p.grad = saved_grads.get(p)
-    if not inplace:
-        edit.revert(model)
-    return result
-
-
-def _edit_between(
-    mask: ParamMask, original: Mapping[str, Tensor], params: Mapping[str, Tensor]
-) -> WeightEdit:
-    masks = {n: mask.masks[n].cpu() for n in original}
-    after = {n: params[n].detach()[masks[n].to(params[n].device)].cpu() for n in masks}
-    return WeightEdit(masks=masks, before={n: v.cpu() for n, v in original.items()}, after=after)
-
-
-def _write_back(
-    params: Mapping[str, Tensor], original: Mapping[str, Tensor], mask: ParamMask
-) -> None:
-    with torch.no_grad():
-        for name, values in original.items():
-            params[name][mask.masks[name].to(params[name].device)] = values
+    evaluation = before.merge(
+        after, on=["set", "metric"], how="outer", suffixes=("_before", "_after")
+    )
+    evaluation = evaluation.rename(columns={"value_before": "before", "value_after": "after"})
+    return EditResult(
+        mask=chosen,
+        edit=edit,
+        objective=config.objective,
+        losses=losses,
+        evaluation=evaluation,
+    )
 
 
 def measure_sets(

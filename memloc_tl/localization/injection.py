@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,13 +50,13 @@ from tqdm.auto import tqdm
 from memloc_tl.backend import (
     HookedModel,
     gradients,
-    model_parameters,
     parameter_masks,
     parameters_of,
 )
 from memloc_tl.editing.masks import ParamMask, unflatten_like
 from memloc_tl.editing.optimizer import MaskedOptimizer
-from memloc_tl.editing.sparse_edit import WeightEdit, measure_sets
+from memloc_tl.editing.sparse_edit import measure_sets
+from memloc_tl.editing.weight_edit import WeightEdit, trained_in_place
 from memloc_tl.heads import HeadRef, all_heads
 from memloc_tl.localization.units import Level, Units, check_level, unit_shapes
 from memloc_tl.memorization import scan_memorization
@@ -341,7 +342,7 @@ def _truth(
 def _preserve(
     params: dict[str, Tensor],
     union: ParamMask,
-    original: dict[str, Tensor],
+    original: Mapping[str, Tensor],
     how: Preserve,
 ) -> None:
     """Map each matrix's injected entries back onto their original value distribution
@@ -416,25 +417,18 @@ def inject_paragraphs(
     chosen = attributed_weights(model)
     params = {n: w.value for n, w in chosen.items()}
     trained = parameters_of(chosen)
-    # Only the injected entries can move (MaskedOptimizer), so they are all that is kept.
-    original = {
-        n: params[n].detach()[m.to(params[n].device)].clone()
-        for n, m in union.masks.items()
-        if bool(m.any())
-    }
     sets = {"memorized": memorized, "injected": paragraphs}
     before = measure_sets(model, sets, general)
     em_before = _exact_matches(model, paragraphs)
     reference = original_logprobs(model, keep)
-    inner = torch.optim.Adam(trained, lr=config.lr)
-    optimizer = MaskedOptimizer(inner, parameter_masks(chosen, union.masks))
     weights_of = [{n: m.to(params[n].device) for n, m in mask.masks.items()} for mask in masks]
     full = paragraphs.continuation_len
     steps = 0
-    saved_grads = {p: p.grad for p in model_parameters(model)}
     # The injection is trained in the model itself and taken out again before returning (also
     # on an error or Ctrl-C): the Injection holds the change, not a copy of the model.
-    try:
+    with trained_in_place(model, union) as run:
+        inner = torch.optim.Adam(trained, lr=config.lr)
+        optimizer = MaskedOptimizer(inner, parameter_masks(chosen, union.masks))
         bar = tqdm(total=config.max_steps, desc="injecting", disable=not progress)
         with grad_only_for(model, trained):
             while steps < config.max_steps:
@@ -458,7 +452,7 @@ def inject_paragraphs(
                     )
                     (config.kl_weight * kl).backward()
                 optimizer.step()
-                _preserve(params, union, original, config.preserve)
+                _preserve(params, union, run.original, config.preserve)
                 steps += 1
                 bar.update()
         bar.close()
@@ -466,18 +460,7 @@ def inject_paragraphs(
         del optimizer, inner
         em_after = _exact_matches(model, paragraphs)
         after = measure_sets(model, sets, general)
-        masked = {n: union.masks[n].cpu() for n in original}
-        edit = WeightEdit(
-            masks=masked,
-            before={n: v.cpu() for n, v in original.items()},
-            after={n: params[n].detach()[masked[n].to(params[n].device)].cpu() for n in masked},
-        )
-    finally:
-        with torch.no_grad():  # the model as it was: the injected entries' own values back
-            for name, values in original.items():
-                params[name][union.masks[name].to(params[name].device)] = values
-        for p in model_parameters(model):
-            p.grad = saved_grads.get(p)
+        edit = run.edit()
     evaluation = before.merge(after, on=["set", "metric"], suffixes=("_before", "_after"))
     evaluation = evaluation.rename(columns={"value_before": "before", "value_after": "after"})
     injected = torch.cat([v.flatten() for v in edit.before.values()])
