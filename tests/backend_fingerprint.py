@@ -1,8 +1,9 @@
 """Every analysis memloc-tl offers, run on one model, as named tensors to compare backends.
 
-Used by tests/test_backends.py: a HookedTransformer (TransformerLens 3) and a TransformerBridge in
-compatibility mode (TransformerLens 3.9+ or 4) loaded from the same organism checkpoint must give
-the same numbers, and a TransformerLens 4 run compares against a TransformerLens 3 run's file.
+Used by tests/core/test_backends.py: a HookedTransformer (TransformerLens 3) and a
+TransformerBridge in compatibility mode (TransformerLens 3.9+ or 4) loaded from the same organism
+checkpoint must give the same numbers, and a TransformerLens 4 run compares against a
+TransformerLens 3 run's file.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from types import ModuleType
 import memloc_tl
 import memloc_tl.viz
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 
 
@@ -44,3 +44,19 @@ def test_every_page_is_linked_from_the_index_and_every_link_exists() -> None:
     linked = set(re.findall(r"\]\(([\w.-]+\.md)\)", index))
     pages = {p.name for p in DOCS.glob("*.md")} - {"index.md"}
     assert pages == linked
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """A claim that cites a test (``tests/dir/test_x.py::test_name``) points at a real one."""
+    texts = [ROOT / "README.md", *(p for p in (ROOT / "docs").glob("*.md") if p.name != "api.md")]
+    cited = 0
+    for text in texts:
+        for path, name in re.findall(r"(tests/[\w/]+\.py)(?:::(\w+))?", text.read_text()):
+            source = ROOT / path
+            assert source.is_file(), f"{text.name} cites {path}, which does not exist"
+            if name:
+                assert re.search(rf"def {name}\(", source.read_text()), (
+                    f"{text.name} cites {path}::{name}, which is not a test there"
+                )
+            cited += 1
+    assert cited > 20

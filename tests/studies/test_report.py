@@ -23,8 +23,8 @@ from memloc_tl.models import load_model
 from memloc_tl.organism import Organism
 from memloc_tl.report import ReportConfig, memorization_report
 
-from .browser import visit
-from .contract import check_result
+from ..browser import visit
+from ..contract import check_result
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_the_report_holds_the_library_results(
             config=ReportConfig(n_paragraphs=4, edit_steps=2, edit_lr=3e-2, inj=True),
             progress=False,
         )
-    check_result(report)  # the result contract (tests/test_results_contract.py has the rest)
+    check_result(report)  # the result contract (tests/core/test_results_contract.py has the rest)
     findings = report.to_frame()
     assert findings.loc[findings["section"] == "memorization", "finding"].iloc[0] == (
         report.scan_finding()

@@ -13,7 +13,7 @@ import memloc_tl
 from memloc_tl.localization import InjectionDamageWarning
 from memloc_tl.organism import Organism
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def python_blocks() -> list[str]:

@@ -20,7 +20,7 @@ import memloc_tl
 from memloc_tl.rendering import qualified_name, registered, render
 from memloc_tl.results import Drawable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _lint(*args: str) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ import torch
 
 from memloc_tl.viz import CircuitsView, HtmlPage, circuitsvis_js, plotly_js
 
-from .browser import visit
+from ..browser import visit
 
 
 def _view(name: str = "L1H2") -> CircuitsView:

@@ -19,7 +19,7 @@ import torch
 from memloc_tl import Paragraphs, scan_memorization
 from memloc_tl.organism import Organism
 
-SCRIPT = Path(__file__).parent.parent / "scripts" / "reproduce_gpt_neo_125m.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "reproduce_gpt_neo_125m.py"
 
 
 def _script() -> ModuleType:

@@ -40,9 +40,11 @@ from memloc_tl import (
 from memloc_tl.organism import Organism
 from memloc_tl.results import Drawable
 
-from .contract import NOT_RESULTS, check_result
+from ..contract import NOT_RESULTS, check_result
 
-CHECKED_ELSEWHERE = {"MemorizationReport": "tests/test_report.py (the report takes minutes)"}
+CHECKED_ELSEWHERE = {
+    "MemorizationReport": "tests/studies/test_report.py (the report takes minutes)"
+}
 
 
 def public_result_types() -> dict[str, type]:

@@ -12,7 +12,7 @@ from nbclient import NotebookClient
 
 from memloc_tl.organism import Organism
 
-DEMOS = sorted((Path(__file__).parent.parent / "demos").glob("*.ipynb"))
+DEMOS = sorted((Path(__file__).resolve().parents[2] / "demos").glob("*.ipynb"))
 
 
 def test_there_are_five_demos() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from memloc_tl.backend import tl_major
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SKIPPING = """
 import pytest
@@ -58,7 +58,7 @@ def test_in_ci_the_backend_comparison_fails_without_its_reference(
     env = {"CI": "true", "MEMLOC_TEST_ORGANISM_CACHE": str(organism_cache)}
     if tl_major() >= 4:  # run 2: the file the TransformerLens 3 run writes is not there
         env["MEMLOC_BACKEND_REFERENCE"] = str(missing)
-    result = _pytest(["tests/test_backends.py", "-k", "one_set_of_numbers"], **env)
+    result = _pytest(["tests/core/test_backends.py", "-k", "one_set_of_numbers"], **env)
     assert result.returncode == 1, result.stdout[-3000:]
     assert "1 failed" in result.stdout
     assert "MEMLOC_BACKEND_REFERENCE" in result.stdout
