@@ -17,7 +17,7 @@ from collections.abc import Callable
 from common import add_subject_args, describe, load_subject, synchronize
 
 from memloc_tl import gradient_norms, patching_sweep, scan_memorization
-from memloc_tl.backend import tl_major
+from memloc_tl.core.backend import tl_major
 
 
 def timed(run: Callable[[], object], repeats: int) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from memloc_tl import OrganismConfig, Paragraphs, build_organism, load_model
-from memloc_tl.backend import HookedModel, check_backend
+from memloc_tl.core.backend import HookedModel, check_backend
 from memloc_tl.organism import Organism
 
 GPT_NEO_125M_VOCAB = 50257

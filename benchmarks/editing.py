@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from memloc_tl import Paragraphs, scan_memorization
 from memloc_tl.analysis.gradients import attributed_parameters
-from memloc_tl.backend import HookedModel
+from memloc_tl.core.backend import HookedModel
 from memloc_tl.editing import (
     EditConfig,
     EvalSets,

@@ -26,8 +26,9 @@ import torch
 from common import add_subject_args, describe, load_subject, synchronize
 
 from memloc_tl import scan_memorization
-from memloc_tl.memorization import MemorizationScan, continuation_logits
-from memloc_tl.precision import Precision
+from memloc_tl.core.forward import continuation_logits
+from memloc_tl.core.precision import Precision
+from memloc_tl.memorization import MemorizationScan
 
 
 def best_of(fn: Callable[[], MemorizationScan], repeats: int) -> tuple[float, MemorizationScan]:

@@ -47,6 +47,11 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time each loads on fir
         scan_corpus_checkpoints,
         training_dynamics,
     )
+    from memloc_tl.core.forward import greedy_continuations
+    from memloc_tl.core.heads import HeadRef
+    from memloc_tl.core.paragraphs import PAPER_KEYWORDS, Paragraphs, corpus_token_counts
+    from memloc_tl.core.precision import Precision
+    from memloc_tl.core.results import HeadScores, LayerComponentScores, Result, TokenScores
     from memloc_tl.corpus import CorpusConfig, read_corpus_scan, scan_corpus
     from memloc_tl.editing import (
         EditConfig,
@@ -59,7 +64,6 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time each loads on fir
         sparse_edit,
     )
     from memloc_tl.export import export_hf
-    from memloc_tl.heads import HeadRef
     from memloc_tl.localization import (
         BenchmarkConfig,
         DeletionBenchmark,
@@ -82,18 +86,10 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time each loads on fir
         localize,
         register_localizer,
     )
-    from memloc_tl.memorization import (
-        MemorizationScan,
-        greedy_continuations,
-        scan_memorization,
-        summarize,
-    )
+    from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
     from memloc_tl.models import DEFAULT_MODEL, HubUnavailableError, load_model, save_hooked_model
     from memloc_tl.organism import Organism, OrganismConfig, build_organism, load_organism
-    from memloc_tl.paragraphs import PAPER_KEYWORDS, Paragraphs, corpus_token_counts
-    from memloc_tl.precision import Precision
     from memloc_tl.report import MemorizationReport, ReportConfig, memorization_report
-    from memloc_tl.results import HeadScores, LayerComponentScores, Result, TokenScores
     from memloc_tl.uncertainty import HeadRanking, bootstrap_heads
     from memloc_tl.workbench import Workbench, load_workbench
 
@@ -128,7 +124,7 @@ _SOURCES: dict[str, str] = {
     "WeightEdit": "memloc_tl.editing",
     "compare_edits": "memloc_tl.editing",
     "sparse_edit": "memloc_tl.editing",
-    "HeadRef": "memloc_tl.heads",
+    "HeadRef": "memloc_tl.core.heads",
     "BenchmarkConfig": "memloc_tl.localization",
     "DeletionBenchmark": "memloc_tl.localization",
     "DeletionConfig": "memloc_tl.localization",
@@ -161,7 +157,7 @@ _SOURCES: dict[str, str] = {
     "training_dynamics": "memloc_tl.checkpoints",
     "scan_corpus_checkpoints": "memloc_tl.checkpoints",
     "corpus_timeline": "memloc_tl.checkpoints",
-    "greedy_continuations": "memloc_tl.memorization",
+    "greedy_continuations": "memloc_tl.core.forward",
     "scan_memorization": "memloc_tl.memorization",
     "summarize": "memloc_tl.memorization",
     "DEFAULT_MODEL": "memloc_tl.models",
@@ -176,17 +172,17 @@ _SOURCES: dict[str, str] = {
     "OrganismConfig": "memloc_tl.organism",
     "build_organism": "memloc_tl.organism",
     "load_organism": "memloc_tl.organism",
-    "PAPER_KEYWORDS": "memloc_tl.paragraphs",
-    "Paragraphs": "memloc_tl.paragraphs",
-    "corpus_token_counts": "memloc_tl.paragraphs",
+    "PAPER_KEYWORDS": "memloc_tl.core.paragraphs",
+    "Paragraphs": "memloc_tl.core.paragraphs",
+    "corpus_token_counts": "memloc_tl.core.paragraphs",
     "MemorizationReport": "memloc_tl.report",
     "ReportConfig": "memloc_tl.report",
-    "Precision": "memloc_tl.precision",
+    "Precision": "memloc_tl.core.precision",
     "memorization_report": "memloc_tl.report",
-    "HeadScores": "memloc_tl.results",
-    "Result": "memloc_tl.results",
-    "LayerComponentScores": "memloc_tl.results",
-    "TokenScores": "memloc_tl.results",
+    "HeadScores": "memloc_tl.core.results",
+    "Result": "memloc_tl.core.results",
+    "LayerComponentScores": "memloc_tl.core.results",
+    "TokenScores": "memloc_tl.core.results",
     "HeadRanking": "memloc_tl.uncertainty",
     "bootstrap_heads": "memloc_tl.uncertainty",
     "Workbench": "memloc_tl.workbench",

@@ -14,7 +14,7 @@ that falls below full EM at a later step).
 
 :func:`localize_over_checkpoints` runs one head-level analysis at every checkpoint (rare-token
 attention, exact zero ablation, or any function of the model that gives
-:class:`~memloc_tl.results.HeadScores`) and gives a :class:`HeadTimeline`: the scores per step,
+:class:`~memloc_tl.core.results.HeadScores`) and gives a :class:`HeadTimeline`: the scores per step,
 the rank over steps of the last step's top head, and :meth:`HeadTimeline.answer`, the one-line
 answer to "did the head that matters at the end exist before the paragraphs were memorized?".
 
@@ -42,7 +42,13 @@ from tqdm.auto import tqdm
 
 from memloc_tl.analysis.patching import patching_sweep
 from memloc_tl.analysis.rare_tokens import rare_token_attention
-from memloc_tl.backend import HookedModel
+from memloc_tl.core.backend import HookedModel
+from memloc_tl.core.files import CorruptFileError, atomic_write_text, read_json
+from memloc_tl.core.heads import HeadRef
+from memloc_tl.core.paragraphs import Paragraphs
+from memloc_tl.core.rendering import render
+from memloc_tl.core.results import Drawable, HeadScores
+from memloc_tl.core.validation import check_fraction, check_positive_int
 from memloc_tl.corpus import (
     SCAN_FILE,
     CorpusConfig,
@@ -53,15 +59,9 @@ from memloc_tl.corpus import (
     read_corpus_scan,
     scan_corpus,
 )
-from memloc_tl.files import CorruptFileError, atomic_write_text, read_json
-from memloc_tl.heads import HeadRef
 from memloc_tl.localization.localizers import METHODS, localize, needs_keep
 from memloc_tl.memorization import scan_memorization
-from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.rendering import render
-from memloc_tl.results import Drawable, HeadScores
 from memloc_tl.uncertainty import Order
-from memloc_tl.validation import check_fraction, check_positive_int
 
 if TYPE_CHECKING:
     pass

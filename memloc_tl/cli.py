@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memloc_tl.files import atomic_write
+from memloc_tl.core.files import atomic_write
 
 if TYPE_CHECKING:  # torch and TransformerLens load only when a command runs, not for --help
     from memloc_tl.organism import Organism
@@ -202,7 +202,7 @@ def _print_training(organism: Organism, scans: dict[str, Any], batch_size: int) 
     """The demo's over-training lines: per set, how many paragraphs are memorized at each
     checkpoint; then the rare-token head of the finally memorized ones over the steps."""
     from memloc_tl.checkpoints import training_dynamics
-    from memloc_tl.paragraphs import Paragraphs
+    from memloc_tl.core.paragraphs import Paragraphs
 
     sets = {name: scan for name, scan in scans.items() if not name.startswith("held-out")}
     memorized = Paragraphs.concat(*(scan.memorized() for scan in sets.values()))
@@ -277,9 +277,9 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_scan(args: argparse.Namespace) -> int:
+    from memloc_tl.core.paragraphs import Paragraphs
+    from memloc_tl.core.precision import Precision
     from memloc_tl.memorization import scan_memorization
-    from memloc_tl.paragraphs import Paragraphs
-    from memloc_tl.precision import Precision
 
     corpus = (args.dataset, args.token_file, args.checkpoints, args.revisions)
     if args.out_dir is not None or any(x is not None for x in corpus):

@@ -39,15 +39,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import HookedModel, weights_fingerprint
-from memloc_tl.files import (
+from memloc_tl.core.backend import HookedModel, weights_fingerprint
+from memloc_tl.core.files import (
     CorruptFileError,
     atomic_write,
     atomic_write_text,
     read_json,
 )
-from memloc_tl.memorization import greedy_continuations, scan_memorization
-from memloc_tl.paragraphs import (
+from memloc_tl.core.forward import greedy_continuations
+from memloc_tl.core.paragraphs import (
     Paragraphs,
     as_tokenizer,
     encode_texts,
@@ -55,9 +55,10 @@ from memloc_tl.paragraphs import (
     read_text_file,
     window_starts,
 )
-from memloc_tl.precision import DTYPES as PRECISIONS
-from memloc_tl.precision import Precision
-from memloc_tl.validation import check_choice, check_positive_int
+from memloc_tl.core.precision import DTYPES as PRECISIONS
+from memloc_tl.core.precision import Precision
+from memloc_tl.core.validation import check_choice, check_positive_int
+from memloc_tl.memorization import scan_memorization
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class CorpusConfig:
             continuation length, the others score 1 without a second pass).
         dtype: ``"float32"`` (default), or ``"bfloat16"`` / ``"float16"``: the matrix products
             in that precision, and the windows near a flip scored again in float32, so the EM
-            column equals float32's (:mod:`memloc_tl.precision`); adds the ``near_flip``
+            column equals float32's (:mod:`memloc_tl.core.precision`); adds the ``near_flip``
             column.
     """
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from memloc_tl.backend import HookedModel, is_bridge
-from memloc_tl.files import atomic_directory
+from memloc_tl.core.backend import HookedModel, is_bridge
+from memloc_tl.core.files import atomic_directory
 from memloc_tl.models import config_directory
 
 
@@ -187,7 +187,7 @@ def _check_origin(
     memloc-tl edits only the attributed matrices, so the others still hold the values the model
     was loaded with; a base of the same shape but other values (another checkpoint) differs there.
     """
-    from memloc_tl.objectives import attributed_names
+    from memloc_tl.core.objectives import attributed_names
 
     edited = {name.rsplit(".", 1)[1] for name in attributed_names(model)}  # W_Q, ..., W_out
     state = model.state_dict()

@@ -12,9 +12,6 @@ prove this against real greedy generation.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,299 +20,26 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-from memloc_tl.backend import (
+from memloc_tl.core.backend import (
     HookedModel,
-    final_residual,
-    is_bridge,
-    replaced_weights,
-    shares_prefix_cache,
-    skips_early_blocks,
 )
-from memloc_tl.hooks import hook_name
-from memloc_tl.paragraphs import Paragraphs, check_set
-from memloc_tl.precision import Precision, decision_margins, near_flip
-from memloc_tl.rendering import render
-from memloc_tl.results import Drawable
-from memloc_tl.validation import check_positive_int
-
-logger = logging.getLogger(__name__)
+from memloc_tl.core.forward import (
+    DEFAULT_BATCH_SIZE,
+    check_tokens,
+    continuation_logits,
+    exact_match_length,
+    score_continuations,
+    scores_from_logits,
+)
+from memloc_tl.core.paragraphs import Paragraphs, check_set
+from memloc_tl.core.precision import Precision, decision_margins, near_flip
+from memloc_tl.core.rendering import render
+from memloc_tl.core.results import Drawable
+from memloc_tl.core.validation import check_positive_int
 
 PAPER_BUCKETS: tuple[tuple[int, int], ...] = ((0, 10), (11, 29), (30, 49), (50, 50))
 """The paper's EM buckets (Fig. 2, 8): non-memorized, two partly memorized, memorized."""
-
-DEFAULT_BATCH_SIZE = 32
-
-
-def _check_tokens(model: HookedModel, tokens: Tensor, prefix_len: int) -> None:
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}")
-    if not 0 < prefix_len < tokens.shape[1]:
-        raise ValueError(f"prefix_len={prefix_len} must be inside windows of {tokens.shape[1]}")
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise ValueError(
-            f"windows of {tokens.shape[1]} tokens exceed the model's context of {model.cfg.n_ctx}"
-        )
-
-
-def continuation_logits(
-    model: HookedModel,
-    tokens: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
-    prefix_len: int,
-    *,
-    start_at_layer: int | None = None,
-    weights: Mapping[str, Tensor] | None = None,
-    past_kv_cache: TransformerLensKeyValueCache | None = None,
-) -> Float[Tensor, "batch continuation_pos d_vocab"]:
-    """Logits (float32) at the positions that predict the continuation, teacher-forced.
-
-    Position ``prefix_len - 1 + i`` predicts continuation token ``i``. Only those positions
-    pass through ``ln_final`` and the unembedding, so this costs less than a full forward.
-    Hooks in scope (``model.hooks(...)``) apply, which is how analyzers patch this pass.
-
-    Args:
-        model: the model.
-        tokens: token ids, or with ``start_at_layer`` the residual stream entering that layer.
-        prefix_len: prefix length.
-        start_at_layer: run only the blocks from this layer on (TransformerLens semantics).
-        weights: parameters to use instead of the model's own for this call, by name (e.g.
-            ``{"blocks.0.attn.W_V": gated}``; see :func:`memloc_tl.backend.replaced_weights`);
-            the model is not changed.
-        past_kv_cache: a frozen cache holding the keys and values of the first ``m`` positions
-            of ``tokens`` (``m < prefix_len``, see :class:`PrefixKV`); only positions ``m``
-            onwards are computed. With ``start_at_layer``, ``tokens`` is the residual stream of
-            every position and the cache's layers from ``start_at_layer`` on are read.
-    """
-    # The forward stops at the residual after the last block (backend.final_residual), so that
-    # only the continuation positions pass through ln_final and the unembedding.
-    kwargs: dict[str, Any] = {"start_at_layer": start_at_layer}
-    skipped = 0
-    if past_kv_cache is not None:
-        skipped = past_kv_cache.entries[0].past_keys.shape[1]
-        if weights is not None:
-            raise ValueError("past_kv_cache cannot be combined with weights")
-        if not shares_prefix_cache(model):
-            raise ValueError(
-                "past_kv_cache is TransformerLens 3's key/value cache; a TransformerBridge "
-                "recomputes every position instead (PerturbConfig(shared_prefix=False))"
-            )
-        if not 0 <= skipped < prefix_len:
-            raise ValueError(f"the cache holds {skipped} positions; it must hold < {prefix_len}")
-        tokens = tokens[:, skipped:]
-        kwargs["past_kv_cache"] = past_kv_cache
-        if start_at_layer is None:
-            # An explicit all-ones mask: TransformerLens would otherwise guess padding from the
-            # tokenizer's pad token, which may occur in real text. (From a residual stream it
-            # guesses nothing: the blocks apply the causal mask over the cache and the rest.)
-            kwargs["attention_mask"] = torch.ones_like(tokens, device=model.cfg.device)
-    # with ``weights``: the same forward with some parameters replaced for this call only
-    scope = contextlib.nullcontext() if weights is None else replaced_weights(model, weights)
-    with scope:
-        output = final_residual(model, tokens.to(model.cfg.device), **kwargs)
-        output = output[:, prefix_len - 1 - skipped : -1]
-        return model.unembed(model.ln_final(output)).float()
-
-
-@dataclass(frozen=True)
-class PrefixKV:
-    """Every layer's keys and values for a batch of token windows, to share among variants.
-
-    A variant that differs from its window only from position ``m`` on has the same keys and
-    values at positions ``< m`` (attention is causal), so those need not be computed again:
-    :meth:`cache` hands them to TransformerLens as a frozen ``past_kv_cache``. This is what
-    makes prefix perturbation cheaper than one full forward per variant.
-
-    Attributes:
-        keys: per layer, ``[batch, pos, n_key_value_heads, d_head]``.
-        values: per layer, the same shape.
-    """
-
-    keys: tuple[Float[Tensor, "batch pos kv_head d_head"], ...]
-    values: tuple[Float[Tensor, "batch pos kv_head d_head"], ...]
-
-    @classmethod
-    @torch.no_grad()
-    def build(cls, model: HookedModel, tokens: Int[Tensor, "batch pos"]) -> PrefixKV:
-        """One forward pass over ``tokens`` (no unembedding) that records the keys and values.
-
-        Raises:
-            ValueError: a TransformerBridge (its cache is Hugging Face's, not this one).
-        """
-        if not shares_prefix_cache(model):
-            raise ValueError(
-                "PrefixKV holds TransformerLens 3's key/value cache, which a TransformerBridge "
-                "does not take; recompute every position (PerturbConfig(shared_prefix=False))"
-            )
-        tokens = tokens.to(model.cfg.device)
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(tokens))
-        model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), return_type=None)
-        return cls(
-            keys=tuple(entry.past_keys for entry in cache.entries),
-            values=tuple(entry.past_values for entry in cache.entries),
-        )
-
-    def cache(self, rows: Int[Tensor, " batch"], length: int) -> TransformerLensKeyValueCache:
-        """A frozen cache with the first ``length`` positions of the windows ``rows``."""
-        cache = TransformerLensKeyValueCache(
-            entries=[],
-            previous_attention_mask=torch.ones(
-                len(rows), length, dtype=torch.int, device=self.keys[0].device
-            ),
-        )
-        for keys, values in zip(self.keys, self.values, strict=True):
-            entry = TransformerLensKeyValueCacheEntry(
-                past_keys=keys[rows.to(keys.device), :length],
-                past_values=values[rows.to(values.device), :length],
-            )
-            cache.entries.append(entry)
-        cache.freeze()
-        return cache
-
-
-def continuation_logprobs(
-    model: HookedModel,
-    tokens: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
-    prefix_len: int,
-    *,
-    start_at_layer: int | None = None,
-) -> Float[Tensor, "batch continuation_pos d_vocab"]:
-    """Log-probabilities at the continuation-predicting positions (see continuation_logits)."""
-    logits = continuation_logits(model, tokens, prefix_len, start_at_layer=start_at_layer)
-    return logits.log_softmax(dim=-1)
-
-
-def score_continuations(
-    model: HookedModel,
-    tokens: Int[Tensor, "batch pos"],
-    prefix_len: int,
-    *,
-    residual: Float[Tensor, "batch pos d_model"] | None = None,
-    start_at_layer: int | None = None,
-    weights: Mapping[str, Tensor] | None = None,
-    past_kv_cache: TransformerLensKeyValueCache | None = None,
-) -> tuple[Bool[Tensor, "batch continuation_pos"], Float[Tensor, "batch continuation_pos"]]:
-    """Teacher-forced greedy matches and per-token NLL of the continuation, one batch.
-
-    Args:
-        model: the model.
-        tokens: the paragraphs' token ids (the reference continuation comes from them).
-        prefix_len: prefix length.
-        residual: optional residual stream entering ``start_at_layer`` (then only the blocks
-            from that layer on run); its rows pair with ``tokens``.
-        start_at_layer: see ``residual``.
-        weights: parameters to use instead of the model's own (see continuation_logits).
-        past_kv_cache: keys and values of the first positions of ``tokens`` (see
-            continuation_logits and :class:`PrefixKV`); only the later positions run.
-
-    Returns:
-        ``(greedy_match, token_nll)``: whether the argmax at each continuation position equals
-        the reference token, and ``-log p(reference token)``; both on the model's device.
-    """
-    _check_tokens(model, tokens, prefix_len)
-    if (residual is None) != (start_at_layer is None):
-        raise ValueError("residual and start_at_layer go together")
-    tokens = tokens.to(model.cfg.device)
-    source = tokens if residual is None else residual
-    logits = continuation_logits(
-        model,
-        source,
-        prefix_len,
-        start_at_layer=start_at_layer,
-        weights=weights,
-        past_kv_cache=past_kv_cache,
-    )
-    return scores_from_logits(logits, tokens[:, prefix_len:])
-
-
-def scores_from_logits(
-    logits: Float[Tensor, "batch continuation_pos d_vocab"],
-    target: Int[Tensor, "batch continuation_pos"],
-) -> tuple[Bool[Tensor, "batch continuation_pos"], Float[Tensor, "batch continuation_pos"]]:
-    """``(greedy_match, token_nll)`` of continuation logits against the reference tokens."""
-    # NLL = logsumexp - target logit: no second [batch, pos, d_vocab] tensor is written.
-    token_nll = logits.logsumexp(dim=-1) - logits.gather(-1, target[..., None]).squeeze(-1)
-    greedy_match = logits.argmax(dim=-1) == target
-    return greedy_match, token_nll
-
-
-def layer_starts(
-    model: HookedModel, tokens: Int[Tensor, "batch pos"]
-) -> Callable[[int, int], dict[str, Any]]:
-    """How to score variants of ``tokens`` that differ only from layer ``l`` on (a sweep).
-
-    Returns ``starts(layer, copies)``: the keyword arguments of :func:`score_continuations` for
-    ``copies`` stacked copies of the batch. Where ``start_at_layer`` really skips the earlier
-    blocks (a HookedTransformer), one cached run gives the residual stream entering every layer
-    and the variants start from it; elsewhere (a bridge) they run from the tokens: the same
-    numbers, without the saving.
-    """
-    if not skips_early_blocks(model):
-        return lambda layer, copies: {}
-    names = {hook_name("resid_pre", layer) for layer in range(model.cfg.n_layers)}
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
-
-    def starts(layer: int, copies: int) -> dict[str, Any]:
-        residual = cache[hook_name("resid_pre", layer)].repeat(copies, 1, 1)
-        return {"residual": residual, "start_at_layer": layer}
-
-    return starts
-
-
-def exact_match_length(
-    greedy_match: Bool[Tensor, "batch continuation_pos"],
-) -> Int[Tensor, " batch"]:
-    """Length of the leading run of matches: the EM until the first mismatch."""
-    return greedy_match.long().cumprod(dim=-1).sum(dim=-1)
-
-
-def greedy_continuations(
-    model: HookedModel,
-    prefixes: Int[Tensor, "batch prefix_pos"],
-    n_tokens: int,
-    *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: bool = False,
-) -> Int[Tensor, "batch n_tokens"]:
-    """Greedy decoding with TransformerLens ``generate`` and the KV cache (the paper's way).
-
-    Needed only to *create* text (the model's own continuation, perturbed paragraphs); to
-    measure EM use :func:`scan_memorization`, which needs no generation. On a TransformerBridge
-    each step is a full forward over the text so far (its ``generate`` disagreed with
-    ``transformers``' greedy decoding on GPT-2 and Llama checkpoints, and left hooks behind).
-    """
-    if prefixes.ndim != 2:
-        raise ValueError(f"prefixes must have shape [batch, pos], got {tuple(prefixes.shape)}")
-    outputs = []
-    for start in tqdm(range(0, len(prefixes), batch_size), desc="generating", disable=not progress):
-        batch = prefixes[start : start + batch_size].to(model.cfg.device)
-        if is_bridge(model):
-            outputs.append(_greedy_by_forward(model, batch, n_tokens).cpu())
-            continue
-        generated = model.generate(
-            batch,
-            max_new_tokens=n_tokens,
-            do_sample=False,
-            stop_at_eos=False,
-            use_past_kv_cache=True,
-            verbose=False,
-            return_type="tokens",
-        )
-        assert isinstance(generated, Tensor)
-        outputs.append(generated[:, batch.shape[1] :].cpu())
-    if not outputs:
-        return torch.empty(0, n_tokens, dtype=torch.int64)
-    return torch.cat(outputs)
-
-
-@torch.no_grad()
-def _greedy_by_forward(model: HookedModel, batch: Tensor, n_tokens: int) -> Tensor:
-    text = batch
-    for _ in range(n_tokens):
-        logits = model(text, attention_mask=torch.ones_like(text))
-        text = torch.cat([text, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return text[:, batch.shape[1] :]
 
 
 @dataclass(frozen=True)
@@ -331,7 +55,7 @@ class MemorizationScan(Drawable):
         model_name: ``model.cfg.model_name`` of the scanned model.
         dtype: the precision of the matrix products (``"float32"``, ``"bfloat16"``, ...).
         near_flip: with a reduced ``dtype``: the windows with a decision margin below
-            ``margin`` at a position that decides EM (see :mod:`memloc_tl.precision`).
+            ``margin`` at a position that decides EM (see :mod:`memloc_tl.core.precision`).
         verified: whether those windows were scored again in float32 (their EM, NLL and
             matches are then float32's).
         margin: the flip margin in logits.
@@ -456,7 +180,7 @@ def scan_memorization(
         batch_size: paragraphs per forward pass.
         precision: score in reduced precision (``Precision(torch.bfloat16)``): the windows
             near a flip are counted, and with ``verify="margin"`` (its default) scored again in
-            float32, so that the EM column equals float32's (see :mod:`memloc_tl.precision`).
+            float32, so that the EM column equals float32's (see :mod:`memloc_tl.core.precision`).
             Default: the model's own dtype, no check.
         progress: show a progress bar.
 
@@ -465,7 +189,7 @@ def scan_memorization(
     """
     check_set(model, paragraphs, "paragraphs", allow_empty=True)
     check_positive_int(batch_size, "batch_size")
-    _check_tokens(model, paragraphs.tokens, paragraphs.prefix_len)
+    check_tokens(model, paragraphs.tokens, paragraphs.prefix_len)
     if precision is not None and not isinstance(precision, Precision):
         raise TypeError(
             f"precision must be a Precision (e.g. Precision(torch.bfloat16)), got "

@@ -30,16 +30,16 @@ from urllib.parse import urlparse
 
 import torch
 
-from memloc_tl.backend import Backend, HookedModel, check_backend, is_bridge
-from memloc_tl.files import (
+from memloc_tl.core.backend import Backend, HookedModel, check_backend, is_bridge
+from memloc_tl.core.files import (
     CorruptFileError,
     atomic_directory,
     read_json,
     save_safetensors,
     verify_checksums,
 )
-from memloc_tl.quiet import quietly
-from memloc_tl.validation import check_device
+from memloc_tl.core.quiet import quietly
+from memloc_tl.core.validation import check_device
 
 logger = logging.getLogger(__name__)
 

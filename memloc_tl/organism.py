@@ -39,15 +39,15 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import HookedModel
+from memloc_tl.core.backend import HookedModel
 
 if TYPE_CHECKING:
     from memloc_tl.checkpoints import CheckpointSeries
-from memloc_tl.files import atomic_directory, read_json, save_safetensors, verify_checksums
+from memloc_tl.core.files import atomic_directory, read_json, save_safetensors, verify_checksums
+from memloc_tl.core.paragraphs import Paragraphs, tokenizer_fingerprint
+from memloc_tl.core.validation import check_device, check_real
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
 from memloc_tl.models import load_model
-from memloc_tl.paragraphs import Paragraphs, tokenizer_fingerprint
-from memloc_tl.validation import check_device, check_real
 
 logger = logging.getLogger(__name__)
 

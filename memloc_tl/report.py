@@ -28,13 +28,15 @@ from memloc_tl.analysis.rare_tokens import (
     rare_token_attention,
     rarest_positions,
 )
-from memloc_tl.backend import HookedModel
 from memloc_tl.checkpoints import (
     CheckpointSeries,
     TrainingDynamics,
     check_fits,
     training_dynamics,
 )
+from memloc_tl.core.backend import HookedModel
+from memloc_tl.core.paragraphs import Paragraphs, corpus_token_counts
+from memloc_tl.core.validation import check_fraction, check_positive_int, check_real
 from memloc_tl.editing.sparse_edit import EditConfig, EvalSets, compare_edits
 from memloc_tl.localization.benchmark import (
     BenchmarkConfig,
@@ -47,9 +49,7 @@ from memloc_tl.localization.benchmark import (
 from memloc_tl.localization.injection import InjectionConfig
 from memloc_tl.localization.localizers import LocalizeConfig
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
-from memloc_tl.paragraphs import Paragraphs, corpus_token_counts
 from memloc_tl.uncertainty import HeadRanking, bootstrap_difference
-from memloc_tl.validation import check_fraction, check_positive_int, check_real
 from memloc_tl.viz import (
     CircuitsView,
     HtmlPage,

@@ -19,10 +19,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from memloc_tl.heads import HeadRef
-from memloc_tl.rendering import render
-from memloc_tl.results import Drawable, HeadScores, head_order
-from memloc_tl.validation import check_positive_int, check_real
+from memloc_tl.core.heads import HeadRef
+from memloc_tl.core.rendering import render
+from memloc_tl.core.results import Drawable, HeadScores, head_order
+from memloc_tl.core.validation import check_positive_int, check_real
 
 Order = Literal["largest", "smallest"]
 

@@ -14,10 +14,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from memloc_tl.backend import HookedModel
+from memloc_tl.core.backend import HookedModel
+from memloc_tl.core.paragraphs import Paragraphs, corpus_token_counts
 from memloc_tl.models import load_model
 from memloc_tl.organism import Organism, OrganismConfig, build_organism
-from memloc_tl.paragraphs import Paragraphs, corpus_token_counts
 
 ORGANISMS = {"organism": OrganismConfig, "organism-tiny": OrganismConfig.tiny}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 import memloc_tl
-import memloc_tl.backend
+import memloc_tl.core.backend
 import memloc_tl.viz
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "api.md"
@@ -91,13 +91,13 @@ def render() -> str:
         "",
         "Generated from the docstrings by `python scripts/api_reference.py`; a test checks that it",
         "is current. Every name below is importable from `memloc_tl` (or `memloc_tl.viz`,",
-        "`memloc_tl.backend`).",
+        "`memloc_tl.core.backend`).",
         "The pages per analysis explain when to use what: see [the index](index.md).",
         "",
     ]
     lines += _section("memloc_tl", memloc_tl, "")
     lines += _section("memloc_tl.viz", memloc_tl.viz, "viz.")
-    lines += _section("memloc_tl.backend", memloc_tl.backend, "backend.")
+    lines += _section("memloc_tl.core.backend", memloc_tl.core.backend, "backend.")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -32,10 +32,10 @@ import torch
 from torch import Tensor
 
 from memloc_tl import Paragraphs, load_model
-from memloc_tl.backend import HookedModel
 from memloc_tl.cli import positive_int
+from memloc_tl.core.backend import HookedModel
+from memloc_tl.core.paragraphs import tokenizer_fingerprint
 from memloc_tl.corpus import documents_from_dataset, documents_from_files, local_device
-from memloc_tl.paragraphs import tokenizer_fingerprint
 from memloc_tl.report import ReportConfig, memorization_report
 
 LENGTH = 100  # a 50-token prefix and a 50-token continuation

@@ -30,14 +30,14 @@ from memloc_tl import (
     sparse_edit,
 )
 from memloc_tl.analysis.gradients import contrastive_gradients
+from memloc_tl.core.forward import continuation_logits
+from memloc_tl.core.objectives import attributed_parameters
 from memloc_tl.localization import (
     InjectionConfig,
     InjectionFailedWarning,
     inject_paragraphs,
     localize,
 )
-from memloc_tl.memorization import continuation_logits
-from memloc_tl.objectives import attributed_parameters
 from memloc_tl.organism import Organism
 
 

@@ -30,7 +30,7 @@ def pytest_report_header(config: pytest.Config) -> str:
     """Which TransformerLens this run tests, first thing in the output."""
     import importlib.metadata as metadata
 
-    from memloc_tl.backend import tl_major
+    from memloc_tl.core.backend import tl_major
 
     backend = "HookedTransformer and TransformerBridge" if tl_major() < 4 else "TransformerBridge"
     return (

@@ -1,4 +1,4 @@
-"""The result contract (:class:`memloc_tl.results.Result`), checked on one instance."""
+"""The result contract (:class:`memloc_tl.core.results.Result`), checked on one instance."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
-from memloc_tl.results import Result
+from memloc_tl.core.results import Result
 
 NOT_RESULTS = {
     # settings

@@ -23,14 +23,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from memloc_tl.analysis.patching import PatchingSweep, check_pair, chosen_positions
-from memloc_tl.backend import HookedModel
-from memloc_tl.heads import HeadRef
-from memloc_tl.hooks import hook_name, make_graph_start_hook, make_store_hook, position_mask
-from memloc_tl.memorization import continuation_logits
-from memloc_tl.objectives import grad_only_for
-from memloc_tl.paragraphs import Paragraphs, check_set
-from memloc_tl.results import Drawable, HeadScores
-from memloc_tl.validation import check_positive_int
+from memloc_tl.core.backend import HookedModel
+from memloc_tl.core.forward import continuation_logits
+from memloc_tl.core.heads import HeadRef
+from memloc_tl.core.hooks import hook_name, make_graph_start_hook, make_store_hook, position_mask
+from memloc_tl.core.objectives import grad_only_for
+from memloc_tl.core.paragraphs import Paragraphs, check_set
+from memloc_tl.core.results import Drawable, HeadScores
+from memloc_tl.core.validation import check_positive_int
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import HookedModel
-from memloc_tl.objectives import (
+from memloc_tl.core.backend import HookedModel
+from memloc_tl.core.objectives import (
     HEAD_MATRICES,
     MLP_MATRICES,
     KLReduction,
@@ -46,10 +46,10 @@ from memloc_tl.objectives import (
     grad_only_for,
     original_logprobs,
 )
-from memloc_tl.paragraphs import Paragraphs, check_set
-from memloc_tl.rendering import render
-from memloc_tl.results import Drawable, LayerComponentScores
-from memloc_tl.validation import check_choice, check_positive_int
+from memloc_tl.core.paragraphs import Paragraphs, check_set
+from memloc_tl.core.rendering import render
+from memloc_tl.core.results import Drawable, LayerComponentScores
+from memloc_tl.core.validation import check_choice, check_positive_int
 
 _logprobs_of = original_logprobs  # the parameter of contrastive_gradients shadows the name
 

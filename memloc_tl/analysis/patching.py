@@ -27,20 +27,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import HookedModel, shares_prefix_cache, skips_early_blocks
-from memloc_tl.heads import HeadRef
-from memloc_tl.hooks import hook_name, make_each_head_replace_hook, make_head_replace_hook
-from memloc_tl.memorization import (
-    PrefixKV,
-    exact_match_length,
-    layer_starts,
-    score_continuations,
-)
-from memloc_tl.paragraphs import Paragraphs, check_set
-from memloc_tl.rendering import render
-from memloc_tl.results import Drawable, HeadScores
+from memloc_tl.core.backend import HookedModel, shares_prefix_cache, skips_early_blocks
+from memloc_tl.core.forward import PrefixKV, exact_match_length, layer_starts, score_continuations
+from memloc_tl.core.heads import HeadRef
+from memloc_tl.core.hooks import hook_name, make_each_head_replace_hook, make_head_replace_hook
+from memloc_tl.core.paragraphs import Paragraphs, check_set
+from memloc_tl.core.rendering import render
+from memloc_tl.core.results import Drawable, HeadScores
+from memloc_tl.core.validation import check_positions, check_positive_int
 from memloc_tl.uncertainty import HeadRanking, bootstrap_heads
-from memloc_tl.validation import check_positions, check_positive_int
 
 Kind = Literal["patch", "zero", "mean"]
 DEFAULT_HEADS: tuple[str, ...] = ("L1H2",)

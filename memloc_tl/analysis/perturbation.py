@@ -27,17 +27,17 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import HookedModel, shares_prefix_cache
-from memloc_tl.memorization import (
+from memloc_tl.core.backend import HookedModel, shares_prefix_cache
+from memloc_tl.core.forward import (
     PrefixKV,
     exact_match_length,
     greedy_continuations,
     score_continuations,
 )
-from memloc_tl.paragraphs import Paragraphs, check_set
-from memloc_tl.rendering import render
-from memloc_tl.results import Drawable, TokenScores
-from memloc_tl.validation import check_choice, check_config, check_positive_int
+from memloc_tl.core.paragraphs import Paragraphs, check_set
+from memloc_tl.core.rendering import render
+from memloc_tl.core.results import Drawable, TokenScores
+from memloc_tl.core.validation import check_choice, check_config, check_positive_int
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class PerturbConfig:
             PMPs were at positions 2-49, median 44); ``k > 0`` asks for a PMP whose change lies
             further back. The scores of every position are kept either way.
         shared_prefix: reuse the unperturbed paragraph's keys and values before the perturbed
-            position (:class:`memloc_tl.memorization.PrefixKV`) instead of recomputing them;
+            position (:class:`memloc_tl.core.forward.PrefixKV`) instead of recomputing them;
             the same numbers up to float rounding, about a quarter less compute for 50-token
             prefixes. Default (None): on a HookedTransformer on the CPU, where it was measured
             faster (1.67x on GPT-Neo 125M's layout); on a GPU recomputing was as fast or faster

@@ -26,11 +26,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from memloc_tl.analysis.runner import run_analyzers
-from memloc_tl.backend import HookedModel
-from memloc_tl.heads import HeadRef
-from memloc_tl.hooks import hook_name
-from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.results import Drawable, HeadScores
+from memloc_tl.core.backend import HookedModel
+from memloc_tl.core.heads import HeadRef
+from memloc_tl.core.hooks import hook_name
+from memloc_tl.core.paragraphs import Paragraphs
+from memloc_tl.core.results import Drawable, HeadScores
 from memloc_tl.uncertainty import HeadRanking, bootstrap_heads
 
 

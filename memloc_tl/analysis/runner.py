@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import HookedModel
-from memloc_tl.paragraphs import Paragraphs, check_set
-from memloc_tl.validation import check_positive_int
+from memloc_tl.core.backend import HookedModel
+from memloc_tl.core.paragraphs import Paragraphs, check_set
+from memloc_tl.core.validation import check_positive_int
 
 
 class ForwardAnalyzer(Protocol):

@@ -16,16 +16,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from memloc_tl.backend import HookedModel
-from memloc_tl.heads import HeadRef
-from memloc_tl.objectives import (
+from memloc_tl.core.backend import HookedModel
+from memloc_tl.core.heads import HeadRef
+from memloc_tl.core.objectives import (
     HEAD_MATRICES,
     MATRICES,
     attributed_parameters,
     component_labels,
 )
-from memloc_tl.results import LayerComponentScores
-from memloc_tl.validation import check_fraction
+from memloc_tl.core.results import LayerComponentScores
+from memloc_tl.core.validation import check_fraction
 
 
 def _split(name: str) -> tuple[int, str]:

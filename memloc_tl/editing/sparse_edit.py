@@ -30,12 +30,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from memloc_tl.analysis.perturbation import PerturbConfig, perturb_prefixes
-from memloc_tl.backend import HookedModel, parameter_masks, parameters_of
-from memloc_tl.editing.masks import ParamMask, check_mask_fraction
-from memloc_tl.editing.optimizer import MaskedOptimizer
-from memloc_tl.editing.weight_edit import WeightEdit, trained_in_place
-from memloc_tl.memorization import greedy_continuations, scan_memorization
-from memloc_tl.objectives import (
+from memloc_tl.core.backend import HookedModel, parameter_masks, parameters_of
+from memloc_tl.core.forward import greedy_continuations
+from memloc_tl.core.objectives import (
     accumulated_gradients,
     attributed_weights,
     continuation_nll,
@@ -43,16 +40,20 @@ from memloc_tl.objectives import (
     grad_only_for,
     original_logprobs,
 )
-from memloc_tl.paragraphs import Paragraphs, check_set
-from memloc_tl.rendering import render
-from memloc_tl.results import Drawable
-from memloc_tl.validation import (
+from memloc_tl.core.paragraphs import Paragraphs, check_set
+from memloc_tl.core.rendering import render
+from memloc_tl.core.results import Drawable
+from memloc_tl.core.validation import (
     check_choice,
     check_config,
     check_fraction,
     check_positive_int,
     check_real,
 )
+from memloc_tl.editing.masks import ParamMask, check_mask_fraction
+from memloc_tl.editing.optimizer import MaskedOptimizer
+from memloc_tl.editing.weight_edit import WeightEdit, trained_in_place
+from memloc_tl.memorization import scan_memorization
 
 Objective = Literal["unlearn", "edit"]
 MaskChoice = Literal["gradient", "random", "all"]

@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from memloc_tl.backend import HookedModel, model_parameters
+from memloc_tl.core.backend import HookedModel, model_parameters
+from memloc_tl.core.files import CorruptFileError, atomic_write, save_safetensors, tensors_sha256
+from memloc_tl.core.objectives import attributed_parameters
 from memloc_tl.editing.masks import ParamMask, check_masks_fit
-from memloc_tl.files import CorruptFileError, atomic_write, save_safetensors, tensors_sha256
-from memloc_tl.objectives import attributed_parameters
 
 EDIT_FORMAT = "memloc-tl weight edit v1"
 """The ``format`` metadata of a saved :class:`WeightEdit`."""

@@ -25,7 +25,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import HookedModel
+from memloc_tl.core.backend import HookedModel
+from memloc_tl.core.forward import exact_match_length, score_continuations
+from memloc_tl.core.objectives import attributed_parameters
+from memloc_tl.core.paragraphs import Paragraphs
+from memloc_tl.core.rendering import render
+from memloc_tl.core.results import Drawable
+from memloc_tl.core.validation import check_choice, check_config, check_fraction, check_positive_int
 from memloc_tl.localization.injection import Injection, InjectionConfig, inject_paragraphs
 from memloc_tl.localization.localizers import (
     METHODS,
@@ -34,12 +40,6 @@ from memloc_tl.localization.localizers import (
     localize,
 )
 from memloc_tl.localization.units import Level, Localization, Units, check_level
-from memloc_tl.memorization import exact_match_length, score_continuations
-from memloc_tl.objectives import attributed_parameters
-from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.rendering import render
-from memloc_tl.results import Drawable
-from memloc_tl.validation import check_choice, check_config, check_fraction, check_positive_int
 
 BASELINES = ("random", "magnitude", "oracle")
 

@@ -47,20 +47,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import (
+from memloc_tl.core.backend import (
     HookedModel,
     gradients,
     parameter_masks,
     parameters_of,
 )
-from memloc_tl.editing.masks import ParamMask, unflatten_like
-from memloc_tl.editing.optimizer import MaskedOptimizer
-from memloc_tl.editing.sparse_edit import measure_sets
-from memloc_tl.editing.weight_edit import WeightEdit, trained_in_place
-from memloc_tl.heads import HeadRef, all_heads
-from memloc_tl.localization.units import Level, Units, check_level, unit_shapes
-from memloc_tl.memorization import scan_memorization
-from memloc_tl.objectives import (
+from memloc_tl.core.heads import HeadRef, all_heads
+from memloc_tl.core.objectives import (
     attributed_parameters,
     attributed_weights,
     continuation_nll,
@@ -68,10 +62,16 @@ from memloc_tl.objectives import (
     grad_only_for,
     original_logprobs,
 )
-from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.rendering import render
-from memloc_tl.results import Drawable
-from memloc_tl.validation import check_real
+from memloc_tl.core.paragraphs import Paragraphs
+from memloc_tl.core.rendering import render
+from memloc_tl.core.results import Drawable
+from memloc_tl.core.validation import check_real
+from memloc_tl.editing.masks import ParamMask, unflatten_like
+from memloc_tl.editing.optimizer import MaskedOptimizer
+from memloc_tl.editing.sparse_edit import measure_sets
+from memloc_tl.editing.weight_edit import WeightEdit, trained_in_place
+from memloc_tl.localization.units import Level, Units, check_level, unit_shapes
+from memloc_tl.memorization import scan_memorization
 
 Preserve = Literal["quantile", "norm", "none"]
 

@@ -46,19 +46,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from memloc_tl.analysis.gradients import contrastive_gradients
-from memloc_tl.backend import HookedModel
-from memloc_tl.hooks import make_unit_scale_hook
-from memloc_tl.localization.units import Level, Localization, check_level, unit_shapes
-from memloc_tl.memorization import continuation_logits, layer_starts, score_continuations
-from memloc_tl.objectives import (
+from memloc_tl.core.backend import HookedModel
+from memloc_tl.core.forward import continuation_logits, layer_starts, score_continuations
+from memloc_tl.core.hooks import make_unit_scale_hook
+from memloc_tl.core.objectives import (
     accumulated_gradients,
     attributed_parameters,
     continuation_nll,
     grad_only_for,
     original_logprobs,
 )
-from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.validation import check_config, check_positive_int, check_real
+from memloc_tl.core.paragraphs import Paragraphs
+from memloc_tl.core.validation import check_config, check_positive_int, check_real
+from memloc_tl.localization.units import Level, Localization, check_level, unit_shapes
 
 Method = Literal[
     "gradient",

@@ -24,14 +24,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from memloc_tl.backend import HookedModel
+from memloc_tl.core.backend import HookedModel
+from memloc_tl.core.heads import HeadRef
+from memloc_tl.core.hooks import hook_name
+from memloc_tl.core.objectives import HEAD_MATRICES, attributed_parameters
+from memloc_tl.core.rendering import render
+from memloc_tl.core.results import Drawable, HeadScores
+from memloc_tl.core.validation import check_fraction
 from memloc_tl.editing.masks import ParamMask, unflatten_like
-from memloc_tl.heads import HeadRef
-from memloc_tl.hooks import hook_name
-from memloc_tl.objectives import HEAD_MATRICES, attributed_parameters
-from memloc_tl.rendering import render
-from memloc_tl.results import Drawable, HeadScores
-from memloc_tl.validation import check_fraction
 
 Level = Literal["weights", "neurons", "heads"]
 LEVELS: tuple[str, ...] = ("weights", "neurons", "heads")

@@ -3,7 +3,7 @@
 The only package that imports plotly and circuitsvis, and the top of the package: nothing
 else imports it (the import linter checks), except the report and the command, which lay out
 pages. Result types draw themselves with ``result.figure()``, which asks
-:func:`memloc_tl.rendering.render`; importing this package registers the renderers
+:func:`memloc_tl.core.rendering.render`; importing this package registers the renderers
 (:mod:`memloc_tl.viz.renderers`).
 """
 

@@ -15,11 +15,11 @@ if TYPE_CHECKING:
     from memloc_tl.analysis.patching import HeadIntervention
     from memloc_tl.analysis.perturbation import PrefixPerturbation
     from memloc_tl.checkpoints import HeadTimeline, MaskDrift, MemorizationTimeline
+    from memloc_tl.core.results import HeadScores, LayerComponentScores, TokenScores
     from memloc_tl.editing.sparse_edit import EditResult
     from memloc_tl.localization.injection import Injection
     from memloc_tl.localization.units import Localization
     from memloc_tl.memorization import MemorizationScan
-    from memloc_tl.results import HeadScores, LayerComponentScores, TokenScores
     from memloc_tl.uncertainty import HeadRanking
 
 

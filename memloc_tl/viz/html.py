@@ -30,7 +30,7 @@ import plotly.offline
 from circuitsvis.utils.convert_props import convert_props
 from plotly.io.base_renderers import MimetypeRenderer
 
-from memloc_tl.files import atomic_write_text
+from memloc_tl.core.files import atomic_write_text
 
 _SOURCE_MAP = re.compile(r"^//# sourceMappingURL=.*$", re.MULTILINE)
 

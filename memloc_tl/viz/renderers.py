@@ -1,7 +1,7 @@
-"""Which figure draws which result: the table :func:`memloc_tl.rendering.render` reads.
+"""Which figure draws which result: the table :func:`memloc_tl.core.rendering.render` reads.
 
 One entry per result type and view, under the type's qualified name (see
-:mod:`memloc_tl.rendering`); a test checks that every name resolves to a class and that every
+:mod:`memloc_tl.core.rendering`); a test checks that every name resolves to a class and that every
 public result type with a ``figure`` has an entry.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from memloc_tl.rendering import renders
+from memloc_tl.core.rendering import renders
 from memloc_tl.viz import figures
 
 if TYPE_CHECKING:
@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     from memloc_tl.localization.benchmark import DeletionBenchmark, InjectionBenchmark
 
 TABLE: dict[tuple[str, str], Any] = {
-    ("memloc_tl.results.HeadScores", "figure"): figures.head_scores_figure,
-    ("memloc_tl.results.TokenScores", "figure"): figures.token_scores_figure,
-    ("memloc_tl.results.LayerComponentScores", "figure"): figures.layer_component_figure,
+    ("memloc_tl.core.results.HeadScores", "figure"): figures.head_scores_figure,
+    ("memloc_tl.core.results.TokenScores", "figure"): figures.token_scores_figure,
+    ("memloc_tl.core.results.LayerComponentScores", "figure"): figures.layer_component_figure,
     ("memloc_tl.memorization.MemorizationScan", "figure"): figures.exact_match_figure,
     ("memloc_tl.uncertainty.HeadRanking", "figure"): figures.ranking_figure,
     ("memloc_tl.analysis.patching.HeadIntervention", "figure"): figures.intervention_figure,

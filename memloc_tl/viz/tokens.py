@@ -14,9 +14,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from memloc_tl.backend import HookedModel
-from memloc_tl.heads import HeadRef
-from memloc_tl.hooks import hook_name
+from memloc_tl.core.backend import HookedModel
+from memloc_tl.core.heads import HeadRef
+from memloc_tl.core.hooks import hook_name
 from memloc_tl.viz.html import CircuitsView
 
 CONTINUATION_MARK = "\u2502"
@@ -181,7 +181,7 @@ def rarity_view(
 ) -> CircuitsView:
     """Tokens colored by corpus rarity, ``-log10`` of the token's relative frequency.
 
-    ``counts`` are corpus unigram counts (:func:`~memloc_tl.paragraphs.corpus_token_counts`);
+    ``counts`` are corpus unigram counts (:func:`~memloc_tl.core.paragraphs.corpus_token_counts`);
     tokens never seen count as seen once.
     """
     _check_paragraph(tokens)

@@ -9,8 +9,8 @@ import torch
 
 import memloc_tl.analysis.activation_grads as module
 from memloc_tl.analysis import activation_gradients
-from memloc_tl.heads import HeadRef
-from memloc_tl.hooks import hook_name
+from memloc_tl.core.heads import HeadRef
+from memloc_tl.core.hooks import hook_name
 from memloc_tl.organism import Organism
 
 

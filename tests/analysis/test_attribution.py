@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from memloc_tl import attribution_patching, patching_sweep, perturb_prefixes
-from memloc_tl.hooks import hook_name
-from memloc_tl.memorization import score_continuations
+from memloc_tl.core.forward import score_continuations
+from memloc_tl.core.hooks import hook_name
 from memloc_tl.organism import Organism
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-import memloc_tl.objectives as objectives
+import memloc_tl.core.objectives as objectives
 from memloc_tl.analysis import (
     compare_gradient_norms,
     contrastive_gradient_norms,
@@ -20,8 +20,8 @@ from memloc_tl.analysis.gradients import (
     contrastive_kl,
     reduce_gradients,
 )
-from memloc_tl.backend import replaced_weights
-from memloc_tl.objectives import attributed_weights
+from memloc_tl.core.backend import replaced_weights
+from memloc_tl.core.objectives import attributed_weights
 from memloc_tl.organism import Organism
 
 

@@ -9,9 +9,9 @@ import torch
 
 import memloc_tl.analysis.patching as patching
 from memloc_tl.analysis import ablate_heads, patch_heads, patching_sweep
-from memloc_tl.heads import HeadRef, all_heads
-from memloc_tl.hooks import hook_name
-from memloc_tl.memorization import exact_match_length, score_continuations
+from memloc_tl.core.forward import exact_match_length, score_continuations
+from memloc_tl.core.heads import HeadRef, all_heads
+from memloc_tl.core.hooks import hook_name
 from memloc_tl.organism import Organism
 
 
@@ -113,7 +113,7 @@ def test_a_sweep_from_perturbed_copies_recomputes_only_from_the_first_change(
     """Causal reuse: sources equal to their targets up to position p change nothing before p,
     so only positions from p on run (with the target's keys and values before p), and the
     numbers equal a per-head loop of ``patch_heads``, which recomputes every position."""
-    from memloc_tl.backend import shares_prefix_cache, skips_early_blocks
+    from memloc_tl.core.backend import shares_prefix_cache, skips_early_blocks
 
     model = organism.model
     reuse = shares_prefix_cache(model) and skips_early_blocks(model)  # not on a bridge

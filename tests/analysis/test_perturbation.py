@@ -9,15 +9,11 @@ import pytest
 import torch
 
 from memloc_tl.analysis import PerturbConfig, PrefixPerturbation, perturb_prefixes
-from memloc_tl.backend import tl_major
-from memloc_tl.memorization import (
-    PrefixKV,
-    greedy_continuations,
-    scan_memorization,
-    score_continuations,
-)
+from memloc_tl.core.backend import tl_major
+from memloc_tl.core.forward import PrefixKV, greedy_continuations, score_continuations
+from memloc_tl.core.paragraphs import Paragraphs
+from memloc_tl.memorization import scan_memorization
 from memloc_tl.organism import Organism
-from memloc_tl.paragraphs import Paragraphs
 
 HAS_PREFIX_KV = tl_major() < 4  # PrefixKV is TransformerLens 3's key/value cache
 

@@ -12,7 +12,7 @@ import torch
 import memloc_tl.analysis.rare_tokens as rare_tokens
 from memloc_tl.analysis import RareTokenAttentionAnalyzer, rare_token_attention
 from memloc_tl.analysis.rare_tokens import kendall_tau_b
-from memloc_tl.heads import HeadRef
+from memloc_tl.core.heads import HeadRef
 from memloc_tl.organism import Organism
 
 

@@ -1,8 +1,8 @@
 """One backend for TransformerLens 3 and 4: the bridge gives the HookedTransformer's numbers.
 
 A TransformerBridge in compatibility mode runs the Hugging Face model; its TransformerLens-named
-weights are views of the Hugging Face parameters (memloc_tl.backend.Weight). Every analysis, the
-scan, sparse editing, WeightEdit and injection must give the same numbers on both (1e-5).
+weights are views of the Hugging Face parameters (memloc_tl.core.backend.Weight). Every analysis,
+the scan, sparse editing, WeightEdit and injection must give the same numbers on both (1e-5).
 
 - With TransformerLens 3 installed (which also ships the bridge), both backends run here.
 - ``MEMLOC_BACKEND_REFERENCE=<file>``: the TransformerLens 3 run writes its HookedTransformer
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memloc_tl import load_model
-from memloc_tl.backend import (
+from memloc_tl.core.backend import (
     check_backend,
     check_model,
     gradients,
@@ -30,10 +30,10 @@ from memloc_tl.backend import (
     tl_major,
     weights,
 )
-from memloc_tl.files import atomic_write
-from memloc_tl.memorization import PrefixKV, continuation_logits
+from memloc_tl.core.files import atomic_write
+from memloc_tl.core.forward import PrefixKV, continuation_logits
+from memloc_tl.core.objectives import attributed_names, attributed_parameters
 from memloc_tl.models import save_hooked_model
-from memloc_tl.objectives import attributed_names, attributed_parameters
 from memloc_tl.organism import Organism
 from tests.backend_fingerprint import fingerprint
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from memloc_tl.files import (
+from memloc_tl.core.files import (
     CHECKSUMS,
     CorruptFileError,
     atomic_directory,
@@ -114,7 +114,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from memloc_tl.files import atomic_write
+    from memloc_tl.core.files import atomic_write
 
     def slow(tmp: Path) -> None:
         with open(tmp, "w") as file:

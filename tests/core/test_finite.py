@@ -16,14 +16,14 @@ from hypothesis import strategies as st
 
 from memloc_tl import EditConfig, load_model, localize, scan_memorization, sparse_edit
 from memloc_tl.analysis import rare_token_attention
-from memloc_tl.backend import copy_model
 from memloc_tl.cli import main
+from memloc_tl.core.backend import copy_model
+from memloc_tl.core.files import CorruptFileError
+from memloc_tl.core.paragraphs import Paragraphs
+from memloc_tl.core.validation import check_real
 from memloc_tl.editing import ParamMask
-from memloc_tl.files import CorruptFileError
 from memloc_tl.localization import InjectionConfig, LearnedMaskConfig
 from memloc_tl.organism import Organism, OrganismConfig
-from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.validation import check_real
 
 FLOATS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memloc_tl.heads import HeadRef, all_heads
-from memloc_tl.hooks import hook_name
-from memloc_tl.results import HeadScores
+from memloc_tl.core.heads import HeadRef, all_heads
+from memloc_tl.core.hooks import hook_name
+from memloc_tl.core.results import HeadScores
 
 
 def test_head_ref_round_trip() -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import memloc_tl
-from memloc_tl.rendering import qualified_name, registered, render
-from memloc_tl.results import Drawable
+from memloc_tl.core.rendering import qualified_name, registered, render
+from memloc_tl.core.results import Drawable
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
+from memloc_tl.core.paragraphs import Paragraphs, corpus_token_counts, tokenizer_fingerprint
 from memloc_tl.models import load_model
 from memloc_tl.organism import corpus_texts
-from memloc_tl.paragraphs import Paragraphs, corpus_token_counts, tokenizer_fingerprint
 
 
 @pytest.fixture(scope="module")

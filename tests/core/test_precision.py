@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from memloc_tl import Paragraphs, scan_memorization
-from memloc_tl.memorization import continuation_logits, exact_match_length
+from memloc_tl.core.forward import continuation_logits, exact_match_length
+from memloc_tl.core.precision import Precision, decision_margins, near_flip
 from memloc_tl.organism import Organism
-from memloc_tl.precision import Precision, decision_margins, near_flip
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,8 @@ from memloc_tl import (
     sparse_edit,
     training_dynamics,
 )
+from memloc_tl.core.results import Drawable
 from memloc_tl.organism import Organism
-from memloc_tl.results import Drawable
 
 from ..contract import NOT_RESULTS, check_result
 

@@ -25,13 +25,13 @@ from memloc_tl.analysis import (
     perturb_prefixes,
 )
 from memloc_tl.analysis.gradients import attributed_parameters
+from memloc_tl.core.files import tensors_sha256
+from memloc_tl.core.heads import HeadRef
+from memloc_tl.core.paragraphs import Paragraphs, corpus_token_counts
+from memloc_tl.core.validation import check_positions
 from memloc_tl.editing import EditConfig, ParamMask, WeightEdit, sparse_edit
-from memloc_tl.files import tensors_sha256
-from memloc_tl.heads import HeadRef
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.organism import Organism
-from memloc_tl.paragraphs import Paragraphs, corpus_token_counts
-from memloc_tl.validation import check_positions
 
 EXAMPLES = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

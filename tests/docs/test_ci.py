@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from memloc_tl.backend import tl_major
+from memloc_tl.core.backend import tl_major
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from memloc_tl.analysis.gradients import attributed_parameters
+from memloc_tl.core.heads import HeadRef
 from memloc_tl.editing import MaskedOptimizer, ParamMask
-from memloc_tl.heads import HeadRef
 from memloc_tl.organism import Organism
 
 

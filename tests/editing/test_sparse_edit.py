@@ -12,7 +12,8 @@ import torch
 
 from memloc_tl.analysis import contrastive_gradients, perturb_prefixes
 from memloc_tl.analysis.gradients import attributed_parameters
-from memloc_tl.backend import copy_model, tl_major
+from memloc_tl.core.backend import copy_model, tl_major
+from memloc_tl.core.objectives import attributed_weights
 from memloc_tl.editing import (
     EditConfig,
     EvalSets,
@@ -21,7 +22,6 @@ from memloc_tl.editing import (
     compare_edits,
     sparse_edit,
 )
-from memloc_tl.objectives import attributed_weights
 from memloc_tl.organism import Organism
 
 FAST = EditConfig(steps=4, lr=3e-2)

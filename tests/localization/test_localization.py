@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from memloc_tl.backend import copy_model
+from memloc_tl.core.backend import copy_model
+from memloc_tl.core.objectives import attributed_parameters, attributed_weights
 from memloc_tl.localization import (
     METHODS,
     BenchmarkConfig,
@@ -27,7 +28,6 @@ from memloc_tl.localization import (
 )
 from memloc_tl.localization.injection import Injection
 from memloc_tl.memorization import scan_memorization
-from memloc_tl.objectives import attributed_parameters, attributed_weights
 from memloc_tl.organism import Organism
 
 HEAD_INJECTION = InjectionConfig(
@@ -140,8 +140,8 @@ def test_zero_ablation_equals_a_hand_written_loop(
 
 
 def test_neuron_zero_ablation_equals_a_hand_written_loop(organism: Organism) -> None:
-    from memloc_tl.hooks import make_unit_scale_hook
-    from memloc_tl.memorization import score_continuations
+    from memloc_tl.core.forward import score_continuations
+    from memloc_tl.core.hooks import make_unit_scale_hook
 
     model, target = organism.model, organism.planted[:2]
     found = localize(
@@ -165,8 +165,8 @@ def test_neuron_zero_ablation_equals_a_hand_written_loop(organism: Organism) -> 
 
 def test_attribution_is_the_derivative_of_scaling_a_unit(organism: Organism) -> None:
     """-(dNLL/d gate) at gate 1, checked by a finite difference of the gate."""
-    from memloc_tl.hooks import make_unit_scale_hook
-    from memloc_tl.memorization import score_continuations
+    from memloc_tl.core.forward import score_continuations
+    from memloc_tl.core.hooks import make_unit_scale_hook
 
     model, target = organism.model, organism.control[:2]
     found = localize(model, target, method="attribution", level="heads")
@@ -251,7 +251,7 @@ def test_every_localizer_leaves_the_model_unchanged_also_when_it_raises(
                     config=LocalizeConfig(learned=quick, ig_steps=2),
                 )
             assert all(torch.isfinite(s).all() for s in found.scores.values()), (level, method)
-    import memloc_tl.memorization as memorization
+    import memloc_tl.core.forward as memorization
 
     real = memorization.replaced_weights
 

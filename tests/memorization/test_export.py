@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from memloc_tl import EditConfig, Paragraphs, export_hf, load_model, sparse_edit
-from memloc_tl.backend import check_backend, tl_major
+from memloc_tl.core.backend import check_backend, tl_major
 from tests.memorization.test_models import tiny_checkpoint
 
 BACKENDS = ["bridge"] if tl_major() >= 4 else ["hooked", "bridge"]

@@ -7,14 +7,10 @@ from typing import Any
 import pytest
 import torch
 
-from memloc_tl.memorization import (
-    exact_match_length,
-    greedy_continuations,
-    scan_memorization,
-    summarize,
-)
+from memloc_tl.core.forward import exact_match_length, greedy_continuations
+from memloc_tl.core.paragraphs import Paragraphs
+from memloc_tl.memorization import scan_memorization, summarize
 from memloc_tl.organism import Organism
-from memloc_tl.paragraphs import Paragraphs
 
 
 def greedy_em(model: Any, paragraphs: Paragraphs) -> torch.Tensor:

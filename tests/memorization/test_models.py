@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from memloc_tl.backend import is_bridge, tl_major
+from memloc_tl.core.backend import is_bridge, tl_major
 from memloc_tl.models import (
     DEFAULT_MODEL,
     HubUnavailableError,
@@ -45,7 +45,7 @@ def test_local_checkpoint_matches_transformers_unprocessed(neo_checkpoint: Path)
 
 
 def test_local_checkpoint_matches_transformers_processed(neo_checkpoint: Path) -> None:
-    from memloc_tl.objectives import attributed_parameters
+    from memloc_tl.core.objectives import attributed_parameters
 
     model = load_model(neo_checkpoint, device="cpu")
     raw = load_model(neo_checkpoint, process_weights=False, device="cpu")
@@ -300,7 +300,7 @@ def test_checkpoints_that_do_not_hold_together_are_refused(
 
 
 def test_saved_hooked_models_are_checked_on_load(tmp_path: Path, neo_checkpoint: Path) -> None:
-    from memloc_tl.files import CorruptFileError
+    from memloc_tl.core.files import CorruptFileError
     from memloc_tl.models import save_hooked_model
 
     model = load_model(neo_checkpoint)
@@ -338,7 +338,7 @@ def test_the_analyses_run_on_other_architectures(
         scan_memorization,
         sparse_edit,
     )
-    from memloc_tl.memorization import greedy_continuations
+    from memloc_tl.core.forward import greedy_continuations
 
     directory = tmp_path / kind
     tiny_checkpoint(kind, tokenizer).save_pretrained(directory)

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 
 from memloc_tl import CheckpointSeries, Paragraphs, scan_checkpoints, scan_memorization
 from memloc_tl.checkpoints import Checkpoint, step_of
+from memloc_tl.core.results import HeadScores
 from memloc_tl.models import load_model
 from memloc_tl.organism import CHECKPOINTS, Organism, load_organism
-from memloc_tl.results import HeadScores
 
 
 def test_the_last_checkpoint_is_the_final_model_and_every_one_is_checksummed(

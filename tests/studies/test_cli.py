@@ -27,7 +27,7 @@ def test_scan_writes_per_paragraph_results(
     frame = pd.read_csv(out)
     assert len(frame) == 4
     # Independent: re-tokenize the same texts and scan in Python.
-    from memloc_tl.paragraphs import Paragraphs
+    from memloc_tl.core.paragraphs import Paragraphs
 
     expected = scan_memorization(
         organism.model, Paragraphs.from_texts(texts[:4], organism.model), progress=False

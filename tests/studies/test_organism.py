@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import memloc_tl.organism as organism_module
-from memloc_tl.files import CorruptFileError
+from memloc_tl.core.files import CorruptFileError
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.organism import (
     COUNTS_FILE,

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM
 
 from memloc_tl import EditConfig, Paragraphs, export_hf, load_model, sparse_edit
-from memloc_tl.backend import copy_model, is_bridge, weights_fingerprint
+from memloc_tl.core.backend import copy_model, is_bridge, weights_fingerprint
+from memloc_tl.core.files import CorruptFileError, atomic_directory, save_safetensors
 from memloc_tl.corpus import (
     COLUMNS,
     CorpusConfig,
@@ -30,7 +31,6 @@ from memloc_tl.corpus import (
     scan_corpus,
 )
 from memloc_tl.editing import WeightEdit
-from memloc_tl.files import CorruptFileError, atomic_directory, save_safetensors
 from memloc_tl.organism import Organism, OrganismConfig, build_organism, organism_dir
 from tests.conftest import random_neo
 

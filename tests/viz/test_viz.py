@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from memloc_tl.analysis import compare_gradient_norms, perturb_prefixes, rare_token_attention
+from memloc_tl.core.results import HeadScores
 from memloc_tl.organism import Organism
-from memloc_tl.results import HeadScores
 from memloc_tl.viz import (
     attention_figure,
     attention_view,

@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import (
+from memloc_tl.core.backend import (
     HookedModel,
     Weight,
     gradients,
@@ -26,8 +26,8 @@ from memloc_tl.backend import (
     parameters_of,
     weights,
 )
-from memloc_tl.memorization import continuation_logits
-from memloc_tl.paragraphs import Paragraphs
+from memloc_tl.core.forward import continuation_logits
+from memloc_tl.core.paragraphs import Paragraphs
 
 HEAD_MATRICES = ("W_K", "W_Q", "W_V", "W_O")
 """Per-head matrices, in the paper's column order."""
@@ -57,7 +57,7 @@ def attributed_parameters(model: HookedModel) -> dict[str, Tensor]:
     In TransformerLens layout (``W_Q`` is ``[n_heads, d_model, d_head]``). On a
     HookedModel these are its parameters; on a TransformerBridge, views of the Hugging
     Face parameters (in-place writes reach the model; for gradients use
-    :func:`attributed_weights` and :func:`memloc_tl.backend.gradients`).
+    :func:`attributed_weights` and :func:`memloc_tl.core.backend.gradients`).
     """
     return {name: w.value for name, w in attributed_weights(model).items()}
 

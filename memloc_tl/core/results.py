@@ -10,9 +10,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from memloc_tl.heads import HeadRef
-from memloc_tl.paragraphs import Paragraphs
-from memloc_tl.rendering import render
+from memloc_tl.core.heads import HeadRef
+from memloc_tl.core.paragraphs import Paragraphs
+from memloc_tl.core.rendering import render
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -25,7 +25,7 @@ class Result(Protocol):
     - ``to_frame()``: a ``pandas.DataFrame`` of its numbers, one row per unit of the result
       (head, paragraph, position, set x metric, ...);
     - ``figure(**options)``: a plotly figure of it, drawn by :mod:`memloc_tl.viz` (through
-      :func:`memloc_tl.rendering.render`, so the result itself imports no plotting code);
+      :func:`memloc_tl.core.rendering.render`, so the result itself imports no plotting code);
     - ``repr(result)``: one short line that says what it holds and its headline number.
     """
 
@@ -38,7 +38,7 @@ class Drawable:
     """The base of the result types: ``figure()`` returns a plotly figure, ``show()`` shows it.
 
     A subclass implements :class:`Result`: ``to_frame`` and ``figure`` (which calls
-    :func:`memloc_tl.rendering.render`).
+    :func:`memloc_tl.core.rendering.render`).
     """
 
     def to_frame(self) -> pd.DataFrame:

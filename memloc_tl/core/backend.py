@@ -16,7 +16,7 @@ view's own strides: no per-architecture table). What else differs:
 
 - the residual stream after the last block: TransformerLens 3 stops there
   (``stop_at_layer=n_layers``), the bridge has no such stop and returns logits;
-- the shared-prefix key/value cache of :class:`memloc_tl.memorization.PrefixKV` is
+- the shared-prefix key/value cache of :class:`memloc_tl.core.forward.PrefixKV` is
   TransformerLens 3's; on the bridge, perturbation recomputes every position (same numbers);
 - ``start_at_layer`` on the bridge still runs the earlier blocks (the result is the same, the
   patching sweep's saving is not).
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from memloc_tl.validation import check_finite_weights
+from memloc_tl.core.validation import check_finite_weights
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer as HookedModel
@@ -129,7 +129,7 @@ def weights_fingerprint(model: HookedModel) -> str:
     What a resumable artefact records as "the model": two checkpoints in directories of the
     same name differ here, and so do a model and its edited copy.
     """
-    from memloc_tl.files import tensors_sha256
+    from memloc_tl.core.files import tensors_sha256
 
     return tensors_sha256(_torch_module(model).state_dict())
 
@@ -211,7 +211,7 @@ def final_residual(model: HookedModel, tokens: Tensor, **kwargs: Any) -> Tensor:
 
 
 def shares_prefix_cache(model: HookedModel) -> bool:
-    """Whether :class:`memloc_tl.memorization.PrefixKV` works (TransformerLens 3's cache)."""
+    """Whether :class:`memloc_tl.core.forward.PrefixKV` works (TransformerLens 3's cache)."""
     return not is_bridge(model)
 
 

@@ -23,9 +23,9 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from memloc_tl.backend import check_model
-from memloc_tl.quiet import quiet_libraries
-from memloc_tl.validation import check_positive_int
+from memloc_tl.core.backend import check_model
+from memloc_tl.core.quiet import quiet_libraries
+from memloc_tl.core.validation import check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -505,7 +505,7 @@ class Paragraphs:
         """Raise ``ValueError`` if these paragraphs were not tokenized for ``model``.
 
         Also the check every analyzer shares that ``model`` is one memloc-tl can analyze (a
-        ``TypeError`` for anything else, see :func:`memloc_tl.backend.check_model`).
+        ``TypeError`` for anything else, see :func:`memloc_tl.core.backend.check_model`).
         """
         check_model(model)
         self.check_vocab(int(model.cfg.d_vocab))

@@ -23,7 +23,7 @@ _RENDERERS: dict[tuple[str, str], Callable[..., Any]] = {}
 
 
 def qualified_name(kind: type) -> str:
-    """``"memloc_tl.results.HeadScores"``: the key a renderer is registered under."""
+    """``"memloc_tl.core.results.HeadScores"``: the key a renderer is registered under."""
     return f"{kind.__module__}.{kind.__qualname__}"
 
 

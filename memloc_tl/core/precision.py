@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from memloc_tl.validation import check_choice, check_real
+from memloc_tl.core.validation import check_choice, check_real
 
 Verify = Literal["margin", "none"]
 """What a reduced-precision scan does with windows near a flip: score them again in float32
