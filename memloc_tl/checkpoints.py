@@ -48,7 +48,7 @@ from memloc_tl.core.heads import HeadRef
 from memloc_tl.core.paragraphs import Paragraphs
 from memloc_tl.core.rendering import render
 from memloc_tl.core.results import Drawable, HeadScores
-from memloc_tl.core.validation import check_fraction, check_positive_int
+from memloc_tl.core.validation import check_config, check_fraction, check_positive_int
 from memloc_tl.corpus import (
     SCAN_FILE,
     CorpusConfig,
@@ -781,7 +781,7 @@ def scan_corpus_checkpoints(
             "checkpoint, and an iterator is spent after the first; pass a documents_from_* "
             "stream or a list"
         )
-    config = config or CorpusConfig()
+    config = check_config(config, CorpusConfig)
     check_positive_int(batch_size, "batch_size")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

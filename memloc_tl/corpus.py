@@ -57,7 +57,7 @@ from memloc_tl.core.paragraphs import (
 )
 from memloc_tl.core.precision import DTYPES as PRECISIONS
 from memloc_tl.core.precision import Precision
-from memloc_tl.core.validation import check_choice, check_positive_int
+from memloc_tl.core.validation import check_choice, check_config, check_positive_int
 from memloc_tl.memorization import scan_memorization
 
 logger = logging.getLogger(__name__)
@@ -706,7 +706,7 @@ def scan_corpus(
     Returns:
         This process's summary.
     """
-    config = config or CorpusConfig()
+    config = check_config(config, CorpusConfig)
     check_positive_int(batch_size, "batch_size")
     if config.length > model.cfg.n_ctx:
         raise ValueError(

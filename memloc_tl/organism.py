@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from memloc_tl.checkpoints import CheckpointSeries
 from memloc_tl.core.files import atomic_directory, read_json, save_safetensors, verify_checksums
 from memloc_tl.core.paragraphs import Paragraphs, tokenizer_fingerprint
-from memloc_tl.core.validation import check_device, check_real
+from memloc_tl.core.validation import check_config, check_device, check_real
 from memloc_tl.memorization import MemorizationScan, scan_memorization, summarize
 from memloc_tl.models import load_model
 
@@ -519,7 +519,7 @@ def build_organism(
         The organism. ``organism.report["acceptance"]["passed"]`` says whether the build met
         its acceptance (a warning is logged when it did not).
     """
-    config = config or OrganismConfig()
+    config = check_config(config, OrganismConfig)
     check_device(device)  # before minutes of training, not after
     target = organism_dir(config, cache_dir)
     if (target / MANIFEST).is_file() and not rebuild:

@@ -36,7 +36,13 @@ from memloc_tl.checkpoints import (
 )
 from memloc_tl.core.backend import HookedModel
 from memloc_tl.core.paragraphs import Paragraphs, corpus_token_counts
-from memloc_tl.core.validation import check_fraction, check_positive_int, check_real
+from memloc_tl.core.validation import (
+    check_bool,
+    check_fraction,
+    check_positive_int,
+    check_real,
+    check_seed,
+)
 from memloc_tl.editing.sparse_edit import EditConfig, EvalSets, compare_edits
 from memloc_tl.localization.benchmark import (
     BenchmarkConfig,
@@ -99,12 +105,10 @@ class ReportConfig:
         check_positive_int(self.edit_steps, "edit_steps")
         check_fraction(self.fraction, "fraction")
         check_positive_int(self.batch_size, "batch_size")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        check_seed(self.seed)
         if not isinstance(self.title, str):
             raise TypeError(f"title must be a string, got {type(self.title).__name__}")
-        if not isinstance(self.inj, bool):
-            raise TypeError(f"inj must be True or False, got {self.inj!r}")
+        check_bool(self.inj, "inj")
 
 
 @dataclass(frozen=True)
@@ -624,7 +628,7 @@ def memorization_report(
         progress=progress,
     )
 
-    settings = LocalizeConfig(seed=seed, batch_size=batch_size)
+    settings = LocalizeConfig(batch_size=batch_size)  # the seed is each benchmark's own
     deletion = deletion_benchmark(
         model,
         memorized[:2],

@@ -33,6 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from memloc_tl.core import objectives
 from memloc_tl.core.backend import HookedModel
 from memloc_tl.core.objectives import (
     HEAD_MATRICES,
@@ -50,8 +51,6 @@ from memloc_tl.core.paragraphs import Paragraphs, check_set
 from memloc_tl.core.rendering import render
 from memloc_tl.core.results import Drawable, LayerComponentScores
 from memloc_tl.core.validation import check_choice, check_positive_int
-
-_logprobs_of = original_logprobs  # the parameter of contrastive_gradients shadows the name
 
 __all__ = [  # the objectives' names stay importable from here
     "HEAD_MATRICES",
@@ -299,7 +298,9 @@ def contrastive_gradients(
     check_set(model, keep, "keep")
     check_positive_int(batch_size, "batch_size")
     reference = (
-        _logprobs_of(model, keep, batch_size) if original_logprobs is None else original_logprobs
+        objectives.original_logprobs(model, keep, batch_size)
+        if original_logprobs is None
+        else original_logprobs
     )
     if reference.shape[0] != len(keep):
         raise ValueError(

@@ -37,7 +37,13 @@ from memloc_tl.core.forward import (
 from memloc_tl.core.paragraphs import Paragraphs, check_set
 from memloc_tl.core.rendering import render
 from memloc_tl.core.results import Drawable, TokenScores
-from memloc_tl.core.validation import check_choice, check_config, check_positive_int
+from memloc_tl.core.validation import (
+    check_bool,
+    check_choice,
+    check_config,
+    check_positive_int,
+    check_seed,
+)
 
 
 @dataclass(frozen=True)
@@ -197,16 +203,13 @@ class PerturbConfig:
 
     def __post_init__(self) -> None:
         check_positive_int(self.n_samples, "n_samples")
-        for name in ("include_first",):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_bool(self.include_first, "include_first")
         if self.shared_prefix is not None and not isinstance(self.shared_prefix, bool):
             raise TypeError(
                 f"shared_prefix must be True, False or None, got {self.shared_prefix!r}"
             )
         check_choice(self.em_against, "em_against", typing.get_args(EmAgainst))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        check_seed(self.seed)
         check_choice(self.pmp_choice, "pmp_choice", typing.get_args(PMPChoice))
         if isinstance(self.pmp_exclude_last, bool) or not isinstance(self.pmp_exclude_last, int):
             raise TypeError(f"pmp_exclude_last must be an int, got {self.pmp_exclude_last!r}")

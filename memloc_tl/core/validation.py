@@ -25,6 +25,20 @@ def check_positive_int(value: Any, name: str) -> int:
     return value
 
 
+def check_seed(value: Any, name: str = "seed") -> int:
+    """An ``int`` seed (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Exactly ``True`` or ``False`` (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:
     """``value`` is exactly one of ``choices`` (no prefix or case matching)."""
     options = tuple(choices)

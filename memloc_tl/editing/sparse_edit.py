@@ -44,11 +44,13 @@ from memloc_tl.core.paragraphs import Paragraphs, check_set
 from memloc_tl.core.rendering import render
 from memloc_tl.core.results import Drawable
 from memloc_tl.core.validation import (
+    check_bool,
     check_choice,
     check_config,
     check_fraction,
     check_positive_int,
     check_real,
+    check_seed,
 )
 from memloc_tl.editing.masks import ParamMask, check_mask_fraction
 from memloc_tl.editing.optimizer import MaskedOptimizer
@@ -111,10 +113,8 @@ class EditConfig:
         check_real(self.weight_decay, "weight_decay", at_least=0)
         check_choice(self.kl_reduction, "kl_reduction", typing.get_args(KLReduction))
         check_choice(self.edit_context, "edit_context", typing.get_args(EditContext))
-        if not isinstance(self.reextraction, bool):
-            raise TypeError(f"reextraction must be True or False, got {self.reextraction!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        check_bool(self.reextraction, "reextraction")
+        check_seed(self.seed)
         check_positive_int(self.batch_size, "batch_size")
 
     @classmethod

@@ -28,6 +28,21 @@ EDIT_FORMAT = "memloc-tl weight edit v1"
 """The ``format`` metadata of a saved :class:`WeightEdit`."""
 
 
+def _masked(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A copy of each matrix's entries under its mask (1-D, in mask order)."""
+    return {n: params[n].detach()[m.to(params[n].device)].clone() for n, m in masks.items()}
+
+
+def _write_masked(
+    params: Mapping[str, Tensor], masks: Mapping[str, Tensor], values: Mapping[str, Tensor]
+) -> None:
+    """Write ``values`` into each matrix's entries under its mask."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            param = params[name]
+            param[mask.to(param.device)] = values[name].to(param.device, param.dtype)
+
+
 @dataclass(frozen=True)
 class WeightEdit:
     """The weights an edit changed: per matrix, the mask and the values before and after.
@@ -55,29 +70,12 @@ class WeightEdit:
                         "entries: one value per masked entry is needed"
                     )
 
-    @classmethod
-    def between(
-        cls, mask: ParamMask, original: Mapping[str, Tensor], model: HookedModel
-    ) -> WeightEdit:
-        params = attributed_parameters(model)
-        masks = {n: m.cpu() for n, m in mask.masks.items() if bool(m.any())}
-        return cls(
-            masks=masks,
-            before={n: original[n][masks[n].to(original[n].device)].cpu() for n in masks},
-            after={n: params[n].detach()[masks[n].to(params[n].device)].cpu() for n in masks},
-        )
-
     def _check(self, model: HookedModel) -> None:
         check_masks_fit(self.masks, model, "not the model (architecture) the edit was made on")
 
     def _write(self, model: HookedModel, values: Mapping[str, Tensor]) -> None:
         self._check(model)  # every check before the first write: edited whole or not at all
-        params = attributed_parameters(model)
-        with torch.no_grad():
-            for name, mask in self.masks.items():
-                params[name][mask.to(params[name].device)] = values[name].to(
-                    params[name].device, params[name].dtype
-                )
+        _write_masked(attributed_parameters(model), self.masks, values)
 
     def apply(self, model: HookedModel) -> None:
         """Write the edited values into ``model``."""
@@ -92,11 +90,7 @@ class WeightEdit:
         model is made.
         """
         self._check(model)  # before anything is read or written
-        params = attributed_parameters(model)
-        saved = {
-            name: params[name].detach()[mask.to(params[name].device)].clone()
-            for name, mask in self.masks.items()
-        }
+        saved = _masked(attributed_parameters(model), self.masks)
         self.apply(model)
         try:
             yield model
@@ -174,30 +168,26 @@ class InPlaceTraining:
 
     Attributes:
         params: the model's attributed matrices by name (the tensors training writes).
-        mask: the entries that may change.
-        original: each masked matrix's masked entries before training (1-D, in mask order).
+        masks: the entries that may change, per matrix that has any.
+        original: each of those matrices' masked entries before training (1-D, in mask order).
     """
 
     params: Mapping[str, Tensor]
-    mask: ParamMask
+    masks: Mapping[str, Tensor]
     original: Mapping[str, Tensor]
 
     def edit(self) -> WeightEdit:
         """The change so far: the masked entries before training and now."""
-        masks = {n: self.mask.masks[n].cpu() for n in self.original}
-        after = {
-            n: self.params[n].detach()[m.to(self.params[n].device)].cpu() for n, m in masks.items()
-        }
+        after = _masked(self.params, self.masks)
         return WeightEdit(
-            masks=masks, before={n: v.cpu() for n, v in self.original.items()}, after=after
+            masks={n: m.cpu() for n, m in self.masks.items()},
+            before={n: v.cpu() for n, v in self.original.items()},
+            after={n: v.cpu() for n, v in after.items()},
         )
 
     def restore(self) -> None:
         """Write the masked entries' original values back."""
-        with torch.no_grad():
-            for name, values in self.original.items():
-                param = self.params[name]
-                param[self.mask.masks[name].to(param.device)] = values
+        _write_masked(self.params, self.masks, self.original)
 
 
 @contextlib.contextmanager
@@ -213,12 +203,8 @@ def trained_in_place(
     """
     params = attributed_parameters(model)
     check_masks_fit(mask.masks, model, "not a mask of this model")
-    original = {
-        n: params[n].detach()[m.to(params[n].device)].clone()
-        for n, m in mask.masks.items()
-        if bool(m.any())
-    }
-    run = InPlaceTraining(params, mask, original)
+    masks = {n: m for n, m in mask.masks.items() if bool(m.any())}
+    run = InPlaceTraining(params, masks, _masked(params, masks))
     saved_grads = {p: p.grad for p in model_parameters(model)}
     try:
         yield run

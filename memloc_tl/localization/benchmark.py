@@ -31,7 +31,13 @@ from memloc_tl.core.objectives import attributed_parameters
 from memloc_tl.core.paragraphs import Paragraphs
 from memloc_tl.core.rendering import render
 from memloc_tl.core.results import Drawable
-from memloc_tl.core.validation import check_choice, check_config, check_fraction, check_positive_int
+from memloc_tl.core.validation import (
+    check_bool,
+    check_choice,
+    check_config,
+    check_fraction,
+    check_positive_int,
+)
 from memloc_tl.localization.injection import Injection, InjectionConfig, inject_paragraphs
 from memloc_tl.localization.localizers import (
     METHODS,
@@ -74,8 +80,7 @@ class BenchmarkConfig:
         object.__setattr__(self, "seeds", seeds)
         if not isinstance(self.localize, LocalizeConfig):
             raise TypeError(f"localize must be a LocalizeConfig, got {self.localize!r}")
-        if not isinstance(self.strict, bool):
-            raise TypeError(f"strict must be True or False, got {self.strict!r}")
+        check_bool(self.strict, "strict")
 
 
 @dataclass(frozen=True)
@@ -212,7 +217,8 @@ class DeletionBenchmark(Drawable):
 
 
 def _methods(level: str, methods: Sequence[str] | None) -> list[str]:
-    chosen = list(METHODS[level] if methods is None else methods)
+    """The chosen localizers and baselines, checked (``None``: the level's defaults)."""
+    chosen = _default_methods(level) if methods is None else list(methods)
     unknown = [m for m in chosen if m not in METHODS[level] and m not in BASELINES]
     if unknown:
         raise ValueError(f"unknown methods for {level}: {unknown}; choose from {METHODS[level]}")
@@ -252,8 +258,7 @@ def injection_benchmark(
     config = check_config(config, InjectionConfig)
     benchmark = check_config(benchmark, BenchmarkConfig, "benchmark")
     level = config.level
-    methods = benchmark.methods
-    chosen = _methods(level, methods if methods is not None else _default_methods(level))
+    chosen = _methods(level, benchmark.methods)
     rows: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
     for seed in benchmark.seeds:
@@ -407,9 +412,7 @@ def deletion_benchmark(
         )
     level, fraction, n_units = config.level, config.fraction, config.n_units
     settings = dataclasses.replace(benchmark.localize, seed=benchmark.seeds[0])
-    methods = benchmark.methods
-    chosen = _methods(level, methods if methods is not None else _default_methods(level))
-    chosen = [m for m in chosen if m != "oracle"]
+    chosen = [m for m in _methods(level, benchmark.methods) if m != "oracle"]
     if len(targets) == 0 or len(others) == 0 or len(non_memorized) == 0:
         raise ValueError("targets, others and non_memorized must each hold paragraphs")
     for paragraphs in (targets, others, non_memorized):

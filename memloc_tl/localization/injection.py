@@ -65,7 +65,7 @@ from memloc_tl.core.objectives import (
 from memloc_tl.core.paragraphs import Paragraphs
 from memloc_tl.core.rendering import render
 from memloc_tl.core.results import Drawable
-from memloc_tl.core.validation import check_real
+from memloc_tl.core.validation import check_config, check_real
 from memloc_tl.editing.masks import ParamMask, unflatten_like
 from memloc_tl.editing.optimizer import MaskedOptimizer
 from memloc_tl.editing.sparse_edit import measure_sets
@@ -399,7 +399,7 @@ def inject_paragraphs(
         progress: show a progress bar.
         strict: raise instead of warning on a failed or damaging injection.
     """
-    config = config or InjectionConfig()
+    config = check_config(config, InjectionConfig)
     for name, value in (("paragraphs", paragraphs), ("keep", keep)):
         if not isinstance(value, Paragraphs):
             raise TypeError(f"{name} must be Paragraphs, got {type(value).__name__}")

@@ -57,7 +57,13 @@ from memloc_tl.core.objectives import (
     original_logprobs,
 )
 from memloc_tl.core.paragraphs import Paragraphs
-from memloc_tl.core.validation import check_config, check_positive_int, check_real
+from memloc_tl.core.validation import (
+    check_bool,
+    check_config,
+    check_positive_int,
+    check_real,
+    check_seed,
+)
 from memloc_tl.localization.units import Level, Localization, check_level, unit_shapes
 
 Method = Literal[
@@ -155,8 +161,7 @@ class LocalizeConfig:
         check_positive_int(self.ig_steps, "ig_steps")
         check_positive_int(self.ablation_batch, "ablation_batch")
         check_positive_int(self.batch_size, "batch_size")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        check_seed(self.seed)
 
 
 @dataclass(frozen=True)
@@ -234,8 +239,7 @@ def register_localizer(
     checked: tuple[Level, ...] = tuple(check_level(str(level)) for level in levels)
     if not checked:
         raise ValueError("levels must name at least one level")
-    if not isinstance(needs_keep, bool):
-        raise TypeError(f"needs_keep must be True or False, got {needs_keep!r}")
+    check_bool(needs_keep, "needs_keep")
     localizer = Localizer(name, checked, scores, needs_keep)
     _REGISTRY[name] = localizer
     return localizer
