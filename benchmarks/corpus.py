@@ -1,15 +1,20 @@
 """Benchmark: corpus-scan throughput, teacher-forced vs Hugging Face generate, 1 vs 2 processes.
 
 Run by hand: ``python benchmarks/corpus.py [--tiny] [--layout gpt-neo-125m] [--device cuda]
-[--windows 256] [--prefix-len 32 --continuation-len 32]``. In one run, on the same windows:
+[--windows 256] [--batch-size 8,32,128,512] [--prefix-len 32 --continuation-len 32]``. In one
+run, on the same windows, at each batch size:
 
 - ``memloc_tl.corpus.scan_corpus`` (one teacher-forced pass per batch, Parquet shards);
 - ``transformers``' ``generate`` with ``continuation_len`` greedy steps per batch, as Pythia's
   memorization evaluation does (the model loaded from the same checkpoint);
+- the limit: the arithmetic a scan cannot avoid, a bare forward of the blocks and the
+  unembedding of the continuation positions (no scoring, no files); scan and limit take the
+  best of ``--repeats``, interleaved;
 - (CPU, organism layout) the same scan under ``torchrun`` with 1 and with 2 processes (gloo).
 
-Prints windows per second and the ratios (goals: >= 10x generate on a GPU; >= 1.8x from 1 to 2
-processes, which needs at least two free cores).
+Prints windows per second and the ratios. Goals: never slower than ``generate`` at any batch
+from 8 to 512 on the CPU, >= 3x at batch <= 32, within 1.15x of the limit at every batch;
+>= 1.8x from 1 to 2 processes (which needs at least two free cores).
 """
 
 from __future__ import annotations
@@ -23,22 +28,27 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import add_subject_args, describe, load_subject, synchronize
 
+from memloc_tl.core.backend import HookedModel, final_residual
 from memloc_tl.corpus import CorpusConfig, Document, read_corpus_scan, scan_corpus
 
 
-def generate_seconds(path: Path, windows: torch.Tensor, config: CorpusConfig, batch: int) -> float:
+def hf_model(path: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+
+
+def generate_seconds(model: Any, windows: torch.Tensor, config: CorpusConfig, batch: int) -> float:
     started = time.perf_counter()
     with torch.no_grad():
         for first in range(0, len(windows), batch):
-            prefix = windows[first : first + batch, : config.prefix_len].to(device)
+            prefix = windows[first : first + batch, : config.prefix_len].to(model.device)
             model.generate(
                 prefix,
                 attention_mask=torch.ones_like(prefix),
@@ -51,12 +61,37 @@ def generate_seconds(path: Path, windows: torch.Tensor, config: CorpusConfig, ba
     return time.perf_counter() - started
 
 
+def limit_seconds(
+    model: HookedModel, windows: torch.Tensor, config: CorpusConfig, batch: int
+) -> float:
+    """A bare forward of the blocks and the continuation positions' unembedding, per batch."""
+    p = config.prefix_len
+    started = time.perf_counter()
+    with torch.no_grad():
+        for first in range(0, len(windows), batch):
+            residual = final_residual(model, windows[first : first + batch].to(model.cfg.device))
+            model.unembed(model.ln_final(residual[:, p - 1 : -1]))
+    synchronize()
+    return time.perf_counter() - started
+
+
+def scan_seconds(
+    model: HookedModel, documents: list[Document], out: Path, config: CorpusConfig, batch: int
+) -> float:
+    started = time.perf_counter()
+    scan_corpus(model, documents, out, config=config, batch_size=batch, progress=False)
+    synchronize()
+    seconds = time.perf_counter() - started
+    assert len(read_corpus_scan(out)) == len(documents)
+    return seconds
+
+
 def torchrun_seconds(args: argparse.Namespace, data: Path, out: Path, processes: int) -> float:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
         "-m", "memloc_tl", "scan", "--model", "organism", "--device", "cpu",
         "--data", str(data), "--out-dir", str(out), "--windows", "all",
-        "--docs-per-shard", "8", "--batch-size", str(args.batch_size),
+        "--docs-per-shard", "8", "--batch-size", str(args.batch_size[0]),
     ]  # fmt: skip
     if args.tiny:
         command.insert(command.index("--device"), "--tiny")
@@ -68,14 +103,21 @@ def torchrun_seconds(args: argparse.Namespace, data: Path, out: Path, processes:
     return max(times)
 
 
+def batch_sizes(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_subject_args(parser)
     parser.add_argument("--windows", type=int, default=128, help="windows to scan")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size", type=batch_sizes, default=[32], help="one, or several: 8,32,128,512"
+    )
     parser.add_argument("--prefix-len", type=int, default=50)
     parser.add_argument("--continuation-len", type=int, default=50)
     parser.add_argument("--no-torchrun", action="store_true", help="skip the 1 vs 2 processes")
+    parser.add_argument("--repeats", type=int, default=2, help="best of, for scan and limit")
     args = parser.parse_args()
     subject = load_subject(args)
     model = subject.model
@@ -83,35 +125,37 @@ def main() -> None:
         prefix_len=args.prefix_len,
         continuation_len=args.continuation_len,
         windows="first",
-        docs_per_shard=64,
+        docs_per_shard=max(64, *args.batch_size),  # so that a shard holds a whole batch
     )
     pool = subject.everything.tokens[:, : config.length]
     windows = pool.repeat((args.windows + len(pool) - 1) // len(pool), 1)[: args.windows]
     documents = [Document(str(i), row.numpy()) for i, row in enumerate(windows)]
     print(describe(subject))
+    print(f"{len(windows)} windows of {config.prefix_len} + {config.continuation_len} tokens")
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory)
         scan_corpus(model, documents[:8], out / "warm", config=config, progress=False)
-        synchronize()
-        started = time.perf_counter()
-        scan_corpus(
-            model, documents, out / "scan", config=config, batch_size=args.batch_size,
-            progress=False,
-        )  # fmt: skip
-        synchronize()
-        t_scan = time.perf_counter() - started
-        assert len(read_corpus_scan(out / "scan")) == len(windows)
-        checkpoint = Path(directory) / "hf"
         model_path = subject.organism.path if subject.organism is not None else None
         if model_path is None:  # GPT-Neo 125M layout: save the random model's weights
             from common import gpt_neo_125m_layout
 
-            model_path = gpt_neo_125m_layout(checkpoint, model.tokenizer)
-        t_generate = generate_seconds(model_path, windows, config, args.batch_size)
-        print(f"{len(windows)} windows of {config.prefix_len} + {config.continuation_len} tokens")
-        print(f"scan_corpus (teacher-forced)      {len(windows) / t_scan:10.1f} windows/s")
-        print(f"transformers generate             {len(windows) / t_generate:10.1f} windows/s")
-        print(f"scan vs generate = {t_generate / t_scan:.2f}x")
+            model_path = gpt_neo_125m_layout(out / "hf", model.tokenizer)
+        reference = hf_model(model_path)
+        for batch in args.batch_size:
+            t_scan, t_limit = float("inf"), float("inf")
+            for repeat in range(args.repeats):  # interleaved, so that load hits both alike
+                scanned = out / f"scan-{batch}-{repeat}"
+                t_scan = min(t_scan, scan_seconds(model, documents, scanned, config, batch))
+                t_limit = min(t_limit, limit_seconds(model, windows, config, batch))
+            t_generate = generate_seconds(reference, windows, config, batch)
+            n = len(windows)
+            print(
+                f"batch {batch:4d}: scan_corpus {n / t_scan:9.1f} windows/s, generate "
+                f"{n / t_generate:9.1f}, the limit (bare forward + continuation unembedding) "
+                f"{n / t_limit:9.1f}"
+            )
+            print(f"batch {batch} scan vs generate = {t_generate / t_scan:.2f}x")
+            print(f"batch {batch} scan / limit = {t_scan / t_limit:.2f}x   (goal <= 1.15)")
         if args.no_torchrun or args.layout != "organism":
             return
         texts = [model.tokenizer.decode(row) for row in windows]

@@ -18,8 +18,10 @@ view's own strides: no per-architecture table). What else differs:
   (``stop_at_layer=n_layers``), the bridge has no such stop and returns logits;
 - the shared-prefix key/value cache of :class:`memloc_tl.core.forward.PrefixKV` is
   TransformerLens 3's; on the bridge, perturbation recomputes every position (same numbers);
-- ``start_at_layer`` on the bridge still runs the earlier blocks (the result is the same, the
-  patching sweep's saving is not).
+- a forward that starts at a layer: TransformerLens 3 has ``start_at_layer``; the bridge's own
+  ``start_at_layer`` (TransformerLens 4) still runs the earlier blocks, so :func:`final_residual`
+  takes the Hugging Face model's block list down to the blocks from that layer on for the call
+  and hands the residual to the first of them (:func:`skips_early_blocks` says whether it can).
 
 Nothing here imports a class that one TransformerLens version lacks: ``HookedModel`` is the type
 for annotations (HookedTransformer's interface, which the bridge's compatibility mode provides).
@@ -187,27 +189,103 @@ class _StopForward(Exception):
         self.activation = activation
 
 
-def final_residual(model: HookedModel, tokens: Tensor, **kwargs: Any) -> Tensor:
+def final_residual(
+    model: HookedModel, tokens: Tensor, *, start_at_layer: int | None = None, **kwargs: Any
+) -> Tensor:
     """The residual stream after the last block, ``[batch, pos, d_model]``: no unembedding.
 
     A HookedTransformer stops there (``stop_at_layer=n_layers``). A TransformerBridge has no
     such stop, so a hook on ``blocks.{n-1}.hook_resid_post`` (registered after any hooks in
     scope, so it sees their changes) ends the forward pass there. Either way the caller
     applies ``model.ln_final`` and ``model.unembed`` to the positions it reads only.
+
+    With ``start_at_layer=k``, ``tokens`` is the residual stream entering block ``k`` and only
+    blocks ``k..n-1`` run, on both backends (the bridge: see :func:`_blocks_from`); hooks in
+    scope on blocks below ``k`` do not fire, as on a HookedTransformer.
     """
     if not is_bridge(model):
-        return model(tokens, stop_at_layer=model.cfg.n_layers, **kwargs)
+        return model(
+            tokens, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers, **kwargs
+        )
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
 
     def stop(activation: Tensor, hook: Any) -> Tensor:
         raise _StopForward(activation)
 
+    scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if start_at_layer is not None:
+        residual = tokens
+        if residual.ndim != 3 or not residual.is_floating_point():
+            raise ValueError(
+                "with start_at_layer, pass the residual stream [batch, pos, d_model] entering "
+                f"that layer, got a tensor of shape {tuple(residual.shape)} ({residual.dtype})"
+            )
+        # placeholder ids of the residual's batch and length: the embedding they feed is
+        # replaced by the residual at the first block that runs
+        tokens = torch.zeros(residual.shape[:2], dtype=torch.long, device=residual.device)
+        kwargs.setdefault("attention_mask", torch.ones_like(tokens))
+        scope = _blocks_from(model, start_at_layer, residual)
     try:
-        with model.hooks(fwd_hooks=[(last, stop)]):
+        with scope, model.hooks(fwd_hooks=[(last, stop)]):
             model(tokens, **kwargs)
     except _StopForward as stopped:
         return stopped.activation
     raise RuntimeError(f"the forward pass never reached {last}")  # pragma: no cover
+
+
+def _block_list(model: HookedModel) -> torch.nn.ModuleList | None:
+    """The Hugging Face module list the bridge's blocks run from, in order (or None)."""
+    blocks = list(getattr(model, "blocks", ()))
+    if not blocks:
+        return None
+    for module in _torch_module(model).modules():
+        if (
+            isinstance(module, torch.nn.ModuleList)
+            and len(module) == len(blocks)
+            and all(a is b for a, b in zip(module, blocks, strict=True))
+        ):
+            return module
+    return None
+
+
+@contextlib.contextmanager
+def _blocks_from(model: HookedModel, layer: int, residual: Tensor) -> Iterator[None]:
+    """Inside the block a bridge's forward runs only blocks ``layer..n-1``, from ``residual``.
+
+    The Hugging Face model loops over its block list (``transformer.h``, ``model.layers``, ...,
+    whose entries are the bridge's blocks); for the call it holds only the blocks from
+    ``layer`` on, and a forward hook on ``blocks.{layer}.hook_resid_pre``, placed before any
+    hook in scope there (so those see the residual, as on a HookedTransformer), replaces what
+    the embedding gave with ``residual``. The list and the hook are restored on exit, also
+    after an error.
+    """
+    n_layers = model.cfg.n_layers
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"start_at_layer={layer} must be in [0, {n_layers})")
+    block_list = _block_list(model)
+    if block_list is None:
+        raise ValueError(
+            "this bridge's blocks are not one Hugging Face module list, so a forward cannot "
+            "start at a layer here; run from the tokens instead"
+        )
+    point = model.hook_dict[f"blocks.{layer}.hook_resid_pre"]
+
+    def enter(module: torch.nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        if output.shape != residual.shape:
+            raise ValueError(
+                f"the residual entering layer {layer} has shape {tuple(residual.shape)}, "
+                f"the forward {tuple(output.shape)}"
+            )
+        return residual.to(output.dtype)
+
+    saved = block_list._modules
+    block_list._modules = {str(i): b for i, b in enumerate(list(saved.values())[layer:])}
+    handle = point.register_forward_hook(enter, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        block_list._modules = saved
 
 
 def shares_prefix_cache(model: HookedModel) -> bool:
@@ -216,8 +294,9 @@ def shares_prefix_cache(model: HookedModel) -> bool:
 
 
 def skips_early_blocks(model: HookedModel) -> bool:
-    """Whether ``start_at_layer=k`` really skips blocks ``0..k-1`` (not on the bridge)."""
-    return not is_bridge(model)
+    """Whether ``start_at_layer=k`` really skips blocks ``0..k-1``: on a HookedTransformer, and
+    on a bridge whose blocks run from one Hugging Face module list (see :func:`final_residual`)."""
+    return not is_bridge(model) or _block_list(model) is not None
 
 
 @dataclass(frozen=True, eq=False)

@@ -224,10 +224,12 @@ def scores_from_logits(
     target: Int[Tensor, "batch continuation_pos"],
 ) -> tuple[Bool[Tensor, "batch continuation_pos"], Float[Tensor, "batch continuation_pos"]]:
     """``(greedy_match, token_nll)`` of continuation logits against the reference tokens."""
-    # NLL = logsumexp - target logit: no second [batch, pos, d_vocab] tensor is written.
-    token_nll = logits.logsumexp(dim=-1) - logits.gather(-1, target[..., None]).squeeze(-1)
-    greedy_match = logits.argmax(dim=-1) == target
-    return greedy_match, token_nll
+    # One pass finds each position's largest logit and its (first) index, the argmax; the
+    # NLL is logsumexp - target logit, with the logsumexp shifted by that largest logit.
+    largest, argmax = logits.max(dim=-1)
+    shifted = (logits - largest[..., None]).exp_().sum(dim=-1).log_()
+    token_nll = largest + shifted - logits.gather(-1, target[..., None]).squeeze(-1)
+    return argmax == target, token_nll
 
 
 def layer_starts(

@@ -23,15 +23,18 @@ from memloc_tl import load_model
 from memloc_tl.core.backend import (
     check_backend,
     check_model,
+    final_residual,
     gradients,
     is_bridge,
     parameter_masks,
+    skips_early_blocks,
     substituted_parameters,
     tl_major,
     weights,
 )
 from memloc_tl.core.files import atomic_write
 from memloc_tl.core.forward import PrefixKV, continuation_logits
+from memloc_tl.core.hooks import hook_name
 from memloc_tl.core.objectives import attributed_names, attributed_parameters
 from memloc_tl.models import save_hooked_model
 from memloc_tl.organism import Organism
@@ -131,6 +134,52 @@ def test_weights_are_views_whose_gradients_and_edits_reach_the_model(bridge: Any
     replaced = substituted_parameters(bridge, {name: views[name] * 0})
     (param,) = replaced.values()
     assert torch.equal(chosen[name].of(param.contiguous()), torch.zeros_like(views[name]))
+
+
+def test_a_bridge_forward_starts_at_a_layer_and_skips_the_blocks_below(
+    bridge: Any, organism: Organism, unchanged: Any
+) -> None:
+    """``start_at_layer=k`` on the bridge runs only blocks ``k..`` (the Hugging Face block list
+    is cut for the call) from the residual given: the logits of the whole forward, no block
+    below ``k`` runs, a hook at the entry sees the residual, and the list is whole afterwards,
+    also after an error."""
+    n_layers, prefix_len = bridge.cfg.n_layers, organism.planted.prefix_len
+    assert skips_early_blocks(bridge)
+    tokens = organism.planted.tokens[:3]
+    names = [hook_name("resid_pre", layer) for layer in range(n_layers)]
+    _, cache = bridge.run_with_cache(tokens, names_filter=names.__contains__)
+    full = continuation_logits(bridge, tokens, prefix_len)
+    ran: list[int] = []
+
+    def record(layer: int) -> Any:
+        return lambda activation, hook: ran.append(layer)
+
+    counting = [(hook_name("resid_post", layer), record(layer)) for layer in range(n_layers)]
+    for layer in range(n_layers):
+        ran.clear()
+        with unchanged(bridge), bridge.hooks(fwd_hooks=counting):
+            logits = continuation_logits(
+                bridge, cache[names[layer]], prefix_len, start_at_layer=layer
+            )
+        torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
+        assert ran == list(range(layer, n_layers))
+    seen: list[torch.Tensor] = []
+    with bridge.hooks(fwd_hooks=[(names[1], lambda activation, hook: seen.append(activation))]):
+        continuation_logits(bridge, cache[names[1]], prefix_len, start_at_layer=1)
+    assert torch.equal(seen[0], cache[names[1]])
+    with pytest.raises(ValueError, match=r"residual stream \[batch, pos, d_model\]"):
+        final_residual(bridge, tokens, start_at_layer=1)
+    with pytest.raises(ValueError, match=rf"start_at_layer={n_layers} must be in"):
+        final_residual(bridge, cache[names[0]], start_at_layer=n_layers)
+
+    def fail(activation: torch.Tensor, hook: Any) -> None:
+        raise RuntimeError("a hook failed")
+
+    failing = bridge.hooks(fwd_hooks=[(names[n_layers - 1], fail)])
+    with unchanged(bridge), pytest.raises(RuntimeError, match="a hook failed"), failing:
+        final_residual(bridge, cache[names[1]], start_at_layer=1)
+    assert list(bridge.original_model.transformer.h) == list(bridge.blocks)
+    torch.testing.assert_close(continuation_logits(bridge, tokens, prefix_len), full)
 
 
 def test_bridge_specific_errors_are_clear(bridge: Any, organism: Organism, tmp_path: Path) -> None:
