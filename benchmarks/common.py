@@ -180,3 +180,39 @@ def exact_cpu_memory() -> None:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "131072":
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+MATMUL = 2048
+"""The side of the dense fp32 matmul whose FLOP/s stands for the device's attainable rate."""
+
+
+def block_flops(cfg: object, queries: int, keys: int) -> float:
+    """FLOPs (2 per multiply-add) of one block for ``queries`` positions attending over
+    ``keys``: the attention projections, scores and mixing, and the MLP."""
+    d, mlp = cfg.d_model, cfg.d_mlp  # type: ignore[attr-defined]
+    return 2.0 * queries * (4 * d * d + 2 * d * mlp + 2 * keys * d)
+
+
+def unembed_flops(cfg: object, positions: int) -> float:
+    """FLOPs of the unembedding at ``positions`` positions."""
+    return 2.0 * positions * cfg.d_model * cfg.d_vocab  # type: ignore[attr-defined]
+
+
+def scan_flops(cfg: object, n: int, seq: int, continuation: int) -> float:
+    """FLOPs of a teacher-forced scan: every block at every position, plus ``ln_final`` and the
+    unembedding at the continuation positions only (what ``scan_memorization`` computes)."""
+    layers = cfg.n_layers  # type: ignore[attr-defined]
+    return n * (layers * block_flops(cfg, seq, seq) + unembed_flops(cfg, continuation))
+
+
+def matmul_flops_per_second(device: object, repeats: int = 5) -> float:
+    """FLOP/s of a dense fp32 matmul on ``device``, best of ``repeats`` (the attainable rate)."""
+    a = torch.randn(MATMUL, MATMUL, device=device)  # type: ignore[arg-type]
+    b = torch.randn(MATMUL, MATMUL, device=device)  # type: ignore[arg-type]
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2.0 * MATMUL**3 / best

@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import add_subject_args, describe, load_subject, synchronize
+from common import (
+    MATMUL,
+    add_subject_args,
+    describe,
+    load_subject,
+    matmul_flops_per_second,
+    scan_flops,
+    synchronize,
+)
 
 from memloc_tl.core.backend import HookedModel, final_residual
 from memloc_tl.corpus import CorpusConfig, Document, read_corpus_scan, scan_corpus
@@ -141,6 +149,12 @@ def main() -> None:
 
             model_path = gpt_neo_125m_layout(out / "hf", model.tokenizer)
         reference = hf_model(model_path)
+        peak = matmul_flops_per_second(model.cfg.device)
+        flops = scan_flops(model.cfg, len(windows), config.length, config.continuation_len)
+        print(
+            f"scan arithmetic {flops / 1e9:.1f} GFLOP; a dense {MATMUL}x{MATMUL} fp32 matmul "
+            f"here: {peak / 1e9:.1f} GFLOP/s (the attainable rate assumed)"
+        )
         for batch in args.batch_size:
             t_scan, t_limit = float("inf"), float("inf")
             for repeat in range(args.repeats):  # interleaved, so that load hits both alike
@@ -156,6 +170,7 @@ def main() -> None:
             )
             print(f"batch {batch} scan vs generate = {t_generate / t_scan:.2f}x")
             print(f"batch {batch} scan / limit = {t_scan / t_limit:.2f}x   (goal <= 1.15)")
+            print(f"batch {batch} scan share of the matmul rate = {flops / t_scan / peak:.2f}x")
         if args.no_torchrun or args.layout != "organism":
             return
         texts = [model.tokenizer.decode(row) for row in windows]

@@ -20,7 +20,15 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import add_subject_args, describe, load_subject, synchronize
+from common import (
+    MATMUL,
+    add_subject_args,
+    describe,
+    load_subject,
+    matmul_flops_per_second,
+    scan_flops,
+    synchronize,
+)
 
 from memloc_tl import greedy_continuations, scan_memorization
 
@@ -79,32 +87,6 @@ def main() -> None:
         f"a dense {MATMUL}x{MATMUL} fp32 matmul here: {peak / 1e9:.1f} GFLOP/s"
     )
     print(f"scan share of the matmul rate = {flops / t_scan / peak:.2f}x  (1.00 = at the limit)")
-
-
-MATMUL = 2048
-
-
-def scan_flops(cfg: object, n: int, seq: int, continuation: int) -> float:
-    """Multiply-adds x 2 of a teacher-forced scan: every block at every position (attention
-    projections, scores and mixing, MLP) plus ``ln_final`` + unembedding at the continuation
-    positions only (what ``scan_memorization`` computes)."""
-    d, layers = cfg.d_model, cfg.n_layers  # type: ignore[attr-defined]
-    mlp, vocab = cfg.d_mlp, cfg.d_vocab  # type: ignore[attr-defined]
-    per_token = layers * (4 * d * d + 2 * d * mlp + 2 * seq * d)  # QKVO, MLP, scores + mixing
-    return 2.0 * n * (seq * per_token + continuation * d * vocab)
-
-
-def matmul_flops_per_second(device: object, repeats: int = 5) -> float:
-    """FLOP/s of a dense fp32 matmul on ``device``, best of ``repeats`` (the attainable rate)."""
-    a = torch.randn(MATMUL, MATMUL, device=device)  # type: ignore[arg-type]
-    b = torch.randn(MATMUL, MATMUL, device=device)  # type: ignore[arg-type]
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        a @ b
-        synchronize()
-        best = min(best, time.perf_counter() - started)
-    return 2.0 * MATMUL**3 / best
 
 
 if __name__ == "__main__":

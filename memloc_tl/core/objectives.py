@@ -16,11 +16,13 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from memloc_tl.core.backend import (
     HookedModel,
     Weight,
+    final_residual,
     gradients,
     model_parameters,
     parameters_of,
@@ -83,6 +85,49 @@ def grad_only_for(model: HookedModel, params: Sequence[torch.nn.Parameter]) -> I
             p.requires_grad_(flag)
 
 
+POSITION_CHUNK = 10
+"""Continuation positions whose ``[batch, positions, d_vocab]`` logits a differentiable
+objective holds at once (see :func:`per_position_loss`)."""
+
+
+def per_position_loss(
+    model: HookedModel,
+    tokens: Tensor,
+    prefix_len: int,
+    loss: Callable[[Float[Tensor, "batch chunk d_vocab"], slice], Float[Tensor, "batch chunk"]],
+) -> Float[Tensor, "batch continuation_pos"]:
+    """``loss(logits, positions)`` at every continuation position, a few positions at a time.
+
+    The blocks run once; ``ln_final``, the unembedding and ``loss`` run on chunks of
+    :data:`POSITION_CHUNK` positions under activation checkpointing when gradients are on, so
+    the backward pass recomputes one chunk's vocabulary-sized tensors at a time instead of
+    keeping every chunk's (with a 50,257-token vocabulary those tensors are most of a
+    backward pass's memory). The values are those of one pass over all positions.
+
+    Args:
+        model: the model.
+        tokens: ``[batch, pos]`` token ids.
+        prefix_len: prefix length; continuation position ``i`` is predicted at
+            ``prefix_len - 1 + i``.
+        loss: maps the float32 logits of a chunk and the chunk's continuation positions (a
+            slice) to a ``[batch, chunk]`` loss.
+    """
+    residual = final_residual(model, tokens.to(model.cfg.device))[:, prefix_len - 1 : -1]
+    pieces = []
+    for first in range(0, residual.shape[1], POSITION_CHUNK):
+        positions = slice(first, first + POSITION_CHUNK)
+
+        def head(chunk: Tensor, positions: slice = positions) -> Tensor:
+            return loss(model.unembed(model.ln_final(chunk)).float(), positions)
+
+        chunk = residual[:, positions]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(head, chunk, use_reentrant=False))
+        else:
+            pieces.append(head(chunk))
+    return torch.cat(pieces, dim=1)
+
+
 def continuation_nll(
     model: HookedModel,
     tokens: Tensor,
@@ -99,10 +144,14 @@ def continuation_nll(
         labels: the tokens whose NLL is taken (default ``tokens``: the paragraph's own
             continuation); e.g. a perturbed paragraph's tokens under the memorized context.
     """
-    logprobs = continuation_logits(model, tokens, prefix_len).log_softmax(-1)
     labels = tokens if labels is None else labels
-    target = labels.to(logprobs.device)[:, prefix_len:]
-    return -logprobs.gather(-1, target[..., None]).squeeze(-1).mean(-1)
+    target = labels.to(model.cfg.device)[:, prefix_len:]
+
+    def nll(logits: Tensor, positions: slice) -> Tensor:
+        wanted = logits.gather(-1, target[:, positions, None]).squeeze(-1)
+        return logits.logsumexp(-1) - wanted
+
+    return per_position_loss(model, tokens, prefix_len, nll).mean(-1)
 
 
 def contrastive_kl(
@@ -118,10 +167,13 @@ def contrastive_kl(
     ``reduction="sum_positions"`` sums over positions and averages over paragraphs (the
     reference code's ``KLDivLoss(reduction="batchmean")``); ``"mean"`` averages over both.
     """
-    logprobs = continuation_logits(model, keep_tokens, prefix_len).log_softmax(-1)
-    reference = original_logprobs.to(logprobs.device)
-    kl = (reference.exp() * (reference - logprobs)).sum(-1)  # [batch, pos]
-    return kl.sum(-1).mean() if reduction == "sum_positions" else kl.mean()
+
+    def kl(logits: Tensor, positions: slice) -> Tensor:
+        reference = original_logprobs[:, positions].to(logits.device)
+        return (reference.exp() * (reference - logits.log_softmax(-1))).sum(-1)
+
+    per_position = per_position_loss(model, keep_tokens, prefix_len, kl)  # [batch, pos]
+    return per_position.sum(-1).mean() if reduction == "sum_positions" else per_position.mean()
 
 
 def accumulated_gradients(

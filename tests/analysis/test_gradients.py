@@ -155,6 +155,6 @@ def test_errors_leave_the_model_unchanged(
     def broken(*args: object, **kwargs: object) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(objectives, "continuation_logits", broken)
+    monkeypatch.setattr(objectives, "final_residual", broken)
     with unchanged(model), pytest.raises(RuntimeError, match="boom"):
         gradient_norms(model, organism.planted[[0]], progress=False)
