@@ -364,25 +364,32 @@ def scan_checkpoints(
     )
 
 
-HEAD_LOCALIZERS = tuple(m for m in METHODS["heads"] if m != "random")
-"""The head-level localizers of :func:`~memloc_tl.localization.localizers.localize` that
-:func:`localize_over_checkpoints` runs by name (their scores rank largest first)."""
+def head_localizers() -> tuple[str, ...]:
+    """The head-level localizers of :func:`~memloc_tl.localization.localizers.localize` that
+    :func:`localize_over_checkpoints` runs by name (their scores rank largest first), those
+    added with :func:`~memloc_tl.register_localizer` included."""
+    return tuple(m for m in METHODS["heads"] if m != "random")
 
-WEIGHT_LOCALIZERS = tuple(m for m in METHODS["weights"] if m not in ("learned", "random"))
-"""The weights localizers :func:`mask_drift` runs (a learned mask is trained per call, a random
-one says nothing about the model)."""
 
-ANALYSES: dict[str, Order] = {
-    "rare_tokens": "smallest",
-    "patching": "largest",
-    **dict.fromkeys(HEAD_LOCALIZERS, "largest"),
-}
-"""The named head analyses and which end of their score ranks first: rare-token attention (the
-pooled mean Kendall tau of attention against frequency rank: most negative = attends most to
-rare tokens), the exact activation-patching sweep (the mean continuation-NLL increase when the
-head's output is patched in from ``source``, e.g. the final model's perturbed prefixes), and
-the head localizers of ``localize(level="heads")`` (``"zero_ablation"``: the NLL increase when
-the head alone is zeroed; ``"activation"`` and ``"learned"`` need ``keep``)."""
+def weight_localizers() -> tuple[str, ...]:
+    """The weights localizers :func:`mask_drift` runs (registered ones included; a learned mask
+    is trained per call, a random one says nothing about the model)."""
+    return tuple(m for m in METHODS["weights"] if m not in ("learned", "random"))
+
+
+def analyses() -> dict[str, Order]:
+    """The named head analyses and which end of their score ranks first: rare-token attention
+    (the pooled mean Kendall tau of attention against frequency rank: most negative = attends
+    most to rare tokens), the exact activation-patching sweep (the mean continuation-NLL
+    increase when the head's output is patched in from ``source``, e.g. the final model's
+    perturbed prefixes), and the head localizers of ``localize(level="heads")``
+    (``"zero_ablation"``: the NLL increase when the head alone is zeroed; ``"activation"`` and
+    ``"learned"`` need ``keep``; a registered localizer as it was registered)."""
+    return {
+        "rare_tokens": "smallest",
+        "patching": "largest",
+        **dict.fromkeys(head_localizers(), "largest"),
+    }
 
 
 @dataclass(frozen=True)
@@ -499,7 +506,7 @@ def localize_over_checkpoints(
     Args:
         series: the checkpoints.
         paragraphs: the paragraphs analyzed at every step (e.g. those memorized at the end).
-        analysis: a name of :data:`ANALYSES` (``"rare_tokens"``, ``"patching"``,
+        analysis: a name of :func:`analyses` (``"rare_tokens"``, ``"patching"``,
             ``"zero_ablation"``, ``"attribution"``, ...) or a function ``model -> HeadScores``
             (then give ``order``).
         corpus_counts: unigram counts, for ``"rare_tokens"``.
@@ -516,16 +523,16 @@ def localize_over_checkpoints(
         if order not in ("largest", "smallest"):
             raise ValueError("a custom analysis needs order='largest' or order='smallest'")
         run, name, chosen = analysis, getattr(analysis, "__name__", "custom analysis"), order
-    elif isinstance(analysis, str) and analysis in ANALYSES:
+    elif isinstance(analysis, str) and analysis in (named := analyses()):
         _check_named_inputs(analysis, paragraphs, corpus_counts, source, keep)
         run, name, chosen = (
             _named_analysis(analysis, paragraphs, corpus_counts, source, keep),
             analysis,
-            ANALYSES[analysis],
+            named[analysis],
         )
     else:
         raise ValueError(
-            f"analysis must be one of {sorted(ANALYSES)} or a function model -> HeadScores, "
+            f"analysis must be one of {sorted(analyses())} or a function model -> HeadScores, "
             f"got {analysis!r}"
         )
     scores, named = [], ""
@@ -614,7 +621,7 @@ def _check_named_inputs(
                 "the head (e.g. non-memorized ones)"
             )
     elif keep is not None:
-        reading = [m for m in HEAD_LOCALIZERS if needs_keep(m)]
+        reading = [m for m in head_localizers() if needs_keep(m)]
         raise ValueError(f"keep goes with analysis in {reading}, not {analysis!r}")
 
 
@@ -637,7 +644,7 @@ def _named_analysis(
     return lambda model: localize(
         model,
         paragraphs,
-        method=analysis,  # type: ignore[arg-type]  # one of HEAD_LOCALIZERS, checked above
+        method=analysis,  # type: ignore[arg-type]  # one of head_localizers(), checked
         level="heads",
         keep=keep,
     ).head_scores()
@@ -700,8 +707,8 @@ def mask_drift(
     """The top ``fraction`` of the weights by ``method`` at every checkpoint, and the overlap of
     consecutive ones (one model and two masks in memory at a time)."""
     _check_inputs(series, paragraphs)
-    if method not in WEIGHT_LOCALIZERS:
-        raise ValueError(f"method must be one of {list(WEIGHT_LOCALIZERS)}, got {method!r}")
+    if method not in (known := weight_localizers()):
+        raise ValueError(f"method must be one of {list(known)}, got {method!r}")
     check_fraction(fraction, "fraction")
     sizes, shared = [], []
     previous: Tensor | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -489,6 +490,30 @@ def test_a_registered_localizer_runs_in_localize_and_del_like_a_built_in_one(
             found = localize(model, organism.planted[:1], method="output_norm", level="heads")
         expected = torch.stack([block.attn.W_O.detach().norm(dim=(1, 2)) for block in model.blocks])
         torch.testing.assert_close(found.head_scores().scores, expected)
+        # the same name runs over training checkpoints (the registry is read at the call)
+        from memloc_tl import load_model, localize_over_checkpoints, mask_drift
+        from memloc_tl.checkpoints import analyses
+
+        assert analyses()["output_norm"] == "largest"
+        last = dataclasses.replace(
+            organism.checkpoints, checkpoints=organism.checkpoints.checkpoints[-1:]
+        )
+        timeline = localize_over_checkpoints(
+            last, organism.planted[:1], analysis="output_norm", progress=False
+        )
+        final = load_model(last.checkpoints[0].source)
+        by_hand = torch.stack([block.attn.W_O.detach().norm(dim=(1, 2)) for block in final.blocks])
+        torch.testing.assert_close(timeline.scores[0], by_hand.float())
+        two = dataclasses.replace(
+            organism.checkpoints, checkpoints=organism.checkpoints.checkpoints[-2:]
+        )
+        drifts = [
+            mask_drift(two, organism.planted[:1], method=method, progress=False)
+            for method in ("my_magnitude", "magnitude")
+        ]
+        assert drifts[0].sizes.tolist() == drifts[1].sizes.tolist()
+        assert drifts[0].shared.tolist() == drifts[1].shared.tolist()
+        assert 0 < int(drifts[0].shared[0]) <= int(drifts[0].sizes[0])
         deletion = deletion_benchmark(
             model,
             organism.planted[:1],
@@ -514,3 +539,6 @@ def test_a_registered_localizer_runs_in_localize_and_del_like_a_built_in_one(
         unregister_localizer("output_norm")
         unregister_localizer("my_magnitude")
     assert "output_norm" not in METHODS["heads"]
+    from memloc_tl.checkpoints import analyses
+
+    assert "output_norm" not in analyses()
