@@ -234,9 +234,15 @@ def final_residual(
 
 
 def _block_list(model: HookedModel) -> torch.nn.ModuleList | None:
-    """The Hugging Face module list the bridge's blocks run from, in order (or None)."""
+    """The Hugging Face module list the bridge's blocks run from, in order, or None where a
+    forward cannot start at a layer by cutting it: no such list, or a model whose config has
+    several ``layer_types`` (sliding and full attention, say: its forward picks each block's
+    mask by the block's place in the list, which the cut would shift)."""
     blocks = list(getattr(model, "blocks", ()))
     if not blocks:
+        return None
+    layer_types = getattr(getattr(_torch_module(model), "config", None), "layer_types", None)
+    if layer_types is not None and len(set(layer_types)) > 1:
         return None
     for module in _torch_module(model).modules():
         if (
@@ -265,8 +271,10 @@ def _blocks_from(model: HookedModel, layer: int, residual: Tensor) -> Iterator[N
     block_list = _block_list(model)
     if block_list is None:
         raise ValueError(
-            "this bridge's blocks are not one Hugging Face module list, so a forward cannot "
-            "start at a layer here; run from the tokens instead"
+            "a forward cannot start at a layer on this bridge: its blocks are not one Hugging "
+            "Face module list, or its config has several layer_types (each block's attention "
+            "mask depends on its place in that list); run from the tokens instead "
+            "(skips_early_blocks(model) says which)"
         )
     point = model.hook_dict[f"blocks.{layer}.hook_resid_pre"]
 

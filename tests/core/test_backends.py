@@ -180,6 +180,17 @@ def test_a_bridge_forward_starts_at_a_layer_and_skips_the_blocks_below(
         final_residual(bridge, cache[names[1]], start_at_layer=1)
     assert list(bridge.original_model.transformer.h) == list(bridge.blocks)
     torch.testing.assert_close(continuation_logits(bridge, tokens, prefix_len), full)
+    # a model that picks each block's mask by its place in the list is not cut: refused, and
+    # the sweep then runs every variant from the tokens
+    config = bridge.original_model.config
+    config.layer_types = ["sliding_attention", "full_attention"] * n_layers
+    try:
+        assert not skips_early_blocks(bridge)
+        with pytest.raises(ValueError, match="several layer_types"):
+            final_residual(bridge, cache[names[1]], start_at_layer=1)
+    finally:
+        del config.layer_types
+    assert skips_early_blocks(bridge)
 
 
 def test_bridge_specific_errors_are_clear(bridge: Any, organism: Organism, tmp_path: Path) -> None:
