@@ -216,3 +216,9 @@ def matmul_flops_per_second(device: object, repeats: int = 5) -> float:
         synchronize()
         best = min(best, time.perf_counter() - started)
     return 2.0 * MATMUL**3 / best
+
+
+def attainable_rate(device: object) -> tuple[float, str]:
+    """The dense-matmul FLOP/s of ``device`` (the rate a limit assumes) and how to say it."""
+    rate = matmul_flops_per_second(device)
+    return rate, f"a dense {MATMUL}x{MATMUL} fp32 matmul here: {rate / 1e9:.1f} GFLOP/s"

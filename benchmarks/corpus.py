@@ -32,11 +32,10 @@ from typing import Any
 
 import torch
 from common import (
-    MATMUL,
     add_subject_args,
+    attainable_rate,
     describe,
     load_subject,
-    matmul_flops_per_second,
     scan_flops,
     synchronize,
 )
@@ -149,12 +148,9 @@ def main() -> None:
 
             model_path = gpt_neo_125m_layout(out / "hf", model.tokenizer)
         reference = hf_model(model_path)
-        peak = matmul_flops_per_second(model.cfg.device)
+        peak, rate = attainable_rate(model.cfg.device)
         flops = scan_flops(model.cfg, len(windows), config.length, config.continuation_len)
-        print(
-            f"scan arithmetic {flops / 1e9:.1f} GFLOP; a dense {MATMUL}x{MATMUL} fp32 matmul "
-            f"here: {peak / 1e9:.1f} GFLOP/s (the attainable rate assumed)"
-        )
+        print(f"scan arithmetic {flops / 1e9:.1f} GFLOP; {rate} (the attainable rate assumed)")
         for batch in args.batch_size:
             t_scan, t_limit = float("inf"), float("inf")
             for repeat in range(args.repeats):  # interleaved, so that load hits both alike

@@ -28,13 +28,12 @@ from collections.abc import Iterator
 
 import torch
 from common import (
-    MATMUL,
     Subject,
     add_subject_args,
+    attainable_rate,
     block_flops,
     describe,
     load_subject,
-    matmul_flops_per_second,
     synchronize,
     unembed_flops,
 )
@@ -107,11 +106,10 @@ def main() -> None:
         for t, s in zip(tokens, source.tokens.to(tokens.device), strict=True)
     ]
     flops = sweep_flops(model.cfg, firsts, target.seq_len, target.continuation_len)
-    peak = matmul_flops_per_second(model.cfg.device)
+    peak, rate = attainable_rate(model.cfg.device)
     print(
         f"sweep arithmetic {flops / 1e9:.1f} GFLOP (each head's variant from its layer on, from "
-        f"the first changed position); a dense {MATMUL}x{MATMUL} fp32 matmul here: "
-        f"{peak / 1e9:.1f} GFLOP/s"
+        f"the first changed position); {rate}"
     )
     print(f"sweep time / time of its arithmetic = {t_ours * peak / flops:.2f}x  (1.00 = limit)")
     print(f"largest mean dNLL: {[(str(h), round(s, 4)) for h, s in sweep.top(3)]}")

@@ -21,11 +21,10 @@ from collections.abc import Callable
 
 import torch
 from common import (
-    MATMUL,
     add_subject_args,
+    attainable_rate,
     describe,
     load_subject,
-    matmul_flops_per_second,
     scan_flops,
     synchronize,
 )
@@ -81,10 +80,10 @@ def main() -> None:
     print(f"EM agrees with generation on {int((em_scan == generate()).sum())}/{len(paragraphs)}")
     # the limit: the scan's unavoidable arithmetic at the dense-matmul rate of this device
     flops = scan_flops(model.cfg, len(paragraphs), paragraphs.seq_len, paragraphs.continuation_len)
-    peak = matmul_flops_per_second(model.cfg.device)
+    peak, rate = attainable_rate(model.cfg.device)
     print(
         f"scan arithmetic {flops / 1e9:.1f} GFLOP; achieved {flops / t_scan / 1e9:.1f} GFLOP/s; "
-        f"a dense {MATMUL}x{MATMUL} fp32 matmul here: {peak / 1e9:.1f} GFLOP/s"
+        f"{rate}"
     )
     print(f"scan share of the matmul rate = {flops / t_scan / peak:.2f}x  (1.00 = at the limit)")
 
