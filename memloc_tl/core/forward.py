@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformer_lens import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
@@ -78,34 +79,125 @@ def continuation_logits(
             onwards are computed. With ``start_at_layer``, ``tokens`` is the residual stream of
             every position and the cache's layers from ``start_at_layer`` on are read.
     """
+    tokens, kwargs = _forward_arguments(
+        model, tokens, prefix_len, start_at_layer, weights, past_kv_cache
+    )
+    pieces = _over_continuation(
+        model, tokens, prefix_len, lambda logits, positions: logits, None, weights, kwargs
+    )
+    return torch.cat(pieces, dim=1)
+
+
+def _forward_arguments(
+    model: HookedModel,
+    tokens: Tensor,
+    prefix_len: int,
+    start_at_layer: int | None,
+    weights: Mapping[str, Tensor] | None,
+    past_kv_cache: TransformerLensKeyValueCache | None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """The input and keyword arguments of the blocks' forward (see continuation_logits)."""
     # The forward stops at the residual after the last block (backend.final_residual), so that
     # only the continuation positions pass through ln_final and the unembedding.
     kwargs: dict[str, Any] = {"start_at_layer": start_at_layer}
-    skipped = 0
-    if past_kv_cache is not None:
-        skipped = past_kv_cache.entries[0].past_keys.shape[1]
-        if weights is not None:
-            raise ValueError("past_kv_cache cannot be combined with weights")
-        if not shares_prefix_cache(model):
-            raise ValueError(
-                "past_kv_cache is TransformerLens 3's key/value cache; a TransformerBridge "
-                "recomputes every position instead (PerturbConfig(shared_prefix=False))"
-            )
-        if not 0 <= skipped < prefix_len:
-            raise ValueError(f"the cache holds {skipped} positions; it must hold < {prefix_len}")
-        tokens = tokens[:, skipped:]
-        kwargs["past_kv_cache"] = past_kv_cache
-        if start_at_layer is None:
-            # An explicit all-ones mask: TransformerLens would otherwise guess padding from the
-            # tokenizer's pad token, which may occur in real text. (From a residual stream it
-            # guesses nothing: the blocks apply the causal mask over the cache and the rest.)
-            kwargs["attention_mask"] = torch.ones_like(tokens, device=model.cfg.device)
+    if past_kv_cache is None:
+        return tokens, kwargs
+    skipped = past_kv_cache.entries[0].past_keys.shape[1]
+    if weights is not None:
+        raise ValueError("past_kv_cache cannot be combined with weights")
+    if not shares_prefix_cache(model):
+        raise ValueError(
+            "past_kv_cache is TransformerLens 3's key/value cache; a TransformerBridge "
+            "recomputes every position instead (PerturbConfig(shared_prefix=False))"
+        )
+    if not 0 <= skipped < prefix_len:
+        raise ValueError(f"the cache holds {skipped} positions; it must hold < {prefix_len}")
+    tokens = tokens[:, skipped:]
+    kwargs["past_kv_cache"] = past_kv_cache
+    if start_at_layer is None:
+        # An explicit all-ones mask: TransformerLens would otherwise guess padding from the
+        # tokenizer's pad token, which may occur in real text. (From a residual stream it
+        # guesses nothing: the blocks apply the causal mask over the cache and the rest.)
+        kwargs["attention_mask"] = torch.ones_like(tokens, device=model.cfg.device)
+    return tokens, kwargs
+
+
+def _over_continuation(
+    model: HookedModel,
+    tokens: Tensor,
+    prefix_len: int,
+    head: Callable[[Tensor, slice], Any],
+    chunk: int | None,
+    weights: Mapping[str, Tensor] | None,
+    kwargs: dict[str, Any],
+    checkpointed: bool = False,
+) -> list[Any]:
+    """``head(logits, positions)`` on the float32 logits of every ``chunk`` continuation
+    positions (all at once for ``None``), after one forward of the blocks (``kwargs``: what
+    :func:`continuation_logits` passes to it; a cache's positions are not among ``tokens``).
+
+    ``checkpointed``: with gradients on, ``ln_final``, the unembedding and ``head`` run under
+    activation checkpointing, so the backward pass recomputes one chunk at a time instead of
+    keeping every chunk's vocabulary-sized tensors.
+    """
+    if checkpointed and weights is not None:  # the recomputation would not see them
+        raise ValueError("a checkpointed pass cannot use replaced weights")
+    cache = kwargs.get("past_kv_cache")
+    skipped = 0 if cache is None else cache.entries[0].past_keys.shape[1]
+
+    def piece(residual: Tensor, positions: slice) -> Any:
+        return head(model.unembed(model.ln_final(residual)).float(), positions)
+
     # with ``weights``: the same forward with some parameters replaced for this call only
     scope = contextlib.nullcontext() if weights is None else replaced_weights(model, weights)
     with scope:
         output = final_residual(model, tokens.to(model.cfg.device), **kwargs)
         output = output[:, prefix_len - 1 - skipped : -1]
-        return model.unembed(model.ln_final(output)).float()
+        size = max(output.shape[1] if chunk is None else chunk, 1)
+        pieces = []
+        for first in range(0, output.shape[1], size):
+            positions = slice(first, first + size)
+            if checkpointed and torch.is_grad_enabled():
+                pieces.append(
+                    checkpoint(piece, output[:, positions], positions, use_reentrant=False)
+                )
+            else:
+                pieces.append(piece(output[:, positions], positions))
+        return pieces
+
+
+POSITION_CHUNK = 10
+"""Continuation positions whose ``[batch, positions, d_vocab]`` logits a differentiable
+objective holds at once (see :func:`per_position_loss`)."""
+
+
+def per_position_loss(
+    model: HookedModel,
+    tokens: Tensor,
+    prefix_len: int,
+    loss: Callable[[Float[Tensor, "batch chunk d_vocab"], slice], Float[Tensor, "batch chunk"]],
+) -> Float[Tensor, "batch continuation_pos"]:
+    """``loss(logits, positions)`` at every continuation position, a few positions at a time.
+
+    The blocks run once; ``ln_final``, the unembedding and ``loss`` run on chunks of
+    :data:`POSITION_CHUNK` positions under activation checkpointing when gradients are on, so
+    the backward pass recomputes one chunk's vocabulary-sized tensors at a time instead of
+    keeping every chunk's (with a 50,257-token vocabulary those tensors are most of a
+    backward pass's memory). The values are those of one pass over all positions.
+
+    Args:
+        model: the model.
+        tokens: ``[batch, pos]`` token ids.
+        prefix_len: prefix length; continuation position ``i`` is predicted at
+            ``prefix_len - 1 + i``.
+        loss: maps the float32 logits of a chunk and the chunk's continuation positions (a
+            slice) to a ``[batch, chunk]`` loss.
+    """
+    kwargs: dict[str, Any] = {}
+    pieces = _over_continuation(
+        model, tokens, prefix_len, loss, POSITION_CHUNK, None, kwargs, checkpointed=True
+    )
+    return torch.cat(pieces, dim=1)
 
 
 @dataclass(frozen=True)

@@ -16,19 +16,17 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from memloc_tl.core.backend import (
     HookedModel,
     Weight,
-    final_residual,
     gradients,
     model_parameters,
     parameters_of,
     weights,
 )
-from memloc_tl.core.forward import continuation_logits
+from memloc_tl.core.forward import continuation_logits, per_position_loss
 from memloc_tl.core.paragraphs import Paragraphs
 
 HEAD_MATRICES = ("W_K", "W_Q", "W_V", "W_O")
@@ -83,49 +81,6 @@ def grad_only_for(model: HookedModel, params: Sequence[torch.nn.Parameter]) -> I
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-POSITION_CHUNK = 10
-"""Continuation positions whose ``[batch, positions, d_vocab]`` logits a differentiable
-objective holds at once (see :func:`per_position_loss`)."""
-
-
-def per_position_loss(
-    model: HookedModel,
-    tokens: Tensor,
-    prefix_len: int,
-    loss: Callable[[Float[Tensor, "batch chunk d_vocab"], slice], Float[Tensor, "batch chunk"]],
-) -> Float[Tensor, "batch continuation_pos"]:
-    """``loss(logits, positions)`` at every continuation position, a few positions at a time.
-
-    The blocks run once; ``ln_final``, the unembedding and ``loss`` run on chunks of
-    :data:`POSITION_CHUNK` positions under activation checkpointing when gradients are on, so
-    the backward pass recomputes one chunk's vocabulary-sized tensors at a time instead of
-    keeping every chunk's (with a 50,257-token vocabulary those tensors are most of a
-    backward pass's memory). The values are those of one pass over all positions.
-
-    Args:
-        model: the model.
-        tokens: ``[batch, pos]`` token ids.
-        prefix_len: prefix length; continuation position ``i`` is predicted at
-            ``prefix_len - 1 + i``.
-        loss: maps the float32 logits of a chunk and the chunk's continuation positions (a
-            slice) to a ``[batch, chunk]`` loss.
-    """
-    residual = final_residual(model, tokens.to(model.cfg.device))[:, prefix_len - 1 : -1]
-    pieces = []
-    for first in range(0, residual.shape[1], POSITION_CHUNK):
-        positions = slice(first, first + POSITION_CHUNK)
-
-        def head(chunk: Tensor, positions: slice = positions) -> Tensor:
-            return loss(model.unembed(model.ln_final(chunk)).float(), positions)
-
-        chunk = residual[:, positions]
-        if torch.is_grad_enabled():
-            pieces.append(checkpoint(head, chunk, use_reentrant=False))
-        else:
-            pieces.append(head(chunk))
-    return torch.cat(pieces, dim=1)
 
 
 def continuation_nll(

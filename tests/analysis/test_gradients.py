@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-import memloc_tl.core.objectives as objectives
+import memloc_tl.core.forward as forward
 from memloc_tl.analysis import (
     compare_gradient_norms,
     contrastive_gradient_norms,
@@ -155,6 +155,6 @@ def test_errors_leave_the_model_unchanged(
     def broken(*args: object, **kwargs: object) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(objectives, "final_residual", broken)
+    monkeypatch.setattr(forward, "final_residual", broken)
     with unchanged(model), pytest.raises(RuntimeError, match="boom"):
         gradient_norms(model, organism.planted[[0]], progress=False)

@@ -1,11 +1,11 @@
-"""The differentiable objectives: a loss over chunks of positions equals one pass over all."""
+"""The teacher-forced kernel: a loss over chunks of positions equals one pass over all."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import memloc_tl.core.objectives as objectives
+import memloc_tl.core.forward as forward
 from memloc_tl.core.backend import gradients, parameters_of
 from memloc_tl.core.objectives import (
     attributed_weights,
@@ -23,7 +23,7 @@ def test_losses_over_position_chunks_equal_one_pass_and_recompute_in_backward(
     """NLL and KL, values and gradients, equal a hand-written pass over the full logits; with
     gradients on, each chunk's unembedding runs again in the backward pass (checkpointing),
     which is how a chunk's vocabulary-sized tensors are not kept."""
-    monkeypatch.setattr(objectives, "POSITION_CHUNK", chunk)
+    monkeypatch.setattr(forward, "POSITION_CHUNK", chunk)
     model, tokens = organism.model, organism.planted.tokens[:3]
     chosen = {name: w for name, w in attributed_weights(model).items() if ".0." in name}
     generator = torch.Generator().manual_seed(0)
