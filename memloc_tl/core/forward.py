@@ -182,8 +182,8 @@ def per_position_loss(
     The blocks run once; ``ln_final``, the unembedding and ``loss`` run on chunks of
     :data:`POSITION_CHUNK` positions under activation checkpointing when gradients are on, so
     the backward pass recomputes one chunk's vocabulary-sized tensors at a time instead of
-    keeping every chunk's (with a 50,257-token vocabulary those tensors are most of a
-    backward pass's memory). The values are those of one pass over all positions.
+    keeping every chunk's (with a 50,257-token vocabulary those tensors are a large share of
+    a backward pass's memory). The values are those of one pass over all positions.
 
     Args:
         model: the model.
