@@ -340,18 +340,17 @@ def _truth(
 
 @torch.no_grad()
 def _preserve(
-    params: dict[str, Tensor],
-    union: ParamMask,
+    params: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
     original: Mapping[str, Tensor],
     how: Preserve,
 ) -> None:
     """Map each matrix's injected entries back onto their original value distribution
-    (``original``: the injected entries' values before the injection, per matrix)."""
+    (``masks``: the injected entries of each matrix that has any; ``original``: their values
+    before the injection)."""
     if how == "none":
         return
-    for name, mask in union.masks.items():
-        if not bool(mask.any()):
-            continue
+    for name, mask in masks.items():
         param = params[name]
         where = mask.to(param.device)
         values, start = param[where], original[name].to(param.device)
@@ -415,13 +414,14 @@ def inject_paragraphs(
     for mask in masks[1:]:
         union = ParamMask({n: m | mask.masks[n] for n, m in union.masks.items()}, "injected")
     chosen = attributed_weights(model)
-    params = {n: w.value for n, w in chosen.items()}
     trained = parameters_of(chosen)
     sets = {"memorized": memorized, "injected": paragraphs}
     before = measure_sets(model, sets, general)
     em_before = _exact_matches(model, paragraphs)
     reference = original_logprobs(model, keep)
-    weights_of = [{n: m.to(params[n].device) for n, m in mask.masks.items()} for mask in masks]
+    weights_of = [
+        {n: m.to(chosen[n].param.device) for n, m in mask.masks.items()} for mask in masks
+    ]
     full = paragraphs.continuation_len
     steps = 0
     # The injection is trained in the model itself and taken out again before returning (also
@@ -452,7 +452,7 @@ def inject_paragraphs(
                     )
                     (config.kl_weight * kl).backward()
                 optimizer.step()
-                _preserve(params, union, run.original, config.preserve)
+                _preserve(run.params, run.masks, run.original, config.preserve)
                 steps += 1
                 bar.update()
         bar.close()
