@@ -8,8 +8,9 @@ run, on the same windows, at each batch size:
 - ``transformers``' ``generate`` with ``continuation_len`` greedy steps per batch, as Pythia's
   memorization evaluation does (the model loaded from the same checkpoint);
 - the limit: the arithmetic a scan cannot avoid, a bare forward of the blocks and the
-  unembedding of the continuation positions (no scoring, no files); scan and limit take the
-  best of ``--repeats``, interleaved;
+  unembedding of the continuation positions (no scoring, no files), in the forwards the scan
+  makes (on a CPU at most ``CPU_FORWARD_TOKENS`` tokens each); scan and limit take the best of
+  ``--repeats``, interleaved;
 - (CPU, organism layout) the same scan under ``torchrun`` with 1 and with 2 processes (gloo).
 
 Prints windows per second and the ratios. Goals: never slower than ``generate`` at any batch
@@ -41,6 +42,7 @@ from common import (
 )
 
 from memloc_tl.core.backend import HookedModel, final_residual
+from memloc_tl.core.forward import forward_rows
 from memloc_tl.corpus import CorpusConfig, Document, read_corpus_scan, scan_corpus
 
 
@@ -71,12 +73,14 @@ def generate_seconds(model: Any, windows: torch.Tensor, config: CorpusConfig, ba
 def limit_seconds(
     model: HookedModel, windows: torch.Tensor, config: CorpusConfig, batch: int
 ) -> float:
-    """A bare forward of the blocks and the continuation positions' unembedding, per batch."""
+    """A bare forward of the blocks and the continuation positions' unembedding, per batch,
+    in the forwards a scan makes of it (on a CPU at most ``CPU_FORWARD_TOKENS`` tokens)."""
     p = config.prefix_len
+    rows = forward_rows(model, batch, config.length)
     started = time.perf_counter()
     with torch.no_grad():
-        for first in range(0, len(windows), batch):
-            residual = final_residual(model, windows[first : first + batch].to(model.cfg.device))
+        for first in range(0, len(windows), rows):
+            residual = final_residual(model, windows[first : first + rows].to(model.cfg.device))
             model.unembed(model.ln_final(residual[:, p - 1 : -1]))
     synchronize()
     return time.perf_counter() - started
@@ -160,7 +164,8 @@ def main() -> None:
             t_generate = generate_seconds(reference, windows, config, batch)
             n = len(windows)
             print(
-                f"batch {batch:4d}: scan_corpus {n / t_scan:9.1f} windows/s, generate "
+                f"batch {batch:4d} ({forward_rows(model, batch, config.length)} rows per "
+                f"forward): scan_corpus {n / t_scan:9.1f} windows/s, generate "
                 f"{n / t_generate:9.1f}, the limit (bare forward + continuation unembedding) "
                 f"{n / t_limit:9.1f}"
             )

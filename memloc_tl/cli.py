@@ -584,7 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--cache-dir", type=Path, default=None, help="organism cache directory")
         sub.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
         sub.add_argument(
-            "--batch-size", type=positive_int, default=32, help="paragraphs per forward pass"
+            "--batch-size",
+            type=positive_int,
+            default=32,
+            help="paragraphs per forward pass (on a CPU at most 3200 tokens)",
         )
 
     def report_options(sub: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ from memloc_tl.core.forward import (
     check_tokens,
     continuation_logits,
     exact_match_length,
+    forward_rows,
     score_continuations,
     scores_from_logits,
 )
@@ -177,7 +178,9 @@ def scan_memorization(
     Args:
         model: the model.
         paragraphs: the paragraphs, tokenized for this model.
-        batch_size: paragraphs per forward pass.
+        batch_size: paragraphs per forward pass; on a CPU at most
+            :data:`~memloc_tl.core.forward.CPU_FORWARD_TOKENS` tokens' worth (32 windows of
+            100), since larger forwards run slower per window there.
         precision: score in reduced precision (``Precision(torch.bfloat16)``): the windows
             near a flip are counted, and with ``verify="margin"`` (its default) scored again in
             float32, so that the EM column equals float32's (see :mod:`memloc_tl.core.precision`).
@@ -198,11 +201,10 @@ def scan_memorization(
     reduced = precision is not None and precision.reduced
     matches, nlls, flips = [], [], []
     prefix_len = paragraphs.prefix_len
+    rows = forward_rows(model, batch_size, paragraphs.seq_len)
     with torch.no_grad():
-        for start in tqdm(
-            range(0, len(paragraphs), batch_size), desc="scanning", disable=not progress
-        ):
-            batch = paragraphs.tokens[start : start + batch_size]
+        for start in tqdm(range(0, len(paragraphs), rows), desc="scanning", disable=not progress):
+            batch = paragraphs.tokens[start : start + rows]
             if precision is not None and reduced:
                 with precision.autocast(model.cfg.device or "cpu"):
                     logits = continuation_logits(model, batch, prefix_len)
@@ -222,10 +224,10 @@ def scan_memorization(
     flagged = (torch.cat(flips) if flips else torch.zeros(0, dtype=torch.bool)) if reduced else None
     verified = precision is not None and reduced and precision.verify == "margin"
     if verified and flagged is not None and bool(flagged.any()):
-        rows = flagged.nonzero().flatten()
+        again = flagged.nonzero().flatten()
         with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                chosen = rows[start : start + batch_size]
+            for start in range(0, len(again), rows):
+                chosen = again[start : start + rows]
                 match, nll = score_continuations(model, paragraphs.tokens[chosen], prefix_len)
                 greedy_match[chosen], token_nll[chosen] = match.cpu(), nll.cpu().float()
     return MemorizationScan(

@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from memloc_tl.core.backend import HookedModel, shares_prefix_cache, skips_early_blocks
-from memloc_tl.core.forward import PrefixKV, exact_match_length, layer_starts, score_continuations
+from memloc_tl.core.forward import exact_match_length, layer_starts, score_continuations
 from memloc_tl.core.heads import HeadRef
 from memloc_tl.core.hooks import hook_name, make_each_head_replace_hook, make_head_replace_hook
 from memloc_tl.core.paragraphs import Paragraphs, check_set
@@ -460,23 +460,23 @@ def patching_sweep(
             rows = order[start : start + batch_size]
             tokens = target.tokens[rows].to(cfg.device)
             b, seq = tokens.shape
-            starts = layer_starts(model, tokens)
-            match, token_nll = score_continuations(model, tokens, target.prefix_len)
-            base_em, base_nll = exact_match_length(match), token_nll.mean(-1)
             source_tokens = source.tokens[rows].to(cfg.device) if source is not None else None
-            replacement = _replacements(
-                model, kind, layers, source_tokens, means, (b, seq, n_heads, cfg.d_head)
-            )
-            stacked_tokens = tokens.repeat(n_heads, 1)
             first = (
                 first_difference(tokens, source_tokens, target.prefix_len)
                 if reuse and source_tokens is not None
                 else 0
             )
+            # one run of the batch: its scores, every layer's input and (reuse) keys and values
+            starts = layer_starts(model, tokens, target.prefix_len, keys_values=first > 0)
+            base_em, base_nll = exact_match_length(starts.greedy_match), starts.token_nll.mean(-1)
+            replacement = _replacements(
+                model, kind, layers, source_tokens, means, (b, seq, n_heads, cfg.d_head)
+            )
+            stacked_tokens = tokens.repeat(n_heads, 1)
             reused: dict[str, Any] = {}
-            if first > 0:  # the target's keys and values before it, for every stacked copy
-                prefix = PrefixKV.build(model, tokens)
-                reused["past_kv_cache"] = prefix.cache(torch.arange(b).repeat(n_heads), first)
+            if starts.prefix is not None:  # the keys and values before ``first``, every copy
+                copies = torch.arange(b).repeat(n_heads)
+                reused["past_kv_cache"] = starts.prefix.cache(copies, first)
             for layer in layers:
                 replace_own_head = make_each_head_replace_hook(
                     replacement[layer][:, first:], _shifted(chosen, first)

@@ -32,11 +32,27 @@ from memloc_tl.core.backend import (
     shares_prefix_cache,
     skips_early_blocks,
 )
-from memloc_tl.core.hooks import hook_name
+from memloc_tl.core.hooks import has_hooks, hook_name
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32
+
+CPU_FORWARD_TOKENS = 3200
+"""Tokens (rows x positions) one teacher-forced scan forward takes at once on a CPU. Past
+about this many, TransformerLens's forward runs slower per window there: its ``[batch, heads,
+pos, pos]`` attention tensors and ``[batch, pos, d_mlp]`` activations leave the cache. Measured
+with 100-token windows on 2 CPU cores, a bare forward ran 2.5x (the organism) and 1.3x
+(GPT-Neo 125M's layout) faster per window in rows of 16-32 than of 512. A GPU takes the
+batch as given."""
+
+
+def forward_rows(model: HookedModel, batch_size: int, seq_len: int) -> int:
+    """Rows per teacher-forced forward for a batch of ``batch_size`` windows of ``seq_len``
+    tokens: the batch, but on a CPU at most :data:`CPU_FORWARD_TOKENS` tokens (and 1 row)."""
+    if torch.device(model.cfg.device or "cpu").type != "cpu":
+        return batch_size
+    return max(1, min(batch_size, CPU_FORWARD_TOKENS // max(seq_len, 1)))
 
 
 def check_tokens(model: HookedModel, tokens: Tensor, prefix_len: int) -> None:
@@ -85,7 +101,7 @@ def continuation_logits(
     pieces = _over_continuation(
         model, tokens, prefix_len, lambda logits, positions: logits, None, weights, kwargs
     )
-    return torch.cat(pieces, dim=1)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 def _forward_arguments(
@@ -308,43 +324,109 @@ def score_continuations(
         weights=weights,
         past_kv_cache=past_kv_cache,
     )
-    return scores_from_logits(logits, tokens[:, prefix_len:])
+    # The logits are this call's own unless a hook in scope saw them leave the unembedding.
+    private = not has_hooks(model, "unembed.hook_out")
+    return scores_from_logits(logits, tokens[:, prefix_len:], overwrite=private)
 
 
 def scores_from_logits(
     logits: Float[Tensor, "batch continuation_pos d_vocab"],
     target: Int[Tensor, "batch continuation_pos"],
+    *,
+    overwrite: bool = False,
 ) -> tuple[Bool[Tensor, "batch continuation_pos"], Float[Tensor, "batch continuation_pos"]]:
-    """``(greedy_match, token_nll)`` of continuation logits against the reference tokens."""
+    """``(greedy_match, token_nll)`` of continuation logits against the reference tokens.
+
+    ``overwrite=True`` uses ``logits`` as scratch space (it is left holding
+    ``exp(logit - max)``), for a caller that does not read them again: no second
+    vocabulary-sized tensor is allocated (about 6% of a scan's time on a CPU). It is ignored
+    where ``logits`` takes part in a gradient.
+    """
     # One pass finds each position's largest logit and its (first) index, the argmax; the
     # NLL is logsumexp - target logit, with the logsumexp shifted by that largest logit.
+    chosen = logits.gather(-1, target[..., None]).squeeze(-1)
     largest, argmax = logits.max(dim=-1)
-    shifted = (logits - largest[..., None]).exp_().sum(dim=-1).log_()
-    token_nll = largest + shifted - logits.gather(-1, target[..., None]).squeeze(-1)
+    if overwrite and not (logits.requires_grad and torch.is_grad_enabled()):
+        shifted = logits.sub_(largest[..., None])
+    else:
+        shifted = logits - largest[..., None]
+    token_nll = largest + shifted.exp_().sum(dim=-1).log_() - chosen
     return argmax == target, token_nll
 
 
-def layer_starts(
-    model: HookedModel, tokens: Int[Tensor, "batch pos"]
-) -> Callable[[int, int], dict[str, Any]]:
-    """How to score variants of ``tokens`` that differ only from layer ``l`` on (a sweep).
+@dataclass(frozen=True)
+class LayerStarts:
+    """One unpatched forward of a batch, kept for variants of it that differ only from layer
+    ``l`` on (a sweep): the batch's own scores, the residual stream entering every layer, and
+    with ``keys_values`` every position's keys and values.
 
-    Returns ``starts(layer, copies)``: the keyword arguments of :func:`score_continuations` for
-    ``copies`` stacked copies of the batch. Where ``start_at_layer`` really skips the earlier
-    blocks (a HookedTransformer), one cached run gives the residual stream entering every layer
-    and the variants start from it; elsewhere (a bridge) they run from the tokens: the same
-    numbers, without the saving.
+    Call it as ``starts(layer, copies)`` for the keyword arguments of
+    :func:`score_continuations` that run ``copies`` stacked copies of the batch from ``layer``
+    on. Where ``start_at_layer`` cannot skip the earlier blocks, no residual is kept and the
+    variants run from the tokens: the same numbers, without the saving.
+
+    Attributes:
+        greedy_match: the batch's teacher-forced matches, ``[batch, continuation_pos]``.
+        token_nll: its per-token NLL, ``[batch, continuation_pos]``.
+        residuals: per layer, ``[batch, pos, d_model]`` entering it; empty when not kept.
+        prefix: the keys and values of every position (``keys_values=True``), else None.
     """
-    if not skips_early_blocks(model):
-        return lambda layer, copies: {}
-    names = {hook_name("resid_pre", layer) for layer in range(model.cfg.n_layers)}
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
 
-    def starts(layer: int, copies: int) -> dict[str, Any]:
-        residual = cache[hook_name("resid_pre", layer)].repeat(copies, 1, 1)
-        return {"residual": residual, "start_at_layer": layer}
+    greedy_match: Bool[Tensor, "batch continuation_pos"]
+    token_nll: Float[Tensor, "batch continuation_pos"]
+    residuals: tuple[Float[Tensor, "batch pos d_model"], ...]
+    prefix: PrefixKV | None
 
-    return starts
+    def __call__(self, layer: int, copies: int) -> dict[str, Any]:
+        if not self.residuals:
+            return {}
+        return {"residual": self.residuals[layer].repeat(copies, 1, 1), "start_at_layer": layer}
+
+
+def layer_starts(
+    model: HookedModel,
+    tokens: Int[Tensor, "batch pos"],
+    prefix_len: int,
+    *,
+    keys_values: bool = False,
+) -> LayerStarts:
+    """Score ``tokens`` and keep what variants from each layer on reuse, in one forward.
+
+    Args:
+        model: the model.
+        tokens: the batch, ``[batch, pos]``.
+        prefix_len: prefix length (for the scores).
+        keys_values: keep every position's keys and values too (a :class:`PrefixKV`;
+            TransformerLens 3's cache, see :func:`~memloc_tl.core.backend.shares_prefix_cache`).
+    """
+    names = (
+        [hook_name("resid_pre", layer) for layer in range(model.cfg.n_layers)]
+        if skips_early_blocks(model)
+        else []
+    )
+    tokens = tokens.to(model.cfg.device)
+    cache = None
+    if keys_values:
+        if not shares_prefix_cache(model):
+            raise ValueError("keys_values needs TransformerLens 3's key/value cache")
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(tokens))
+    kept: list[Tensor] = []  # in layer order (a bridge's hook may carry another name)
+
+    def keep(activation: Tensor, hook: Any) -> Tensor:
+        kept.append(activation)
+        return activation
+
+    with model.hooks(fwd_hooks=[(name, keep) for name in names]):
+        match, token_nll = score_continuations(model, tokens, prefix_len, past_kv_cache=cache)
+    if len(kept) != len(names):  # pragma: no cover - a backend that skipped a hook point
+        raise RuntimeError(f"kept {len(kept)} of {len(names)} layers' residual streams")
+    prefix = None
+    if cache is not None:
+        prefix = PrefixKV(
+            keys=tuple(entry.past_keys for entry in cache.entries),
+            values=tuple(entry.past_values for entry in cache.entries),
+        )
+    return LayerStarts(match, token_nll, tuple(kept), prefix)
 
 
 def exact_match_length(

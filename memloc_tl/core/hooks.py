@@ -18,6 +18,12 @@ def hook_name(kind: str, layer: int) -> str:
     return get_act_name(kind, layer)
 
 
+def has_hooks(model: Any, name: str) -> bool:
+    """Whether a forward hook is registered on the hook point ``name`` (e.g. in a scope)."""
+    point = model.hook_dict.get(name)
+    return point is not None and bool(point._forward_hooks)
+
+
 def position_mask(n_pos: int, positions: Tensor | None, device: torch.device | str) -> Tensor:
     """Boolean ``[n_pos]``: the chosen positions, or all when ``positions`` is None."""
     mask = torch.zeros(n_pos, dtype=torch.bool, device=device)

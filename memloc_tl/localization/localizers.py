@@ -457,9 +457,8 @@ def _zero_ablation(task: LocalizationTask) -> dict[str, Tensor]:
         for start in range(0, len(target), batch_size):
             tokens = target.tokens[start : start + batch_size].to(model.cfg.device)
             b = len(tokens)
-            starts = layer_starts(model, tokens)
-            _, base = score_continuations(model, tokens, target.prefix_len)
-            base_nll = base.mean(-1)
+            starts = layer_starts(model, tokens, target.prefix_len)
+            base_nll = starts.token_nll.mean(-1)
             for layer, (name, (n_units,)) in enumerate(shapes.items()):
                 for first in range(0, n_units, chunk):
                     units = torch.arange(first, min(first + chunk, n_units))

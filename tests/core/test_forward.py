@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -61,3 +63,46 @@ def test_losses_over_position_chunks_equal_one_pass_and_recompute_in_backward(
     torch.testing.assert_close(loss.detach(), expected_loss.detach(), rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_layer_starts_scores_and_keeps_every_layers_input_from_one_forward(
+    organism: Organism, unchanged: Any
+) -> None:
+    from memloc_tl.core.backend import shares_prefix_cache, skips_early_blocks
+
+    model, paragraphs = organism.model, organism.planted[list(range(4))]
+    tokens, p = paragraphs.tokens, paragraphs.prefix_len
+    keys_values = shares_prefix_cache(model)
+    embeds: list[int] = []
+    with (
+        unchanged(model),
+        model.hooks(fwd_hooks=[("hook_embed", lambda a, hook: embeds.append(1))]),
+    ):
+        starts = forward.layer_starts(model, tokens, p, keys_values=keys_values)
+    assert len(embeds) == 1  # one forward for the scores, the residuals and the keys/values
+    match, nll = forward.score_continuations(model, tokens, p)
+    assert torch.equal(starts.greedy_match, match)
+    torch.testing.assert_close(starts.token_nll, nll, atol=1e-6, rtol=0)
+    n = model.cfg.n_layers
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+    if skips_early_blocks(model):
+        assert len(starts.residuals) == n
+        for layer in range(n):
+            torch.testing.assert_close(starts.residuals[layer], cache[names[layer]])
+            kwargs = starts(layer, 3)
+            assert kwargs["start_at_layer"] == layer
+            assert kwargs["residual"].shape == (3 * len(tokens), *cache[names[layer]].shape[1:])
+    else:
+        assert starts.residuals == ()
+        assert starts(1, 3) == {}
+    if keys_values:
+        ours, theirs = starts.prefix, forward.PrefixKV.build(model, tokens)
+        assert ours is not None
+        for mine, built in zip(ours.keys + ours.values, theirs.keys + theirs.values, strict=True):
+            torch.testing.assert_close(mine, built)
+    else:
+        assert starts.prefix is None
+        with pytest.raises(ValueError, match="key/value cache"):
+            forward.layer_starts(model, tokens, p, keys_values=True)

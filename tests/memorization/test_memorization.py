@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
+from memloc_tl.core import forward
 from memloc_tl.core.forward import exact_match_length, greedy_continuations
 from memloc_tl.core.paragraphs import Paragraphs
 from memloc_tl.memorization import scan_memorization, summarize
@@ -82,6 +84,48 @@ def test_batch_size_does_not_matter(organism: Organism) -> None:
     many = scan_memorization(organism.model, organism.control, batch_size=64, progress=False)
     assert torch.equal(one.exact_match, many.exact_match)
     torch.testing.assert_close(one.nll, many.nll, atol=1e-5, rtol=0)
+
+
+def test_a_cpu_forward_takes_at_most_its_token_budget(
+    organism: Organism, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, paragraphs = organism.model, organism.control
+    monkeypatch.setattr(forward, "CPU_FORWARD_TOKENS", 3 * paragraphs.seq_len + 7)
+    rows: list[int] = []
+
+    def count(activation: torch.Tensor, hook: Any) -> None:
+        rows.append(activation.shape[0])
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", count)]):
+        capped = scan_memorization(model, paragraphs, batch_size=64, progress=False)
+    assert len(paragraphs) > 3
+    assert max(rows) == 3
+    assert sum(rows) == len(paragraphs)
+    one = scan_memorization(model, paragraphs, batch_size=1, progress=False)
+    assert torch.equal(capped.exact_match, one.exact_match)
+    torch.testing.assert_close(capped.token_nll, one.token_nll, atol=1e-5, rtol=0)
+    gpu = SimpleNamespace(cfg=SimpleNamespace(device="cuda"))  # a GPU takes the batch whole
+    assert forward.forward_rows(gpu, 512, 100) == 512  # type: ignore[arg-type]
+    assert forward.forward_rows(model, 512, 10_000) == 1
+
+
+def test_scoring_in_place_equals_scoring_a_copy(organism: Organism) -> None:
+    model, paragraphs = organism.model, organism.planted
+    with torch.no_grad():
+        logits = forward.continuation_logits(model, paragraphs.tokens, paragraphs.prefix_len)
+    target = paragraphs.continuation
+    kept = forward.scores_from_logits(logits, target)
+    scratch = logits.clone()
+    overwritten = forward.scores_from_logits(scratch, target, overwrite=True)
+    assert torch.equal(kept[0], overwritten[0])
+    torch.testing.assert_close(kept[1], overwritten[1], atol=1e-6, rtol=0)
+    assert not torch.equal(scratch, logits)  # the copy was used as scratch space
+    # a hook that reads the logits leaving the unembedding keeps them: no overwrite then
+    seen: list[torch.Tensor] = []
+    with model.hooks(fwd_hooks=[("unembed.hook_out", lambda a, hook: seen.append(a))]):
+        match, _ = forward.score_continuations(model, paragraphs.tokens, paragraphs.prefix_len)
+    torch.testing.assert_close(seen[0], logits)  # the continuation positions' logits
+    assert torch.equal(match, kept[0])
 
 
 def test_exact_match_length_counts_until_first_mismatch() -> None:
