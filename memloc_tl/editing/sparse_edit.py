@@ -345,17 +345,25 @@ def sparse_edit(
         del optimizer, inner  # the optimizer's state before the evaluation's forward passes
         edit = run.edit()
         after = evaluate(heldout_logprobs=heldout_logprobs)
-    evaluation = before.merge(
-        after, on=["set", "metric"], how="outer", suffixes=("_before", "_after")
-    )
-    evaluation = evaluation.rename(columns={"value_before": "before", "value_after": "after"})
     return EditResult(
         mask=chosen,
         edit=edit,
         objective=config.objective,
         losses=losses,
-        evaluation=evaluation,
+        evaluation=before_after(before, after),
     )
+
+
+def before_after(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
+    """Rows (set, metric, before, after) from two (set, metric, value) frames, in the order
+    they were measured; a row measured on one side only has NaN on the other."""
+    keys = ["set", "metric"]
+    rows = pd.concat([before[keys], after[keys]]).drop_duplicates()
+    evaluation = rows.merge(before, on=keys, how="left").merge(
+        after, on=keys, how="left", suffixes=("_before", "_after")
+    )
+    evaluation = evaluation.rename(columns={"value_before": "before", "value_after": "after"})
+    return evaluation.reset_index(drop=True)
 
 
 def measure_sets(

@@ -68,7 +68,7 @@ from memloc_tl.core.results import Drawable
 from memloc_tl.core.validation import check_config, check_real
 from memloc_tl.editing.masks import ParamMask, unflatten_like
 from memloc_tl.editing.optimizer import MaskedOptimizer
-from memloc_tl.editing.sparse_edit import measure_sets
+from memloc_tl.editing.sparse_edit import before_after, measure_sets
 from memloc_tl.editing.weight_edit import WeightEdit, trained_in_place
 from memloc_tl.localization.units import Level, Units, check_level, unit_shapes
 from memloc_tl.memorization import scan_memorization
@@ -461,8 +461,7 @@ def inject_paragraphs(
         em_after = _exact_matches(model, paragraphs)
         after = measure_sets(model, sets, general)
         edit = run.edit()
-    evaluation = before.merge(after, on=["set", "metric"], suffixes=("_before", "_after"))
-    evaluation = evaluation.rename(columns={"value_before": "before", "value_after": "after"})
+    evaluation = before_after(before, after)
     injected = torch.cat([v.flatten() for v in edit.before.values()])
     now = torch.cat([v.flatten() for v in edit.after.values()])
     injection = Injection(

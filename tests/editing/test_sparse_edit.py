@@ -341,3 +341,25 @@ def test_training_in_place_takes_the_change_out_unless_kept_and_always_on_error(
             assert torch.equal(weights(model)[key], value), key
     finally:
         model.W_E.grad = None
+
+
+def test_before_after_keeps_the_measured_order_and_marks_one_sided_rows() -> None:
+    import pandas as pd
+
+    from memloc_tl.editing.sparse_edit import before_after
+
+    keys = {"set": ["edited", "edited", "general"], "metric": ["mean_em", "mean_nll", "ppl"]}
+    before = pd.DataFrame({**keys, "value": [50.0, 0.1, 9.0]})
+    after = pd.DataFrame(
+        {
+            "set": ["edited", "general", "edited", "heldout"],
+            "metric": ["mean_nll", "ppl", "mean_em", "kl_to_original"],
+            "value": [3.0, 9.5, 4.0, 0.2],
+        }
+    )
+    table = before_after(before, after)
+    assert table["set"].tolist() == ["edited", "edited", "general", "heldout"]
+    assert table["metric"].tolist() == ["mean_em", "mean_nll", "ppl", "kl_to_original"]
+    assert table["before"].tolist()[:3] == [50.0, 0.1, 9.0]
+    assert table["after"].tolist() == [4.0, 3.0, 9.5, 0.2]
+    assert math.isnan(table["before"].iloc[3])
