@@ -328,6 +328,7 @@ def _scan_model(args: argparse.Namespace) -> Any:
 def run_corpus_scan(args: argparse.Namespace) -> int:
     """``memloc scan --out-dir``: streamed, sharded, resumable; every torchrun rank runs it."""
     from memloc_tl import corpus
+    from memloc_tl.core.paragraphs import file_format
 
     sources = [x for x in (args.data, args.dataset, args.token_file) if x is not None]
     if len(sources) != 1:
@@ -357,7 +358,7 @@ def run_corpus_scan(args: argparse.Namespace) -> int:
         raise UsageError(f"--checkpoints {not_checkpoints[0]}: not a checkpoint directory")
     if args.data is not None:
         try:
-            corpus.file_format(args.data)
+            file_format(args.data)
         except ValueError as error:
             raise UsageError(f"--data: {error}") from error
     try:
