@@ -98,10 +98,11 @@ def continuation_logits(
     tokens, kwargs = _forward_arguments(
         model, tokens, prefix_len, start_at_layer, weights, past_kv_cache
     )
-    pieces = _over_continuation(
+    # all positions in one chunk: the logits come back as they are, with no copy
+    [logits] = _over_continuation(
         model, tokens, prefix_len, lambda logits, positions: logits, None, weights, kwargs
     )
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    return logits
 
 
 def _forward_arguments(
@@ -241,14 +242,29 @@ class PrefixKV:
         Raises:
             ValueError: a TransformerBridge (its cache is Hugging Face's, not this one).
         """
+        tokens = tokens.to(model.cfg.device)
+        cache = cls.recorder(model, len(tokens))
+        model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), return_type=None)
+        return cls.from_cache(cache)
+
+    @staticmethod
+    def recorder(model: HookedModel, batch: int) -> TransformerLensKeyValueCache:
+        """An empty cache for ``batch`` windows, which a forward given it fills with every
+        position's keys and values (then :meth:`from_cache`).
+
+        Raises:
+            ValueError: a TransformerBridge (its cache is Hugging Face's, not this one).
+        """
         if not shares_prefix_cache(model):
             raise ValueError(
                 "PrefixKV holds TransformerLens 3's key/value cache, which a TransformerBridge "
                 "does not take; recompute every position (PerturbConfig(shared_prefix=False))"
             )
-        tokens = tokens.to(model.cfg.device)
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(tokens))
-        model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), return_type=None)
+        return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+
+    @classmethod
+    def from_cache(cls, cache: TransformerLensKeyValueCache) -> PrefixKV:
+        """The keys and values a forward recorded in ``cache`` (see :meth:`recorder`)."""
         return cls(
             keys=tuple(entry.past_keys for entry in cache.entries),
             values=tuple(entry.past_values for entry in cache.entries),
@@ -405,11 +421,7 @@ def layer_starts(
         else []
     )
     tokens = tokens.to(model.cfg.device)
-    cache = None
-    if keys_values:
-        if not shares_prefix_cache(model):
-            raise ValueError("keys_values needs TransformerLens 3's key/value cache")
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(tokens))
+    cache = PrefixKV.recorder(model, len(tokens)) if keys_values else None
     kept: list[Tensor] = []  # in layer order (a bridge's hook may carry another name)
 
     def keep(activation: Tensor, hook: Any) -> Tensor:
@@ -420,12 +432,7 @@ def layer_starts(
         match, token_nll = score_continuations(model, tokens, prefix_len, past_kv_cache=cache)
     if len(kept) != len(names):  # pragma: no cover - a backend that skipped a hook point
         raise RuntimeError(f"kept {len(kept)} of {len(names)} layers' residual streams")
-    prefix = None
-    if cache is not None:
-        prefix = PrefixKV(
-            keys=tuple(entry.past_keys for entry in cache.entries),
-            values=tuple(entry.past_values for entry in cache.entries),
-        )
+    prefix = None if cache is None else PrefixKV.from_cache(cache)
     return LayerStarts(match, token_nll, tuple(kept), prefix)
 
 
