@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from memloc_tl.core.validation import check_finite_weights
 
@@ -231,6 +232,34 @@ def final_residual(
     except _StopForward as stopped:
         return stopped.activation
     raise RuntimeError(f"the forward pass never reached {last}")  # pragma: no cover
+
+
+def checkpointed_final_residual(model: HookedModel, tokens: Tensor) -> Tensor:
+    """:func:`final_residual` of ``tokens``, each block under activation checkpointing.
+
+    With gradients on, the backward pass keeps only the residual entering each block and
+    recomputes one block's activations at a time (one more forward of the blocks, in exchange
+    for not holding every block's attention patterns and MLP activations at once). The values
+    are those of :func:`final_residual`. On a HookedTransformer the blocks run as its own
+    forward runs them (the same embedding, attention mask and positional inputs); hooks in scope
+    inside a block fire again when it is recomputed. A TransformerBridge runs its own forward,
+    unchanged, and keeps every block's activations.
+    """
+    if is_bridge(model) or not torch.is_grad_enabled():
+        return final_residual(model, tokens)
+    residual, _, shortformer_pos_embed, attention_mask = model.input_to_embed(tokens)
+    for block in model.blocks:
+        device = next(block.parameters()).device
+        residual = checkpoint(
+            block,
+            residual.to(device),
+            shortformer_pos_embed=None
+            if shortformer_pos_embed is None
+            else shortformer_pos_embed.to(device),
+            attention_mask=attention_mask,
+            use_reentrant=False,
+        )
+    return residual
 
 
 def _block_list(model: HookedModel) -> torch.nn.ModuleList | None:

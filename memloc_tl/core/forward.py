@@ -26,6 +26,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from memloc_tl.core.backend import (
     HookedModel,
+    checkpointed_final_residual,
     final_residual,
     is_bridge,
     replaced_weights,
@@ -139,6 +140,24 @@ def _forward_arguments(
     return tokens, kwargs
 
 
+def _unembed(model: HookedModel, normalized: Tensor) -> Tensor:
+    return model.unembed(normalized)
+
+
+def _unembed_without_copy(model: HookedModel, normalized: Tensor) -> Tensor:
+    """``model.unembed(normalized)``, on a HookedTransformer without the copy of ``W_U`` that
+    its forward makes at every call (TransformerLens 3.9 multiplies by ``W_U.T.contiguous()``:
+    a vocabulary-sized matrix, a quarter of GPT-Neo 125M, allocated per chunk of positions and
+    again when the backward pass recomputes it). The hooks on ``unembed.hook_in`` and
+    ``unembed.hook_out`` fire as there; the logits equal its logits to float rounding (another
+    matmul layout). A bridge's unembedding (Hugging Face's) makes no copy and runs as it is."""
+    unembed = model.unembed
+    if is_bridge(model) or not all(hasattr(unembed, a) for a in ("W_U", "b_U", "hook_in")):
+        return unembed(normalized)
+    logits = torch.nn.functional.linear(unembed.hook_in(normalized), unembed.W_U.T, unembed.b_U)
+    return unembed.hook_out(logits)
+
+
 def _over_continuation(
     model: HookedModel,
     tokens: Tensor,
@@ -148,6 +167,7 @@ def _over_continuation(
     weights: Mapping[str, Tensor] | None,
     kwargs: dict[str, Any],
     checkpointed: bool = False,
+    checkpoint_blocks: bool = False,
 ) -> list[Any]:
     """``head(logits, positions)`` on the float32 logits of every ``chunk`` continuation
     positions (all at once for ``None``), after one forward of the blocks (``kwargs``: what
@@ -155,20 +175,29 @@ def _over_continuation(
 
     ``checkpointed``: with gradients on, ``ln_final``, the unembedding and ``head`` run under
     activation checkpointing, so the backward pass recomputes one chunk at a time instead of
-    keeping every chunk's vocabulary-sized tensors.
+    keeping every chunk's vocabulary-sized tensors. ``checkpoint_blocks``: the blocks too
+    (:func:`~memloc_tl.core.backend.checkpointed_final_residual`; ``kwargs`` must be empty).
     """
-    if checkpointed and weights is not None:  # the recomputation would not see them
+    if (checkpointed or checkpoint_blocks) and weights is not None:  # a recompute would miss them
         raise ValueError("a checkpointed pass cannot use replaced weights")
     cache = kwargs.get("past_kv_cache")
     skipped = 0 if cache is None else cache.entries[0].past_keys.shape[1]
 
+    unembed = _unembed_without_copy if checkpointed else _unembed
+
     def piece(residual: Tensor, positions: slice) -> Any:
-        return head(model.unembed(model.ln_final(residual)).float(), positions)
+        return head(unembed(model, model.ln_final(residual)).float(), positions)
 
     # with ``weights``: the same forward with some parameters replaced for this call only
     scope = contextlib.nullcontext() if weights is None else replaced_weights(model, weights)
     with scope:
-        output = final_residual(model, tokens.to(model.cfg.device), **kwargs)
+        tokens = tokens.to(model.cfg.device)
+        if checkpoint_blocks:
+            if kwargs:
+                raise ValueError(f"a block-checkpointed pass takes no {sorted(kwargs)}")
+            output = checkpointed_final_residual(model, tokens)
+        else:
+            output = final_residual(model, tokens, **kwargs)
         output = output[:, prefix_len - 1 - skipped : -1]
         size = max(output.shape[1] if chunk is None else chunk, 1)
         pieces = []
@@ -193,6 +222,8 @@ def per_position_loss(
     tokens: Tensor,
     prefix_len: int,
     loss: Callable[[Float[Tensor, "batch chunk d_vocab"], slice], Float[Tensor, "batch chunk"]],
+    *,
+    checkpoint_blocks: bool = False,
 ) -> Float[Tensor, "batch continuation_pos"]:
     """``loss(logits, positions)`` at every continuation position, a few positions at a time.
 
@@ -209,10 +240,22 @@ def per_position_loss(
             ``prefix_len - 1 + i``.
         loss: maps the float32 logits of a chunk and the chunk's continuation positions (a
             slice) to a ``[batch, chunk]`` loss.
+        checkpoint_blocks: with gradients on, also run each block under activation
+            checkpointing (:func:`~memloc_tl.core.backend.checkpointed_final_residual`): the
+            backward pass then holds one block's activations at a time, for one more forward
+            of the blocks. Same values.
     """
     kwargs: dict[str, Any] = {}
     pieces = _over_continuation(
-        model, tokens, prefix_len, loss, POSITION_CHUNK, None, kwargs, checkpointed=True
+        model,
+        tokens,
+        prefix_len,
+        loss,
+        POSITION_CHUNK,
+        None,
+        kwargs,
+        checkpointed=True,
+        checkpoint_blocks=checkpoint_blocks,
     )
     return torch.cat(pieces, dim=1)
 

@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from memloc_tl.core.backend import (
     HookedModel,
     Weight,
-    gradients,
     model_parameters,
     parameters_of,
     weights,
@@ -89,6 +88,7 @@ def continuation_nll(
     prefix_len: int,
     *,
     labels: Tensor | None = None,
+    checkpoint_blocks: bool = False,
 ) -> Float[Tensor, " batch"]:
     """Mean continuation NLL of each paragraph, differentiable.
 
@@ -106,7 +106,9 @@ def continuation_nll(
         wanted = logits.gather(-1, target[:, positions, None]).squeeze(-1)
         return logits.logsumexp(-1) - wanted
 
-    return per_position_loss(model, tokens, prefix_len, nll).mean(-1)
+    return per_position_loss(
+        model, tokens, prefix_len, nll, checkpoint_blocks=checkpoint_blocks
+    ).mean(-1)
 
 
 def contrastive_kl(
@@ -116,18 +118,22 @@ def contrastive_kl(
     prefix_len: int,
     *,
     reduction: KLReduction = "sum_positions",
+    checkpoint_blocks: bool = False,
 ) -> Float[Tensor, ""]:
     """KL(p_theta0 || p_theta) on the keep paragraphs' continuation positions.
 
     ``reduction="sum_positions"`` sums over positions and averages over paragraphs (the
     reference code's ``KLDivLoss(reduction="batchmean")``); ``"mean"`` averages over both.
+    ``checkpoint_blocks``: as in :func:`continuation_nll`.
     """
 
     def kl(logits: Tensor, positions: slice) -> Tensor:
         reference = original_logprobs[:, positions].to(logits.device)
         return (reference.exp() * (reference - logits.log_softmax(-1))).sum(-1)
 
-    per_position = per_position_loss(model, keep_tokens, prefix_len, kl)  # [batch, pos]
+    per_position = per_position_loss(  # [batch, pos]
+        model, keep_tokens, prefix_len, kl, checkpoint_blocks=checkpoint_blocks
+    )
     return per_position.sum(-1).mean() if reduction == "sum_positions" else per_position.mean()
 
 
@@ -142,31 +148,72 @@ def accumulated_gradients(
 
     Each term's loss function returns the batch-mean loss of a batch (given its tokens and start
     index), so weighting by batch size / set size gives the gradient of the set mean exactly.
+    Each parameter's gradient is added to the total as soon as the backward pass has produced
+    it, so beside the total a backward pass holds one parameter's gradient at a time. The
+    model's own ``.grad`` tensors are given back as they were.
     """
     chosen = attributed_weights(model)
-    total = {name: torch.zeros(w.shape, device=w.param.device) for name, w in chosen.items()}
+    params = parameters_of(chosen)
+    names_of: dict[int, list[str]] = {}
+    for name, w in chosen.items():
+        names_of.setdefault(id(w.param), []).append(name)
+    total: dict[str, Tensor] = {}
+
+    def add(param: Tensor) -> None:
+        grad, param.grad = param.grad, None
+        assert grad is not None
+        grad = grad.contiguous()
+        for name in names_of[id(param)]:
+            part = chosen[name].of(grad).float()
+            if name in total:
+                total[name] += part
+            else:
+                total[name] = part.contiguous()
+
     steps = [(p, fn, s) for p, fn in terms for s in range(0, len(p), batch_size)]
-    with grad_only_for(model, parameters_of(chosen)):
-        for paragraphs, loss_fn, start in tqdm(steps, desc=desc, disable=not progress):
-            tokens = paragraphs.tokens[start : start + batch_size].to(model.cfg.device)
-            loss = loss_fn(tokens, start) * (len(tokens) / len(paragraphs))
-            for name, grad in gradients(loss, chosen).items():
-                total[name] += grad.float()
-    return total
+    saved = [(p, p.grad) for p in params]
+    handles = []
+    try:
+        with grad_only_for(model, params):
+            for p in params:
+                p.grad = None
+                handles.append(p.register_post_accumulate_grad_hook(add))
+            for paragraphs, loss_fn, start in tqdm(steps, desc=desc, disable=not progress):
+                tokens = paragraphs.tokens[start : start + batch_size].to(model.cfg.device)
+                loss = loss_fn(tokens, start) * (len(tokens) / len(paragraphs))
+                loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, grad in saved:
+            p.grad = grad
+    for name, w in chosen.items():  # a weight the losses never used has a zero gradient
+        if name not in total:
+            total[name] = torch.zeros(w.shape, device=w.param.device)
+    return {name: total[name] for name in chosen}
 
 
 def original_logprobs(
     model: HookedModel, paragraphs: Paragraphs, batch_size: int = 16
 ) -> Float[Tensor, "n_paragraphs continuation_pos d_vocab"]:
-    """The current model's continuation log-probabilities (theta_0 of the KL term), no grad."""
+    """The current model's continuation log-probabilities (theta_0 of the KL term), no grad.
+
+    Vocabulary-sized, so built without spare copies: each batch's logits become
+    log-probabilities in place, one paragraph at a time, and go into the result (a single
+    batch is the result itself).
+    """
+    out: Tensor | None = None
     with torch.no_grad():
-        return torch.cat(
-            [
-                continuation_logits(
-                    model, paragraphs.tokens[s : s + batch_size], paragraphs.prefix_len
-                )
-                .log_softmax(-1)
-                .cpu()
-                for s in range(0, len(paragraphs), batch_size)
-            ]
-        )
+        for start in range(0, len(paragraphs), batch_size):
+            tokens = paragraphs.tokens[start : start + batch_size]
+            logits = continuation_logits(model, tokens, paragraphs.prefix_len)
+            for row in logits:
+                row.copy_(row.log_softmax(-1))
+            logits = logits.cpu()
+            if len(tokens) == len(paragraphs):
+                return logits
+            if out is None:
+                out = logits.new_empty((len(paragraphs), *logits.shape[1:]))
+            out[start : start + len(tokens)] = logits
+    assert out is not None
+    return out

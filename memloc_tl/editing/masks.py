@@ -117,16 +117,23 @@ class ParamMask:
                 f"the gradients of {bad[:3]} hold NaN or Inf: a top-|gradient| mask would be "
                 "arbitrary; check the loss (e.g. an empty or mis-tokenized paragraph set)"
             )
-        candidates = [_candidates(grads[n], within, n) for n in names]
-        k = _count(fraction, sum(int(c.sum()) for c in candidates))
-        scores = torch.cat(
-            [
-                grads[n].detach().abs().float().where(c, -1.0).flatten()
-                for n, c in zip(names, candidates, strict=True)
-            ]
-        )
-        chosen = torch.zeros_like(scores, dtype=torch.bool)
-        chosen[torch.topk(scores, k).indices] = True
+        k = _count(fraction, sum(int(_candidates(grads[n], within, n).sum()) for n in names))
+        # The global top k, one matrix at a time: the k best so far merged with each matrix's
+        # own top k, so no copy of all the gradients is made (they may be most of a model).
+        best_scores = torch.empty(0)
+        best_ids = torch.empty(0, dtype=torch.long)
+        offset = 0
+        for name in names:
+            grad = grads[name]
+            scores = grad.detach().abs().float().where(_candidates(grad, within, name), -1.0)
+            top = torch.topk(scores.flatten(), min(k, grad.numel()))
+            merged_scores = torch.cat([best_scores, top.values.cpu()])
+            merged_ids = torch.cat([best_ids, top.indices.cpu() + offset])
+            keep = torch.topk(merged_scores, min(k, len(merged_scores))).indices
+            best_scores, best_ids = merged_scores[keep], merged_ids[keep]
+            offset += grad.numel()
+        chosen = torch.zeros(offset, dtype=torch.bool)
+        chosen[best_ids] = True
         return cls(unflatten_like(chosen, names, grads), "gradient")
 
     @classmethod
@@ -145,13 +152,21 @@ class ParamMask:
             else dict(model_or_shapes)
         )
         names = list(tensors)
-        candidates = torch.cat([_candidates(tensors[n], within, n).flatten().cpu() for n in names])
-        pool = candidates.nonzero().flatten()
-        k = _count(fraction, len(pool))
+        sizes = [int(_candidates(tensors[n], within, n).sum()) for n in names]
+        k = _count(fraction, sum(sizes))
         generator = torch.Generator().manual_seed(seed)
-        picked = pool[torch.randperm(len(pool), generator=generator)[:k]]
-        chosen = torch.zeros(len(candidates), dtype=torch.bool)
-        chosen[picked] = True
+        # k distinct ranks among all candidates, then each rank's place in its matrix
+        ranks = distinct_integers(sum(sizes), k, generator).sort().values
+        chosen = torch.zeros(sum(t.numel() for t in tensors.values()), dtype=torch.bool)
+        first_rank = offset = 0
+        for name, size in zip(names, sizes, strict=True):
+            tensor = tensors[name]
+            mine = ranks[(ranks >= first_rank) & (ranks < first_rank + size)] - first_rank
+            if len(mine):
+                places = _candidates(tensor, within, name).flatten().cpu().nonzero().flatten()
+                chosen[places[mine] + offset] = True
+            first_rank += size
+            offset += tensor.numel()
         return cls(unflatten_like(chosen, names, tensors), "random")
 
     def check_model(self, model: HookedModel) -> ParamMask:
@@ -251,6 +266,29 @@ def _count(fraction: float, candidates: int) -> int:
             f"fraction={fraction} of {candidates} candidate weights selects none; raise it"
         )
     return k
+
+
+def distinct_integers(n: int, k: int, generator: torch.Generator) -> Tensor:
+    """``k`` distinct integers from ``[0, n)``, every such set equally likely, seeded by
+    ``generator``: the first ``k`` distinct values of a stream of uniform draws (or, for
+    ``k > n / 2``, all but ``n - k`` of them), so no permutation of all ``n`` is made (eight
+    bytes per weight, more than the model itself)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot pick {k} distinct integers from {n}")
+    if 2 * k > n:
+        kept = torch.ones(n, dtype=torch.bool)
+        kept[distinct_integers(n, n - k, generator)] = False
+        return kept.nonzero().flatten()
+    taken = torch.empty(0, dtype=torch.long)
+    while len(taken) < k:
+        draws = torch.randint(n, (2 * (k - len(taken)) + 16,), generator=generator)
+        stream = torch.cat([taken, draws])
+        values, inverse = torch.unique(stream, return_inverse=True)
+        first = torch.full((len(values),), len(stream)).scatter_reduce_(
+            0, inverse, torch.arange(len(stream)), "amin"
+        )  # where each value first occurs: the values in the order they were drawn
+        taken = stream[first.sort().values][:k]
+    return taken
 
 
 def unflatten_like(flat: Tensor, names: list[str], like: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -17,12 +17,18 @@ decay), in one of two ways:
 
 ``"auto"`` (the default) picks compact for the elementwise optimizers of ``torch.optim`` when the
 masks select under half of the entries, restore otherwise.
+
+In compact mode, :meth:`MaskedOptimizer.gathering_gradients` also keeps the gradients compact:
+inside it, each parameter's gradient is reduced to its masked entries as soon as the backward
+pass has produced it, so a backward pass holds one full gradient matrix at a time, not every
+trained matrix's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -86,7 +92,10 @@ class MaskedOptimizer:
             self._masks[id(param)] = mask.to(param.device)
         self._params = params
         self._before: list[Tensor] | None = None  # pre-step values, reused between steps
-        self._keep_masks: list[Tensor] | None = None
+        # compact gradients gathered during backward passes (gathering_gradients), by param id
+        self._gathered: dict[int, Tensor] = {}
+        self._keep_masks: list[Tensor] | None = None  # of the parameters restored
+        self._restored: list[bool] = []
         if mode == "auto":
             selected = sum(int(m.sum()) for m in self._masks.values())
             sparse = selected < 0.5 * max(1, sum(p.numel() for p in params))
@@ -132,7 +141,50 @@ class MaskedOptimizer:
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
+    @contextlib.contextmanager
+    def gathering_gradients(self) -> Iterator[None]:
+        """Inside the block, backward passes leave only the masked entries' gradients.
+
+        As soon as a backward pass has accumulated a parameter's gradient, its masked entries
+        are added to a compact gradient the next :meth:`step` uses, and the parameter's
+        ``.grad`` is dropped (also for parameters of the optimizer without a mask, which are
+        frozen anyway). A backward pass then holds one full gradient matrix at a time instead
+        of all of them. The gradients are the same (summed over backward passes, cleared by
+        :meth:`zero_grad`); a ``.grad`` present before the block still counts at the next
+        step. Compact mode only; enter the block once the parameters require grad (it hooks
+        those that do). The hooks are removed on exit, also after an error.
+
+        Raises:
+            ValueError: restore mode, which steps on full gradients.
+        """
+        if self.mode != "compact":
+            raise ValueError(
+                "gathering_gradients needs compact mode (restore mode steps on full gradients)"
+            )
+        index_of = {id(param): index for param, index, _ in self._compact}
+
+        def gather(param: Tensor) -> None:
+            index = index_of.get(id(param))
+            grad, param.grad = param.grad, None
+            if index is None or grad is None:
+                return
+            entries = grad.flatten().index_select(0, index)
+            total = self._gathered.get(id(param))
+            self._gathered[id(param)] = entries if total is None else total.add_(entries)
+
+        handles = [
+            param.register_post_accumulate_grad_hook(gather)
+            for param in self._params
+            if param.requires_grad  # the others get no gradient
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._gathered.clear()
         for param in self._params:
             if param.grad is None:
                 continue
@@ -152,9 +204,11 @@ class MaskedOptimizer:
     def _gather(self) -> None:
         for param, index, values in self._compact:
             values.copy_(param.detach().flatten().index_select(0, index))
-            values.grad = (
-                None if param.grad is None else param.grad.flatten().index_select(0, index)
-            )
+            grad = None if param.grad is None else param.grad.flatten().index_select(0, index)
+            gathered = self._gathered.get(id(param))
+            if gathered is not None:
+                grad = gathered.clone() if grad is None else grad.add_(gathered)
+            values.grad = grad
 
     def _compact_step(self, closure: Callable[[], float] | None) -> float | None:
         if closure is None:
@@ -174,14 +228,16 @@ class MaskedOptimizer:
         return loss
 
     def _restore_step(self, closure: Callable[[], float] | None) -> float | None:
-        params, keep = self._params, self._keep()
+        # Only parameters with entries to keep are saved and restored: one whose mask selects
+        # every entry (e.g. a mask of all weights) steps as the wrapped optimizer steps it.
+        params, keep = self._restore_list()
         # Out-of-mask gradients become exactly 0 (masked_fill, not a product: NaN * 0 is NaN).
         for param, frozen in zip(params, keep, strict=True):
             if param.grad is not None:
                 param.grad.masked_fill_(frozen, 0)
         if self._before is None:
             self._before = [p.detach().clone() for p in params]
-        else:
+        elif params:
             _foreach_copy_(self._before, params)
         loss = self.optimizer.step(closure)
         # A select, not arithmetic: the old value comes back bit for bit, even where the
@@ -190,8 +246,8 @@ class MaskedOptimizer:
             torch.where(frozen, before, param.detach(), out=param.detach())
         return loss
 
-    def _keep(self) -> list[Tensor]:
-        """Per parameter, True where the old value must be kept (outside the mask)."""
+    def _restore_list(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters with entries outside the mask, and per parameter where (True)."""
         if self._keep_masks is None:
             self._keep_masks = [
                 ~self._masks[id(p)]
@@ -199,7 +255,12 @@ class MaskedOptimizer:
                 else torch.ones_like(p, dtype=torch.bool)
                 for p in self._params
             ]
-        return self._keep_masks
+            self._restored = [bool(k.any()) for k in self._keep_masks]
+            self._keep_masks = [
+                k for k, r in zip(self._keep_masks, self._restored, strict=True) if r
+            ]
+        params = [p for p, r in zip(self._params, self._restored, strict=True) if r]
+        return params, self._keep_masks
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -235,4 +296,4 @@ class MaskedOptimizer:
         self._masks = {
             id(p): m.to(p.device) for p, m in zip(self._params, masks, strict=True) if m is not None
         }
-        self._keep_masks = None
+        self._keep_masks, self._before = None, None

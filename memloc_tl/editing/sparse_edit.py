@@ -84,6 +84,10 @@ class EditConfig:
             one prefix token is changed (max EM over single-token perturbations).
         seed: seed of a random mask and of the re-extraction perturbations.
         batch_size: paragraphs per forward/backward pass.
+        checkpoint_blocks: recompute each block's activations in the backward pass instead of
+            keeping all of them (on a HookedTransformer; a bridge keeps them): one more
+            forward of the blocks per step for a backward pass that holds one block's
+            activations at a time. The same numbers either way.
     """
 
     objective: Objective = "unlearn"
@@ -98,6 +102,7 @@ class EditConfig:
     reextraction: bool = False
     seed: int = 0
     batch_size: int = 16
+    checkpoint_blocks: bool = True
 
     def __post_init__(self) -> None:
         check_choice(self.objective, "objective", typing.get_args(Objective))
@@ -116,6 +121,7 @@ class EditConfig:
         check_bool(self.reextraction, "reextraction")
         check_seed(self.seed)
         check_positive_int(self.batch_size, "batch_size")
+        check_bool(self.checkpoint_blocks, "checkpoint_blocks")
 
     @classmethod
     def reference_code(cls, **changes: Any) -> EditConfig:
@@ -220,9 +226,10 @@ def _objective_terms(
 ) -> list[tuple[Paragraphs, Callable[[Tensor, int], Tensor]]]:
     p = memorized.prefix_len
     weight = config.nll_weight
+    blocks = config.checkpoint_blocks
 
     def nll(context: Tensor, labels: Tensor) -> Tensor:
-        return continuation_nll(model, context, p, labels=labels).mean()
+        return continuation_nll(model, context, p, labels=labels, checkpoint_blocks=blocks).mean()
 
     def unlearn(tokens: Tensor, start: int) -> Tensor:
         return -weight * nll(tokens, tokens)
@@ -235,7 +242,14 @@ def _objective_terms(
 
     def kl(tokens: Tensor, start: int) -> Tensor:
         ref = reference[start : start + len(tokens)]
-        return contrastive_kl(model, tokens, ref, keep.prefix_len, reduction=config.kl_reduction)
+        return contrastive_kl(
+            model,
+            tokens,
+            ref,
+            keep.prefix_len,
+            reduction=config.kl_reduction,
+            checkpoint_blocks=blocks,
+        )
 
     return [(memorized, unlearn if config.objective == "unlearn" else edit), (keep, kl)]
 
@@ -328,7 +342,10 @@ def sparse_edit(
     with trained_in_place(model, chosen, keep=inplace) as run:
         inner = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
         optimizer = MaskedOptimizer(inner, parameter_masks(chosen_weights, chosen.masks))
-        with grad_only_for(model, trained):
+        # a sparse mask's steps need only its entries' gradients: gathered as they come
+        compact = optimizer.mode == "compact"
+        gathering = optimizer.gathering_gradients() if compact else contextlib.nullcontext()
+        with grad_only_for(model, trained), gathering:
             steps = range(config.steps)
             for _ in tqdm(steps, desc=f"{config.objective} ({chosen.kind})", disable=not progress):
                 optimizer.zero_grad()

@@ -45,9 +45,9 @@ def test_losses_over_position_chunks_equal_one_pass_and_recompute_in_backward(
 
     n_chunks = -(-50 // chunk)
     calls: list[int] = []
+    counter = ("unembed.hook_out", lambda logits, hook: calls.append(1))
     with grad_only_for(model, parameters_of(chosen)):
-        counted = model.unembed.register_forward_hook(lambda *_: calls.append(1))
-        try:
+        with model.hooks(fwd_hooks=[counter]):
             with torch.no_grad():
                 value = ours()
             assert len(calls) == 2 * n_chunks  # no gradients: one unembedding per chunk, loss
@@ -55,8 +55,6 @@ def test_losses_over_position_chunks_equal_one_pass_and_recompute_in_backward(
             loss = ours()
             grads = gradients(loss, chosen)
             assert len(calls) == 2 * 2 * n_chunks  # and each chunk again in the backward pass
-        finally:
-            counted.remove()
         expected_loss = by_hand()
         expected = gradients(expected_loss, chosen)
     torch.testing.assert_close(value, expected_loss.detach(), rtol=1e-5, atol=1e-5)
@@ -106,3 +104,62 @@ def test_layer_starts_scores_and_keeps_every_layers_input_from_one_forward(
         assert starts.prefix is None
         with pytest.raises(ValueError, match="key/value cache"):
             forward.layer_starts(model, tokens, p, keys_values=True)
+
+
+def test_checkpointed_blocks_give_the_same_loss_and_gradients_and_keep_less(
+    organism: Organism, unchanged: Any
+) -> None:
+    """With checkpoint_blocks the backward pass recomputes each block (its attention runs
+    twice) and the graph keeps fewer bytes; the loss and the gradients are those without. A
+    bridge runs its own forward unchanged."""
+    from memloc_tl.core.backend import is_bridge
+
+    model, tokens = organism.model, organism.planted.tokens[:4]
+    chosen = attributed_weights(model)
+    runs: dict[bool, tuple[torch.Tensor, dict[str, torch.Tensor], int, int]] = {}
+    for blocks in (False, True):
+        saved: list[int] = []
+        patterns: list[int] = []
+
+        def pack(tensor: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        counter = ("blocks.0.attn.hook_pattern", lambda a, hook, n=patterns: n.append(1))
+        with (
+            unchanged(model),
+            grad_only_for(model, parameters_of(chosen)),
+            model.hooks(fwd_hooks=[counter]),
+        ):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss = continuation_nll(model, tokens, 50, checkpoint_blocks=blocks).sum()
+            grads = gradients(loss, chosen)
+        runs[blocks] = (loss.detach(), grads, sum(saved), len(patterns))
+    (plain, plain_grads, plain_bytes, plain_runs), (ours, our_grads, our_bytes, our_runs) = (
+        runs[False],
+        runs[True],
+    )
+    torch.testing.assert_close(ours, plain, rtol=0, atol=0)
+    for name, grad in our_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    if is_bridge(model):
+        assert (our_runs, our_bytes) == (plain_runs, plain_bytes)
+    else:
+        assert (plain_runs, our_runs) == (1, 2)
+        assert our_bytes < plain_bytes / 2, (our_bytes, plain_bytes)
+
+
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_original_logprobs_equal_a_log_softmax_of_the_logits(
+    organism: Organism, batch_size: int
+) -> None:
+    """Built in place, batch by batch: bit for bit the log-softmax of the continuation logits."""
+    from memloc_tl.core.objectives import original_logprobs
+
+    paragraphs = organism.planted[list(range(5))]
+    with torch.no_grad():
+        logits = forward.continuation_logits(organism.model, paragraphs.tokens, 50)
+    expected = logits.log_softmax(-1)
+    got = original_logprobs(organism.model, paragraphs, batch_size)
+    assert got.shape == (5, 50, organism.model.cfg.d_vocab)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -252,3 +253,114 @@ def test_non_finite_gradients_outside_the_mask_change_nothing_there(mode: str, b
     assert torch.equal(layer.weight[~mask], before[~mask])
     assert torch.isfinite(layer.weight).all()
     assert not torch.equal(layer.weight[mask], before[mask])
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.3])
+def test_gradient_mask_equals_one_top_k_over_all_gradients(
+    organism: Organism, fraction: float
+) -> None:
+    """The mask is chosen a matrix at a time; it is the top k of all gradients put together
+    (0.3: k is larger than whole matrices, which then enter entirely)."""
+    grads = fake_grads(organism.model, seed=3)
+    scope = ParamMask.random(organism.model, fraction=0.5, seed=1)
+    for within in (None, scope):
+        mask = ParamMask.from_gradients(grads, fraction=fraction, within=within)
+        allowed = [
+            torch.ones_like(g, dtype=torch.bool) if within is None else within.masks[n]
+            for n, g in grads.items()
+        ]
+        flat = torch.cat(
+            [g.abs().where(a, -1.0).flatten() for g, a in zip(grads.values(), allowed, strict=True)]
+        )
+        k = math.floor(fraction * sum(int(a.sum()) for a in allowed))
+        expected = torch.zeros_like(flat, dtype=torch.bool)
+        expected[flat.topk(k).indices] = True  # randn gradients: no ties
+        got = torch.cat([mask.masks[n].flatten() for n in grads])
+        assert torch.equal(got, expected)
+        assert mask.count == k
+
+
+@pytest.mark.parametrize("batches", [1, 3])
+def test_gathering_gradients_steps_as_full_gradients_do(batches: int) -> None:
+    """Inside gathering_gradients a backward pass keeps only the masked entries' gradients;
+    the steps are bit-identical to steps on full gradients, over several backward passes."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(16, 8) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    mask = torch.rand(8, 16) < 0.2
+    optimizers = [
+        MaskedOptimizer(torch.optim.Adam(list(layer.parameters()), lr=1e-2), {layer.weight: mask})
+        for layer in layers
+    ]
+    inputs = torch.randn(4, batches, 3, 16)
+    for step in inputs:
+        for gathered, (layer, optimizer) in enumerate(zip(layers, optimizers, strict=True)):
+            optimizer.zero_grad()
+            scope = optimizer.gathering_gradients() if gathered else contextlib.nullcontext()
+            with scope:
+                for x in step:
+                    layer(x).square().sum().backward()
+                    if gathered:  # nothing full is left: not the weight's, not the bias's
+                        assert layer.weight.grad is None
+                        assert layer.bias.grad is None
+            optimizer.step()
+    assert torch.equal(layers[0].weight, layers[1].weight)
+    assert torch.equal(layers[0].bias, layers[1].bias)
+    # the hooks are gone on exit: a backward pass outside the block leaves .grad as usual
+    layers[1](inputs[0, 0]).sum().backward()
+    assert layers[1].weight.grad is not None
+    restore = MaskedOptimizer(
+        torch.optim.Adam(list(layers[0].parameters())), {layers[0].weight: mask}, mode="restore"
+    )
+    with pytest.raises(ValueError, match="compact mode"), restore.gathering_gradients():
+        pass
+
+
+def test_distinct_integers_are_distinct_seeded_and_uniform() -> None:
+    from memloc_tl.editing.masks import distinct_integers
+
+    def draw(n: int, k: int, seed: int) -> torch.Tensor:
+        return distinct_integers(n, k, torch.Generator().manual_seed(seed))
+
+    for n, k in [(1000, 10), (1000, 499), (1000, 501), (1000, 1000), (7, 0)]:
+        picked = draw(n, k, 0)
+        assert len(picked) == k == len(set(picked.tolist()))
+        assert all(0 <= i < n for i in picked.tolist())
+        assert torch.equal(picked, draw(n, k, 0))
+    assert not torch.equal(draw(1000, 10, 0), draw(1000, 10, 1))
+    # every integer equally likely: 2,000 draws of 3 of 10 (and of 7 of 10, the other path)
+    for k in (3, 7):
+        counts = torch.zeros(10)
+        for seed in range(2000):
+            counts[draw(10, k, seed)] += 1
+        expected = 2000 * k / 10
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 27.9, counts  # the chi-square (9 dof) 99.9% quantile
+    with pytest.raises(ValueError, match="distinct"):
+        draw(5, 6, 0)
+
+
+def test_restore_mode_steps_a_fully_masked_parameter_as_the_optimizer_does() -> None:
+    """A parameter whose mask selects every entry is neither saved nor restored: it steps
+    exactly as under the bare optimizer, while a partly masked one keeps its other entries."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 4, bias=False) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    extras = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]  # its own loss term
+    extras[1].data.copy_(extras[0].data)
+    extra_mask = torch.tensor([True, False, True, False])
+    extra_before = extras[0].detach().clone()
+    masked = MaskedOptimizer(
+        torch.optim.Adam([layers[0].weight, extras[0]], lr=1e-2, weight_decay=0.5),
+        {layers[0].weight: torch.ones(4, 8, dtype=torch.bool), extras[0]: extra_mask},
+        mode="restore",
+    )
+    bare = torch.optim.Adam([layers[1].weight, extras[1]], lr=1e-2, weight_decay=0.5)
+    for x in torch.randn(3, 5, 8):
+        for layer, extra, optimizer in zip(layers, extras, (masked, bare), strict=True):
+            optimizer.zero_grad()
+            (layer(x).square().sum() + extra.square().sum()).backward()
+            optimizer.step()
+    assert torch.equal(layers[0].weight, layers[1].weight)
+    assert torch.equal(extras[0][~extra_mask], extra_before[~extra_mask])
+    assert torch.equal(extras[0][extra_mask], extras[1][extra_mask])
