@@ -32,10 +32,10 @@ TABLE: dict[tuple[str, str], Any] = {
     ("memloc_tl.editing.sparse_edit.EditResult", "figure"): figures.edit_result_figure,
     ("memloc_tl.localization.units.Localization", "figure"): figures.localization_figure,
     ("memloc_tl.localization.injection.Injection", "figure"): figures.injection_result_figure,
-    ("memloc_tl.checkpoints.MemorizationTimeline", "figure"): figures.timeline_figure,
-    ("memloc_tl.checkpoints.MemorizationTimeline", "heatmap"): figures.timeline_heatmap,
-    ("memloc_tl.checkpoints.HeadTimeline", "figure"): figures.head_timeline_figure,
-    ("memloc_tl.checkpoints.MaskDrift", "figure"): figures.mask_drift_figure,
+    ("memloc_tl.checkpoints.timeline.MemorizationTimeline", "figure"): figures.timeline_figure,
+    ("memloc_tl.checkpoints.timeline.MemorizationTimeline", "heatmap"): figures.timeline_heatmap,
+    ("memloc_tl.checkpoints.heads.HeadTimeline", "figure"): figures.head_timeline_figure,
+    ("memloc_tl.checkpoints.drift.MaskDrift", "figure"): figures.mask_drift_figure,
 }
 """The renderers that take the result as it is."""
 
