@@ -82,6 +82,29 @@ def grad_only_for(model: HookedModel, params: Sequence[torch.nn.Parameter]) -> I
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def gradients_as_produced(
+    params: Sequence[torch.nn.Parameter], receive: Callable[[torch.nn.Parameter, Tensor], None]
+) -> Iterator[None]:
+    """Inside the block, each backward pass hands ``receive(param, grad)`` every parameter's
+    gradient as soon as it has been accumulated, and drops the parameter's ``.grad``: a
+    backward pass then holds one full gradient at a time. Only parameters that require grad
+    are hooked (enter the block after setting the flags); the hooks are removed on exit, also
+    after an error."""
+
+    def hook(param: torch.nn.Parameter) -> None:
+        grad, param.grad = param.grad, None
+        if grad is not None:
+            receive(param, grad)
+
+    handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def continuation_nll(
     model: HookedModel,
     tokens: Tensor,
@@ -159,9 +182,7 @@ def accumulated_gradients(
         names_of.setdefault(id(w.param), []).append(name)
     total: dict[str, Tensor] = {}
 
-    def add(param: Tensor) -> None:
-        grad, param.grad = param.grad, None
-        assert grad is not None
+    def add(param: torch.nn.Parameter, grad: Tensor) -> None:
         grad = grad.contiguous()
         for name in names_of[id(param)]:
             part = chosen[name].of(grad).float()
@@ -172,19 +193,16 @@ def accumulated_gradients(
 
     steps = [(p, fn, s) for p, fn in terms for s in range(0, len(p), batch_size)]
     saved = [(p, p.grad) for p in params]
-    handles = []
     try:
         with grad_only_for(model, params):
             for p in params:
                 p.grad = None
-                handles.append(p.register_post_accumulate_grad_hook(add))
-            for paragraphs, loss_fn, start in tqdm(steps, desc=desc, disable=not progress):
-                tokens = paragraphs.tokens[start : start + batch_size].to(model.cfg.device)
-                loss = loss_fn(tokens, start) * (len(tokens) / len(paragraphs))
-                loss.backward()
+            with gradients_as_produced(params, add):
+                for paragraphs, loss_fn, start in tqdm(steps, desc=desc, disable=not progress):
+                    tokens = paragraphs.tokens[start : start + batch_size].to(model.cfg.device)
+                    loss = loss_fn(tokens, start) * (len(tokens) / len(paragraphs))
+                    loss.backward()
     finally:
-        for handle in handles:
-            handle.remove()
         for p, grad in saved:
             p.grad = grad
     for name, w in chosen.items():  # a weight the losses never used has a zero gradient

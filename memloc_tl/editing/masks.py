@@ -117,7 +117,7 @@ class ParamMask:
                 f"the gradients of {bad[:3]} hold NaN or Inf: a top-|gradient| mask would be "
                 "arbitrary; check the loss (e.g. an empty or mis-tokenized paragraph set)"
             )
-        k = _count(fraction, sum(int(_candidates(grads[n], within, n).sum()) for n in names))
+        k = _count(fraction, sum(_candidate_count(grads[n], within, n) for n in names))
         # The global top k, one matrix at a time: the k best so far merged with each matrix's
         # own top k, so no copy of all the gradients is made (they may be most of a model).
         best_scores = torch.empty(0)
@@ -152,7 +152,7 @@ class ParamMask:
             else dict(model_or_shapes)
         )
         names = list(tensors)
-        sizes = [int(_candidates(tensors[n], within, n).sum()) for n in names]
+        sizes = [_candidate_count(tensors[n], within, n) for n in names]
         k = _count(fraction, sum(sizes))
         generator = torch.Generator().manual_seed(seed)
         # k distinct ranks among all candidates, then each rank's place in its matrix
@@ -237,6 +237,11 @@ def _candidates(tensor: Tensor, within: ParamMask | None, name: str) -> Tensor:
     if name not in within.masks:
         raise ValueError(f"the scope has no mask for {name}")
     return within.masks[name].to(tensor.device)
+
+
+def _candidate_count(tensor: Tensor, within: ParamMask | None, name: str) -> int:
+    """How many of ``tensor``'s entries are candidates (every one without ``within``)."""
+    return tensor.numel() if within is None else int(_candidates(tensor, within, name).sum())
 
 
 def check_masks_fit(masks: Mapping[str, Tensor], model: HookedModel, fix: str) -> None:

@@ -34,6 +34,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from memloc_tl.core.objectives import gradients_as_produced
+
 # torch's multi-tensor kernels, which its own optimizers use
 _foreach_copy_ = torch._foreach_copy_  # pyright: ignore[reportPrivateImportUsage]
 
@@ -163,25 +165,16 @@ class MaskedOptimizer:
             )
         index_of = {id(param): index for param, index, _ in self._compact}
 
-        def gather(param: Tensor) -> None:
+        def gather(param: torch.nn.Parameter, grad: Tensor) -> None:
             index = index_of.get(id(param))
-            grad, param.grad = param.grad, None
-            if index is None or grad is None:
+            if index is None:  # no mask: frozen, its gradient is dropped
                 return
             entries = grad.flatten().index_select(0, index)
             total = self._gathered.get(id(param))
             self._gathered[id(param)] = entries if total is None else total.add_(entries)
 
-        handles = [
-            param.register_post_accumulate_grad_hook(gather)
-            for param in self._params
-            if param.requires_grad  # the others get no gradient
-        ]
-        try:
+        with gradients_as_produced(self._params, gather):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._gathered.clear()
