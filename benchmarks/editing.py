@@ -71,40 +71,70 @@ def memory(subject: Subject, args: argparse.Namespace) -> None:
             f"{seconds:7.1f} s  {note}"
         )
 
+    def wanted(label: str) -> bool:
+        return not args.rows or any(part in label for part in args.rows)
+
     def timed(run: Callable[[], object]) -> tuple[int, object, float]:
         started = time.perf_counter()
         peak, value = peak_memory(run, device)
         return peak, value, time.perf_counter() - started
 
-    peak, _, seconds = timed(lambda: scan_memorization(model, batch, batch_size=16, progress=False))
-    line("scan, 16 paragraphs in one batch", peak, seconds)
-    runs = [(mask, True) for mask in ("gradient", "random", "all")] + [("random", False)]
-    for mask, blocks in runs:
-        run = dataclasses.replace(config, mask=mask, checkpoint_blocks=blocks)
+    if wanted("scan"):
+        peak, _, seconds = timed(
+            lambda: scan_memorization(model, batch, batch_size=16, progress=False)
+        )
+        line("scan, 16 paragraphs in one batch", peak, seconds)
+    many = subject.control[: args.many_keep]
+    runs: list[tuple[str, Paragraphs, dict[str, object]]] = [
+        (f"mask {mask!r}", keep, {"mask": mask}) for mask in ("gradient", "random", "all")
+    ]
+    runs += [
+        (
+            "mask 'random', checkpoint_blocks=False",
+            keep,
+            {"mask": "random", "checkpoint_blocks": False},
+        ),
+        (
+            "mask 'random', kl_reference='stored'",
+            keep,
+            {"mask": "random", "kl_reference": "stored"},
+        ),
+        (f"mask 'random', {len(many)} keep paragraphs", many, {"mask": "random"}),
+        (
+            f"mask 'random', {len(many)} keep, kl_reference='stored'",
+            many,
+            {"mask": "random", "kl_reference": "stored"},
+        ),
+    ]
+    for label, keep_set, changes in runs:
+        if not wanted(f"sparse_edit, {label}"):
+            continue
+        run = dataclasses.replace(config, **changes)  # type: ignore[arg-type]
         peak, result, seconds = timed(
-            lambda run=run: sparse_edit(model, memorized, keep=keep, config=run, progress=False)
+            lambda run=run, keep_set=keep_set: sparse_edit(
+                model, memorized, keep=keep_set, config=run, progress=False
+            )
         )
         held = sum(
             v.numel() * v.element_size()
             for side in (result.edit.before, result.edit.after)  # type: ignore[attr-defined]
             for v in side.values()
         )
-        label = f"sparse_edit, mask {mask!r}, 2 Adam steps" + ("" if blocks else ", no ckpt")
-        line(label, peak, seconds, f"(result holds {held / size:.3f})")
-    peak, _, seconds = timed(
-        lambda: compare_edits(model, memorized, keep=keep, config=config, progress=False)
-    )
-    line("compare_edits, all three masks", peak, seconds, "(goal <= 1.5x)")
-    peak, _, seconds = timed(
-        lambda: compare_edits(
-            model, memorized, keep=keep, masks=("gradient", "random"), config=config, progress=False
-        )
-    )
-    line("compare_edits, gradient and random masks", peak, seconds, "(goal <= 1.5x)")
+        line(f"sparse_edit, {label}", peak, seconds, f"(result holds {held / size:.3f})")
+    for label, masks in (
+        ("compare_edits, all three masks", ("gradient", "random", "all")),
+        ("compare_edits, gradient and random masks", ("gradient", "random")),
+    ):
+        if wanted(label):
+            peak, _, seconds = timed(
+                lambda masks=masks: compare_edits(
+                    model, memorized, keep=keep, masks=masks, config=config, progress=False
+                )
+            )
+            line(label, peak, seconds, "(goal <= 1.5x)")
     print(
         "  unavoidable for a mask of all weights: gradients (1x the attributed matrices), Adam's "
-        "two moments (2x) and the result's before/after values (2x); for a gradient mask, the "
-        "accumulated gradient of the attributed matrices (1x) that the top 0.1% is chosen from"
+        "two moments (2x) and the result's before/after values (2x) of the attributed matrices"
     )
 
 
@@ -114,11 +144,24 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--fraction", type=float, default=0.001)
     parser.add_argument(
+        "--many-keep",
+        type=int,
+        default=64,
+        metavar="N",
+        help="keep paragraphs of the memory rows that show how a stored reference grows",
+    )
+    parser.add_argument(
         "--per-paragraph",
         type=int,
         default=0,
         metavar="N",
         help="also run the paper's protocol: N runs, one memorized paragraph each",
+    )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        metavar="TEXT",
+        help="measure only the memory rows whose label contains one of these, then stop",
     )
     args = parser.parse_args()
     if "cuda" not in str(args.device):
@@ -127,6 +170,8 @@ def main() -> None:
     model = subject.model
     print(describe(subject))
     memory(subject, args)  # first, before the step timing below allocates copies of the weights
+    if args.rows:
+        return
 
     params = attributed_parameters(model)
     mask = ParamMask.random(model, fraction=args.fraction, seed=0)

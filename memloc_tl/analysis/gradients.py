@@ -287,7 +287,8 @@ def contrastive_gradients(
         memorized: paragraphs to unlearn (their NLL is pushed up).
         keep: paragraphs whose predictions must stay (the KL term).
         original_logprobs: theta_0's log-probabilities on ``keep``; default the current
-            model's, which makes the KL gradient exactly zero.
+            model's, which makes the KL gradient exactly zero (computed a batch at a time
+            when needed, so they are never all held).
         nll_weight: weight ``w`` of the NLL term (reference code: 0.1).
         kl_reduction: see :func:`contrastive_kl`.
         batch_size: paragraphs per forward/backward pass.
@@ -297,21 +298,21 @@ def contrastive_gradients(
     check_set(model, memorized, "memorized")
     check_set(model, keep, "keep")
     check_positive_int(batch_size, "batch_size")
-    reference = (
-        objectives.original_logprobs(model, keep, batch_size)
-        if original_logprobs is None
-        else original_logprobs
-    )
-    if reference.shape[0] != len(keep):
-        raise ValueError(
-            f"original_logprobs has {reference.shape[0]} rows for {len(keep)} keep paragraphs"
-        )
+    if original_logprobs is None:  # the model as it is: each batch's, when it is needed
+        reference = objectives.recomputed_reference(model, keep.prefix_len)
+    else:
+        if original_logprobs.shape[0] != len(keep):
+            raise ValueError(
+                f"original_logprobs has {original_logprobs.shape[0]} rows for {len(keep)} "
+                "keep paragraphs"
+            )
+        reference = objectives.stored_reference(original_logprobs)
 
     def unlearn(tokens: Tensor, start: int) -> Tensor:
         return -nll_weight * continuation_nll(model, tokens, memorized.prefix_len).mean()
 
     def kl(tokens: Tensor, start: int) -> Tensor:
-        ref = reference[start : start + len(tokens)]
+        ref = reference(tokens, start)
         return contrastive_kl(model, tokens, ref, keep.prefix_len, reduction=kl_reduction)
 
     return accumulated_gradients(

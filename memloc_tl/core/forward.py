@@ -158,6 +158,24 @@ def _unembed_without_copy(model: HookedModel, normalized: Tensor) -> Tensor:
     return unembed.hook_out(logits)
 
 
+def continuation_residual(
+    model: HookedModel, tokens: Int[Tensor, "batch pos"], prefix_len: int
+) -> Float[Tensor, "batch continuation_pos d_model"]:
+    """The residual stream after the last block at the positions that predict the
+    continuation, no grad: what :func:`continuation_logits` unembeds, ``d_model`` floats per
+    position instead of ``d_vocab`` (finish it with :func:`head_logprobs`)."""
+    with torch.no_grad():
+        return final_residual(model, tokens.to(model.cfg.device))[:, prefix_len - 1 : -1]
+
+
+def head_logprobs(
+    model: HookedModel, residual: Float[Tensor, "batch pos d_model"]
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """Log-probabilities (float32) from the residual after the last block: ``ln_final``, the
+    unembedding (without TransformerLens 3.9's copy of ``W_U``) and a log-softmax."""
+    return _unembed_without_copy(model, model.ln_final(residual)).float().log_softmax(-1)
+
+
 def _over_continuation(
     model: HookedModel,
     tokens: Tensor,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -25,7 +25,12 @@ from memloc_tl.core.backend import (
     parameters_of,
     weights,
 )
-from memloc_tl.core.forward import continuation_logits, per_position_loss
+from memloc_tl.core.forward import (
+    continuation_logits,
+    continuation_residual,
+    head_logprobs,
+    per_position_loss,
+)
 from memloc_tl.core.paragraphs import Paragraphs
 
 HEAD_MATRICES = ("W_K", "W_Q", "W_V", "W_O")
@@ -134,10 +139,15 @@ def continuation_nll(
     ).mean(-1)
 
 
+ChunkReference = Callable[[slice], Tensor]
+"""theta_0's log-probabilities ``[batch, chunk, d_vocab]`` of a batch at some of its
+continuation positions (a slice), made when the KL reads them."""
+
+
 def contrastive_kl(
     model: HookedModel,
     keep_tokens: Tensor,
-    original_logprobs: Float[Tensor, "batch continuation_pos d_vocab"],
+    original_logprobs: Float[Tensor, "batch continuation_pos d_vocab"] | ChunkReference,
     prefix_len: int,
     *,
     reduction: KLReduction = "sum_positions",
@@ -145,19 +155,60 @@ def contrastive_kl(
 ) -> Float[Tensor, ""]:
     """KL(p_theta0 || p_theta) on the keep paragraphs' continuation positions.
 
+    ``original_logprobs``: theta_0's log-probabilities of the batch, or a
+    :data:`ChunkReference` that makes them a chunk of positions at a time.
     ``reduction="sum_positions"`` sums over positions and averages over paragraphs (the
     reference code's ``KLDivLoss(reduction="batchmean")``); ``"mean"`` averages over both.
     ``checkpoint_blocks``: as in :func:`continuation_nll`.
     """
 
     def kl(logits: Tensor, positions: slice) -> Tensor:
-        reference = original_logprobs[:, positions].to(logits.device)
+        if callable(original_logprobs):
+            reference = original_logprobs(positions).to(logits.device)
+        else:
+            reference = original_logprobs[:, positions].to(logits.device)
         return (reference.exp() * (reference - logits.log_softmax(-1))).sum(-1)
 
     per_position = per_position_loss(  # [batch, pos]
         model, keep_tokens, prefix_len, kl, checkpoint_blocks=checkpoint_blocks
     )
     return per_position.sum(-1).mean() if reduction == "sum_positions" else per_position.mean()
+
+
+@contextlib.contextmanager
+def _attributed_gradients(
+    model: HookedModel, receive: Callable[[str, Tensor], None]
+) -> Iterator[None]:
+    """Inside the block only the attributed matrices require grad, and each backward pass hands
+    ``receive(name, float32 gradient)`` every attributed matrix's gradient as soon as it has
+    been produced (none stays as ``.grad``); on a normal exit a matrix that got none gets
+    zeros. The flags and the model's own ``.grad`` tensors are given back as they were."""
+    chosen = attributed_weights(model)
+    params = parameters_of(chosen)
+    names_of: dict[int, list[str]] = {}
+    for name, w in chosen.items():
+        names_of.setdefault(id(w.param), []).append(name)
+    received: set[str] = set()
+
+    def hand(param: torch.nn.Parameter, grad: Tensor) -> None:
+        grad = grad.contiguous()
+        for name in names_of[id(param)]:
+            receive(name, chosen[name].of(grad).float())
+            received.add(name)
+
+    saved = [(p, p.grad) for p in params]
+    try:
+        with grad_only_for(model, params):
+            for p in params:
+                p.grad = None
+            with gradients_as_produced(params, hand):
+                yield
+    finally:
+        for p, grad in saved:
+            p.grad = grad
+    for name, w in chosen.items():  # a weight the losses never used has a zero gradient
+        if name not in received:
+            receive(name, torch.zeros(w.shape, device=w.param.device))
 
 
 def accumulated_gradients(
@@ -175,63 +226,124 @@ def accumulated_gradients(
     it, so beside the total a backward pass holds one parameter's gradient at a time. The
     model's own ``.grad`` tensors are given back as they were.
     """
-    chosen = attributed_weights(model)
-    params = parameters_of(chosen)
-    names_of: dict[int, list[str]] = {}
-    for name, w in chosen.items():
-        names_of.setdefault(id(w.param), []).append(name)
     total: dict[str, Tensor] = {}
 
-    def add(param: torch.nn.Parameter, grad: Tensor) -> None:
-        grad = grad.contiguous()
-        for name in names_of[id(param)]:
-            part = chosen[name].of(grad).float()
-            if name in total:
-                total[name] += part
-            else:
-                total[name] = part.contiguous()
+    def add(name: str, part: Tensor) -> None:
+        if name in total:
+            total[name] += part
+        else:
+            total[name] = part.contiguous()
 
     steps = [(p, fn, s) for p, fn in terms for s in range(0, len(p), batch_size)]
-    saved = [(p, p.grad) for p in params]
-    try:
-        with grad_only_for(model, params):
-            for p in params:
-                p.grad = None
-            with gradients_as_produced(params, add):
-                for paragraphs, loss_fn, start in tqdm(steps, desc=desc, disable=not progress):
-                    tokens = paragraphs.tokens[start : start + batch_size].to(model.cfg.device)
-                    loss = loss_fn(tokens, start) * (len(tokens) / len(paragraphs))
-                    loss.backward()
-    finally:
-        for p, grad in saved:
-            p.grad = grad
-    for name, w in chosen.items():  # a weight the losses never used has a zero gradient
-        if name not in total:
-            total[name] = torch.zeros(w.shape, device=w.param.device)
-    return {name: total[name] for name in chosen}
+    with _attributed_gradients(model, add):
+        for paragraphs, loss_fn, start in tqdm(steps, desc=desc, disable=not progress):
+            tokens = paragraphs.tokens[start : start + batch_size].to(model.cfg.device)
+            loss = loss_fn(tokens, start) * (len(tokens) / len(paragraphs))
+            loss.backward()
+    return {name: total[name] for name in attributed_names(model)}
+
+
+def final_gradients(
+    model: HookedModel,
+    terms: Sequence[tuple[Paragraphs, Callable[[Tensor, int], Tensor]]],
+    batch_size: int,
+    receive: Callable[[str, Tensor], None],
+) -> None:
+    """``receive(name, gradient)`` once per attributed matrix, with its (float32) gradient of
+    ``sum_t mean_over_set_t(loss_t)`` as :func:`accumulated_gradients` computes it.
+
+    When every term's set fits in one batch, all of them go into one backward pass and each
+    matrix's gradient is handed over as soon as that pass has produced it, so no total of the
+    gradients is kept beside them (autograd itself still holds a matrix's gradient from one
+    term's graph until the other terms' arrive); otherwise the gradients are accumulated
+    batch by batch first. A matrix the losses never use gets zeros. The model's own ``.grad``
+    tensors are given back as they were.
+    """
+    if any(len(paragraphs) > batch_size for paragraphs, _ in terms):
+        for name, grad in accumulated_gradients(model, terms, batch_size, False, "").items():
+            receive(name, grad)
+        return
+    with _attributed_gradients(model, receive):
+        device = model.cfg.device
+        losses = [loss_fn(sets.tokens.to(device), 0) for sets, loss_fn in terms]
+        torch.stack(losses).sum().backward()
+
+
+def batch_logprobs(
+    model: HookedModel, tokens: Tensor, prefix_len: int
+) -> Float[Tensor, "batch continuation_pos d_vocab"]:
+    """The current model's continuation log-probabilities of one batch, no grad.
+
+    Vocabulary-sized, so built without a spare copy: the logits become log-probabilities in
+    place, one paragraph at a time.
+    """
+    with torch.no_grad():
+        logits = continuation_logits(model, tokens, prefix_len)
+        for row in logits:
+            row.copy_(row.log_softmax(-1))
+    return logits
 
 
 def original_logprobs(
     model: HookedModel, paragraphs: Paragraphs, batch_size: int = 16
 ) -> Float[Tensor, "n_paragraphs continuation_pos d_vocab"]:
-    """The current model's continuation log-probabilities (theta_0 of the KL term), no grad.
-
-    Vocabulary-sized, so built without spare copies: each batch's logits become
-    log-probabilities in place, one paragraph at a time, and go into the result (a single
-    batch is the result itself).
+    """The current model's continuation log-probabilities (theta_0 of the KL term), no grad,
+    on the CPU: ``n_paragraphs x continuation_len x d_vocab`` floats (10 MB per paragraph with a
+    50,257-token vocabulary). Built batch by batch (:func:`batch_logprobs`) without spare
+    copies; a single batch is the result itself.
     """
     out: Tensor | None = None
-    with torch.no_grad():
-        for start in range(0, len(paragraphs), batch_size):
-            tokens = paragraphs.tokens[start : start + batch_size]
-            logits = continuation_logits(model, tokens, paragraphs.prefix_len)
-            for row in logits:
-                row.copy_(row.log_softmax(-1))
-            logits = logits.cpu()
-            if len(tokens) == len(paragraphs):
-                return logits
-            if out is None:
-                out = logits.new_empty((len(paragraphs), *logits.shape[1:]))
-            out[start : start + len(tokens)] = logits
+    for start in range(0, len(paragraphs), batch_size):
+        tokens = paragraphs.tokens[start : start + batch_size]
+        logprobs = batch_logprobs(model, tokens, paragraphs.prefix_len).cpu()
+        if len(tokens) == len(paragraphs):
+            return logprobs
+        if out is None:
+            out = logprobs.new_empty((len(paragraphs), *logprobs.shape[1:]))
+        out[start : start + len(tokens)] = logprobs
     assert out is not None
     return out
+
+
+Reference = Callable[[Tensor, int], "Tensor | ChunkReference"]
+"""theta_0's continuation log-probabilities of a batch of a keep set, ``reference(tokens,
+start)`` for the set's rows ``start : start + len(tokens)``: a tensor, or a
+:data:`ChunkReference` (see :func:`stored_reference` and :func:`recomputed_reference`)."""
+
+
+def stored_reference(logprobs: Tensor) -> Reference:
+    """A :data:`Reference` that slices log-probabilities computed once
+    (:func:`original_logprobs`)."""
+
+    def reference(tokens: Tensor, start: int) -> Tensor:
+        return logprobs[start : start + len(tokens)]
+
+    return reference
+
+
+def recomputed_reference(
+    model: HookedModel,
+    prefix_len: int,
+    original: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> Reference:
+    """A :data:`Reference` that runs each batch's blocks again inside the scope ``original()``
+    makes, which must put theta_0's blocks in the model for that forward (by default the model
+    is theta_0 as it is), and keeps only the residual after the last block
+    (:func:`~memloc_tl.core.forward.continuation_residual`); ``ln_final`` and the unembedding,
+    which an edit never changes, make a chunk's log-probabilities when the KL reads them
+    (:func:`~memloc_tl.core.forward.head_logprobs`). So nothing vocabulary-sized is held
+    beyond one chunk of positions, however large the keep set, for one more forward of the
+    blocks per batch and one more unembedding per chunk. The numbers equal those
+    :func:`original_logprobs` stores to float rounding (another matmul layout)."""
+
+    def reference(tokens: Tensor, start: int) -> ChunkReference:
+        with original():
+            residual = continuation_residual(model, tokens, prefix_len)
+
+        def chunk(positions: slice) -> Tensor:
+            with torch.no_grad():
+                return head_logprobs(model, residual[:, positions])
+
+        return chunk
+
+    return reference

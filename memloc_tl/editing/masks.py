@@ -117,24 +117,10 @@ class ParamMask:
                 f"the gradients of {bad[:3]} hold NaN or Inf: a top-|gradient| mask would be "
                 "arbitrary; check the loss (e.g. an empty or mis-tokenized paragraph set)"
             )
-        k = _count(fraction, sum(_candidate_count(grads[n], within, n) for n in names))
-        # The global top k, one matrix at a time: the k best so far merged with each matrix's
-        # own top k, so no copy of all the gradients is made (they may be most of a model).
-        best_scores = torch.empty(0)
-        best_ids = torch.empty(0, dtype=torch.long)
-        offset = 0
+        top = TopByMagnitude(grads, fraction=fraction, within=within)
         for name in names:
-            grad = grads[name]
-            scores = grad.detach().abs().float().where(_candidates(grad, within, name), -1.0)
-            top = torch.topk(scores.flatten(), min(k, grad.numel()))
-            merged_scores = torch.cat([best_scores, top.values.cpu()])
-            merged_ids = torch.cat([best_ids, top.indices.cpu() + offset])
-            keep = torch.topk(merged_scores, min(k, len(merged_scores))).indices
-            best_scores, best_ids = merged_scores[keep], merged_ids[keep]
-            offset += grad.numel()
-        chosen = torch.zeros(offset, dtype=torch.bool)
-        chosen[best_ids] = True
-        return cls(unflatten_like(chosen, names, grads), "gradient")
+            top.add(name, grads[name])
+        return top.mask()
 
     @classmethod
     def random(
@@ -229,6 +215,73 @@ class ParamMask:
     def __repr__(self) -> str:
         share = self.count / self.total if self.total else 0.0
         return f"ParamMask({self.kind}, {self.count} of {self.total} weights = {share:.4%})"
+
+
+class TopByMagnitude:
+    """The global top ``floor(fraction x candidates)`` entries by |value| of matrices handed
+    over one at a time, in any order (e.g. gradients as a backward pass produces them): the
+    k best so far are merged with each matrix's own top k, so no copy of all the matrices is
+    made and a matrix can be dropped once it has been added.
+
+    Args:
+        shapes: every matrix that will be added, by name (tensors of their shapes, e.g. the
+            parameters); the mask covers them in this order.
+        fraction: share of the candidate entries to select.
+        within: candidate entries (default all).
+    """
+
+    def __init__(
+        self, shapes: Mapping[str, Tensor], *, fraction: float, within: ParamMask | None = None
+    ):
+        self._like = dict(shapes)
+        self._within = within
+        self._offsets: dict[str, int] = {}
+        offset = 0
+        for name, tensor in self._like.items():
+            self._offsets[name] = offset
+            offset += tensor.numel()
+        self._size = offset
+        self.k = _count(fraction, sum(_candidate_count(t, within, n) for n, t in shapes.items()))
+        self._scores = torch.empty(0)
+        self._ids = torch.empty(0, dtype=torch.long)
+        self._added: set[str] = set()
+
+    def add(self, name: str, values: Tensor) -> None:
+        """Merge ``values`` (the matrix ``name``) into the top k.
+
+        Raises:
+            ValueError: an unknown or repeated matrix, a wrong shape, or NaN / Inf values
+                (a top-|value| choice among them would be arbitrary).
+        """
+        if name not in self._like:
+            raise ValueError(f"{name} is not among the matrices this top k was made for")
+        if name in self._added:
+            raise ValueError(f"{name} was added twice")
+        if tuple(values.shape) != tuple(self._like[name].shape):
+            raise ValueError(
+                f"{name} has shape {tuple(values.shape)}, expected {tuple(self._like[name].shape)}"
+            )
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(
+                f"the gradients of {name} hold NaN or Inf: a top-|gradient| mask would be "
+                "arbitrary; check the loss (e.g. an empty or mis-tokenized paragraph set)"
+            )
+        scores = values.detach().abs().float().where(_candidates(values, self._within, name), -1.0)
+        top = torch.topk(scores.flatten(), min(self.k, values.numel()))
+        merged_scores = torch.cat([self._scores, top.values.cpu()])
+        merged_ids = torch.cat([self._ids, top.indices.cpu() + self._offsets[name]])
+        keep = torch.topk(merged_scores, min(self.k, len(merged_scores))).indices
+        self._scores, self._ids = merged_scores[keep], merged_ids[keep]
+        self._added.add(name)
+
+    def mask(self, kind: str = "gradient") -> ParamMask:
+        """The chosen entries as a mask over every matrix (each must have been added)."""
+        missing = [n for n in self._like if n not in self._added]
+        if missing:
+            raise ValueError(f"no values were added for {missing[:3]}")
+        chosen = torch.zeros(self._size, dtype=torch.bool)
+        chosen[self._ids] = True
+        return ParamMask(unflatten_like(chosen, list(self._like), self._like), kind)
 
 
 def _candidates(tensor: Tensor, within: ParamMask | None, name: str) -> Tensor:

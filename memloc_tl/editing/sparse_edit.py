@@ -33,12 +33,16 @@ from memloc_tl.analysis.perturbation import PerturbConfig, perturb_prefixes
 from memloc_tl.core.backend import HookedModel, parameter_masks, parameters_of
 from memloc_tl.core.forward import greedy_continuations
 from memloc_tl.core.objectives import (
-    accumulated_gradients,
+    Reference,
+    attributed_parameters,
     attributed_weights,
     continuation_nll,
     contrastive_kl,
+    final_gradients,
     grad_only_for,
     original_logprobs,
+    recomputed_reference,
+    stored_reference,
 )
 from memloc_tl.core.paragraphs import Paragraphs, check_set
 from memloc_tl.core.rendering import render
@@ -52,15 +56,16 @@ from memloc_tl.core.validation import (
     check_real,
     check_seed,
 )
-from memloc_tl.editing.masks import ParamMask, check_mask_fraction
+from memloc_tl.editing.masks import ParamMask, TopByMagnitude, check_mask_fraction
 from memloc_tl.editing.optimizer import MaskedOptimizer
-from memloc_tl.editing.weight_edit import WeightEdit, trained_in_place
+from memloc_tl.editing.weight_edit import InPlaceTraining, WeightEdit, trained_in_place
 from memloc_tl.memorization import scan_memorization
 
 Objective = Literal["unlearn", "edit"]
 MaskChoice = Literal["gradient", "random", "all"]
 KLReduction = Literal["sum_positions", "mean"]
 EditContext = Literal["target", "memorized"]
+KLReference = Literal["auto", "stored", "recomputed"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,18 @@ class EditConfig:
             keeping all of them (on a HookedTransformer; a bridge keeps them): one more
             forward of the blocks per step for a backward pass that holds one block's
             activations at a time. The same numbers either way.
+        kl_reference: how the KL term gets the original model's log-probabilities of the
+            keep paragraphs: ``"stored"`` computes them once and holds them (keep paragraphs x
+            continuation positions x vocabulary floats: 10 MB per paragraph with a
+            50,257-token vocabulary, so the memory grows with the keep set);
+            ``"recomputed"`` runs each keep batch's blocks again at every step with the
+            masked entries' original values put back for that forward, keeps the residual
+            after the last block and unembeds ten positions at a time as the KL reads them
+            (one more forward of the blocks per keep batch and step, a copy of the masked
+            entries; nothing vocabulary-sized beyond one chunk); ``"auto"`` recomputes for a
+            mask of under half the attributed weights (where putting the originals back is
+            cheap) and stores otherwise. The held-out set's KL to the original model is
+            measured the same way. The same numbers either way, to float rounding.
     """
 
     objective: Objective = "unlearn"
@@ -103,6 +120,7 @@ class EditConfig:
     seed: int = 0
     batch_size: int = 16
     checkpoint_blocks: bool = True
+    kl_reference: KLReference = "auto"
 
     def __post_init__(self) -> None:
         check_choice(self.objective, "objective", typing.get_args(Objective))
@@ -122,6 +140,7 @@ class EditConfig:
         check_seed(self.seed)
         check_positive_int(self.batch_size, "batch_size")
         check_bool(self.checkpoint_blocks, "checkpoint_blocks")
+        check_choice(self.kl_reference, "kl_reference", typing.get_args(KLReference))
 
     @classmethod
     def reference_code(cls, **changes: Any) -> EditConfig:
@@ -220,7 +239,7 @@ def _objective_terms(
     model: HookedModel,
     memorized: Paragraphs,
     keep: Paragraphs,
-    reference: Tensor,
+    reference: Reference,
     target: Paragraphs | None,
     config: EditConfig,
 ) -> list[tuple[Paragraphs, Callable[[Tensor, int], Tensor]]]:
@@ -241,17 +260,26 @@ def _objective_terms(
         return weight * nll(context, labels)
 
     def kl(tokens: Tensor, start: int) -> Tensor:
-        ref = reference[start : start + len(tokens)]
         return contrastive_kl(
             model,
             tokens,
-            ref,
+            reference(tokens, start),
             keep.prefix_len,
             reduction=config.kl_reduction,
             checkpoint_blocks=blocks,
         )
 
     return [(memorized, unlearn if config.objective == "unlearn" else edit), (keep, kl)]
+
+
+def _sparse(model: HookedModel, config: EditConfig) -> bool:
+    """Does the mask select under half of the attributed weights?"""
+    if isinstance(config.mask, ParamMask):
+        return 2 * config.mask.count < config.mask.total
+    if config.mask == "all":
+        return False
+    total = sum(w.value.numel() for w in attributed_weights(model).values())
+    return 2 * check_mask_fraction(model, config.fraction) < total
 
 
 def _mask(
@@ -266,8 +294,11 @@ def _mask(
         return ParamMask.all(model)
     if choice == "random":
         return ParamMask.random(model, fraction=config.fraction, seed=config.seed)
-    grads = accumulated_gradients(model, terms, config.batch_size, False, "")
-    return ParamMask.from_gradients(grads, fraction=config.fraction)
+    # each matrix's gradient goes into the top k as it comes (in one backward pass when every
+    # set fits a batch); the mask ParamMask.from_gradients(accumulated_gradients(...)) makes
+    top = TopByMagnitude(attributed_parameters(model), fraction=config.fraction)
+    final_gradients(model, terms, config.batch_size, top.add)
+    return top.mask("gradient")
 
 
 def sparse_edit(
@@ -327,11 +358,23 @@ def sparse_edit(
     evaluate = functools.partial(
         _evaluate, model, memorized, target, heldout, sets, config, progress=progress
     )
-    before = evaluate(heldout_logprobs=None)
-    reference = original_logprobs(model, keep, batch_size)
-    heldout_logprobs = (
-        original_logprobs(model, heldout, batch_size) if heldout is not None else None
+    before = evaluate(heldout_reference=None)
+    stored = config.kl_reference == "stored" or (
+        config.kl_reference == "auto" and not _sparse(model, config)
     )
+    # theta_0's log-probabilities: stored now, or recomputed with the original entries put back
+    in_training: list[InPlaceTraining] = []  # the training scope, once it is entered
+
+    def original() -> contextlib.AbstractContextManager[None]:
+        return in_training[0].original_values() if in_training else contextlib.nullcontext()
+
+    def reference_of(paragraphs: Paragraphs) -> Reference:
+        if stored:
+            return stored_reference(original_logprobs(model, paragraphs, batch_size))
+        return recomputed_reference(model, paragraphs.prefix_len, original)
+
+    reference = reference_of(keep)
+    heldout_reference = reference_of(heldout) if heldout is not None else None
     terms = _objective_terms(model, memorized, keep, reference, target, config)
     chosen = _mask(model, terms, config)
     chosen_weights = attributed_weights(model)
@@ -340,6 +383,7 @@ def sparse_edit(
     # All or nothing: until the result exists, an error or interrupt (also during the
     # evaluation) puts the weights back; the caller's own .grad tensors are given back.
     with trained_in_place(model, chosen, keep=inplace) as run:
+        in_training.append(run)
         inner = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
         optimizer = MaskedOptimizer(inner, parameter_masks(chosen_weights, chosen.masks))
         # a sparse mask's steps need only its entries' gradients: gathered as they come
@@ -361,7 +405,7 @@ def sparse_edit(
         optimizer.zero_grad()
         del optimizer, inner  # the optimizer's state before the evaluation's forward passes
         edit = run.edit()
-        after = evaluate(heldout_logprobs=heldout_logprobs)
+        after = evaluate(heldout_reference=heldout_reference)
     return EditResult(
         mask=chosen,
         edit=edit,
@@ -414,7 +458,7 @@ def _evaluate(
     heldout: Paragraphs | None,
     sets: EvalSets,
     config: EditConfig,
-    heldout_logprobs: Tensor | None,
+    heldout_reference: Reference | None,
     progress: bool = False,
 ) -> pd.DataFrame:
     named = {"edited": memorized, "target": target, "heldout": heldout, "others": sets.others}
@@ -425,14 +469,19 @@ def _evaluate(
         rows.append({"set": set_name, "metric": metric, "value": value})
 
     if heldout is not None:
-        if heldout_logprobs is None:
+        if heldout_reference is None:
             add("heldout", "kl_to_original", 0.0)
-        else:
-            with torch.no_grad():
-                kl = contrastive_kl(
-                    model, heldout.tokens, heldout_logprobs, heldout.prefix_len, reduction="mean"
-                )
-            add("heldout", "kl_to_original", float(kl))
+        else:  # the mean over paragraphs and positions, a batch at a time
+            total = 0.0
+            for start in range(0, len(heldout), config.batch_size):
+                tokens = heldout.tokens[start : start + config.batch_size]
+                reference = heldout_reference(tokens, start)
+                with torch.no_grad():
+                    kl = contrastive_kl(
+                        model, tokens, reference, heldout.prefix_len, reduction="mean"
+                    )
+                total += float(kl) * len(tokens)
+            add("heldout", "kl_to_original", total / len(heldout))
     if config.reextraction:
         perturbed = perturb_prefixes(
             model,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -163,3 +165,83 @@ def test_original_logprobs_equal_a_log_softmax_of_the_logits(
     got = original_logprobs(organism.model, paragraphs, batch_size)
     assert got.shape == (5, 50, organism.model.cfg.d_vocab)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_a_recomputed_reference_makes_the_stored_log_probabilities_a_chunk_at_a_time(
+    organism: Organism,
+) -> None:
+    """recomputed_reference keeps the residual and unembeds a chunk when asked: the stored
+    log-probabilities to float rounding, also through contrastive_kl, computed inside the
+    scope it is given (here: a model whose first block's W_V is zeroed outside the scope)."""
+    from memloc_tl.core.objectives import original_logprobs, recomputed_reference
+
+    model, paragraphs = organism.model, organism.control[[0, 1, 2]]
+    stored = original_logprobs(model, paragraphs)
+    w_v = model.blocks[0].attn.W_V
+    saved = w_v.detach().clone()
+    entered = []
+
+    @contextlib.contextmanager
+    def original() -> Iterator[None]:
+        entered.append(True)
+        with torch.no_grad():
+            w_v.copy_(saved)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                w_v.zero_()
+
+    try:
+        with torch.no_grad():
+            w_v.zero_()  # the "trained" model differs from theta_0
+        chunk = recomputed_reference(model, 50, original)(paragraphs.tokens, 0)
+        assert entered == [True]
+        for positions in (slice(0, 7), slice(7, 50)):
+            torch.testing.assert_close(chunk(positions), stored[:, positions], atol=1e-5, rtol=0)
+    finally:
+        with torch.no_grad():
+            w_v.copy_(saved)
+    with torch.no_grad():
+        by_tensor = contrastive_kl(model, paragraphs.tokens, stored, 50)
+        by_chunk = contrastive_kl(
+            model, paragraphs.tokens, recomputed_reference(model, 50)(paragraphs.tokens, 0), 50
+        )
+    assert float(by_tensor) == pytest.approx(0.0, abs=1e-4)  # theta = theta_0
+    torch.testing.assert_close(by_chunk, by_tensor, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("batch_size", [16, 2])
+def test_final_gradients_hand_over_each_matrix_once_as_accumulated(
+    organism: Organism, batch_size: int
+) -> None:
+    """One backward pass for sets that fit a batch (16), accumulation otherwise (2): each
+    attributed matrix once, equal to accumulated_gradients, the model's .grad as it was."""
+    from memloc_tl.core.objectives import accumulated_gradients, final_gradients
+
+    model = organism.model
+    memorized, keep = organism.planted[[0, 1, 2]], organism.control[[0, 1, 2, 3]]
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        noisy = model(keep.tokens)[:, 49:99]
+        reference = (noisy + torch.randn(noisy.shape, generator=generator)).log_softmax(-1)
+
+    def nll(tokens: torch.Tensor, start: int) -> torch.Tensor:
+        return -continuation_nll(model, tokens, 50).mean()
+
+    def kl(tokens: torch.Tensor, start: int) -> torch.Tensor:
+        return contrastive_kl(model, tokens, reference[start : start + len(tokens)], 50)
+
+    terms = [(memorized, nll), (keep, kl)]
+    expected = accumulated_gradients(model, terms, batch_size, False, "")
+    got: dict[str, torch.Tensor] = {}
+
+    def receive(name: str, grad: torch.Tensor) -> None:
+        assert name not in got, f"{name} handed over twice"
+        got[name] = grad.clone()
+
+    final_gradients(model, terms, batch_size, receive)
+    assert set(got) == set(expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())

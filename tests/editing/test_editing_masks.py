@@ -364,3 +364,27 @@ def test_restore_mode_steps_a_fully_masked_parameter_as_the_optimizer_does() -> 
     assert torch.equal(layers[0].weight, layers[1].weight)
     assert torch.equal(extras[0][~extra_mask], extra_before[~extra_mask])
     assert torch.equal(extras[0][extra_mask], extras[1][extra_mask])
+
+
+def test_the_top_k_of_matrices_added_in_any_order_is_the_global_top_k(organism: Organism) -> None:
+    from memloc_tl.editing.masks import TopByMagnitude
+
+    grads = fake_grads(organism.model, seed=4)
+    expected = ParamMask.from_gradients(grads, fraction=0.002)
+    top = TopByMagnitude(grads, fraction=0.002)
+    for name in reversed(list(grads)):  # as a backward pass produces them: last layer first
+        top.add(name, grads[name])
+    got = top.mask()
+    assert list(got.masks) == list(grads)
+    for name in grads:
+        assert torch.equal(got.masks[name], expected.masks[name]), name
+    first = next(iter(grads))
+    with pytest.raises(ValueError, match="added twice"):
+        top.add(first, grads[first])
+    fresh = TopByMagnitude(grads, fraction=0.002)
+    with pytest.raises(ValueError, match="no values were added"):
+        fresh.mask()
+    with pytest.raises(ValueError, match="shape"):
+        fresh.add(first, grads[first].flatten())
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fresh.add(first, torch.full_like(grads[first], float("nan")))

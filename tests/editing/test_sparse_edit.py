@@ -68,15 +68,20 @@ def test_sparse_and_the_callers_model_untouched(
             assert torch.equal(edited_params[name], everything[name]), name
 
 
+@pytest.mark.parametrize("batch_size", [16, 4])
 def test_gradient_mask_is_the_first_step_objective_gradient(
-    organism: Organism, sets: dict[str, Any]
+    organism: Organism, sets: dict[str, Any], batch_size: int
 ) -> None:
+    """Whether the mask's gradient is taken in one backward pass (every set fits a batch of 16)
+    or accumulated over batches (4), it is the objective's gradient at the first step."""
     model = organism.model
-    one_step = EditConfig(steps=1, lr=1e-3)
+    one_step = EditConfig(steps=1, lr=1e-3, batch_size=batch_size)
     result = sparse_edit(
         model, sets["memorized"], keep=sets["keep"], config=one_step, progress=False
     )
-    grads = contrastive_gradients(model, sets["memorized"], sets["keep"], nll_weight=1.0)
+    grads = contrastive_gradients(
+        model, sets["memorized"], sets["keep"], nll_weight=1.0, batch_size=batch_size
+    )
     expected = ParamMask.from_gradients(grads, fraction=0.001)
     overlap = (result.mask & expected).count
     assert overlap >= 0.98 * expected.count  # equal up to near-ties in |gradient|
@@ -363,3 +368,66 @@ def test_before_after_keeps_the_measured_order_and_marks_one_sided_rows() -> Non
     assert table["before"].tolist()[:3] == [50.0, 0.1, 9.0]
     assert table["after"].tolist() == [4.0, 3.0, 9.5, 0.2]
     assert math.isnan(table["before"].iloc[3])
+
+
+@pytest.mark.parametrize("mask", ["random", "gradient"])
+def test_a_recomputed_kl_reference_trains_and_measures_as_a_stored_one(
+    organism: Organism, sets: dict[str, Any], mask: str
+) -> None:
+    """Recomputing theta_0's log-probabilities at each step (the originals put back for that
+    forward, the unembedding a chunk at a time) is the stored reference to float rounding: the
+    same losses, the same weights. Were the reference taken from the trained model, its KL
+    would be 0 at every step and the losses would differ from the stored run's after the
+    first step."""
+    model = organism.model
+    original = weights(model)
+    runs = {}
+    for reference in ("stored", "recomputed"):
+        config = EditConfig(mask=mask, steps=3, lr=3e-2, batch_size=4, kl_reference=reference)
+        runs[reference] = sparse_edit(
+            model,
+            sets["memorized"],
+            keep=sets["keep"],
+            config=config,
+            evaluate_on=EvalSets(heldout=sets["heldout"]),
+            progress=False,
+        )
+    stored, recomputed = runs["stored"], runs["recomputed"]
+    assert recomputed.losses == pytest.approx(stored.losses, rel=1e-5)
+    assert stored.losses[1] != pytest.approx(stored.losses[0], rel=1e-3)
+    for name in stored.edit.masks:
+        torch.testing.assert_close(
+            recomputed.edit.after[name], stored.edit.after[name], rtol=1e-5, atol=1e-6
+        )
+    kl_stored = stored.metric("heldout", "kl_to_original")[1]
+    kl_recomputed = recomputed.metric("heldout", "kl_to_original")[1]
+    assert kl_stored > 0
+    assert kl_recomputed == pytest.approx(kl_stored, rel=1e-6)
+    for name, value in original.items():  # both taken out again
+        assert torch.equal(weights(model)[name], value), name
+
+
+def test_the_originals_are_in_the_model_only_inside_original_values(organism: Organism) -> None:
+    from memloc_tl.editing.weight_edit import trained_in_place
+
+    model = organism.model
+    original = weights(model)
+    mask = ParamMask.random(model, fraction=0.01, seed=1)
+    name = next(n for n, m in mask.masks.items() if bool(m.any()))
+    with trained_in_place(model, mask) as run:
+        with torch.no_grad():
+            run.params[name][mask.masks[name]] += 1.0
+        trained = weights(model)
+        with run.original_values():
+            for key, value in original.items():
+                assert torch.equal(weights(model)[key], value), key
+        assert torch.equal(weights(model)[name], trained[name])
+        with pytest.raises(RuntimeError, match="boom"), run.original_values():
+            raise RuntimeError("boom")
+        assert torch.equal(weights(model)[name], trained[name])  # also after an error
+    assert torch.equal(weights(model)[name], original[name])
+
+
+def test_kl_reference_is_checked() -> None:
+    with pytest.raises(ValueError, match="kl_reference"):
+        EditConfig(kl_reference="cached")  # type: ignore[arg-type]
