@@ -269,38 +269,28 @@ def final_gradients(
         torch.stack(losses).sum().backward()
 
 
-def batch_logprobs(
-    model: HookedModel, tokens: Tensor, prefix_len: int
-) -> Float[Tensor, "batch continuation_pos d_vocab"]:
-    """The current model's continuation log-probabilities of one batch, no grad.
-
-    Vocabulary-sized, so built without a spare copy: the logits become log-probabilities in
-    place, one paragraph at a time.
-    """
-    with torch.no_grad():
-        logits = continuation_logits(model, tokens, prefix_len)
-        for row in logits:
-            row.copy_(row.log_softmax(-1))
-    return logits
-
-
 def original_logprobs(
     model: HookedModel, paragraphs: Paragraphs, batch_size: int = 16
 ) -> Float[Tensor, "n_paragraphs continuation_pos d_vocab"]:
     """The current model's continuation log-probabilities (theta_0 of the KL term), no grad,
     on the CPU: ``n_paragraphs x continuation_len x d_vocab`` floats (10 MB per paragraph with a
-    50,257-token vocabulary). Built batch by batch (:func:`batch_logprobs`) without spare
-    copies; a single batch is the result itself.
+    50,257-token vocabulary). Built without spare copies: each batch's logits become
+    log-probabilities in place, one paragraph at a time, and go into the result (a single
+    batch is the result itself).
     """
     out: Tensor | None = None
-    for start in range(0, len(paragraphs), batch_size):
-        tokens = paragraphs.tokens[start : start + batch_size]
-        logprobs = batch_logprobs(model, tokens, paragraphs.prefix_len).cpu()
-        if len(tokens) == len(paragraphs):
-            return logprobs
-        if out is None:
-            out = logprobs.new_empty((len(paragraphs), *logprobs.shape[1:]))
-        out[start : start + len(tokens)] = logprobs
+    with torch.no_grad():
+        for start in range(0, len(paragraphs), batch_size):
+            tokens = paragraphs.tokens[start : start + batch_size]
+            logits = continuation_logits(model, tokens, paragraphs.prefix_len)
+            for row in logits:
+                row.copy_(row.log_softmax(-1))
+            logits = logits.cpu()
+            if len(tokens) == len(paragraphs):
+                return logits
+            if out is None:
+                out = logits.new_empty((len(paragraphs), *logits.shape[1:]))
+            out[start : start + len(tokens)] = logits
     assert out is not None
     return out
 
