@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import time
 from collections.abc import Callable
 
@@ -72,7 +73,7 @@ def memory(subject: Subject, args: argparse.Namespace) -> None:
         )
 
     def wanted(label: str) -> bool:
-        return not args.rows or any(part in label for part in args.rows)
+        return not args.rows or any(re.search(pattern, label) for pattern in args.rows)
 
     def timed(run: Callable[[], object]) -> tuple[int, object, float]:
         started = time.perf_counter()
@@ -161,7 +162,8 @@ def main() -> None:
         "--rows",
         nargs="+",
         metavar="TEXT",
-        help="measure only the memory rows whose label contains one of these, then stop",
+        help="measure only the memory rows whose label one of these regular expressions "
+        "matches (re.search: \"mask 'random'$\" is that row alone), then stop",
     )
     args = parser.parse_args()
     if "cuda" not in str(args.device):

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The test command of the README and of CI: the whole suite twice.
-#   1. on the installed TransformerLens (scripts/setup.sh installs 3: the HookedTransformer and
-#      the bridge side by side), which also writes the HookedTransformer's numbers to a file;
-#   2. on TransformerLens 4 in a second environment (scripts/test_tl4.sh), whose bridge must give
-#      those numbers (1e-5).
+# The test command of the README and of CI: two runs.
+#   1. the whole suite on the installed TransformerLens (scripts/setup.sh installs 3: the
+#      HookedTransformer and the bridge side by side), which also writes the HookedTransformer's
+#      numbers to a file;
+#   2. on TransformerLens 4 in a second environment (scripts/test_tl4.sh), what differs between
+#      the two versions: the tests marked `backend` (the backend layer, loading, export, the
+#      tests of every module that branches on the backend, and the bridge's numbers for every
+#      analysis, which must equal that file's within 1e-5). tests/docs/test_ci.py checks that
+#      every module and test that branches on the backend is marked.
 # Both runs share one build of each test organism. Extra arguments go to both pytest runs.
 # With CI=true a skipped test fails, except those that need the real GPT-Neo 125M weights or a
 # GPU (tests/conftest.py), so that neither run can pass without testing what it claims.
@@ -25,5 +29,5 @@ start=$SECONDS
 "$PYTHON" -m pytest "$@"
 echo "== run 1 (TransformerLens $first) took $((SECONDS - start)) s"
 start=$SECONDS
-bash scripts/test_tl4.sh "$@"
+bash scripts/test_tl4.sh -m backend "$@"
 echo "== run 2 (TransformerLens 4) took $((SECONDS - start)) s, installing it included"

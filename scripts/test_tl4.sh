@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the whole suite on TransformerLens 4, in its own environment.
-#   bash scripts/test_tl4.sh [pytest args]   (after the run on TransformerLens 3: scripts/test.sh)
+# Run the suite on TransformerLens 4, in its own environment.
+#   bash scripts/test_tl4.sh [pytest args]   (the whole suite; scripts/test.sh, after its run on
+#                                             TransformerLens 3, runs it with -m backend)
 # The environment (.venv-tl4, or $MEMLOC_TL4_VENV) sees the packages of $PYTHON's environment
 # (torch, the test tools; a virtualenv's as well as the system's) and adds TransformerLens 4 on
 # top, so only that install is new. With MEMLOC_BACKEND_REFERENCE set to the file a

@@ -14,6 +14,8 @@ from memloc_tl.core.heads import HeadRef, all_heads
 from memloc_tl.core.hooks import hook_name
 from memloc_tl.organism import Organism
 
+pytestmark = pytest.mark.backend  # run 2 (TransformerLens 4) runs it: tests/docs/test_ci.py
+
 
 @pytest.fixture(scope="module")
 def pair(organism: Organism) -> tuple[Any, Any]:

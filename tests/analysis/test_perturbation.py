@@ -15,6 +15,8 @@ from memloc_tl.core.paragraphs import Paragraphs
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.organism import Organism
 
+pytestmark = pytest.mark.backend  # run 2 (TransformerLens 4) runs it: tests/docs/test_ci.py
+
 HAS_PREFIX_KV = tl_major() < 4  # PrefixKV is TransformerLens 3's key/value cache
 
 

@@ -40,6 +40,8 @@ from memloc_tl.models import save_hooked_model
 from memloc_tl.organism import Organism
 from tests.backend_fingerprint import fingerprint
 
+pytestmark = pytest.mark.backend  # run 2 (TransformerLens 4) runs it: tests/docs/test_ci.py
+
 REFERENCE = os.environ.get("MEMLOC_BACKEND_REFERENCE")
 HAS_HOOKED = tl_major() < 4
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -19,6 +19,8 @@ from memloc_tl.core.objectives import (
 )
 from memloc_tl.organism import Organism
 
+pytestmark = pytest.mark.backend  # run 2 (TransformerLens 4) runs it: tests/docs/test_ci.py
+
 
 @pytest.mark.parametrize("chunk", [7, 50])
 def test_losses_over_position_chunks_equal_one_pass_and_recompute_in_backward(

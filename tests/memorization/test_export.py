@@ -13,6 +13,8 @@ from memloc_tl import EditConfig, Paragraphs, export_hf, load_model, sparse_edit
 from memloc_tl.core.backend import check_backend, tl_major
 from tests.memorization.test_models import tiny_checkpoint
 
+pytestmark = pytest.mark.backend  # run 2 (TransformerLens 4) runs it: tests/docs/test_ci.py
+
 BACKENDS = ["bridge"] if tl_major() >= 4 else ["hooked", "bridge"]
 
 

@@ -23,6 +23,8 @@ from memloc_tl.models import (
 )
 from tests.conftest import random_neo
 
+pytestmark = pytest.mark.backend  # run 2 (TransformerLens 4) runs it: tests/docs/test_ci.py
+
 SEQ = 40  # longer than the window of 8, so local attention matters
 
 

@@ -285,6 +285,7 @@ def _wider_neo(tokenizer: Any) -> GPTNeoForCausalLM:
     return GPTNeoForCausalLM(config).eval()
 
 
+@pytest.mark.backend  # differs on TransformerLens 4
 def test_export_refuses_a_base_that_is_not_the_models_origin(
     tokenizer: Any, neo_checkpoint: Path, tmp_path: Path
 ) -> None:
