@@ -111,6 +111,26 @@ def _module_marked(tree: ast.Module) -> bool:
     return False
 
 
+def _derived(tree: ast.Module) -> set[str]:
+    """A test module's own names that stand for a branch: a module-level value computed from one
+    (``HAS_PREFIX_KV = tl_major() < 4``) or a helper or fixture that reads one, and so on."""
+    found: set[str] = set()
+    while True:
+        more = set()
+        for node in tree.body:
+            if isinstance(node, ast.Assign):
+                named, body = [t.id for t in node.targets if isinstance(t, ast.Name)], node.value
+            elif isinstance(node, ast.FunctionDef) and not node.name.startswith("test_"):
+                named, body = [node.name], node
+            else:
+                continue
+            if (set(BRANCHES) | found) & _names(body):
+                more.update(n for n in named if n not in found)
+        if not more:
+            return found
+        found |= more
+
+
 def test_the_branches_are_what_tells_the_backends_apart() -> None:
     """Every public predicate of memloc_tl.core.backend is in BRANCHES."""
     tree = ast.parse((ROOT / "memloc_tl/core/backend.py").read_text())
@@ -147,26 +167,19 @@ def test_run_2_runs_the_tests_of_every_module_that_branches_on_the_backend() -> 
 
 
 def test_every_test_that_branches_on_the_backend_runs_in_run_2() -> None:
-    """A test that reads one of BRANCHES (or a name defined from one, such as HAS_HOOKED) or
-    takes the `bridge` fixture is marked `backend`, itself or by its module."""
+    """A test that reads one of BRANCHES (or a name of its module that stands for one: a value
+    such as HAS_PREFIX_KV, a helper or fixture that reads one) or takes the `bridge` fixture is
+    marked `backend`, itself or by its module."""
     unmarked = []
     for path in sorted((ROOT / "tests").rglob("test_*.py")):
         tree = ast.parse(path.read_text())
         if _module_marked(tree):
             continue
-        derived = {  # module-level names computed from a branch: HAS_PREFIX_KV = tl_major() < 4
-            t.id
-            for node in tree.body
-            if isinstance(node, ast.Assign) and set(BRANCHES) & _names(node.value)
-            for t in node.targets
-            if isinstance(t, ast.Name)
-        }
+        branching = set(BRANCHES) | {"bridge"} | _derived(tree)
         for node in tree.body:
             if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
                 continue
-            if (set(BRANCHES) | derived | {"bridge"}) & _names(node) and not _marked_backend(
-                node.decorator_list
-            ):
+            if branching & _names(node) and not _marked_backend(node.decorator_list):
                 unmarked.append(f"{path.relative_to(ROOT)}::{node.name}")
     assert not unmarked, (
         f"mark these @pytest.mark.backend (they differ on TransformerLens 4): {unmarked}"
