@@ -21,7 +21,9 @@ view's own strides: no per-architecture table). What else differs:
 - a forward that starts at a layer: TransformerLens 3 has ``start_at_layer``; the bridge's own
   ``start_at_layer`` (TransformerLens 4) still runs the earlier blocks, so :func:`final_residual`
   takes the Hugging Face model's block list down to the blocks from that layer on for the call
-  and hands the residual to the first of them (:func:`skips_early_blocks` says whether it can).
+  and hands the residual to the first of them (:func:`skips_early_blocks` says whether it can);
+- block checkpointing (:func:`checkpointed_final_residual`): TransformerLens 3's blocks are
+  called one by one; on the bridge each entry of that block list is wrapped for the call.
 
 Nothing here imports a class that one TransformerLens version lacks: ``HookedModel`` is the type
 for annotations (HookedTransformer's interface, which the bridge's compatibility mode provides).
@@ -240,13 +242,22 @@ def checkpointed_final_residual(model: HookedModel, tokens: Tensor) -> Tensor:
     With gradients on, the backward pass keeps only the residual entering each block and
     recomputes one block's activations at a time (one more forward of the blocks, in exchange
     for not holding every block's attention patterns and MLP activations at once). The values
-    are those of :func:`final_residual`. On a HookedTransformer the blocks run as its own
-    forward runs them (the same embedding, attention mask and positional inputs); hooks in scope
-    inside a block fire again when it is recomputed. A TransformerBridge runs its own forward,
-    unchanged, and keeps every block's activations.
+    are those of :func:`final_residual`; hooks in scope inside a block fire again when it is
+    recomputed. On a HookedTransformer the blocks run as its own forward runs them (the same
+    embedding, attention mask and positional inputs). On a TransformerBridge the Hugging Face
+    model's own forward runs, without its key/value cache (a recompute would append to it a
+    second time), each entry of its block list run under checkpointing for the call
+    (:func:`_checkpointed_blocks`); a bridge whose blocks are not one such list keeps every
+    block's activations.
     """
-    if is_bridge(model) or not torch.is_grad_enabled():
+    if not torch.is_grad_enabled():
         return final_residual(model, tokens)
+    if is_bridge(model):
+        block_list = _hf_block_list(model)
+        if block_list is None:
+            return final_residual(model, tokens)
+        with _checkpointed_blocks(block_list):
+            return final_residual(model, tokens, use_cache=False)
     residual, _, shortformer_pos_embed, attention_mask = model.input_to_embed(tokens)
     for block in model.blocks:
         device = next(block.parameters()).device
@@ -262,16 +273,46 @@ def checkpointed_final_residual(model: HookedModel, tokens: Tensor) -> Tensor:
     return residual
 
 
-def _block_list(model: HookedModel) -> torch.nn.ModuleList | None:
-    """The Hugging Face module list the bridge's blocks run from, in order, or None where a
-    forward cannot start at a layer by cutting it: no such list, or a model whose config has
-    several ``layer_types`` (sliding and full attention, say: its forward picks each block's
-    mask by the block's place in the list, which the cut would shift)."""
+class _CheckpointedBlock(torch.nn.Module):
+    """A block that runs under activation checkpointing; other attributes are the block's.
+
+    Early stop: the recompute ends once it has every tensor the backward pass needs, so a hook
+    that ended the original forward inside the block (:class:`_StopForward`) and is gone by
+    the backward pass changes nothing.
+    """
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(self.block, *args, use_reentrant=False, early_stop=True, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+
+@contextlib.contextmanager
+def _checkpointed_blocks(block_list: torch.nn.ModuleList) -> Iterator[None]:
+    """Inside the block every entry of ``block_list`` runs under activation checkpointing
+    (:class:`_CheckpointedBlock`, in its place, so each block keeps its index); the list is
+    restored on exit, also after an error."""
+    saved = block_list._modules
+    wrapped: dict[str, torch.nn.Module] = {k: _CheckpointedBlock(b) for k, b in saved.items()}
+    block_list._modules = wrapped
+    try:
+        yield
+    finally:
+        block_list._modules = saved
+
+
+def _hf_block_list(model: HookedModel) -> torch.nn.ModuleList | None:
+    """The Hugging Face module list whose entries are the bridge's blocks, in order, or None."""
     blocks = list(getattr(model, "blocks", ()))
     if not blocks:
-        return None
-    layer_types = getattr(getattr(_torch_module(model), "config", None), "layer_types", None)
-    if layer_types is not None and len(set(layer_types)) > 1:
         return None
     for module in _torch_module(model).modules():
         if (
@@ -281,6 +322,17 @@ def _block_list(model: HookedModel) -> torch.nn.ModuleList | None:
         ):
             return module
     return None
+
+
+def _block_list(model: HookedModel) -> torch.nn.ModuleList | None:
+    """The bridge's Hugging Face block list (:func:`_hf_block_list`) where a forward can start
+    at a layer by cutting it, or None: no such list, or a model whose config has several
+    ``layer_types`` (sliding and full attention, say: its forward picks each block's mask by
+    the block's place in the list, which the cut would shift)."""
+    layer_types = getattr(getattr(_torch_module(model), "config", None), "layer_types", None)
+    if layer_types is not None and len(set(layer_types)) > 1:
+        return None
+    return _hf_block_list(model)
 
 
 @contextlib.contextmanager

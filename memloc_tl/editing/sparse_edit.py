@@ -90,9 +90,10 @@ class EditConfig:
         seed: seed of a random mask and of the re-extraction perturbations.
         batch_size: paragraphs per forward/backward pass.
         checkpoint_blocks: recompute each block's activations in the backward pass instead of
-            keeping all of them (on a HookedTransformer; a bridge keeps them): one more
-            forward of the blocks per step for a backward pass that holds one block's
-            activations at a time. The same numbers either way.
+            keeping all of them (on both backends; a bridge's Hugging Face blocks run under
+            checkpointing for the call): one more forward of the blocks per step for a
+            backward pass that holds one block's activations at a time. The same numbers
+            either way.
         kl_reference: how the KL term gets the original model's log-probabilities of the
             keep paragraphs: ``"stored"`` computes them once and holds them (keep paragraphs x
             continuation positions x vocabulary floats: 10 MB per paragraph with a

@@ -114,43 +114,66 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients_and_keep_less(
     organism: Organism, unchanged: Any
 ) -> None:
     """With checkpoint_blocks the backward pass recomputes each block (its attention runs
-    twice) and the graph keeps fewer bytes; the loss and the gradients are those without. A
-    bridge runs its own forward unchanged."""
-    from memloc_tl.core.backend import is_bridge
+    twice) and the graph keeps fewer bytes; the loss and the gradients are those without. On
+    both backends: the organism's model and a bridge of it (on TransformerLens 4 they are the
+    same kind), whose Hugging Face blocks are wrapped for the call and restored after."""
+    from memloc_tl.core.backend import _hf_block_list, is_bridge
+    from memloc_tl.models import load_model
 
-    model, tokens = organism.model, organism.planted.tokens[:4]
-    chosen = attributed_weights(model)
-    runs: dict[bool, tuple[torch.Tensor, dict[str, torch.Tensor], int, int]] = {}
-    for blocks in (False, True):
-        saved: list[int] = []
-        patterns: list[int] = []
+    models = [organism.model]
+    if not is_bridge(organism.model):
+        models.append(load_model(organism.path, backend="bridge", device="cpu"))
+    tokens = organism.planted.tokens[:4]
+    for model in models:
+        chosen = attributed_weights(model)
+        runs: dict[bool, tuple[torch.Tensor, dict[str, torch.Tensor], int, int]] = {}
+        for blocks in (False, True):
+            saved: list[int] = []
+            patterns: list[int] = []
 
-        def pack(tensor: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
-            saved.append(tensor.numel() * tensor.element_size())
-            return tensor
+            def pack(tensor: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+                saved.append(tensor.numel() * tensor.element_size())
+                return tensor
 
-        counter = ("blocks.0.attn.hook_pattern", lambda a, hook, n=patterns: n.append(1))
-        with (
-            unchanged(model),
-            grad_only_for(model, parameters_of(chosen)),
-            model.hooks(fwd_hooks=[counter]),
-        ):
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                loss = continuation_nll(model, tokens, 50, checkpoint_blocks=blocks).sum()
-            grads = gradients(loss, chosen)
-        runs[blocks] = (loss.detach(), grads, sum(saved), len(patterns))
-    (plain, plain_grads, plain_bytes, plain_runs), (ours, our_grads, our_bytes, our_runs) = (
-        runs[False],
-        runs[True],
-    )
-    torch.testing.assert_close(ours, plain, rtol=0, atol=0)
-    for name, grad in our_grads.items():
-        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
-    if is_bridge(model):
-        assert (our_runs, our_bytes) == (plain_runs, plain_bytes)
-    else:
-        assert (plain_runs, our_runs) == (1, 2)
-        assert our_bytes < plain_bytes / 2, (our_bytes, plain_bytes)
+            counter = ("blocks.0.attn.hook_pattern", lambda a, hook, n=patterns: n.append(1))
+            with (
+                unchanged(model),
+                grad_only_for(model, parameters_of(chosen)),
+                model.hooks(fwd_hooks=[counter]),
+            ):
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                    loss = continuation_nll(model, tokens, 50, checkpoint_blocks=blocks).sum()
+                grads = gradients(loss, chosen)
+            runs[blocks] = (loss.detach(), grads, sum(saved), len(patterns))
+        (plain, plain_grads, plain_bytes, plain_runs), (ours, our_grads, our_bytes, our_runs) = (
+            runs[False],
+            runs[True],
+        )
+        kind = type(model).__name__
+        torch.testing.assert_close(ours, plain, rtol=0, atol=0, msg=kind)
+        for name, grad in our_grads.items():
+            torch.testing.assert_close(
+                grad, plain_grads[name], rtol=1e-5, atol=1e-7, msg=f"{kind} {name}"
+            )
+        assert (plain_runs, our_runs) == (1, 2), kind
+        assert our_bytes < plain_bytes / 2, (kind, our_bytes, plain_bytes)
+        if is_bridge(model):
+            # an error inside a wrapped block leaves the list as it was
+            block_list = _hf_block_list(model)
+            assert block_list is not None
+            before = list(block_list)
+
+            def fail(activation: torch.Tensor, hook: Any) -> None:
+                raise RuntimeError("inside block 1")
+
+            with (
+                unchanged(model),
+                grad_only_for(model, parameters_of(chosen)),
+                model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", fail)]),
+                pytest.raises(RuntimeError, match="inside block 1"),
+            ):
+                continuation_nll(model, tokens, 50, checkpoint_blocks=True)
+            assert all(a is b for a, b in zip(block_list, before, strict=True))
 
 
 @pytest.mark.parametrize("batch_size", [2, 16])
