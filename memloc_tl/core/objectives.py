@@ -10,7 +10,10 @@ accumulated batch by batch, and a scope in which only chosen parameters require 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -110,6 +113,23 @@ def gradients_as_produced(
             handle.remove()
 
 
+PositionLoss = Callable[[Float[Tensor, "batch chunk d_vocab"], slice], Float[Tensor, "batch chunk"]]
+"""``loss(logits, positions)``: a batch's loss at some of its continuation positions (a slice),
+from the float32 logits there (see :func:`~memloc_tl.core.forward.per_position_loss`)."""
+
+
+def nll_loss(labels: Tensor, prefix_len: int) -> PositionLoss:
+    """The NLL of ``labels``' continuation tokens (``labels``: ``[batch, pos]``, on the model's
+    device), position by position."""
+    target = labels[:, prefix_len:]
+
+    def nll(logits: Tensor, positions: slice) -> Tensor:
+        wanted = logits.gather(-1, target[:, positions, None]).squeeze(-1)
+        return logits.logsumexp(-1) - wanted
+
+    return nll
+
+
 def continuation_nll(
     model: HookedModel,
     tokens: Tensor,
@@ -128,20 +148,39 @@ def continuation_nll(
             continuation); e.g. a perturbed paragraph's tokens under the memorized context.
     """
     labels = tokens if labels is None else labels
-    target = labels.to(model.cfg.device)[:, prefix_len:]
-
-    def nll(logits: Tensor, positions: slice) -> Tensor:
-        wanted = logits.gather(-1, target[:, positions, None]).squeeze(-1)
-        return logits.logsumexp(-1) - wanted
-
+    loss = nll_loss(labels.to(model.cfg.device), prefix_len)
     return per_position_loss(
-        model, tokens, prefix_len, nll, checkpoint_blocks=checkpoint_blocks
+        model, tokens, prefix_len, loss, checkpoint_blocks=checkpoint_blocks
     ).mean(-1)
 
 
 ChunkReference = Callable[[slice], Tensor]
 """theta_0's log-probabilities ``[batch, chunk, d_vocab]`` of a batch at some of its
 continuation positions (a slice), made when the KL reads them."""
+
+
+def kl_loss(
+    original_logprobs: Float[Tensor, "batch continuation_pos d_vocab"] | ChunkReference,
+) -> PositionLoss:
+    """KL(p_theta0 || p_theta) position by position, theta_0's log-probabilities given as a
+    tensor or a :data:`ChunkReference`."""
+
+    def kl(logits: Tensor, positions: slice) -> Tensor:
+        if callable(original_logprobs):
+            reference = original_logprobs(positions).to(logits.device)
+        else:
+            reference = original_logprobs[:, positions].to(logits.device)
+        return (reference.exp() * (reference - logits.log_softmax(-1))).sum(-1)
+
+    return kl
+
+
+def reduce_kl(
+    per_position: Float[Tensor, "batch continuation_pos"], reduction: KLReduction
+) -> Float[Tensor, ""]:
+    """A batch's KL from its per-position KL: summed over positions and averaged over
+    paragraphs (``"sum_positions"``), or averaged over both (``"mean"``)."""
+    return per_position.sum(-1).mean() if reduction == "sum_positions" else per_position.mean()
 
 
 def contrastive_kl(
@@ -161,18 +200,52 @@ def contrastive_kl(
     reference code's ``KLDivLoss(reduction="batchmean")``); ``"mean"`` averages over both.
     ``checkpoint_blocks``: as in :func:`continuation_nll`.
     """
-
-    def kl(logits: Tensor, positions: slice) -> Tensor:
-        if callable(original_logprobs):
-            reference = original_logprobs(positions).to(logits.device)
-        else:
-            reference = original_logprobs[:, positions].to(logits.device)
-        return (reference.exp() * (reference - logits.log_softmax(-1))).sum(-1)
-
-    per_position = per_position_loss(  # [batch, pos]
-        model, keep_tokens, prefix_len, kl, checkpoint_blocks=checkpoint_blocks
+    loss = kl_loss(original_logprobs)
+    per_position = per_position_loss(
+        model, keep_tokens, prefix_len, loss, checkpoint_blocks=checkpoint_blocks
     )
-    return per_position.sum(-1).mean() if reduction == "sum_positions" else per_position.mean()
+    return reduce_kl(per_position, reduction)
+
+
+@dataclass(frozen=True)
+class SetTerm:
+    """One paragraph set's part of an objective ``sum_t mean_over_set_t(loss_t)``, written so
+    that several sets can share one forward pass (:func:`final_gradients`).
+
+    A batch of the set's rows ``start : start + len(tokens)`` is scored by running the model on
+    ``context`` (``[rows, pos]``, the rows' tokens or, say, an edit's target paragraphs), taking
+    ``loss`` at every continuation position and reducing that ``[rows, continuation_pos]``
+    table to the batch's mean loss with ``reduce``; :meth:`batch_loss` does that alone.
+
+    Attributes:
+        paragraphs: the set.
+        batch: ``batch(tokens, start) -> (context, loss)`` for a batch of the set's tokens.
+        reduce: ``[rows, continuation_pos]`` per-position losses -> the batch's mean loss.
+        checkpoint_blocks: run the blocks under activation checkpointing (as in
+            :func:`continuation_nll`).
+    """
+
+    paragraphs: Paragraphs
+    batch: Callable[[Tensor, int], tuple[Tensor, PositionLoss]]
+    reduce: Callable[[Tensor], Tensor]
+    checkpoint_blocks: bool = False
+
+    def batch_loss(self, model: HookedModel, tokens: Tensor, start: int) -> Float[Tensor, ""]:
+        """The batch-mean loss of the set's rows ``start : start + len(tokens)``."""
+        context, loss = self.batch(tokens, start)
+        per_position = per_position_loss(
+            model,
+            context,
+            self.paragraphs.prefix_len,
+            loss,
+            checkpoint_blocks=self.checkpoint_blocks,
+        )
+        return self.reduce(per_position)
+
+    def loss_fn(self, model: HookedModel) -> Callable[[Tensor, int], Tensor]:
+        """``loss_fn(tokens, start)``, :meth:`batch_loss` on ``model`` (the form
+        :func:`accumulated_gradients` takes)."""
+        return functools.partial(self.batch_loss, model)
 
 
 @contextlib.contextmanager
@@ -245,27 +318,67 @@ def accumulated_gradients(
 
 def final_gradients(
     model: HookedModel,
-    terms: Sequence[tuple[Paragraphs, Callable[[Tensor, int], Tensor]]],
+    terms: Sequence[SetTerm],
     batch_size: int,
     receive: Callable[[str, Tensor], None],
 ) -> None:
     """``receive(name, gradient)`` once per attributed matrix, with its (float32) gradient of
     ``sum_t mean_over_set_t(loss_t)`` as :func:`accumulated_gradients` computes it.
 
-    When every term's set fits in one batch, all of them go into one backward pass and each
-    matrix's gradient is handed over as soon as that pass has produced it, so no total of the
-    gradients is kept beside them (autograd itself still holds a matrix's gradient from one
-    term's graph until the other terms' arrive); otherwise the gradients are accumulated
-    batch by batch first. A matrix the losses never use gets zeros. The model's own ``.grad``
-    tensors are given back as they were.
+    When every term's set fits in one batch, the sets' rows go through the model together, in
+    one forward and one backward pass, so each matrix's gradient is produced once, for all the
+    sets at the same time, and handed over at once: no total of the gradients is kept, and
+    autograd holds no set's part of a gradient while it waits for another's (what two graphs,
+    one per set, would cost: 0.33 models on GPT-Neo 125M's layout). That pass holds all the
+    sets' rows at once (up to ``len(terms) * batch_size``), as one graph per set did. Sets of
+    different lengths, prefix lengths or checkpointing get one forward each, still in one
+    backward pass; sets too large for a batch are accumulated batch by batch first. A matrix
+    the losses never use gets zeros. The model's own ``.grad`` tensors are given back as they
+    were.
     """
-    if any(len(paragraphs) > batch_size for paragraphs, _ in terms):
-        for name, grad in accumulated_gradients(model, terms, batch_size, False, "").items():
+    if any(len(term.paragraphs) > batch_size for term in terms):
+        pairs = [(term.paragraphs, term.loss_fn(model)) for term in terms]
+        for name, grad in accumulated_gradients(model, pairs, batch_size, False, "").items():
             receive(name, grad)
         return
+    device = model.cfg.device
     with _attributed_gradients(model, receive):
-        device = model.cfg.device
-        losses = [loss_fn(sets.tokens.to(device), 0) for sets, loss_fn in terms]
+        parts = [term.batch(term.paragraphs.tokens.to(device), 0) for term in terms]
+        kinds = {
+            (context.shape[1], term.paragraphs.prefix_len, term.checkpoint_blocks)
+            for (context, _), term in zip(parts, terms, strict=True)
+        }
+        if len(kinds) > 1:  # one forward per set, one backward pass
+            losses = [
+                term.reduce(
+                    per_position_loss(
+                        model,
+                        context,
+                        term.paragraphs.prefix_len,
+                        loss,
+                        checkpoint_blocks=term.checkpoint_blocks,
+                    )
+                )
+                for (context, loss), term in zip(parts, terms, strict=True)
+            ]
+            torch.stack(losses).sum().backward()
+            return
+        bounds = list(itertools.accumulate([len(c) for c, _ in parts], initial=0))
+        rows = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+        def joint(logits: Tensor, positions: slice) -> Tensor:
+            pieces = [loss(logits[r], positions) for (_, loss), r in zip(parts, rows, strict=True)]
+            return torch.cat(pieces, dim=0)
+
+        first = terms[0]
+        per_position = per_position_loss(
+            model,
+            torch.cat([context for context, _ in parts]),
+            first.paragraphs.prefix_len,
+            joint,
+            checkpoint_blocks=first.checkpoint_blocks,
+        )
+        losses = [t.reduce(per_position[r]) for t, r in zip(terms, rows, strict=True)]
         torch.stack(losses).sum().backward()
 
 

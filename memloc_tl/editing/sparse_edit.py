@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,15 +33,19 @@ from memloc_tl.analysis.perturbation import PerturbConfig, perturb_prefixes
 from memloc_tl.core.backend import HookedModel, parameter_masks, parameters_of
 from memloc_tl.core.forward import greedy_continuations
 from memloc_tl.core.objectives import (
+    PositionLoss,
     Reference,
+    SetTerm,
     attributed_parameters,
     attributed_weights,
-    continuation_nll,
     contrastive_kl,
     final_gradients,
     grad_only_for,
+    kl_loss,
+    nll_loss,
     original_logprobs,
     recomputed_reference,
+    reduce_kl,
     stored_reference,
 )
 from memloc_tl.core.paragraphs import Paragraphs, check_set
@@ -243,34 +247,39 @@ def _objective_terms(
     reference: Reference,
     target: Paragraphs | None,
     config: EditConfig,
-) -> list[tuple[Paragraphs, Callable[[Tensor, int], Tensor]]]:
+) -> list[SetTerm]:
+    """The objective's two terms (Eq. 3 or 4): the memorized set's (negated or target) NLL
+    times ``nll_weight``, and the keep set's KL to theta_0."""
     p = memorized.prefix_len
     weight = config.nll_weight
     blocks = config.checkpoint_blocks
+    device = model.cfg.device
 
-    def nll(context: Tensor, labels: Tensor) -> Tensor:
-        return continuation_nll(model, context, p, labels=labels, checkpoint_blocks=blocks).mean()
+    def unlearn(tokens: Tensor, start: int) -> tuple[Tensor, PositionLoss]:
+        return tokens, nll_loss(tokens.to(device), p)
 
-    def unlearn(tokens: Tensor, start: int) -> Tensor:
-        return -weight * nll(tokens, tokens)
-
-    def edit(tokens: Tensor, start: int) -> Tensor:
+    def edit(tokens: Tensor, start: int) -> tuple[Tensor, PositionLoss]:
         assert target is not None
-        labels = target.tokens[start : start + len(tokens)].to(tokens.device)
+        labels = target.tokens[start : start + len(tokens)].to(device)
         context = labels if config.edit_context == "target" else tokens
-        return weight * nll(context, labels)
+        return context, nll_loss(labels, p)
 
-    def kl(tokens: Tensor, start: int) -> Tensor:
-        return contrastive_kl(
-            model,
-            tokens,
-            reference(tokens, start),
-            keep.prefix_len,
-            reduction=config.kl_reduction,
-            checkpoint_blocks=blocks,
-        )
+    def kl(tokens: Tensor, start: int) -> tuple[Tensor, PositionLoss]:
+        return tokens, kl_loss(reference(tokens, start))
 
-    return [(memorized, unlearn if config.objective == "unlearn" else edit), (keep, kl)]
+    sign = -1.0 if config.objective == "unlearn" else 1.0
+
+    def weighted_nll(per_position: Tensor) -> Tensor:
+        return sign * weight * per_position.mean(-1).mean()
+
+    def reduced_kl(per_position: Tensor) -> Tensor:
+        return reduce_kl(per_position, config.kl_reduction)
+
+    nll_batch = unlearn if config.objective == "unlearn" else edit
+    return [
+        SetTerm(memorized, nll_batch, weighted_nll, blocks),
+        SetTerm(keep, kl, reduced_kl, blocks),
+    ]
 
 
 def _sparse(model: HookedModel, config: EditConfig) -> bool:
@@ -285,7 +294,7 @@ def _sparse(model: HookedModel, config: EditConfig) -> bool:
 
 def _mask(
     model: HookedModel,
-    terms: list[tuple[Paragraphs, Callable[[Tensor, int], Tensor]]],
+    terms: list[SetTerm],
     config: EditConfig,
 ) -> ParamMask:
     choice = config.mask
@@ -395,10 +404,12 @@ def sparse_edit(
             for _ in tqdm(steps, desc=f"{config.objective} ({chosen.kind})", disable=not progress):
                 optimizer.zero_grad()
                 total = 0.0
-                for paragraphs, loss_fn in terms:
+                for term in terms:
+                    paragraphs = term.paragraphs
                     for start in range(0, len(paragraphs), batch_size):
                         tokens = paragraphs.tokens[start : start + batch_size].to(model.cfg.device)
-                        loss = loss_fn(tokens, start) * (len(tokens) / len(paragraphs))
+                        share = len(tokens) / len(paragraphs)
+                        loss = term.batch_loss(model, tokens, start) * share
                         loss.backward()
                         total += float(loss.detach())
                 losses.append(total)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -236,37 +237,63 @@ def test_a_recomputed_reference_makes_the_stored_log_probabilities_a_chunk_at_a_
     torch.testing.assert_close(by_chunk, by_tensor, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("batch_size", [16, 2])
+@pytest.mark.parametrize(("batch_size", "keep_prefix"), [(16, 50), (16, 40), (2, 50)])
 def test_final_gradients_hand_over_each_matrix_once_as_accumulated(
-    organism: Organism, batch_size: int
+    organism: Organism, batch_size: int, keep_prefix: int
 ) -> None:
-    """One backward pass for sets that fit a batch (16), accumulation otherwise (2): each
-    attributed matrix once, equal to accumulated_gradients, the model's .grad as it was."""
-    from memloc_tl.core.objectives import accumulated_gradients, final_gradients
+    """Sets that fit a batch (16) go through one forward together (or, with different prefix
+    lengths, one each) and one backward pass; larger ones are accumulated (2). Each attributed
+    matrix is handed over once, equal to accumulated_gradients of the sets one at a time, and
+    the model's .grad is as it was."""
+    from memloc_tl.core.objectives import (
+        SetTerm,
+        accumulated_gradients,
+        final_gradients,
+        kl_loss,
+        nll_loss,
+        reduce_kl,
+    )
 
     model = organism.model
-    memorized, keep = organism.planted[[0, 1, 2]], organism.control[[0, 1, 2, 3]]
+    memorized = organism.planted[[0, 1, 2]]
+    keep = dataclasses.replace(organism.control[[0, 1, 2, 3]], prefix_len=keep_prefix)
+    n = keep.continuation_len
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        noisy = model(keep.tokens)[:, 49:99]
+        noisy = model(keep.tokens)[:, keep_prefix - 1 : keep_prefix - 1 + n]
         reference = (noisy + torch.randn(noisy.shape, generator=generator)).log_softmax(-1)
 
     def nll(tokens: torch.Tensor, start: int) -> torch.Tensor:
         return -continuation_nll(model, tokens, 50).mean()
 
     def kl(tokens: torch.Tensor, start: int) -> torch.Tensor:
-        return contrastive_kl(model, tokens, reference[start : start + len(tokens)], 50)
+        return contrastive_kl(model, tokens, reference[start : start + len(tokens)], keep_prefix)
 
-    terms = [(memorized, nll), (keep, kl)]
-    expected = accumulated_gradients(model, terms, batch_size, False, "")
+    expected = accumulated_gradients(model, [(memorized, nll), (keep, kl)], batch_size, False, "")
+    terms = [
+        SetTerm(memorized, lambda t, s: (t, nll_loss(t, 50)), lambda x: -x.mean(-1).mean()),
+        SetTerm(
+            keep,
+            lambda t, s: (t, kl_loss(reference[s : s + len(t)])),
+            lambda x: reduce_kl(x, "sum_positions"),
+        ),
+    ]
     got: dict[str, torch.Tensor] = {}
 
     def receive(name: str, grad: torch.Tensor) -> None:
         assert name not in got, f"{name} handed over twice"
         got[name] = grad.clone()
 
-    final_gradients(model, terms, batch_size, receive)
+    forwards: list[int] = []  # the rows of each forward pass
+
+    def count(activation: torch.Tensor, hook: Any) -> None:
+        forwards.append(activation.shape[0])
+
+    with model.hooks(fwd_hooks=[("hook_embed", count)]):
+        final_gradients(model, terms, batch_size, receive)
     assert set(got) == set(expected)
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in model.parameters())
+    if batch_size == 16:  # the sets together when they can share a forward, else one each
+        assert forwards == ([7] if keep_prefix == 50 else [3, 4])
