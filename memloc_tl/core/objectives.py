@@ -230,17 +230,22 @@ class SetTerm:
     reduce: Callable[[Tensor], Tensor]
     checkpoint_blocks: bool = False
 
-    def batch_loss(self, model: HookedModel, tokens: Tensor, start: int) -> Float[Tensor, ""]:
-        """The batch-mean loss of the set's rows ``start : start + len(tokens)``."""
-        context, loss = self.batch(tokens, start)
-        per_position = per_position_loss(
+    def per_position(
+        self, model: HookedModel, context: Tensor, loss: PositionLoss
+    ) -> Float[Tensor, "rows continuation_pos"]:
+        """``loss`` at every continuation position of ``context``, run with this set's prefix
+        length and checkpointing."""
+        return per_position_loss(
             model,
             context,
             self.paragraphs.prefix_len,
             loss,
             checkpoint_blocks=self.checkpoint_blocks,
         )
-        return self.reduce(per_position)
+
+    def batch_loss(self, model: HookedModel, tokens: Tensor, start: int) -> Float[Tensor, ""]:
+        """The batch-mean loss of the set's rows ``start : start + len(tokens)``."""
+        return self.reduce(self.per_position(model, *self.batch(tokens, start)))
 
     def loss_fn(self, model: HookedModel) -> Callable[[Tensor, int], Tensor]:
         """``loss_fn(tokens, start)``, :meth:`batch_loss` on ``model`` (the form
@@ -350,15 +355,7 @@ def final_gradients(
         }
         if len(kinds) > 1:  # one forward per set, one backward pass
             losses = [
-                term.reduce(
-                    per_position_loss(
-                        model,
-                        context,
-                        term.paragraphs.prefix_len,
-                        loss,
-                        checkpoint_blocks=term.checkpoint_blocks,
-                    )
-                )
+                term.reduce(term.per_position(model, context, loss))
                 for (context, loss), term in zip(parts, terms, strict=True)
             ]
             torch.stack(losses).sum().backward()
@@ -370,14 +367,8 @@ def final_gradients(
             pieces = [loss(logits[r], positions) for (_, loss), r in zip(parts, rows, strict=True)]
             return torch.cat(pieces, dim=0)
 
-        first = terms[0]
-        per_position = per_position_loss(
-            model,
-            torch.cat([context for context, _ in parts]),
-            first.paragraphs.prefix_len,
-            joint,
-            checkpoint_blocks=first.checkpoint_blocks,
-        )
+        contexts = torch.cat([context for context, _ in parts])
+        per_position = terms[0].per_position(model, contexts, joint)  # the kinds are all equal
         losses = [t.reduce(per_position[r]) for t, r in zip(terms, rows, strict=True)]
         torch.stack(losses).sum().backward()
 
