@@ -184,13 +184,13 @@ def main() -> None:
         for name, p in copies.items():
             # the same gradients for both: zero outside the mask, as the reference code left them
             noise = torch.randn(p.shape, generator=generator).to(p.device)
-            p.grad = noise * 1e-3 * mask.masks[name].to(p.device)
+            p.grad = noise * 1e-3 * mask.boolean(name).to(p.device)
         adam = torch.optim.Adam(list(copies.values()), lr=1e-5)
         if masked is None:
             return adam
         return MaskedOptimizer(
             adam,
-            {copies[n]: m for n, m in mask.masks.items()},
+            {copies[n]: s for n, s in mask.selections.items()},
             mode=masked,  # type: ignore[arg-type]
         )
 

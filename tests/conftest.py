@@ -133,6 +133,14 @@ def model_state(model: torch.nn.Module) -> dict[str, Any]:
         },
         "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
         "hooks": hooks,
+        # the modules in place, and the functions modules keep (TransformerLens's act_fn)
+        "modules": [(name, id(m)) for name, m in model.named_modules()],
+        "functions": [
+            (name, key, id(value))
+            for name, m in model.named_modules()
+            for key, value in vars(m).items()
+            if callable(value) and not isinstance(value, torch.nn.Module)
+        ],
         "training": model.training,
         "cfg": copy.deepcopy(getattr(model, "cfg", None)).__dict__
         if getattr(model, "cfg", None) is not None
@@ -142,6 +150,8 @@ def model_state(model: torch.nn.Module) -> dict[str, Any]:
 
 def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
     assert before["hooks"] == after["hooks"], "hooks were left on the model"
+    assert before["modules"] == after["modules"], "a module was replaced"
+    assert before["functions"] == after["functions"], "a module's function was replaced"
     assert before["training"] == after["training"]
     assert before["requires_grad"] == after["requires_grad"], "requires_grad flags changed"
     assert before["cfg"] == after["cfg"], "model cfg changed"

@@ -95,7 +95,7 @@ def mask_drift(
         model = load_for(checkpoint, paragraphs)
         found = localize(model, paragraphs, method=method)  # type: ignore[arg-type]
         mask = found.param_mask(fraction)
-        flat = torch.cat([mask.masks[name].flatten().cpu() for name in sorted(mask.masks)])
+        flat = torch.cat([mask.boolean(name).flatten().cpu() for name in sorted(mask.names)])
         del model, found, mask  # released before the next checkpoint is loaded
         sizes.append(int(flat.sum()))
         if previous is not None:

@@ -44,6 +44,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from memloc_tl.core.activations import lean_activations
+from memloc_tl.core.selection import is_indices, selected_mask
 from memloc_tl.core.validation import check_finite_weights
 
 if TYPE_CHECKING:
@@ -244,11 +246,13 @@ def checkpointed_final_residual(model: HookedModel, tokens: Tensor) -> Tensor:
     for not holding every block's attention patterns and MLP activations at once). The values
     are those of :func:`final_residual`; hooks in scope inside a block fire again when it is
     recomputed. On a HookedTransformer the blocks run as its own forward runs them (the same
-    embedding, attention mask and positional inputs). On a TransformerBridge the Hugging Face
+    embedding, attention mask and positional inputs), with a ``gelu_new`` MLP activation that
+    saves only its input (:mod:`memloc_tl.core.activations`: the same values; gradients
+    equal to float rounding). On a TransformerBridge the Hugging Face
     model's own forward runs, without its key/value cache (a recompute would append to it a
     second time), each entry of its block list run under checkpointing for the call
-    (:func:`_checkpointed_blocks`); a bridge whose blocks are not one such list keeps every
-    block's activations.
+    (:func:`_checkpointed_blocks`), with the same lean activation; a bridge whose blocks are
+    not one such list keeps every block's activations.
     """
     if not torch.is_grad_enabled():
         return final_residual(model, tokens)
@@ -262,6 +266,7 @@ def checkpointed_final_residual(model: HookedModel, tokens: Tensor) -> Tensor:
     for block in model.blocks:
         device = next(block.parameters()).device
         residual = checkpoint(
+            _lean_block,
             block,
             residual.to(device),
             shortformer_pos_embed=None
@@ -271,6 +276,14 @@ def checkpointed_final_residual(model: HookedModel, tokens: Tensor) -> Tensor:
             use_reentrant=False,
         )
     return residual
+
+
+def _lean_block(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``block(*args, **kwargs)`` with its MLP's ``gelu_new`` saving only its input
+    (:func:`~memloc_tl.core.activations.lean_activations`; the same values). Run inside the
+    checkpointed function, so the backward pass's recompute runs it too."""
+    with lean_activations(block):
+        return block(*args, **kwargs)
 
 
 class _CheckpointedBlock(torch.nn.Module):
@@ -286,7 +299,9 @@ class _CheckpointedBlock(torch.nn.Module):
         self.block = block
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return checkpoint(self.block, *args, use_reentrant=False, early_stop=True, **kwargs)
+        return checkpoint(
+            _lean_block, self.block, *args, use_reentrant=False, early_stop=True, **kwargs
+        )
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -500,18 +515,39 @@ def gradients(loss: Tensor, chosen: Mapping[str, Weight]) -> dict[str, Tensor]:
 def parameter_masks(
     chosen: Mapping[str, Weight], masks: Mapping[str, Tensor]
 ) -> dict[torch.nn.Parameter, Tensor]:
-    """Boolean masks by parameter from masks by weight name (entries outside every weight: off)."""
-    out: dict[int, tuple[torch.nn.Parameter, Tensor]] = {}
+    """Selections by parameter from selections by weight name (entries outside every weight:
+    off). Each selection is a boolean mask or sorted flat indices
+    (:mod:`memloc_tl.core.selection`); a parameter whose weights are all given as indices gets
+    indices (into the parameter), any other a boolean mask of the parameter's shape."""
+    by_param: dict[int, list[tuple[Weight, Tensor]]] = {}
     for name, mask in masks.items():
         w = chosen[name]
-        if w.layout is None:
-            out[id(w.param)] = (w.param, mask.to(w.param.device, torch.bool))
-            continue
-        _, full = out.setdefault(
-            id(w.param), (w.param, torch.zeros_like(w.param, dtype=torch.bool))
-        )
-        w.of(full).copy_(mask)
-    return dict(out.values())
+        by_param.setdefault(id(w.param), []).append((w, mask.to(w.param.device)))
+    out: dict[torch.nn.Parameter, Tensor] = {}
+    for parts in by_param.values():
+        param = parts[0][0].param
+        if len(parts) == 1 and parts[0][0].layout is None:
+            out[param] = parts[0][1]
+        elif all(is_indices(mask) for _, mask in parts):  # each view's indices, mapped
+            out[param] = torch.cat([_indices_in_param(w, mask) for w, mask in parts]).sort().values
+        else:
+            full = torch.zeros_like(param, dtype=torch.bool)
+            for w, mask in parts:
+                w.of(full).copy_(selected_mask(mask, w.shape))
+            out[param] = full
+    return out
+
+
+def _indices_in_param(w: Weight, flat: Tensor) -> Tensor:
+    """Flat indices into weight ``w`` (row-major in its shape) as flat indices into its
+    (contiguous) parameter."""
+    if w.layout is None:
+        return flat
+    size, stride, offset = w.layout
+    place = torch.full_like(flat, offset)
+    for coordinate, step in zip(torch.unravel_index(flat, size), stride, strict=True):
+        place += coordinate * step
+    return place
 
 
 def substituted_parameters(model: HookedModel, values: Mapping[str, Tensor]) -> dict[str, Tensor]:

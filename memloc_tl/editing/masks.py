@@ -9,7 +9,7 @@ random 0.1%; both masks select exactly ``floor(fraction x candidates)`` weights 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -25,6 +25,13 @@ from memloc_tl.core.objectives import (
     component_labels,
 )
 from memloc_tl.core.results import LayerComponentScores
+from memloc_tl.core.selection import (
+    check_selection,
+    compact_selection,
+    selected_count,
+    selected_indices,
+    selected_mask,
+)
 from memloc_tl.core.validation import check_fraction
 
 
@@ -33,26 +40,69 @@ def _split(name: str) -> tuple[int, str]:
     return int(parts[1]), parts[-1]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, eq=False)
 class ParamMask:
-    """Boolean masks over the attributed matrices, by parameter name.
+    """Which entries of the attributed matrices an edit may change, by parameter name.
+
+    Made from boolean masks (``ParamMask({"blocks.1.attn.W_V": bool tensor of W_V's shape,
+    ...}, kind)``) or from flat indices (:meth:`from_selections`). Each matrix is held in the
+    smaller form (:mod:`memloc_tl.core.selection`): a 0.1% mask as the chosen entries' flat
+    indices (0.7 MiB for GPT-Neo 125M instead of 81 MiB of booleans), a mask of most entries as
+    booleans. :meth:`boolean`, :meth:`indices` and :attr:`masks` give either form.
 
     Attributes:
-        masks: ``{"blocks.1.attn.W_V": bool tensor of W_V's shape, ...}``.
         kind: how it was made (``"gradient"``, ``"random"``, ``"all"``, ``"scope"``, ...).
+        shapes: each matrix's shape, by name, in the mask's order.
+        selections: each matrix's chosen entries as held (sorted int64 flat indices, or a
+            boolean mask of the matrix's shape); the tensors functions of
+            :mod:`memloc_tl.core.selection` take.
     """
 
-    masks: Mapping[str, Tensor]
-    kind: str = "custom"
+    kind: str
+    shapes: Mapping[str, tuple[int, ...]]
+    selections: Mapping[str, Tensor]
 
-    def __post_init__(self) -> None:
-        for name, mask in self.masks.items():
+    def __init__(self, masks: Mapping[str, Tensor], kind: str = "custom") -> None:
+        for name, mask in masks.items():
             if mask.dtype != torch.bool:
                 raise TypeError(f"mask {name} must be boolean, got {mask.dtype}")
+        self._set(kind, {n: tuple(m.shape) for n, m in masks.items()}, masks)
+
+    @classmethod
+    def from_selections(
+        cls,
+        selections: Mapping[str, Tensor],
+        shapes: Mapping[str, Sequence[int]],
+        kind: str = "custom",
+    ) -> ParamMask:
+        """A mask from each matrix's chosen entries: sorted, distinct int64 flat (row-major)
+        indices, or a boolean mask of the matrix's shape (:mod:`memloc_tl.core.selection`).
+
+        Raises:
+            TypeError: a selection that is neither int64 nor boolean.
+            ValueError: ``selections`` and ``shapes`` name different matrices, or indices that
+                are not 1-D, sorted, distinct and within the matrix.
+        """
+        if list(selections) != list(shapes):
+            raise ValueError(
+                f"selections and shapes must name the same matrices in the same order, got "
+                f"{list(selections)[:3]} and {list(shapes)[:3]}"
+            )
+        mask = cls.__new__(cls)
+        mask._set(kind, {n: tuple(int(d) for d in s) for n, s in shapes.items()}, selections)
+        return mask
+
+    def _set(
+        self, kind: str, shapes: dict[str, tuple[int, ...]], given: Mapping[str, Tensor]
+    ) -> None:
+        for name, selection in given.items():
             _, matrix = _split(name)
             if matrix not in MATRICES:
                 raise ValueError(f"{name} is not an attributed matrix ({MATRICES})")
-        object.__setattr__(self, "masks", dict(self.masks))
+            check_selection(selection, shapes[name], name)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "shapes", shapes)
+        object.__setattr__(self, "selections", {n: compact_selection(s) for n, s in given.items()})
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -93,7 +143,8 @@ class ParamMask:
     @classmethod
     def all(cls, model: HookedModel) -> ParamMask:
         """Every attributed weight (full fine-tuning of the attributed matrices)."""
-        return cls(cls.scope(model).masks, "all")
+        scope = cls.scope(model)
+        return cls.from_selections(scope.selections, scope.shapes, "all")
 
     @classmethod
     def from_gradients(
@@ -143,17 +194,15 @@ class ParamMask:
         generator = torch.Generator().manual_seed(seed)
         # k distinct ranks among all candidates, then each rank's place in its matrix
         ranks = distinct_integers(sum(sizes), k, generator).sort().values
-        chosen = torch.zeros(sum(t.numel() for t in tensors.values()), dtype=torch.bool)
-        first_rank = offset = 0
+        chosen, first_rank = {}, 0
         for name, size in zip(names, sizes, strict=True):
             tensor = tensors[name]
             mine = ranks[(ranks >= first_rank) & (ranks < first_rank + size)] - first_rank
-            if len(mine):
-                places = _candidates(tensor, within, name).flatten().cpu().nonzero().flatten()
-                chosen[places[mine] + offset] = True
+            if within is not None:  # the rank among the candidates -> the place in the matrix
+                mine = selected_indices(within.selections[name].cpu())[mine]
+            chosen[name] = mine.to(tensor.device)
             first_rank += size
-            offset += tensor.numel()
-        return cls(unflatten_like(chosen, names, tensors), "random")
+        return cls.from_selections(chosen, {n: tensors[n].shape for n in names}, "random")
 
     def check_model(self, model: HookedModel) -> ParamMask:
         """This mask fits ``model``: every matrix it names exists there, with the same shape.
@@ -163,7 +212,7 @@ class ParamMask:
                 matrix that does not fit.
         """
         check_masks_fit(
-            self.masks,
+            self.shapes,
             model,
             "a mask made for another model; make it from this one (ParamMask.scope(model, "
             "...), ParamMask.random(model, ...))",
@@ -172,43 +221,87 @@ class ParamMask:
 
     # ------------------------------------------------------------------ views
     @property
+    def names(self) -> tuple[str, ...]:
+        """The matrices the mask covers, in order."""
+        return tuple(self.shapes)
+
+    def boolean(self, name: str) -> Tensor:
+        """Matrix ``name``'s mask as booleans of its shape (made if held as indices)."""
+        return selected_mask(self._selection(name), self.shapes[name])
+
+    def indices(self, name: str) -> Tensor:
+        """Matrix ``name``'s chosen entries as sorted flat (row-major) int64 indices."""
+        return selected_indices(self._selection(name))
+
+    def count_in(self, name: str) -> int:
+        """Selected weights of matrix ``name``."""
+        return selected_count(self._selection(name))
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Every matrix's mask as booleans of its shape, by name: a new dict, with boolean
+        tensors made for matrices held as indices (a byte per weight; prefer
+        :meth:`boolean` for one matrix at a time)."""
+        return {name: self.boolean(name) for name in self.shapes}
+
+    def _selection(self, name: str) -> Tensor:
+        if name not in self.selections:
+            raise KeyError(f"the mask has no matrix {name!r}; it has {list(self.shapes)[:3]}...")
+        return self.selections[name]
+
+    @property
     def count(self) -> int:
         """Selected weights."""
-        return sum(int(m.sum()) for m in self.masks.values())
+        return sum(selected_count(s) for s in self.selections.values())
 
     @property
     def total(self) -> int:
         """Weights the mask covers (selected or not)."""
-        return sum(m.numel() for m in self.masks.values())
+        return sum(math.prod(shape) for shape in self.shapes.values())
 
     def __and__(self, other: ParamMask) -> ParamMask:
-        return ParamMask(
-            {n: m & other.masks[n].to(m.device) for n, m in self.masks.items()}, self.kind
-        )
+        return self._combine(other, torch.logical_and)
+
+    def __or__(self, other: ParamMask) -> ParamMask:
+        return self._combine(other, torch.logical_or)
+
+    def _combine(self, other: ParamMask, op: Callable[[Tensor, Tensor], Tensor]) -> ParamMask:
+        if not isinstance(other, ParamMask):
+            raise TypeError(f"a ParamMask combines with a ParamMask, not {type(other).__name__}")
+        if dict(other.shapes) != dict(self.shapes):
+            raise ValueError("the two masks cover different matrices or shapes")
+        combined = {}
+        for name in self.shapes:  # one matrix's booleans at a time
+            mine = self.boolean(name)
+            combined[name] = compact_selection(op(mine, other.boolean(name).to(mine.device)))
+        return ParamMask.from_selections(combined, self.shapes, self.kind)
 
     def to(self, device: torch.device | str) -> ParamMask:
-        return ParamMask({n: m.to(device) for n, m in self.masks.items()}, self.kind)
+        moved = {n: s.to(device) for n, s in self.selections.items()}
+        return ParamMask.from_selections(moved, self.shapes, self.kind)
 
     def counts(self, n_heads: int) -> LayerComponentScores:
         """Selected weights per layer x component (W_K.H0 ... W_O.H{n-1}, W_in, W_out)."""
         labels = component_labels(n_heads)
-        n_layers = 1 + max(_split(n)[0] for n in self.masks)
+        n_layers = 1 + max(_split(n)[0] for n in self.shapes)
         scores = torch.zeros(n_layers, len(labels))
-        for name, mask in self.masks.items():
+        for name, shape in self.shapes.items():
             layer, matrix = _split(name)
             if matrix in HEAD_MATRICES:
                 start = HEAD_MATRICES.index(matrix) * n_heads
-                scores[layer, start : start + n_heads] = mask.flatten(1).sum(-1).float().cpu()
+                per_head = math.prod(shape[1:])  # flat index // per_head is the head
+                heads = torch.bincount(self.indices(name).cpu() // per_head, minlength=shape[0])
+                scores[layer, start : start + n_heads] = heads.float()
             else:
-                scores[layer, labels.index(matrix)] = float(mask.sum())
+                scores[layer, labels.index(matrix)] = float(self.count_in(name))
         return LayerComponentScores(f"{self.kind} mask: selected weights", scores, labels)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per matrix: name, selected, total."""
         return pd.DataFrame(
             [
-                {"parameter": n, "selected": int(m.sum()), "total": m.numel()}
-                for n, m in self.masks.items()
+                {"parameter": n, "selected": self.count_in(n), "total": math.prod(shape)}
+                for n, shape in self.shapes.items()
             ]
         )
 
@@ -240,7 +333,6 @@ class TopByMagnitude:
         for name, tensor in self._like.items():
             self._offsets[name] = offset
             offset += tensor.numel()
-        self._size = offset
         self.k = _count(fraction, sum(_candidate_count(t, within, n) for n, t in shapes.items()))
         self._scores = torch.empty(0)
         self._ids = torch.empty(0, dtype=torch.long)
@@ -279,35 +371,44 @@ class TopByMagnitude:
         missing = [n for n in self._like if n not in self._added]
         if missing:
             raise ValueError(f"no values were added for {missing[:3]}")
-        chosen = torch.zeros(self._size, dtype=torch.bool)
-        chosen[self._ids] = True
-        return ParamMask(unflatten_like(chosen, list(self._like), self._like), kind)
+        ids = self._ids.sort().values
+        chosen = {}
+        for name, tensor in self._like.items():
+            start = self._offsets[name]
+            lo, hi = torch.searchsorted(ids, torch.tensor([start, start + tensor.numel()]))
+            chosen[name] = (ids[lo:hi] - start).to(tensor.device)
+        shapes = {n: t.shape for n, t in self._like.items()}
+        return ParamMask.from_selections(chosen, shapes, kind)
 
 
 def _candidates(tensor: Tensor, within: ParamMask | None, name: str) -> Tensor:
     if within is None:
         return torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
-    if name not in within.masks:
+    if name not in within.selections:
         raise ValueError(f"the scope has no mask for {name}")
-    return within.masks[name].to(tensor.device)
+    return within.boolean(name).to(tensor.device)
 
 
 def _candidate_count(tensor: Tensor, within: ParamMask | None, name: str) -> int:
     """How many of ``tensor``'s entries are candidates (every one without ``within``)."""
-    return tensor.numel() if within is None else int(_candidates(tensor, within, name).sum())
+    if within is None:
+        return tensor.numel()
+    if name not in within.selections:
+        raise ValueError(f"the scope has no mask for {name}")
+    return within.count_in(name)
 
 
-def check_masks_fit(masks: Mapping[str, Tensor], model: HookedModel, fix: str) -> None:
-    """Every masked matrix exists in ``model`` with the mask's shape; else a ``ValueError``
-    naming the first that does not, ending in ``fix``."""
+def check_masks_fit(shapes: Mapping[str, Sequence[int]], model: HookedModel, fix: str) -> None:
+    """Every masked matrix (``shapes``: its shape by name) exists in ``model`` with that shape;
+    else a ``ValueError`` naming the first that does not, ending in ``fix``."""
     params = attributed_parameters(model)
-    for name, mask in masks.items():
+    for name, shape in shapes.items():
         if name not in params:
             raise ValueError(f"{name} is not in this model: {fix}")
-        if tuple(params[name].shape) != tuple(mask.shape):
+        if tuple(params[name].shape) != tuple(shape):
             raise ValueError(
                 f"{name} has shape {tuple(params[name].shape)} in this model, "
-                f"{tuple(mask.shape)} in the mask: {fix}"
+                f"{tuple(shape)} in the mask: {fix}"
             )
 
 

@@ -395,7 +395,7 @@ def sparse_edit(
     with trained_in_place(model, chosen, keep=inplace) as run:
         in_training.append(run)
         inner = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
-        optimizer = MaskedOptimizer(inner, parameter_masks(chosen_weights, chosen.masks))
+        optimizer = MaskedOptimizer(inner, parameter_masks(chosen_weights, chosen.selections))
         # a sparse mask's steps need only its entries' gradients: gathered as they come
         compact = optimizer.mode == "compact"
         gathering = optimizer.gathering_gradients() if compact else contextlib.nullcontext()

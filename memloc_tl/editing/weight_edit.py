@@ -22,46 +22,51 @@ from torch import Tensor
 from memloc_tl.core.backend import HookedModel, model_parameters
 from memloc_tl.core.files import CorruptFileError, atomic_write, save_safetensors, tensors_sha256
 from memloc_tl.core.objectives import attributed_parameters
+from memloc_tl.core.selection import gather_selected, put_selected_
 from memloc_tl.editing.masks import ParamMask, check_masks_fit
 
 EDIT_FORMAT = "memloc-tl weight edit v1"
 """The ``format`` metadata of a saved :class:`WeightEdit`."""
 
 
-def _masked(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A copy of each matrix's entries under its mask (1-D, in mask order)."""
-    return {n: params[n].detach()[m.to(params[n].device)].clone() for n, m in masks.items()}
+def _masked(params: Mapping[str, Tensor], selections: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A copy of each matrix's chosen entries (1-D, row-major)."""
+    return {n: gather_selected(params[n], s) for n, s in selections.items()}
 
 
 def _write_masked(
-    params: Mapping[str, Tensor], masks: Mapping[str, Tensor], values: Mapping[str, Tensor]
+    params: Mapping[str, Tensor], selections: Mapping[str, Tensor], values: Mapping[str, Tensor]
 ) -> None:
-    """Write ``values`` into each matrix's entries under its mask."""
-    with torch.no_grad():
-        for name, mask in masks.items():
-            param = params[name]
-            param[mask.to(param.device)] = values[name].to(param.device, param.dtype)
+    """Write ``values`` into each matrix's chosen entries."""
+    for name, selection in selections.items():
+        put_selected_(params[name], selection, values[name])
 
 
 @dataclass(frozen=True)
 class WeightEdit:
-    """The weights an edit changed: per matrix, the mask and the values before and after.
+    """The weights an edit changed: which entries (a mask over the matrices it changed) and
+    their values before and after (1-D per matrix, row-major).
 
     ``apply`` writes the after-values into a model with the same architecture (e.g. freshly
     loaded); ``revert`` writes the before-values back, exactly.
+
+    Attributes:
+        mask: the changed entries of each matrix.
+        before: ``{name: values}``, one per entry of ``mask``, in row-major order.
+        after: the same, after the edit.
     """
 
-    masks: Mapping[str, Tensor]
+    mask: ParamMask
     before: Mapping[str, Tensor]
     after: Mapping[str, Tensor]
 
     def __post_init__(self) -> None:
-        if not (set(self.masks) == set(self.before) == set(self.after)):
-            raise ValueError("masks, before and after must name the same matrices")
-        for name, mask in self.masks.items():
-            if mask.dtype != torch.bool:
-                raise TypeError(f"the mask of {name} must be boolean, got {mask.dtype}")
-            n = int(mask.sum())
+        if not isinstance(self.mask, ParamMask):
+            raise TypeError(f"mask must be a ParamMask, got {type(self.mask).__name__}")
+        if not (set(self.mask.names) == set(self.before) == set(self.after)):
+            raise ValueError("mask, before and after must name the same matrices")
+        for name in self.mask.names:
+            n = self.mask.count_in(name)
             for side in ("before", "after"):
                 values = getattr(self, side)[name]
                 if values.ndim != 1 or len(values) != n:
@@ -71,11 +76,13 @@ class WeightEdit:
                     )
 
     def _check(self, model: HookedModel) -> None:
-        check_masks_fit(self.masks, model, "not the model (architecture) the edit was made on")
+        check_masks_fit(
+            self.mask.shapes, model, "not the model (architecture) the edit was made on"
+        )
 
     def _write(self, model: HookedModel, values: Mapping[str, Tensor]) -> None:
         self._check(model)  # every check before the first write: edited whole or not at all
-        _write_masked(attributed_parameters(model), self.masks, values)
+        _write_masked(attributed_parameters(model), self.mask.selections, values)
 
     def apply(self, model: HookedModel) -> None:
         """Write the edited values into ``model``."""
@@ -90,7 +97,7 @@ class WeightEdit:
         model is made.
         """
         self._check(model)  # before anything is read or written
-        saved = _masked(attributed_parameters(model), self.masks)
+        saved = _masked(attributed_parameters(model), self.mask.selections)
         self.apply(model)
         try:
             yield model
@@ -103,14 +110,15 @@ class WeightEdit:
 
     @property
     def count(self) -> int:
-        return sum(int(m.sum()) for m in self.masks.values())
+        return self.mask.count
 
     def __repr__(self) -> str:
-        if not self.masks:
+        names = self.mask.names
+        if not names:
             return "WeightEdit(no weights)"
-        change = torch.cat([(self.after[n] - self.before[n]).abs().flatten() for n in self.masks])
+        change = torch.cat([(self.after[n] - self.before[n]).abs().flatten() for n in names])
         return (
-            f"WeightEdit({self.count} weights in {len(self.masks)} matrices, "
+            f"WeightEdit({self.count} weights in {len(names)} matrices, "
             f"max |delta| {float(change.max()):.3g})"
         )
 
@@ -118,8 +126,8 @@ class WeightEdit:
         """Save as safetensors (written to a temporary file, then renamed)."""
         path = Path(path)
         tensors = {}
-        for name, mask in self.masks.items():
-            tensors[f"{name}.mask"] = mask.to(torch.uint8).contiguous()
+        for name in self.mask.names:  # the file holds booleans (as bytes), one matrix at a time
+            tensors[f"{name}.mask"] = self.mask.boolean(name).to(torch.uint8).contiguous()
             tensors[f"{name}.before"] = self.before[name].contiguous()
             tensors[f"{name}.after"] = self.after[name].contiguous()
         metadata = {"format": EDIT_FORMAT, "sha256": tensors_sha256(tensors)}
@@ -155,8 +163,9 @@ class WeightEdit:
         expected = {f"{n}.{part}" for n in names for part in ("mask", "before", "after")}
         if set(tensors) != expected:
             raise ValueError(f"{path} is incomplete: missing {sorted(expected - set(tensors))}")
+        mask = {n: tensors[f"{n}.mask"].bool() for n in names}
         return cls(
-            masks={n: tensors[f"{n}.mask"].bool() for n in names},
+            mask=ParamMask(mask, "edit"),
             before={n: tensors[f"{n}.before"] for n in names},
             after={n: tensors[f"{n}.after"] for n in names},
         )
@@ -168,26 +177,31 @@ class InPlaceTraining:
 
     Attributes:
         params: the model's attributed matrices by name (the tensors training writes).
-        masks: the entries that may change, per matrix that has any.
-        original: each of those matrices' masked entries before training (1-D, in mask order).
+        mask: the entries that may change, over the matrices that have any.
+        original: each of those matrices' masked entries before training (1-D, row-major).
     """
 
     params: Mapping[str, Tensor]
-    masks: Mapping[str, Tensor]
+    mask: ParamMask
     original: Mapping[str, Tensor]
+
+    @property
+    def selections(self) -> Mapping[str, Tensor]:
+        """The entries that may change, per matrix (:mod:`memloc_tl.core.selection`)."""
+        return self.mask.selections
 
     def edit(self) -> WeightEdit:
         """The change so far: the masked entries before training and now."""
-        after = _masked(self.params, self.masks)
+        after = _masked(self.params, self.selections)
         return WeightEdit(
-            masks={n: m.cpu() for n, m in self.masks.items()},
+            mask=self.mask.to("cpu"),
             before={n: v.cpu() for n, v in self.original.items()},
             after={n: v.cpu() for n, v in after.items()},
         )
 
     def restore(self) -> None:
         """Write the masked entries' original values back."""
-        _write_masked(self.params, self.masks, self.original)
+        _write_masked(self.params, self.selections, self.original)
 
     @contextlib.contextmanager
     def original_values(self) -> Iterator[None]:
@@ -195,12 +209,12 @@ class InPlaceTraining:
         bit), e.g. for the original model's reference log-probabilities; on exit, also after an
         error, the trained values come back. Costs a copy of the masked entries (0.1% of the
         weights for a sparse mask; all of them for a mask of all weights)."""
-        trained = _masked(self.params, self.masks)
+        trained = _masked(self.params, self.selections)
         self.restore()
         try:
             yield
         finally:
-            _write_masked(self.params, self.masks, trained)
+            _write_masked(self.params, self.selections, trained)
 
 
 @contextlib.contextmanager
@@ -215,9 +229,12 @@ def trained_in_place(
     Ctrl-C they always do. The ``.grad`` of every parameter is given back as it was.
     """
     params = attributed_parameters(model)
-    check_masks_fit(mask.masks, model, "not a mask of this model")
-    masks = {n: m for n, m in mask.masks.items() if bool(m.any())}
-    run = InPlaceTraining(params, masks, _masked(params, masks))
+    check_masks_fit(mask.shapes, model, "not a mask of this model")
+    names = [n for n in mask.names if mask.count_in(n)]
+    changing = ParamMask.from_selections(
+        {n: mask.selections[n] for n in names}, {n: mask.shapes[n] for n in names}, mask.kind
+    )
+    run = InPlaceTraining(params, changing, _masked(params, changing.selections))
     saved_grads = {p: p.grad for p in model_parameters(model)}
     try:
         yield run

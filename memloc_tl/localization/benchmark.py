@@ -376,9 +376,9 @@ def zeroed(model: HookedModel, units: Units) -> dict[str, torch.Tensor]:
     """The attributed weights with ``units``' weights set to zero (for ``weights=`` calls)."""
     mask = units.weights(model)
     return {
-        name: param.detach() * (~mask.masks[name]).to(param.device, param.dtype)
+        name: param.detach() * (~mask.boolean(name)).to(param.device, param.dtype)
         for name, param in attributed_parameters(model).items()
-        if bool(mask.masks[name].any())
+        if mask.count_in(name)
     }
 
 

@@ -65,6 +65,7 @@ from memloc_tl.core.objectives import (
 from memloc_tl.core.paragraphs import Paragraphs
 from memloc_tl.core.rendering import render
 from memloc_tl.core.results import Drawable
+from memloc_tl.core.selection import gather_selected, put_selected_
 from memloc_tl.core.validation import check_config, check_real
 from memloc_tl.editing.masks import ParamMask, unflatten_like
 from memloc_tl.editing.optimizer import MaskedOptimizer
@@ -253,8 +254,8 @@ class Injection(Drawable):
         scores = {}
         for name, p in attributed_parameters(model).items():
             delta = torch.zeros(p.shape)
-            if name in self.edit.masks:
-                mask = self.edit.masks[name]
+            if name in self.edit.mask.selections:
+                mask = self.edit.mask.boolean(name)
                 delta[mask] = (self.edit.after[name] - self.edit.before[name]).abs().float()
             scores[name] = delta
         return scores
@@ -291,7 +292,7 @@ def _disjoint_weights(
 ) -> list[Units]:
     params = attributed_parameters(model)
     scope = config.scope or ParamMask.scope(model)
-    candidates = torch.cat([scope.masks[name].flatten().cpu() for name in params])
+    candidates = torch.cat([scope.boolean(name).flatten().cpu() for name in params])
     pool = candidates.nonzero().flatten()
     k = int(config.fraction * len(pool))
     if k < 1 or n * k > len(pool):
@@ -341,25 +342,24 @@ def _truth(
 @torch.no_grad()
 def _preserve(
     params: Mapping[str, Tensor],
-    masks: Mapping[str, Tensor],
+    selections: Mapping[str, Tensor],
     original: Mapping[str, Tensor],
     how: Preserve,
 ) -> None:
     """Map each matrix's injected entries back onto their original value distribution
-    (``masks``: the injected entries of each matrix that has any; ``original``: their values
-    before the injection)."""
+    (``selections``: the injected entries of each matrix that has any; ``original``: their
+    values before the injection)."""
     if how == "none":
         return
-    for name, mask in masks.items():
+    for name, selection in selections.items():
         param = params[name]
-        where = mask.to(param.device)
-        values, start = param[where], original[name].to(param.device)
+        values, start = gather_selected(param, selection), original[name].to(param.device)
         if how == "norm":
             scale = start.norm() / values.norm().clamp_min(1e-12)
-            param[where] = values * scale.to(values.dtype)
+            put_selected_(param, selection, values * scale.to(values.dtype))
         else:  # quantile: the k-th smallest new value takes the k-th smallest original value
             ranks = values.argsort().argsort()
-            param[where] = start.sort().values.to(param.device, param.dtype)[ranks]
+            put_selected_(param, selection, start.sort().values[ranks])
 
 
 def _exact_matches(model: HookedModel, paragraphs: Paragraphs) -> Tensor:
@@ -412,7 +412,8 @@ def inject_paragraphs(
     masks = [units.weights(model) for units in truth]
     union = masks[0]
     for mask in masks[1:]:
-        union = ParamMask({n: m | mask.masks[n] for n, m in union.masks.items()}, "injected")
+        union = union | mask
+    union = ParamMask.from_selections(union.selections, union.shapes, "injected")
     chosen = attributed_weights(model)
     trained = parameters_of(chosen)
     sets = {"memorized": memorized, "injected": paragraphs}
@@ -428,7 +429,7 @@ def inject_paragraphs(
     # on an error or Ctrl-C): the Injection holds the change, not a copy of the model.
     with trained_in_place(model, union) as run:
         inner = torch.optim.Adam(trained, lr=config.lr)
-        optimizer = MaskedOptimizer(inner, parameter_masks(chosen, union.masks))
+        optimizer = MaskedOptimizer(inner, parameter_masks(chosen, union.selections))
         bar = tqdm(total=config.max_steps, desc="injecting", disable=not progress)
         with grad_only_for(model, trained):
             while steps < config.max_steps:
@@ -452,7 +453,7 @@ def inject_paragraphs(
                     )
                     (config.kl_weight * kl).backward()
                 optimizer.step()
-                _preserve(run.params, run.masks, run.original, config.preserve)
+                _preserve(run.params, run.selections, run.original, config.preserve)
                 steps += 1
                 bar.update()
         bar.close()

@@ -123,6 +123,13 @@ def test_weights_are_views_whose_gradients_and_edits_reach_the_model(bridge: Any
     (param_mask,) = parameter_masks(chosen, {name: mask}).values()
     assert int(param_mask.sum()) == 1
     assert bool(chosen[name].of(param_mask)[2, 5, 1])
+    # given as flat indices, the same entries come back as indices into the parameter
+    many = torch.rand(chosen[name].shape, generator=torch.Generator().manual_seed(0)) < 0.05
+    (as_mask,) = parameter_masks(chosen, {name: many}).values()
+    (as_indices,) = parameter_masks(chosen, {name: many.flatten().nonzero().flatten()}).values()
+    assert as_indices.dtype == torch.int64
+    assert len(as_indices) == int(many.sum())
+    assert torch.equal(as_indices, as_mask.flatten().nonzero().flatten())
     # writes into the view change the model's output
     before = continuation_logits(bridge, tokens, 6)
     with torch.no_grad():

@@ -124,7 +124,7 @@ def test_weight_edits_are_whole_or_refused(organism: Organism, tmp_path: Path) -
     # a matrix the model lacks, listed after one it has: nothing may be written
     masks_bad = {first: masks[first], "blocks.99.attn.W_Q": masks[second]}
     bad = WeightEdit(
-        masks=masks_bad,
+        mask=ParamMask(masks_bad),
         before={first: before[first], "blocks.99.attn.W_Q": before[second]},
         after={first: after[first], "blocks.99.attn.W_Q": after[second]},
     )
@@ -134,14 +134,14 @@ def test_weight_edits_are_whole_or_refused(organism: Organism, tmp_path: Path) -
     for name, value in original.items():
         assert torch.equal(params[name], value), name
     with pytest.raises(ValueError, match="one value per masked entry"):
-        WeightEdit(masks=masks, before=before, after={n: v[:2] for n, v in after.items()})
+        WeightEdit(mask=ParamMask(masks), before=before, after={n: v[:2] for n, v in after.items()})
     # files: not an edit, and an edit with too few values
     other = tmp_path / "weights.safetensors"
     save_file({"x": torch.zeros(3)}, str(other))
     with pytest.raises(ValueError, match="not a memloc-tl weight edit"):
         WeightEdit.load(other)
     good = tmp_path / "edit.safetensors"
-    WeightEdit(masks=masks, before=before, after=after).save(good)
+    WeightEdit(mask=ParamMask(masks), before=before, after=after).save(good)
     assert WeightEdit.load(good).count == 6
     short = tmp_path / "short.safetensors"
     tensors = {f"{first}.mask": masks[first].to(torch.uint8)}

@@ -83,12 +83,14 @@ def test_scope_restricts_selection_to_one_head(organism: Organism) -> None:
     ],
 )
 @pytest.mark.parametrize("mode", ["compact", "restore"])
-def test_out_of_mask_weights_are_bit_identical(make: Any, mode: str) -> None:
+@pytest.mark.parametrize("form", ["boolean", "indices"])
+def test_out_of_mask_weights_are_bit_identical(make: Any, mode: str, form: str) -> None:
     torch.manual_seed(0)
     layer = torch.nn.Linear(16, 8)
     mask = torch.rand(8, 16) < 0.1
+    given = mask if form == "boolean" else mask.flatten().nonzero().flatten()
     before = {n: p.detach().clone() for n, p in layer.named_parameters()}
-    optimizer = MaskedOptimizer(make(list(layer.parameters())), {layer.weight: mask}, mode=mode)  # type: ignore[arg-type]
+    optimizer = MaskedOptimizer(make(list(layer.parameters())), {layer.weight: given}, mode=mode)  # type: ignore[arg-type]
     assert optimizer.mode == mode
     for _ in range(5):
         optimizer.zero_grad()
@@ -388,3 +390,66 @@ def test_the_top_k_of_matrices_added_in_any_order_is_the_global_top_k(organism: 
         fresh.add(first, grads[first].flatten())
     with pytest.raises(ValueError, match="NaN or Inf"):
         fresh.add(first, torch.full_like(grads[first], float("nan")))
+
+
+@pytest.mark.parametrize("mode", ["compact", "restore"])
+def test_a_mask_given_as_indices_steps_bit_for_bit_as_its_booleans(mode: str) -> None:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(16, 8) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    mask = torch.rand(8, 16) < 0.1
+    forms = (mask, mask.flatten().nonzero().flatten())
+    optimizers = [
+        MaskedOptimizer(
+            torch.optim.Adam(list(layer.parameters()), lr=1e-2), {layer.weight: m}, mode=mode
+        )  # type: ignore[arg-type]
+        for layer, m in zip(layers, forms, strict=True)
+    ]
+    for x in torch.randn(3, 4, 16):
+        for layer, optimizer in zip(layers, optimizers, strict=True):
+            optimizer.zero_grad()
+            layer(x).square().sum().backward()
+            optimizer.step()
+    assert torch.equal(layers[0].weight, layers[1].weight)
+    with pytest.raises(ValueError, match="sorted and distinct"):
+        MaskedOptimizer(torch.optim.Adam([layers[0].weight]), {layers[0].weight: forms[1].flip(0)})
+    with pytest.raises(ValueError, match="int64 flat indices"):
+        MaskedOptimizer(torch.optim.Adam([layers[0].weight]), {layers[0].weight: forms[1].int()})
+
+
+def test_a_sparse_mask_is_held_as_indices_and_means_what_its_booleans_mean(
+    organism: Organism,
+) -> None:
+    model = organism.model
+    random = ParamMask.random(model, fraction=0.01, seed=3)
+    scope = ParamMask.scope(model, components=["W_V", "W_in"])
+    assert all(s.dtype == torch.int64 for s in random.selections.values())
+    for name, selection in scope.selections.items():  # whole matrices: booleans; none: indices
+        whole = name.endswith((".W_V", ".W_in"))
+        assert selection.dtype == (torch.bool if whole else torch.int64), name
+        assert scope.count_in(name) == (math.prod(scope.shapes[name]) if whole else 0)
+    held = sum(s.numel() * s.element_size() for s in random.selections.values())
+    assert held < 0.1 * random.total  # a byte per weight as booleans
+    # the same mask made from its booleans holds the same indices, and means the same
+    again = ParamMask(random.masks, "random")
+    for name in random.names:
+        assert torch.equal(again.selections[name], random.selections[name])
+        assert random.count_in(name) == int(random.boolean(name).sum())
+        assert torch.equal(random.indices(name), random.boolean(name).flatten().nonzero().flatten())
+    for combined, op in ((random | scope, torch.logical_or), (random & scope, torch.logical_and)):
+        for name in random.names:
+            expected = op(random.boolean(name), scope.boolean(name))
+            assert torch.equal(combined.boolean(name), expected), name
+    # per-head counts from indices equal the booleans' sums over each head's slice
+    counts = random.counts(model.cfg.n_heads).scores
+    for name in random.names:
+        layer, matrix = int(name.split(".")[1]), name.split(".")[-1]
+        if matrix in ("W_Q", "W_K", "W_V", "W_O"):
+            start = ("W_K", "W_Q", "W_V", "W_O").index(matrix) * model.cfg.n_heads
+            per_head = random.boolean(name).flatten(1).sum(-1).float()
+            assert torch.equal(counts[layer, start : start + model.cfg.n_heads], per_head), name
+    assert int(random.to_frame()["selected"].sum()) == random.count
+    with pytest.raises(ValueError, match="sorted and distinct"):
+        ParamMask.from_selections(
+            {n: s.flip(0) for n, s in random.selections.items()}, random.shapes
+        )

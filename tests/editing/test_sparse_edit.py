@@ -396,7 +396,7 @@ def test_a_recomputed_kl_reference_trains_and_measures_as_a_stored_one(
     stored, recomputed = runs["stored"], runs["recomputed"]
     assert recomputed.losses == pytest.approx(stored.losses, rel=1e-5)
     assert stored.losses[1] != pytest.approx(stored.losses[0], rel=1e-3)
-    for name in stored.edit.masks:
+    for name in stored.edit.mask.names:
         torch.testing.assert_close(
             recomputed.edit.after[name], stored.edit.after[name], rtol=1e-5, atol=1e-6
         )

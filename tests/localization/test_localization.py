@@ -104,11 +104,11 @@ def test_quantile_preservation_keeps_the_injected_values(organism: Organism) -> 
     )
     edit = injection.edit
     assert edit.count > 0
-    for name in edit.masks:
+    for name in edit.mask.names:
         torch.testing.assert_close(
             edit.after[name].sort().values, edit.before[name].sort().values, rtol=0, atol=0
         )
-    assert any(not torch.equal(edit.after[n], edit.before[n]) for n in edit.masks)
+    assert any(not torch.equal(edit.after[n], edit.before[n]) for n in edit.mask.names)
     before, after = injection.magnitude
     assert math.isclose(before, after, rel_tol=1e-5)
 
@@ -315,7 +315,7 @@ def test_weight_injection_trains_disjoint_subsets_of_the_fraction(organism: Orga
     assert first.count == second.count == int(0.05 * total)
     assert first.overlap(second) == 0
     assert injection.steps == 3
-    for name in injection.edit.masks:  # norm preservation: same L2 norm per matrix
+    for name in injection.edit.mask.names:  # norm preservation: same L2 norm per matrix
         before, after = injection.edit.before[name], injection.edit.after[name]
         assert float(after.norm()) == pytest.approx(float(before.norm()), rel=1e-4)
 

@@ -30,7 +30,7 @@ from memloc_tl.corpus import (
     read_corpus_scan,
     scan_corpus,
 )
-from memloc_tl.editing import WeightEdit
+from memloc_tl.editing import ParamMask, WeightEdit
 from memloc_tl.organism import Organism, OrganismConfig, build_organism, organism_dir
 from tests.conftest import random_neo
 
@@ -258,7 +258,7 @@ def test_a_saved_edit_with_one_flipped_byte_is_refused(organism: Organism, tmp_p
     path = tmp_path / "edit.safetensors"
     result.edit.save(path)
     loaded = WeightEdit.load(path)  # intact: loads, with the same values
-    for name in result.edit.masks:
+    for name in result.edit.mask.names:
         assert torch.equal(loaded.after[name], result.edit.after[name])
     data = bytearray(path.read_bytes())
     data[-5] ^= 0x01  # inside the last tensor's values
@@ -333,7 +333,7 @@ def test_a_full_disk_is_an_os_error_naming_the_file(
         raise SafetensorError("Error while serializing: No space left on device (os error 28)")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    edit = WeightEdit(masks={}, before={}, after={})
+    edit = WeightEdit(mask=ParamMask({}), before={}, after={})
     with pytest.raises(OSError, match=r"edit\.safetensors.*No space left"):
         edit.save(tmp_path / "edit.safetensors")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
