@@ -20,7 +20,7 @@ from memloc_tl.cli import main
 from memloc_tl.core.backend import copy_model
 from memloc_tl.core.files import CorruptFileError
 from memloc_tl.core.paragraphs import Paragraphs
-from memloc_tl.core.validation import check_real
+from memloc_tl.core.validation import _non_finite_count, check_finite_weights, check_real
 from memloc_tl.editing import ParamMask
 from memloc_tl.localization import InjectionConfig, LearnedMaskConfig
 from memloc_tl.organism import Organism, OrganismConfig
@@ -254,3 +254,20 @@ def test_the_cli_refuses_non_finite_numbers_before_any_work(
         assert err.startswith("memloc scan: error:"), err
         assert message in err, err
     assert not cache.exists()  # nothing was built for a refused command
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_finite_check_sees_every_bad_entry_and_no_overflow(dtype: torch.dtype) -> None:
+    """A sum decides most tensors; a non-finite sum is checked entry by entry, in chunks."""
+    big = torch.finfo(dtype).max
+    overflowing = torch.full((1000,), big / 2, dtype=dtype)  # finite, but the sum is not
+    assert not bool(torch.isfinite(overflowing.sum()))
+    check_finite_weights([("w", overflowing)])  # accepted
+    for bad in (math.nan, math.inf, -math.inf):
+        tensor = torch.zeros(2_500, dtype=dtype)
+        tensor[[0, 1_023, 1_024, 2_499]] = bad  # on both sides of a chunk boundary
+        assert _non_finite_count(tensor, chunk=1_024) == 4
+        assert _non_finite_count(tensor) == 4
+        with pytest.raises(ValueError, match=r"non-finite values in w \(4 of 2500 entries"):
+            check_finite_weights([("ok", torch.ones(3)), ("w", tensor)])
+    check_finite_weights([("ints", torch.tensor([1, 2]))])  # not floating point: skipped

@@ -135,6 +135,8 @@ def test_weight_edits_are_whole_or_refused(organism: Organism, tmp_path: Path) -
         assert torch.equal(params[name], value), name
     with pytest.raises(ValueError, match="one value per masked entry"):
         WeightEdit(mask=ParamMask(masks), before=before, after={n: v[:2] for n, v in after.items()})
+    with pytest.raises(TypeError, match="mask must be a ParamMask, got dict"):
+        WeightEdit(mask=masks, before=before, after=after)  # type: ignore[arg-type]
     # files: not an edit, and an edit with too few values
     other = tmp_path / "weights.safetensors"
     save_file({"x": torch.zeros(3)}, str(other))
