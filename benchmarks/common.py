@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from memloc_tl import OrganismConfig, Paragraphs, build_organism, load_model
+from memloc_tl.core import attention
 from memloc_tl.core.backend import HookedModel, check_backend
 from memloc_tl.organism import Organism
 
@@ -61,6 +62,13 @@ def add_subject_args(parser: argparse.ArgumentParser) -> None:
         help="HookedTransformer (TransformerLens 3) or TransformerBridge (default: as installed)",
     )
     parser.add_argument(
+        "--attention",
+        choices=["lean", "transformer-lens"],
+        default="lean",
+        help="memloc-tl's lean attention forward (the default) or TransformerLens's own "
+        "(memloc_tl.core.attention.ENABLED = False), to compare the two",
+    )
+    parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="device of the model (default: cuda if available)",
@@ -88,6 +96,7 @@ def gpt_neo_125m_layout(directory: Path, tokenizer: object) -> Path:
 
 
 def load_subject(args: argparse.Namespace) -> Subject:
+    attention.ENABLED = getattr(args, "attention", "lean") == "lean"
     organism = build_organism(OrganismConfig.tiny() if args.tiny else OrganismConfig())
     backend = check_backend(getattr(args, "backend", "auto"))
     if args.layout == "organism":
@@ -116,7 +125,8 @@ def describe(subject: Subject) -> str:
         f"{subject.label} ({type(subject.model).__name__}): {cfg.n_layers} layers x "
         f"{cfg.n_heads} heads, d_model {cfg.d_model}, "
         f"d_vocab {cfg.d_vocab}; device {cfg.device} ({card}), "
-        f"torch threads {torch.get_num_threads()}"
+        f"torch threads {torch.get_num_threads()}, "
+        f"attention forward: {'lean' if attention.ENABLED else 'TransformerLens'}"
     )
 
 

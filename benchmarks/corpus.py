@@ -11,6 +11,8 @@ run, on the same windows, at each batch size:
   unembedding of the continuation positions (no scoring, no files), in the forwards the scan
   makes (on a CPU at most ``CPU_FORWARD_TOKENS`` tokens each); scan and limit take the best of
   ``--repeats``, interleaved;
+- with ``--compare-attention``, the scan again with TransformerLens's own attention forward
+  instead of the lean one (``memloc_tl.core.attention``), interleaved with the others;
 - (CPU, organism layout) the same scan under ``torchrun`` with 1 and with 2 processes (gloo).
 
 Prints windows per second and the ratios. Goals: never slower than ``generate`` at any batch
@@ -41,6 +43,7 @@ from common import (
     synchronize,
 )
 
+from memloc_tl.core import attention
 from memloc_tl.core.backend import HookedModel, final_residual
 from memloc_tl.core.forward import forward_rows
 from memloc_tl.corpus import CorpusConfig, Document, read_corpus_scan, scan_corpus
@@ -97,6 +100,17 @@ def scan_seconds(
     return seconds
 
 
+def plain_attention_seconds(
+    model: HookedModel, documents: list[Document], out: Path, config: CorpusConfig, batch: int
+) -> float:
+    """:func:`scan_seconds` with TransformerLens's own attention forward (not the lean one)."""
+    attention.ENABLED = False
+    try:
+        return scan_seconds(model, documents, out, config, batch)
+    finally:
+        attention.ENABLED = True
+
+
 def torchrun_seconds(args: argparse.Namespace, data: Path, out: Path, processes: int) -> float:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
@@ -129,6 +143,12 @@ def main() -> None:
     parser.add_argument("--continuation-len", type=int, default=50)
     parser.add_argument("--no-torchrun", action="store_true", help="skip the 1 vs 2 processes")
     parser.add_argument("--repeats", type=int, default=2, help="best of, for scan and limit")
+    parser.add_argument(
+        "--compare-attention",
+        action="store_true",
+        help="also time the scan with TransformerLens's own attention forward "
+        "(memloc_tl.core.attention.ENABLED = False)",
+    )
     args = parser.parse_args()
     subject = load_subject(args)
     model = subject.model
@@ -156,11 +176,18 @@ def main() -> None:
         flops = scan_flops(model.cfg, len(windows), config.length, config.continuation_len)
         print(f"scan arithmetic {flops / 1e9:.1f} GFLOP; {rate} (the attainable rate assumed)")
         for batch in args.batch_size:
-            t_scan, t_limit = float("inf"), float("inf")
-            for repeat in range(args.repeats):  # interleaved, so that load hits both alike
+            t_scan, t_limit, t_plain = float("inf"), float("inf"), float("inf")
+            for repeat in range(args.repeats):  # interleaved, so that load hits all alike
                 scanned = out / f"scan-{batch}-{repeat}"
                 t_scan = min(t_scan, scan_seconds(model, documents, scanned, config, batch))
                 t_limit = min(t_limit, limit_seconds(model, windows, config, batch))
+                if args.compare_attention:
+                    t_plain = min(
+                        t_plain,
+                        plain_attention_seconds(
+                            model, documents, out / f"plain-{batch}-{repeat}", config, batch
+                        ),
+                    )
             t_generate = generate_seconds(reference, windows, config, batch)
             n = len(windows)
             print(
@@ -172,6 +199,11 @@ def main() -> None:
             print(f"batch {batch} scan vs generate = {t_generate / t_scan:.2f}x")
             print(f"batch {batch} scan / limit = {t_scan / t_limit:.2f}x   (goal <= 1.15)")
             print(f"batch {batch} scan share of the matmul rate = {flops / t_scan / peak:.2f}x")
+            if args.compare_attention:
+                print(
+                    f"batch {batch} scan, TransformerLens's attention forward / the lean one = "
+                    f"{t_plain / t_scan:.2f}x   ({n / t_plain:9.1f} windows/s)"
+                )
         if args.no_torchrun or args.layout != "organism":
             return
         texts = [model.tokenizer.decode(row) for row in windows]

@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from memloc_tl.core.activations import lean_activations
+from memloc_tl.core.attention import lean_attention
 from memloc_tl.core.selection import is_indices, selected_mask
 from memloc_tl.core.validation import check_finite_weights
 
@@ -199,19 +200,22 @@ def final_residual(
 ) -> Tensor:
     """The residual stream after the last block, ``[batch, pos, d_model]``: no unembedding.
 
-    A HookedTransformer stops there (``stop_at_layer=n_layers``). A TransformerBridge has no
-    such stop, so a hook on ``blocks.{n-1}.hook_resid_post`` (registered after any hooks in
-    scope, so it sees their changes) ends the forward pass there. Either way the caller
-    applies ``model.ln_final`` and ``model.unembed`` to the positions it reads only.
+    A HookedTransformer stops there (``stop_at_layer=n_layers``), its plain attention modules
+    masking in place (:func:`~memloc_tl.core.attention.lean_attention`: TransformerLens's
+    values and hooks, fewer temporaries). A TransformerBridge has no such stop, so a hook on
+    ``blocks.{n-1}.hook_resid_post`` (registered after any hooks in scope, so it sees their
+    changes) ends the forward pass there. Either way the caller applies ``model.ln_final`` and
+    ``model.unembed`` to the positions it reads only.
 
     With ``start_at_layer=k``, ``tokens`` is the residual stream entering block ``k`` and only
     blocks ``k..n-1`` run, on both backends (the bridge: see :func:`_blocks_from`); hooks in
     scope on blocks below ``k`` do not fire, as on a HookedTransformer.
     """
     if not is_bridge(model):
-        return model(
-            tokens, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers, **kwargs
-        )
+        with lean_attention(model):  # the same values and hooks, fewer temporaries
+            return model(
+                tokens, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers, **kwargs
+            )
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
 
     def stop(activation: Tensor, hook: Any) -> Tensor:
@@ -280,9 +284,11 @@ def checkpointed_final_residual(model: HookedModel, tokens: Tensor) -> Tensor:
 
 def _lean_block(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """``block(*args, **kwargs)`` with its MLP's ``gelu_new`` saving only its input
-    (:func:`~memloc_tl.core.activations.lean_activations`; the same values). Run inside the
-    checkpointed function, so the backward pass's recompute runs it too."""
-    with lean_activations(block):
+    (:func:`~memloc_tl.core.activations.lean_activations`) and, on a HookedTransformer, its
+    attention masking in place (:func:`~memloc_tl.core.attention.lean_attention`); the same
+    values. Run inside the checkpointed function, so the backward pass's recompute runs it
+    too."""
+    with lean_activations(block), lean_attention(block):
         return block(*args, **kwargs)
 
 
