@@ -588,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--batch-size",
             type=positive_int,
             default=32,
-            help="paragraphs per forward pass (on a CPU at most 3200 tokens)",
+            help="paragraphs per forward pass (on a CPU at most 3200 tokens and 32 MiB a tensor)",
         )
 
     def report_options(sub: argparse.ArgumentParser) -> None:

@@ -180,7 +180,9 @@ def scan_memorization(
         paragraphs: the paragraphs, tokenized for this model.
         batch_size: paragraphs per forward pass; on a CPU at most
             :data:`~memloc_tl.core.forward.CPU_FORWARD_TOKENS` tokens' worth (32 windows of
-            100), since larger forwards run slower per window there.
+            100) and :data:`~memloc_tl.core.forward.CPU_ACTIVATION_BYTES` of the largest
+            activation (27 windows of 100 on GPT-Neo 125M), since larger forwards run slower
+            per window there.
         precision: score in reduced precision (``Precision(torch.bfloat16)``): the windows
             near a flip are counted, and with ``verify="margin"`` (its default) scored again in
             float32, so that the EM column equals float32's (see :mod:`memloc_tl.core.precision`).

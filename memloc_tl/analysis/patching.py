@@ -28,7 +28,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from memloc_tl.core.backend import HookedModel, shares_prefix_cache, skips_early_blocks
-from memloc_tl.core.forward import exact_match_length, layer_starts, score_continuations
+from memloc_tl.core.forward import (
+    cpu_rows,
+    exact_match_length,
+    layer_starts,
+    score_continuations,
+)
 from memloc_tl.core.heads import HeadRef
 from memloc_tl.core.hooks import hook_name, make_each_head_replace_hook, make_head_replace_hook
 from memloc_tl.core.paragraphs import Paragraphs, check_set
@@ -427,7 +432,10 @@ def patching_sweep(
         kind: ``"patch"``, ``"zero"`` or ``"mean"``.
         mean_over: paragraphs to average over (``kind="mean"``).
         positions: positions to intervene at; default all.
-        batch_size: target paragraphs per batch (rows per forward: ``n_heads *`` this).
+        batch_size: target paragraphs per batch (rows per forward: ``n_heads *`` this); on a
+            CPU at most as many as keep those rows' largest activation within
+            :data:`~memloc_tl.core.forward.CPU_ACTIVATION_BYTES` (GPT-Neo 125M: 2 paragraphs
+            of 100 tokens; the organism: 13), which only changes the speed.
         progress: show a progress bar.
     """
     _check_kind(kind, source, mean_over)
@@ -439,6 +447,8 @@ def patching_sweep(
     check_positive_int(batch_size, "batch_size")
     cfg = model.cfg
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
+    if torch.device(cfg.device or "cpu").type == "cpu":  # stacked rows within the CPU's budget
+        batch_size = min(batch_size, max(1, cpu_rows(model, target.seq_len) // n_heads))
     chosen = chosen_positions(positions, target.seq_len)
     # a source equal to the target up to some position (a PMP) changes nothing before it
     reuse = (

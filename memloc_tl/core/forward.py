@@ -48,12 +48,33 @@ than in larger ones: 2.5x faster than in rows of 512 on the organism, 1.3x faste
 of 128 on GPT-Neo 125M's layout. A GPU takes the batch as given."""
 
 
+CPU_ACTIVATION_BYTES = 32 * 2**20
+"""The largest activation (one ``[rows, pos, d_mlp]`` MLP tensor, or ``[rows, heads, pos, pos]``
+attention scores) one forward makes at once on a CPU: 32 MiB, the largest block glibc's
+``malloc`` hands out again after it is freed (its mmap threshold grows to at most that). A
+larger tensor is mapped fresh by every allocation and its pages faulted in as it is first
+written, which a forward pays for each of its temporaries: on GPT-Neo 125M's layout (2 CPU
+cores), 48 rows of 100 tokens ran 1.2x slower per row than 32, and 1.2x faster once glibc was
+told to keep such blocks (``MALLOC_MMAP_THRESHOLD_``), while 16-32 rows ran alike."""
+
+
 def forward_rows(model: HookedModel, batch_size: int, seq_len: int) -> int:
     """Rows per teacher-forced forward for a batch of ``batch_size`` windows of ``seq_len``
-    tokens: the batch, but on a CPU at most :data:`CPU_FORWARD_TOKENS` tokens (and 1 row)."""
+    tokens: the batch, but on a CPU at most :data:`CPU_FORWARD_TOKENS` tokens and rows whose
+    largest activation fits :data:`CPU_ACTIVATION_BYTES` (and at least 1 row)."""
     if torch.device(model.cfg.device or "cpu").type != "cpu":
         return batch_size
-    return max(1, min(batch_size, CPU_FORWARD_TOKENS // max(seq_len, 1)))
+    return max(1, min(batch_size, CPU_FORWARD_TOKENS // max(seq_len, 1), cpu_rows(model, seq_len)))
+
+
+def cpu_rows(model: HookedModel, seq_len: int) -> int:
+    """How many rows of ``seq_len`` tokens keep a forward's largest activation (an MLP's
+    ``[rows, pos, d_mlp]`` or the attention's ``[rows, heads, pos, pos]``, in the model's
+    dtype) within :data:`CPU_ACTIVATION_BYTES`; at least 1."""
+    cfg = model.cfg
+    width = max(int(getattr(cfg, "d_mlp", None) or 4 * cfg.d_model), cfg.n_heads * seq_len)
+    itemsize = torch.empty((), dtype=getattr(cfg, "dtype", None) or torch.float32).element_size()
+    return max(1, CPU_ACTIVATION_BYTES // (max(seq_len, 1) * width * itemsize))
 
 
 def check_tokens(model: HookedModel, tokens: Tensor, prefix_len: int) -> None:

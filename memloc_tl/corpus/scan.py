@@ -349,8 +349,8 @@ def scan_corpus(
         config: windows, lengths, shard size and limit.
         resume: skip shards finished by an earlier run with the same settings; without it an
             existing scan in ``out_dir`` is an error.
-        batch_size: windows per forward pass (on a CPU at most 3,200 tokens' worth, see
-            :func:`memloc_tl.memorization.scan_memorization`).
+        batch_size: windows per forward pass (on a CPU at most 3,200 tokens' worth and 32 MiB
+            of the largest activation, see :func:`memloc_tl.memorization.scan_memorization`).
         progress: a progress bar per process (documents read).
 
     Returns:

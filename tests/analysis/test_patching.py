@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import memloc_tl.analysis.patching as patching
+import memloc_tl.core.forward as forward
 from memloc_tl.analysis import ablate_heads, patch_heads, patching_sweep
 from memloc_tl.core.forward import exact_match_length, score_continuations
 from memloc_tl.core.heads import HeadRef, all_heads
@@ -106,6 +107,31 @@ def test_batched_sweep_equals_a_per_head_loop(
         )
     assert sweep.top(1)[0][1] == pytest.approx(float(sweep.delta_nll.mean(-1).max()))
     assert len(sweep.to_frame()) == model.cfg.n_layers * model.cfg.n_heads
+
+
+def test_on_a_cpu_the_stacked_rows_stay_within_the_activation_budget(
+    organism: Organism, pair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a budget of two paragraphs' stacked rows, a batch of 6 runs as batches of 2: the
+    same numbers as the whole batch without a budget."""
+    model = organism.model
+    target, source = pair
+    whole = patching_sweep(model, target, source, batch_size=6, progress=False)
+    cfg, seq = model.cfg, target.seq_len
+    width = max(cfg.d_mlp, cfg.n_heads * seq)
+    monkeypatch.setattr(forward, "CPU_ACTIVATION_BYTES", 2 * cfg.n_heads * seq * width * 4)
+    assert forward.cpu_rows(model, seq) == 2 * cfg.n_heads
+    rows: list[int] = []
+
+    def count(activation: torch.Tensor, hook: Any) -> None:
+        rows.append(activation.shape[0])
+
+    last = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
+    with model.hooks(fwd_hooks=[(last, count)]):
+        capped = patching_sweep(model, target, source, batch_size=6, progress=False)
+    assert max(rows) == 2 * cfg.n_heads  # stacked copies of 2 paragraphs, never of 6
+    assert torch.equal(capped.delta_em, whole.delta_em)
+    torch.testing.assert_close(capped.delta_nll, whole.delta_nll, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("positions", [None, [12, 44, 47, 60]])

@@ -107,6 +107,15 @@ def test_a_cpu_forward_takes_at_most_its_token_budget(
     gpu = SimpleNamespace(cfg=SimpleNamespace(device="cuda"))  # a GPU takes the batch whole
     assert forward.forward_rows(gpu, 512, 100) == 512  # type: ignore[arg-type]
     assert forward.forward_rows(model, 512, 10_000) == 1
+    # and rows whose largest activation fits 32 MiB: GPT-Neo 125M's MLP, [rows, 100, 3072]
+    monkeypatch.undo()  # the real token budget, 3,200
+    cfg = SimpleNamespace(device="cpu", d_mlp=3072, d_model=768, n_heads=12, dtype=None)
+    neo: Any = SimpleNamespace(cfg=cfg)
+    assert forward.forward_rows(neo, 512, 100) == (32 << 20) // (100 * 3072 * 4) == 27
+    # 300 tokens: the attention's [rows, 12, 300, 300] (3600 per token) outgrows the MLP's
+    assert forward.forward_rows(neo, 512, 300) == (32 << 20) // (300 * 3600 * 4) == 7
+    cfg.dtype = torch.float16  # half the bytes per row: the token budget binds again
+    assert forward.forward_rows(neo, 512, 100) == 32
 
 
 def test_scoring_in_place_equals_scoring_a_copy(organism: Organism) -> None:
