@@ -31,6 +31,7 @@ from memloc_tl.core.backend import HookedModel, shares_prefix_cache
 from memloc_tl.core.forward import (
     PrefixKV,
     exact_match_length,
+    forward_rows,
     greedy_continuations,
     score_continuations,
 )
@@ -189,7 +190,9 @@ class PerturbConfig:
             prefixes. Default (None): on a HookedTransformer on the CPU, where it was measured
             faster (1.67x on GPT-Neo 125M's layout); on a GPU recomputing was as fast or faster
             (0.94x there on an H100), and a TransformerBridge always recomputes.
-        batch_size: variants per forward pass.
+        batch_size: variants per forward pass; on a CPU at most as many as a scan's forward
+            takes (:func:`memloc_tl.core.forward.forward_rows`: 3,200 tokens, and 32 MiB for
+            the largest activation, 27 windows of 100 on GPT-Neo 125M).
     """
 
     n_samples: int = 1
@@ -241,7 +244,9 @@ def perturb_prefixes(
     """
     config = check_config(config, PerturbConfig)
     check_set(model, paragraphs, "paragraphs")
-    n_samples, seed, batch_size = config.n_samples, config.seed, config.batch_size
+    n_samples, seed = config.n_samples, config.seed
+    # variants per forward: on a CPU within the token and activation budgets of a scan
+    batch_size = forward_rows(model, config.batch_size, paragraphs.seq_len)
     shared_prefix = config.shared_prefix
     if shared_prefix is None:
         on_cpu = torch.device(model.cfg.device or "cpu").type == "cpu"
@@ -306,7 +311,7 @@ def perturb_prefixes(
     )
     if build_perturbed:
         perturbed = _perturbed_paragraphs(
-            model, result, batch_size, config.pmp_choice, config.pmp_exclude_last
+            model, result, config.batch_size, config.pmp_choice, config.pmp_exclude_last
         )
         result = dataclasses.replace(result, perturbed=perturbed)
     return result

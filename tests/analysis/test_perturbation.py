@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+import memloc_tl.core.forward as forward
 from memloc_tl.analysis import PerturbConfig, PrefixPerturbation, perturb_prefixes
 from memloc_tl.core.backend import tl_major
 from memloc_tl.core.forward import PrefixKV, greedy_continuations, score_continuations
@@ -148,6 +149,29 @@ def test_shared_prefix_cache_gives_the_same_scores(organism: Organism, unchanged
     )
     assert torch.equal(cached.em, plain.em)
     torch.testing.assert_close(cached.nll, plain.nll, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+def test_on_a_cpu_variants_run_within_a_scan_forward_budget(
+    organism: Organism, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget of 5 windows per forward splits batches of 16 variants: the same numbers."""
+    paragraphs = organism.planted[[0, 3]]
+    config = PerturbConfig(seed=2, batch_size=16)
+    kwargs: dict[str, Any] = {"build_perturbed": False, "progress": False}
+    whole = perturb_prefixes(organism.model, paragraphs, config=config, **kwargs)
+    monkeypatch.setattr(forward, "CPU_FORWARD_TOKENS", 5 * paragraphs.seq_len)
+    rows: list[int] = []
+
+    def count(activation: torch.Tensor, hook: Any) -> None:
+        rows.append(activation.shape[0])
+
+    last = f"blocks.{organism.model.cfg.n_layers - 1}.hook_resid_post"
+    with organism.model.hooks(fwd_hooks=[(last, count)]):
+        capped = perturb_prefixes(organism.model, paragraphs, config=config, **kwargs)
+    assert max(rows) == 5
+    assert sum(rows) >= int((whole.em >= 0).sum())  # every variant ran, 5 at most at a time
+    assert torch.equal(capped.em, whole.em)
+    torch.testing.assert_close(capped.nll, whole.nll, atol=1e-5, rtol=0, equal_nan=True)
 
 
 def test_prefix_kv_cache_reproduces_the_full_forward(organism: Organism) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
+from transformer_lens import TransformerLensKeyValueCache
 
 from memloc_tl.core import attention
 from memloc_tl.core.attention import lean_attention, takes_lean_forward
@@ -22,10 +22,11 @@ def _scope(model: torch.nn.Module, lean: bool) -> contextlib.AbstractContextMana
     return lean_attention(model) if lean else contextlib.nullcontext()
 
 
-def _hooked(organism: Organism) -> HookedTransformer:
+def _hooked(organism: Organism) -> Any:
+    """The organism's HookedTransformer (this module runs in run 1, on TransformerLens 3; it
+    imports on 4, which has no HookedTransformer, where run 2 deselects it)."""
     model = organism.model
-    if not isinstance(model, HookedTransformer):
-        pytest.skip("the lean attention changes a HookedTransformer's attention only")
+    assert type(model).__name__ == "HookedTransformer", type(model)
     return model
 
 
@@ -151,3 +152,39 @@ def test_only_plain_attention_changes_and_everything_is_put_back(
         monkeypatch.undo()
         attention._abstract_attention.cache_clear()
     assert takes_lean_forward(attentions[0])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"positional_embedding_type": "rotary", "rotary_dim": 8},  # Pythia's, Llama's
+        {"positional_embedding_type": "rotary", "rotary_dim": 8, "n_key_value_heads": 2},  # GQA
+        {"positional_embedding_type": "standard", "attn_scores_soft_cap": 30.0},  # Gemma 2's
+    ],
+)
+def test_other_attention_layouts_stay_transformer_lens_own(settings: dict[str, Any]) -> None:
+    """Rotary embeddings, grouped-query attention and a soft cap, with a key/value cache:
+    every logit and every pattern bit for bit."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_vocab=97, act_fn="gelu",
+        normalization_type="LN", **settings,
+    )  # fmt: skip
+    model = HookedTransformer(cfg)  # no tokenizer: attention masks given
+    ones = torch.ones_like
+    tokens = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(1))
+    assert all(takes_lean_forward(block.attn) for block in model.blocks)
+    runs = {}
+    for lean in (False, True):
+        cache = TransformerLensKeyValueCache.init_cache(cfg, cfg.device, len(tokens))
+        with torch.no_grad(), _scope(model, lean):
+            logits, activations = model.run_with_cache(tokens, attention_mask=ones(tokens))
+            head, tail = tokens[:, :25], tokens[:, 25:]
+            first = model(head, past_kv_cache=cache, attention_mask=ones(head))
+            rest = model(tail, past_kv_cache=cache, attention_mask=ones(tail))
+        patterns = [activations[f"blocks.{i}.attn.hook_pattern"] for i in range(2)]
+        runs[lean] = [logits, first, rest, *patterns]
+    for plain, ours in zip(runs[False], runs[True], strict=True):
+        assert torch.equal(ours, plain)
