@@ -478,6 +478,8 @@ def patching_sweep(
             )
             # one run of the batch: its scores, every layer's input and (reuse) keys and values
             starts = layer_starts(model, tokens, target.prefix_len, keys_values=first > 0)
+            if starts.prefix is None:  # no keys and values kept (a bridge that cannot): all
+                first = 0
             base_em, base_nll = exact_match_length(starts.greedy_match), starts.token_nll.mean(-1)
             replacement = _replacements(
                 model, kind, layers, source_tokens, means, (b, seq, n_heads, cfg.d_head)

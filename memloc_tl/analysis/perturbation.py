@@ -187,9 +187,12 @@ class PerturbConfig:
         shared_prefix: reuse the unperturbed paragraph's keys and values before the perturbed
             position (:class:`memloc_tl.core.forward.PrefixKV`) instead of recomputing them;
             the same numbers up to float rounding, about a quarter less compute for 50-token
-            prefixes. Default (None): on a HookedTransformer on the CPU, where it was measured
-            faster (1.67x on GPT-Neo 125M's layout); on a GPU recomputing was as fast or faster
-            (0.94x there on an H100), and a TransformerBridge always recomputes.
+            prefixes. Default (None): on the CPU, where it was measured faster (1.67x on GPT-Neo
+            125M's layout, HookedTransformer), on a HookedTransformer and on a TransformerBridge
+            whose forward fills Hugging Face's cache (GPT-Neo's does; where TransformerLens's
+            own attention runs, as for GPT-2 and Llama under TransformerLens 4, it recomputes);
+            on a GPU recomputing was as fast or faster (0.94x there on an H100). ``True`` on a
+            bridge that cannot is an error.
         batch_size: variants per forward pass; on a CPU at most as many as a scan's forward
             takes (:func:`memloc_tl.core.forward.forward_rows`: 3,200 tokens, and 32 MiB for
             the largest activation, 27 windows of 100 on GPT-Neo 125M).
@@ -287,7 +290,11 @@ def perturb_prefixes(
             in_chunk = (rows >= first_row) & (rows < first_row + chunk)
             r_chunk, c_chunk, k_chunk = rows[in_chunk], cols[in_chunk], samples[in_chunk]
             chunk_tokens = tokens[first_row : first_row + chunk]
-            shared = PrefixKV.build(model, chunk_tokens) if shared_prefix else None
+            shared = None
+            if shared_prefix:  # asked for: must work; by default: where the model can
+                build = PrefixKV.build if config.shared_prefix else PrefixKV.try_build
+                shared = build(model, chunk_tokens)
+                shared_prefix = shared is not None
             for start in range(0, len(r_chunk), batch_size):
                 r, c, k = (t[start : start + batch_size] for t in (r_chunk, c_chunk, k_chunk))
                 variants = tokens[r].clone()

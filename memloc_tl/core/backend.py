@@ -35,6 +35,8 @@ import contextlib
 import copy
 import functools
 import importlib.metadata
+import inspect
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -235,7 +237,9 @@ def final_residual(
         kwargs.setdefault("attention_mask", torch.ones_like(tokens))
         scope = _blocks_from(model, start_at_layer, residual)
     try:
-        with scope, model.hooks(fwd_hooks=[(last, stop)]):
+        with scope, model.hooks(fwd_hooks=[(last, stop)]), warnings.catch_warnings():
+            # newer transformers rename a forward's past_key_values to cache, with a warning
+            warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
             model(tokens, **kwargs)
     except _StopForward as stopped:
         return stopped.activation
@@ -399,8 +403,17 @@ def _blocks_from(model: HookedModel, layer: int, residual: Tensor) -> Iterator[N
 
 
 def shares_prefix_cache(model: HookedModel) -> bool:
-    """Whether :class:`memloc_tl.core.forward.PrefixKV` works (TransformerLens 3's cache)."""
-    return not is_bridge(model)
+    """Whether :class:`memloc_tl.core.forward.PrefixKV` works: on a HookedTransformer
+    (TransformerLens 3's cache), and on a TransformerBridge whose Hugging Face model takes a
+    key/value cache (``past_key_values``, or ``cache`` as newer ``transformers`` name it)."""
+    if not is_bridge(model):
+        return True
+    forward = getattr(getattr(model, "original_model", None), "forward", None)
+    try:
+        parameters = inspect.signature(forward).parameters if forward is not None else {}
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        return False
+    return "past_key_values" in parameters or "cache" in parameters
 
 
 def skips_early_blocks(model: HookedModel) -> bool:

@@ -30,7 +30,6 @@ from memloc_tl.core.backend import (
     final_residual,
     is_bridge,
     replaced_weights,
-    shares_prefix_cache,
     skips_early_blocks,
 )
 from memloc_tl.core.hooks import has_hooks, hook_name
@@ -96,7 +95,7 @@ def continuation_logits(
     *,
     start_at_layer: int | None = None,
     weights: Mapping[str, Tensor] | None = None,
-    past_kv_cache: TransformerLensKeyValueCache | None = None,
+    past_kv_cache: Any = None,
 ) -> Float[Tensor, "batch continuation_pos d_vocab"]:
     """Logits (float32) at the positions that predict the continuation, teacher-forced.
 
@@ -112,10 +111,12 @@ def continuation_logits(
         weights: parameters to use instead of the model's own for this call, by name (e.g.
             ``{"blocks.0.attn.W_V": gated}``; see :func:`memloc_tl.core.backend.replaced_weights`);
             the model is not changed.
-        past_kv_cache: a frozen cache holding the keys and values of the first ``m`` positions
-            of ``tokens`` (``m < prefix_len``, see :class:`PrefixKV`); only positions ``m``
-            onwards are computed. With ``start_at_layer``, ``tokens`` is the residual stream of
-            every position and the cache's layers from ``start_at_layer`` on are read.
+        past_kv_cache: the keys and values of the first ``m`` positions of ``tokens``
+            (``m < prefix_len``): :meth:`PrefixKV.cache`, a frozen TransformerLens cache on a
+            HookedTransformer or an :class:`HFPrefix` on a TransformerBridge; only positions
+            ``m`` onwards are computed. With ``start_at_layer``, ``tokens`` is the residual
+            stream of every position and the cache's layers from ``start_at_layer`` on are
+            read.
     """
     tokens, kwargs = _forward_arguments(
         model, tokens, prefix_len, start_at_layer, weights, past_kv_cache
@@ -133,7 +134,7 @@ def _forward_arguments(
     prefix_len: int,
     start_at_layer: int | None,
     weights: Mapping[str, Tensor] | None,
-    past_kv_cache: TransformerLensKeyValueCache | None,
+    past_kv_cache: Any,
 ) -> tuple[Tensor, dict[str, Any]]:
     """The input and keyword arguments of the blocks' forward (see continuation_logits)."""
     # The forward stops at the residual after the last block (backend.final_residual), so that
@@ -141,17 +142,29 @@ def _forward_arguments(
     kwargs: dict[str, Any] = {"start_at_layer": start_at_layer}
     if past_kv_cache is None:
         return tokens, kwargs
-    skipped = past_kv_cache.entries[0].past_keys.shape[1]
     if weights is not None:
         raise ValueError("past_kv_cache cannot be combined with weights")
-    if not shares_prefix_cache(model):
+    hugging_face = not isinstance(past_kv_cache, TransformerLensKeyValueCache)
+    if hugging_face != is_bridge(model):
         raise ValueError(
-            "past_kv_cache is TransformerLens 3's key/value cache; a TransformerBridge "
-            "recomputes every position instead (PerturbConfig(shared_prefix=False))"
+            "past_kv_cache must be the model's own kind of cache: TransformerLens 3's on a "
+            "HookedTransformer, Hugging Face's on a TransformerBridge (PrefixKV.cache makes "
+            f"the right one), got {type(past_kv_cache).__name__} for a {type(model).__name__}"
         )
+    skipped = cached_length(past_kv_cache)
     if not 0 <= skipped < prefix_len:
         raise ValueError(f"the cache holds {skipped} positions; it must hold < {prefix_len}")
     tokens = tokens[:, skipped:]
+    if hugging_face:
+        # Hugging Face's caches grow with every forward given them: each forward reads a
+        # fresh one (a recorder, still empty, is filled by its forward), over the mask of the
+        # cached positions and the new ones
+        fresh = past_kv_cache.fresh() if isinstance(past_kv_cache, HFPrefix) else past_kv_cache
+        kwargs.update(past_key_values=fresh, use_cache=True)
+        kwargs["attention_mask"] = torch.ones(
+            len(tokens), skipped + tokens.shape[1], dtype=torch.long, device=tokens.device
+        )
+        return tokens, kwargs
     kwargs["past_kv_cache"] = past_kv_cache
     if start_at_layer is None:
         # An explicit all-ones mask: TransformerLens would otherwise guess padding from the
@@ -159,6 +172,29 @@ def _forward_arguments(
         # guesses nothing: the blocks apply the causal mask over the cache and the rest.)
         kwargs["attention_mask"] = torch.ones_like(tokens, device=model.cfg.device)
     return tokens, kwargs
+
+
+def holds(cache: Any, n_layers: int, length: int) -> bool:
+    """Whether a recorder (:meth:`PrefixKV.recorder`) holds ``length`` positions' keys and
+    values for each of ``n_layers`` layers after a forward: always for TransformerLens's
+    cache; for Hugging Face's only where the bridge's attention wrote it."""
+    if isinstance(cache, TransformerLensKeyValueCache):
+        return True
+    layers = list(getattr(cache, "layers", ()))
+    return len(layers) == n_layers and all(
+        getattr(layer, "keys", None) is not None and layer.keys.shape[2] == length
+        for layer in layers
+    )
+
+
+def cached_length(cache: Any) -> int:
+    """Positions a key/value cache holds: TransformerLens 3's, Hugging Face's, or an
+    :class:`HFPrefix`."""
+    if isinstance(cache, TransformerLensKeyValueCache):
+        return int(cache.entries[0].past_keys.shape[1]) if cache.entries else 0
+    if isinstance(cache, HFPrefix):
+        return cache.length
+    return int(cache.get_seq_length())
 
 
 def _unembed(model: HookedModel, normalized: Tensor) -> Tensor:
@@ -219,8 +255,8 @@ def _over_continuation(
     """
     if (checkpointed or checkpoint_blocks) and weights is not None:  # a recompute would miss them
         raise ValueError("a checkpointed pass cannot use replaced weights")
-    cache = kwargs.get("past_kv_cache")
-    skipped = 0 if cache is None else cache.entries[0].past_keys.shape[1]
+    cache = kwargs.get("past_kv_cache", kwargs.get("past_key_values"))
+    skipped = 0 if cache is None else cached_length(cache)  # before the forward extends it
 
     unembed = _unembed_without_copy if checkpointed else _unembed
 
@@ -305,55 +341,91 @@ class PrefixKV:
 
     A variant that differs from its window only from position ``m`` on has the same keys and
     values at positions ``< m`` (attention is causal), so those need not be computed again:
-    :meth:`cache` hands them to TransformerLens as a frozen ``past_kv_cache``. This is what
-    makes prefix perturbation cheaper than one full forward per variant.
+    :meth:`cache` hands them to the next forwards, as a frozen ``past_kv_cache`` of
+    TransformerLens 3 on a HookedTransformer or, on a TransformerBridge, as Hugging Face's
+    cache (:class:`HFPrefix`). This is what makes prefix perturbation cheaper than one full
+    forward per variant, and a patching sweep from PMPs cheaper than recomputing every position.
 
     Attributes:
         keys: per layer, ``[batch, pos, n_key_value_heads, d_head]``.
         values: per layer, the same shape.
+        hugging_face: recorded by a bridge's Hugging Face model (its caches are Hugging Face's).
     """
 
     keys: tuple[Float[Tensor, "batch pos kv_head d_head"], ...]
     values: tuple[Float[Tensor, "batch pos kv_head d_head"], ...]
+    hugging_face: bool = False
 
     @classmethod
     @torch.no_grad()
     def build(cls, model: HookedModel, tokens: Int[Tensor, "batch pos"]) -> PrefixKV:
-        """One forward pass over ``tokens`` (no unembedding) that records the keys and values.
+        """One forward pass over ``tokens`` (no unembedding) that records the keys and values."""
+        shared = cls.try_build(model, tokens)
+        if shared is None:
+            raise ValueError(
+                "this bridge's forward does not fill a Hugging Face key/value cache (its "
+                f"attention, for {type(getattr(model, 'original_model', model)).__name__}, is "
+                "TransformerLens's own), so no keys and values can be shared; recompute every "
+                "position (PerturbConfig(shared_prefix=False))"
+            )
+        return shared
 
-        Raises:
-            ValueError: a TransformerBridge (its cache is Hugging Face's, not this one).
-        """
+    @classmethod
+    @torch.no_grad()
+    def try_build(cls, model: HookedModel, tokens: Int[Tensor, "batch pos"]) -> PrefixKV | None:
+        """:meth:`build`, or None where the forward left the cache unfilled (a bridge whose
+        attention is TransformerLens's own, as GPT-2's and Llama's are under TransformerLens
+        4: it does not write Hugging Face's cache)."""
         tokens = tokens.to(model.cfg.device)
         cache = cls.recorder(model, len(tokens))
-        model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), return_type=None)
-        return cls.from_cache(cache)
+        if is_bridge(model):
+            final_residual(
+                model,
+                tokens,
+                past_key_values=cache,
+                use_cache=True,
+                attention_mask=torch.ones_like(tokens),
+            )
+        else:
+            mask = torch.ones_like(tokens)
+            model(tokens, past_kv_cache=cache, attention_mask=mask, return_type=None)
+        return cls.from_cache(cache) if holds(cache, model.cfg.n_layers, tokens.shape[1]) else None
 
     @staticmethod
-    def recorder(model: HookedModel, batch: int) -> TransformerLensKeyValueCache:
+    def recorder(model: HookedModel, batch: int) -> Any:
         """An empty cache for ``batch`` windows, which a forward given it fills with every
-        position's keys and values (then :meth:`from_cache`).
+        position's keys and values (then :meth:`from_cache`): TransformerLens 3's on a
+        HookedTransformer, a Hugging Face ``DynamicCache`` on a TransformerBridge."""
+        if is_bridge(model):
+            from transformers import DynamicCache
 
-        Raises:
-            ValueError: a TransformerBridge (its cache is Hugging Face's, not this one).
-        """
-        if not shares_prefix_cache(model):
-            raise ValueError(
-                "PrefixKV holds TransformerLens 3's key/value cache, which a TransformerBridge "
-                "does not take; recompute every position (PerturbConfig(shared_prefix=False))"
-            )
+            return DynamicCache()
         return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
 
     @classmethod
-    def from_cache(cls, cache: TransformerLensKeyValueCache) -> PrefixKV:
+    def from_cache(cls, cache: Any) -> PrefixKV:
         """The keys and values a forward recorded in ``cache`` (see :meth:`recorder`)."""
+        if isinstance(cache, TransformerLensKeyValueCache):
+            return cls(
+                keys=tuple(entry.past_keys for entry in cache.entries),
+                values=tuple(entry.past_values for entry in cache.entries),
+            )
+        # Hugging Face's layers hold [batch, kv_head, pos, d_head]
         return cls(
-            keys=tuple(entry.past_keys for entry in cache.entries),
-            values=tuple(entry.past_values for entry in cache.entries),
+            keys=tuple(layer.keys.transpose(1, 2) for layer in cache.layers),
+            values=tuple(layer.values.transpose(1, 2) for layer in cache.layers),
+            hugging_face=True,
         )
 
-    def cache(self, rows: Int[Tensor, " batch"], length: int) -> TransformerLensKeyValueCache:
-        """A frozen cache with the first ``length`` positions of the windows ``rows``."""
+    def cache(self, rows: Int[Tensor, " batch"], length: int) -> Any:
+        """The first ``length`` positions of the windows ``rows``, as the model's cache: a
+        frozen TransformerLens cache, or an :class:`HFPrefix` (each forward reads a fresh
+        Hugging Face cache of it)."""
+        if self.hugging_face:
+            return HFPrefix(
+                keys=tuple(k[rows.to(k.device), :length].transpose(1, 2) for k in self.keys),
+                values=tuple(v[rows.to(v.device), :length].transpose(1, 2) for v in self.values),
+            )
         cache = TransformerLensKeyValueCache(
             entries=[],
             previous_attention_mask=torch.ones(
@@ -367,6 +439,38 @@ class PrefixKV:
             )
             cache.entries.append(entry)
         cache.freeze()
+        return cache
+
+
+@dataclass(frozen=True)
+class HFPrefix:
+    """The first positions' keys and values of some windows, for a TransformerBridge.
+
+    Hugging Face's caches grow with every forward given them, so this one is not handed over
+    itself: each forward given it (``past_kv_cache=`` of :func:`continuation_logits` and
+    :func:`score_continuations`) reads a fresh ``DynamicCache`` of it (:meth:`fresh`), which
+    that forward then extends; the tensors here are never written.
+
+    Attributes:
+        keys: per layer, ``[batch, kv_head, pos, d_head]`` (Hugging Face's layout).
+        values: per layer, the same shape.
+    """
+
+    keys: tuple[Float[Tensor, "batch kv_head pos d_head"], ...]
+    values: tuple[Float[Tensor, "batch kv_head pos d_head"], ...]
+
+    @property
+    def length(self) -> int:
+        """Positions held."""
+        return int(self.keys[0].shape[2])
+
+    def fresh(self) -> Any:
+        """A new Hugging Face ``DynamicCache`` holding these keys and values."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
+            cache.update(keys, values, layer)
         return cache
 
 
@@ -390,7 +494,7 @@ def score_continuations(
     residual: Float[Tensor, "batch pos d_model"] | None = None,
     start_at_layer: int | None = None,
     weights: Mapping[str, Tensor] | None = None,
-    past_kv_cache: TransformerLensKeyValueCache | None = None,
+    past_kv_cache: Any = None,
 ) -> tuple[Bool[Tensor, "batch continuation_pos"], Float[Tensor, "batch continuation_pos"]]:
     """Teacher-forced greedy matches and per-token NLL of the continuation, one batch.
 
@@ -494,8 +598,9 @@ def layer_starts(
         model: the model.
         tokens: the batch, ``[batch, pos]``.
         prefix_len: prefix length (for the scores).
-        keys_values: keep every position's keys and values too (a :class:`PrefixKV`;
-            TransformerLens 3's cache, see :func:`~memloc_tl.core.backend.shares_prefix_cache`).
+        keys_values: keep every position's keys and values too (a :class:`PrefixKV`, see
+            :func:`~memloc_tl.core.backend.shares_prefix_cache`); ``prefix`` is None where a
+            bridge's forward left Hugging Face's cache unfilled (:func:`holds`).
     """
     names = (
         [hook_name("resid_pre", layer) for layer in range(model.cfg.n_layers)]
@@ -514,7 +619,8 @@ def layer_starts(
         match, token_nll = score_continuations(model, tokens, prefix_len, past_kv_cache=cache)
     if len(kept) != len(names):  # pragma: no cover - a backend that skipped a hook point
         raise RuntimeError(f"kept {len(kept)} of {len(names)} layers' residual streams")
-    prefix = None if cache is None else PrefixKV.from_cache(cache)
+    filled = cache is not None and holds(cache, model.cfg.n_layers, tokens.shape[1])
+    prefix = PrefixKV.from_cache(cache) if filled else None  # None: a bridge left it unfilled
     return LayerStarts(match, token_nll, tuple(kept), prefix)
 
 

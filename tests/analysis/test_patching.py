@@ -144,7 +144,8 @@ def test_a_sweep_from_perturbed_copies_recomputes_only_from_the_first_change(
     from memloc_tl.core.backend import shares_prefix_cache, skips_early_blocks
 
     model = organism.model
-    reuse = shares_prefix_cache(model) and skips_early_blocks(model)  # not on a bridge
+    reuse = shares_prefix_cache(model) and skips_early_blocks(model)  # on both backends
+    assert reuse  # a HookedTransformer's cache, or (a bridge) Hugging Face's
     target = organism.planted[list(range(5))]
     tokens = target.tokens.clone()
     changed = torch.tensor([44, 47, 45, 49, 46])  # one token per paragraph, PMP-like
@@ -168,10 +169,9 @@ def test_a_sweep_from_perturbed_copies_recomputes_only_from_the_first_change(
             model, target, source, positions=positions, batch_size=3, progress=False
         )
     # the rows that change latest batched together: (49, 47, 46) and (45, 44), so from
-    # positions 46 and 44 on, every layer (a bridge, whose cache is Hugging Face's, recomputes
-    # every position: the same numbers, no saving)
+    # positions 46 and 44 on, every layer
     n_layers, seq = model.cfg.n_layers, target.seq_len
-    firsts = (46, 44) if reuse else (0, 0)
+    firsts = (46, 44)
     assert seen == [seq - firsts[0]] * n_layers + [seq - firsts[1]] * n_layers
     assert patching.first_difference(target.tokens[:3], tokens[:3], 50) == 44
     assert patching.first_difference(target.tokens, target.tokens, 50) == 49  # capped

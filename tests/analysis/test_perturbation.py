@@ -11,14 +11,17 @@ import torch
 import memloc_tl.core.forward as forward
 from memloc_tl.analysis import PerturbConfig, PrefixPerturbation, perturb_prefixes
 from memloc_tl.core.backend import tl_major
-from memloc_tl.core.forward import PrefixKV, greedy_continuations, score_continuations
+from memloc_tl.core.forward import (
+    PrefixKV,
+    cached_length,
+    greedy_continuations,
+    score_continuations,
+)
 from memloc_tl.core.paragraphs import Paragraphs
 from memloc_tl.memorization import scan_memorization
 from memloc_tl.organism import Organism
 
 pytestmark = pytest.mark.backend  # run 2 (TransformerLens 4) runs it: tests/docs/test_ci.py
-
-HAS_PREFIX_KV = tl_major() < 4  # PrefixKV is TransformerLens 3's key/value cache
 
 
 def leading_matches(generated: torch.Tensor, reference: torch.Tensor) -> list[int]:
@@ -134,12 +137,7 @@ def test_shared_prefix_cache_gives_the_same_scores(organism: Organism, unchanged
     paragraphs = organism.planted[[0, 3, 9]]
     base = PerturbConfig(n_samples=2, seed=5, batch_size=7, include_first=True)
     kwargs: dict[str, Any] = {"build_perturbed": False, "progress": False}
-    if not HAS_PREFIX_KV:  # TransformerLens 4: a bridge has no such cache and says so
-        with unchanged(organism.model), pytest.raises(ValueError, match="shared_prefix=False"):
-            perturb_prefixes(
-                organism.model, paragraphs, config=replace(base, shared_prefix=True), **kwargs
-            )
-        return
+    # on both backends: TransformerLens 3's cache, or (a bridge) Hugging Face's
     with unchanged(organism.model):
         cached = perturb_prefixes(
             organism.model, paragraphs, config=replace(base, shared_prefix=True), **kwargs
@@ -175,13 +173,12 @@ def test_on_a_cpu_variants_run_within_a_scan_forward_budget(
 
 
 def test_prefix_kv_cache_reproduces_the_full_forward(organism: Organism) -> None:
+    """On both backends: a HookedTransformer's frozen TransformerLens cache, or a bridge's
+    Hugging Face cache, made fresh for each forward from tensors that no forward writes."""
     model = organism.model
     tokens = organism.planted.tokens[:3]
-    if not HAS_PREFIX_KV:  # TransformerLens 4: refused with the fix, before any forward pass
-        with pytest.raises(ValueError, match="TransformerBridge"):
-            PrefixKV.build(model, tokens)
-        return
     shared = PrefixKV.build(model, tokens)
+    assert shared.hugging_face == (tl_major() >= 4)
     assert len(shared.keys) == model.cfg.n_layers
     assert shared.keys[0].shape == (3, 100, model.cfg.n_heads, model.cfg.d_head)
     rows = torch.tensor([2, 0])
@@ -190,9 +187,18 @@ def test_prefix_kv_cache_reproduces_the_full_forward(organism: Organism) -> None
     full_match, full_nll = score_continuations(model, tokens[rows], 50)
     assert torch.equal(match, full_match)
     torch.testing.assert_close(nll, full_nll, atol=1e-4, rtol=1e-4)
-    assert cache.entries[0].past_keys.shape[1] == 30  # frozen: the call did not grow it
+    assert cached_length(cache) == 30  # the call did not grow it
+    before = [k.clone() for k in shared.keys]
+    again, again_nll = score_continuations(model, tokens[rows], 50, past_kv_cache=cache)
+    assert torch.equal(again, match)
+    assert torch.equal(again_nll, nll)
+    assert all(torch.equal(k, b) for k, b in zip(shared.keys, before, strict=True))
     with pytest.raises(ValueError, match="must hold < 50"):
         score_continuations(model, tokens[rows], 50, past_kv_cache=shared.cache(rows, 50))
+    # the other backend's kind of cache is refused, before any forward
+    other = replace(shared, hugging_face=not shared.hugging_face).cache(rows, 30)
+    with pytest.raises(ValueError, match="the model's own kind of cache"):
+        score_continuations(model, tokens[rows], 50, past_kv_cache=other)
 
 
 def test_pmp_choices_follow_their_rule(organism: Organism) -> None:

@@ -367,6 +367,19 @@ def test_the_analyses_run_on_other_architectures(
         assert torch.isfinite(grads.scores).all()
         estimate = attribution_patching(model, own, target, progress=False).estimate
         assert torch.isfinite(estimate).all()
+    # shared keys and values: a HookedTransformer's cache; a bridge whose attention is
+    # TransformerLens's own (GPT-2's, Llama's under TransformerLens 4) writes no Hugging Face
+    # cache, and says so instead of sharing an empty one
+    from memloc_tl.core.forward import PrefixKV
+
+    shared = PrefixKV.try_build(model, own.tokens[:2])
+    if shared is None:
+        assert is_bridge(model)
+        with pytest.raises(ValueError, match="does not fill a Hugging Face key/value cache"):
+            PrefixKV.build(model, own.tokens[:2])
+    else:
+        assert len(shared.keys) == model.cfg.n_layers
+        assert shared.keys[0].shape[:2] == (2, own.seq_len)
     if kind == "llama":  # grouped-query attention: weight-level analyses say why not
         with pytest.raises(ValueError, match="grouped-query attention"):
             gradient_norms(model, own, progress=False)
