@@ -237,13 +237,23 @@ def final_residual(
         kwargs.setdefault("attention_mask", torch.ones_like(tokens))
         scope = _blocks_from(model, start_at_layer, residual)
     try:
-        with scope, model.hooks(fwd_hooks=[(last, stop)]), warnings.catch_warnings():
-            # newer transformers rename a forward's past_key_values to cache, with a warning
-            warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        with scope, model.hooks(fwd_hooks=[(last, stop)]), _quiet_cache_rename(kwargs):
             model(tokens, **kwargs)
     except _StopForward as stopped:
         return stopped.activation
     raise RuntimeError(f"the forward pass never reached {last}")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def _quiet_cache_rename(kwargs: Mapping[str, Any]) -> Iterator[None]:
+    """Where a forward is given ``past_key_values``: without the FutureWarning newer
+    ``transformers`` give for it (they rename a forward's ``past_key_values`` to ``cache``)."""
+    if "past_key_values" not in kwargs:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        yield
 
 
 def checkpointed_final_residual(model: HookedModel, tokens: Tensor) -> Tensor:

@@ -378,17 +378,9 @@ class PrefixKV:
         4: it does not write Hugging Face's cache)."""
         tokens = tokens.to(model.cfg.device)
         cache = cls.recorder(model, len(tokens))
-        if is_bridge(model):
-            final_residual(
-                model,
-                tokens,
-                past_key_values=cache,
-                use_cache=True,
-                attention_mask=torch.ones_like(tokens),
-            )
-        else:
-            mask = torch.ones_like(tokens)
-            model(tokens, past_kv_cache=cache, attention_mask=mask, return_type=None)
+        # the blocks' forward with the recorder, as every scoring forward passes a cache
+        inputs, kwargs = _forward_arguments(model, tokens, tokens.shape[1], None, None, cache)
+        final_residual(model, inputs, **kwargs)
         return cls.from_cache(cache) if holds(cache, model.cfg.n_layers, tokens.shape[1]) else None
 
     @staticmethod
