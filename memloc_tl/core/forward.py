@@ -144,7 +144,14 @@ def _forward_arguments(
         return tokens, kwargs
     if weights is not None:
         raise ValueError("past_kv_cache cannot be combined with weights")
-    hugging_face = not isinstance(past_kv_cache, TransformerLensKeyValueCache)
+    hugging_face = isinstance(past_kv_cache, HFPrefix) or callable(
+        getattr(past_kv_cache, "get_seq_length", None)  # a Hugging Face cache (a recorder)
+    )
+    if not hugging_face and not isinstance(past_kv_cache, TransformerLensKeyValueCache):
+        raise TypeError(
+            "past_kv_cache must be a key/value cache (PrefixKV.cache makes one), got "
+            f"{type(past_kv_cache).__name__}"
+        )
     if hugging_face != is_bridge(model):
         raise ValueError(
             "past_kv_cache must be the model's own kind of cache: TransformerLens 3's on a "

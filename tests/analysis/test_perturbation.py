@@ -199,6 +199,8 @@ def test_prefix_kv_cache_reproduces_the_full_forward(organism: Organism) -> None
     other = replace(shared, hugging_face=not shared.hugging_face).cache(rows, 30)
     with pytest.raises(ValueError, match="the model's own kind of cache"):
         score_continuations(model, tokens[rows], 50, past_kv_cache=other)
+    with pytest.raises(TypeError, match=r"must be a key/value cache.*got dict"):
+        score_continuations(model, tokens[rows], 50, past_kv_cache={"keys": shared.keys})
 
 
 def test_pmp_choices_follow_their_rule(organism: Organism) -> None:
