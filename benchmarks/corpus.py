@@ -46,6 +46,7 @@ from common import (
 from memloc_tl.core import attention
 from memloc_tl.core.backend import HookedModel, final_residual
 from memloc_tl.core.forward import forward_rows
+from memloc_tl.core.unembedding import shared_unembedding, unembed
 from memloc_tl.corpus import CorpusConfig, Document, read_corpus_scan, scan_corpus
 
 
@@ -77,14 +78,15 @@ def limit_seconds(
     model: HookedModel, windows: torch.Tensor, config: CorpusConfig, batch: int
 ) -> float:
     """A bare forward of the blocks and the continuation positions' unembedding, per batch,
-    in the forwards a scan makes of it (on a CPU at most ``CPU_FORWARD_TOKENS`` tokens)."""
+    in the forwards a scan makes of it (on a CPU at most ``CPU_FORWARD_TOKENS`` tokens), through
+    the scan's own forward and unembedding (one copy of ``W_U`` per call, as in a scan)."""
     p = config.prefix_len
     rows = forward_rows(model, batch, config.length)
     started = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), shared_unembedding():  # the scan's own unembedding: no W_U copies
         for first in range(0, len(windows), rows):
             residual = final_residual(model, windows[first : first + rows].to(model.cfg.device))
-            model.unembed(model.ln_final(residual[:, p - 1 : -1]))
+            unembed(model, model.ln_final(residual[:, p - 1 : -1]))
     synchronize()
     return time.perf_counter() - started
 

@@ -30,6 +30,7 @@ from common import (
 )
 
 from memloc_tl import greedy_continuations, scan_memorization
+from memloc_tl.core import activations, unembedding
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -47,6 +48,13 @@ def main() -> None:
     add_subject_args(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also time the scan with TransformerLens's own unembedding (a copy of W_U per "
+        "forward: memloc_tl.core.unembedding.ENABLED = False) and with TransformerLens's own "
+        "gelu_new (memloc_tl.core.activations.CHUNKED = False), interleaved with the scan as is",
+    )
     args = parser.parse_args()
     subject = load_subject(args)
     model, paragraphs = subject.model, subject.everything
@@ -65,8 +73,31 @@ def main() -> None:
             for start in range(0, len(tokens), bs):
                 model(tokens[start : start + bs])
 
+    def without(*switches: tuple[object, str]) -> Callable[[], object]:
+        def run() -> object:
+            for owner, name in switches:
+                setattr(owner, name, False)
+            try:
+                return scan()
+            finally:
+                for owner, name in switches:
+                    setattr(owner, name, True)
+
+        return run
+
+    shared, chunked = (unembedding, "ENABLED"), (activations, "CHUNKED")
+    variants = {
+        "TransformerLens's unembedding (a W_U copy per forward)": without(shared),
+        "TransformerLens's gelu_new (whole tensors)": without(chunked),
+        "both of TransformerLens's": without(shared, chunked),
+    }
     scan()  # warm up
-    t_scan = best_of(scan, args.repeats)
+    times: dict[str, list[float]] = {name: [] for name in ["as is", *variants]}
+    for _ in range(args.repeats):  # interleaved, best of each
+        times["as is"].append(best_of(scan, 1))
+        for name, run in variants.items() if args.compare else ():
+            times[name].append(best_of(run, 1))
+    t_scan = min(times["as is"])
     t_forward = best_of(forward, args.repeats)
     t_generate = best_of(generate, max(1, args.repeats // 2))
     print(describe(subject))
@@ -76,6 +107,9 @@ def main() -> None:
     print(f"greedy generation {t_generate:8.3f} s")
     print(f"generation / scan = {t_generate / t_scan:6.2f}x   (goal >= 3)")
     print(f"scan / forward    = {t_scan / t_forward:6.2f}x   (goal <= 1.2)")
+    for name, measured in times.items():
+        if name != "as is" and measured:
+            print(f"scan with {name}: {min(measured):8.3f} s, {min(measured) / t_scan:5.2f}x")
     em_scan = scan_memorization(model, paragraphs, progress=False).exact_match
     print(f"EM agrees with generation on {int((em_scan == generate()).sum())}/{len(paragraphs)}")
     # the limit: the scan's unavoidable arithmetic at the dense-matmul rate of this device

@@ -37,6 +37,7 @@ from memloc_tl.core.paragraphs import Paragraphs, check_set
 from memloc_tl.core.precision import Precision, decision_margins, near_flip
 from memloc_tl.core.rendering import render
 from memloc_tl.core.results import Drawable
+from memloc_tl.core.unembedding import shared_unembedding
 from memloc_tl.core.validation import check_positive_int
 
 PAPER_BUCKETS: tuple[tuple[int, int], ...] = ((0, 10), (11, 29), (30, 49), (50, 50))
@@ -204,7 +205,7 @@ def scan_memorization(
     matches, nlls, flips = [], [], []
     prefix_len = paragraphs.prefix_len
     rows = forward_rows(model, batch_size, paragraphs.seq_len)
-    with torch.no_grad():
+    with torch.no_grad(), shared_unembedding():
         for start in tqdm(range(0, len(paragraphs), rows), desc="scanning", disable=not progress):
             batch = paragraphs.tokens[start : start + rows]
             if precision is not None and reduced:
@@ -227,7 +228,7 @@ def scan_memorization(
     verified = precision is not None and reduced and precision.verify == "margin"
     if verified and flagged is not None and bool(flagged.any()):
         again = flagged.nonzero().flatten()
-        with torch.no_grad():
+        with torch.no_grad(), shared_unembedding():
             for start in range(0, len(again), rows):
                 chosen = again[start : start + rows]
                 match, nll = score_continuations(model, paragraphs.tokens[chosen], prefix_len)

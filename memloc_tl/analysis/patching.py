@@ -32,6 +32,7 @@ from memloc_tl.core.forward import (
     cpu_rows,
     exact_match_length,
     layer_starts,
+    on_cpu,
     score_continuations,
 )
 from memloc_tl.core.heads import HeadRef
@@ -39,6 +40,7 @@ from memloc_tl.core.hooks import hook_name, make_each_head_replace_hook, make_he
 from memloc_tl.core.paragraphs import Paragraphs, check_set
 from memloc_tl.core.rendering import render
 from memloc_tl.core.results import Drawable, HeadScores
+from memloc_tl.core.unembedding import shared_unembedding
 from memloc_tl.core.validation import check_positions, check_positive_int
 from memloc_tl.uncertainty import HeadRanking, bootstrap_heads
 
@@ -293,7 +295,7 @@ def _intervene(
     )
     cfg = model.cfg
     results: dict[str, list[Tensor]] = {"base_em": [], "base_nll": [], "em": [], "nll": []}
-    with torch.no_grad():
+    with torch.no_grad(), shared_unembedding():
         for start in tqdm(range(0, len(target), batch_size), desc=kind, disable=not progress):
             tokens = target.tokens[start : start + batch_size].to(cfg.device)
             source_tokens = (
@@ -447,7 +449,7 @@ def patching_sweep(
     check_positive_int(batch_size, "batch_size")
     cfg = model.cfg
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
-    if torch.device(cfg.device or "cpu").type == "cpu":  # stacked rows within the CPU's budget
+    if on_cpu(model):  # stacked rows within the CPU's budget
         batch_size = min(batch_size, max(1, cpu_rows(model, target.seq_len) // n_heads))
     chosen = chosen_positions(positions, target.seq_len)
     # a source equal to the target up to some position (a PMP) changes nothing before it
@@ -465,7 +467,7 @@ def patching_sweep(
     if reuse and source is not None:  # batch the rows that change late together
         changes = first_differences(target.tokens, source.tokens)
         order = changes.argsort(descending=True, stable=True)
-    with torch.no_grad():
+    with torch.no_grad(), shared_unembedding():
         for start in tqdm(range(0, len(target), batch_size), desc="sweep", disable=not progress):
             rows = order[start : start + batch_size]
             tokens = target.tokens[rows].to(cfg.device)

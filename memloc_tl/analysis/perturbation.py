@@ -33,11 +33,13 @@ from memloc_tl.core.forward import (
     exact_match_length,
     forward_rows,
     greedy_continuations,
+    on_cpu,
     score_continuations,
 )
 from memloc_tl.core.paragraphs import Paragraphs, check_set
 from memloc_tl.core.rendering import render
 from memloc_tl.core.results import Drawable, TokenScores
+from memloc_tl.core.unembedding import shared_unembedding
 from memloc_tl.core.validation import (
     check_bool,
     check_choice,
@@ -252,8 +254,7 @@ def perturb_prefixes(
     batch_size = forward_rows(model, config.batch_size, paragraphs.seq_len)
     shared_prefix = config.shared_prefix
     if shared_prefix is None:
-        on_cpu = torch.device(model.cfg.device or "cpu").type == "cpu"
-        shared_prefix = shares_prefix_cache(model) and on_cpu
+        shared_prefix = shares_prefix_cache(model) and on_cpu(model)
     first = 0 if config.include_first else 1  # the first perturbed position
     if not config.pmp_exclude_last < paragraphs.prefix_len - first:
         raise ValueError(
@@ -271,7 +272,7 @@ def perturb_prefixes(
     replacements[:, :first] = -1
     positions = torch.arange(first, p)
 
-    with torch.no_grad():
+    with torch.no_grad(), shared_unembedding():
         base_match, base_nll = score_continuations(model, tokens, p)
     baseline_em = exact_match_length(base_match).cpu()
     baseline_nll = base_nll.mean(-1).cpu()
@@ -285,7 +286,7 @@ def perturb_prefixes(
     # Keys and values of every unperturbed paragraph, chunk by chunk to bound memory.
     chunk = max(batch_size, 1)
     bar = tqdm(total=len(rows), desc="perturbing", disable=not progress)
-    with torch.no_grad():
+    with torch.no_grad(), shared_unembedding():
         for first_row in range(0, n, chunk):
             in_chunk = (rows >= first_row) & (rows < first_row + chunk)
             r_chunk, c_chunk, k_chunk = rows[in_chunk], cols[in_chunk], samples[in_chunk]

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -42,6 +41,8 @@ import einops
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from memloc_tl.core.versions import checked_class
 
 #: TransformerLens versions (major.minor) whose ``AbstractAttention.forward`` the lean forward
 #: was checked against bit for bit; on others the model's own forward runs.
@@ -58,17 +59,9 @@ _PLAIN_POSITIONS = ("standard", "shortformer", "rotary")
 @functools.cache
 def _abstract_attention() -> type[torch.nn.Module] | None:
     """TransformerLens's ``AbstractAttention``, where its version is one of the checked ones."""
-    try:
-        version = importlib.metadata.version("transformer-lens")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a dependency
-        return None
-    if ".".join(version.split(".")[:2]) not in CHECKED_VERSIONS:
-        return None
-    try:
-        from transformer_lens.components.abstract_attention import AbstractAttention
-    except ImportError:  # pragma: no cover - checked versions have it
-        return None
-    return AbstractAttention
+    return checked_class(
+        CHECKED_VERSIONS, "transformer_lens.components.abstract_attention", "AbstractAttention"
+    )
 
 
 def takes_lean_forward(module: torch.nn.Module) -> bool:

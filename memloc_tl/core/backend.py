@@ -204,17 +204,23 @@ def final_residual(
 
     A HookedTransformer stops there (``stop_at_layer=n_layers``), its plain attention modules
     masking in place (:func:`~memloc_tl.core.attention.lean_attention`: TransformerLens's
-    values and hooks, fewer temporaries). A TransformerBridge has no such stop, so a hook on
-    ``blocks.{n-1}.hook_resid_post`` (registered after any hooks in scope, so it sees their
-    changes) ends the forward pass there. Either way the caller applies ``model.ln_final`` and
-    ``model.unembed`` to the positions it reads only.
+    values and hooks, fewer temporaries). On both backends, outside autograd, a ``gelu_new``
+    MLP activation runs chunk by chunk in place
+    (:func:`~memloc_tl.core.activations.lean_activations`, the same values). A
+    TransformerBridge has no such stop, so a hook on ``blocks.{n-1}.hook_resid_post``
+    (registered after any hooks in scope, so it sees their changes) ends the forward pass
+    there. Either way the caller applies ``model.ln_final`` and ``model.unembed`` to the
+    positions it reads only.
 
     With ``start_at_layer=k``, ``tokens`` is the residual stream entering block ``k`` and only
     blocks ``k..n-1`` run, on both backends (the bridge: see :func:`_blocks_from`); hooks in
     scope on blocks below ``k`` do not fire, as on a HookedTransformer.
     """
+    # the same values and hooks, fewer temporaries: gelu_new chunk by chunk outside autograd
+    # (TransformerLens's own function when recording, so gradients stay bit for bit)
+    activations = lean_activations(model, backward=False)
     if not is_bridge(model):
-        with lean_attention(model):  # the same values and hooks, fewer temporaries
+        with lean_attention(model), activations:
             return model(
                 tokens, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers, **kwargs
             )
@@ -237,7 +243,7 @@ def final_residual(
         kwargs.setdefault("attention_mask", torch.ones_like(tokens))
         scope = _blocks_from(model, start_at_layer, residual)
     try:
-        with scope, model.hooks(fwd_hooks=[(last, stop)]), _quiet_cache_rename(kwargs):
+        with scope, activations, model.hooks(fwd_hooks=[(last, stop)]), _quiet_cache_rename(kwargs):
             model(tokens, **kwargs)
     except _StopForward as stopped:
         return stopped.activation

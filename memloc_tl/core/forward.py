@@ -33,6 +33,7 @@ from memloc_tl.core.backend import (
     skips_early_blocks,
 )
 from memloc_tl.core.hooks import has_hooks, hook_name
+from memloc_tl.core.unembedding import unembed
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +58,17 @@ cores), 48 rows of 100 tokens ran 1.2x slower per row than 32, and 1.2x faster o
 told to keep such blocks (``MALLOC_MMAP_THRESHOLD_``), while 16-32 rows ran alike."""
 
 
+def on_cpu(model: HookedModel) -> bool:
+    """Whether ``model`` runs on the CPU (a ``cfg.device`` of None means the CPU): the one test
+    behind every CPU-only budget and default."""
+    return torch.device(model.cfg.device or "cpu").type == "cpu"
+
+
 def forward_rows(model: HookedModel, batch_size: int, seq_len: int) -> int:
     """Rows per teacher-forced forward for a batch of ``batch_size`` windows of ``seq_len``
     tokens: the batch, but on a CPU at most :data:`CPU_FORWARD_TOKENS` tokens and rows whose
     largest activation fits :data:`CPU_ACTIVATION_BYTES` (and at least 1 row)."""
-    if torch.device(model.cfg.device or "cpu").type != "cpu":
+    if not on_cpu(model):
         return batch_size
     return max(1, min(batch_size, CPU_FORWARD_TOKENS // max(seq_len, 1), cpu_rows(model, seq_len)))
 
@@ -204,22 +211,19 @@ def cached_length(cache: Any) -> int:
     return int(cache.get_seq_length())
 
 
-def _unembed(model: HookedModel, normalized: Tensor) -> Tensor:
-    return model.unembed(normalized)
-
-
 def _unembed_without_copy(model: HookedModel, normalized: Tensor) -> Tensor:
     """``model.unembed(normalized)``, on a HookedTransformer without the copy of ``W_U`` that
     its forward makes at every call (TransformerLens 3.9 multiplies by ``W_U.T.contiguous()``:
     a vocabulary-sized matrix, a quarter of GPT-Neo 125M, allocated per chunk of positions and
     again when the backward pass recomputes it). The hooks on ``unembed.hook_in`` and
     ``unembed.hook_out`` fire as there; the logits equal its logits to float rounding (another
-    matmul layout). A bridge's unembedding (Hugging Face's) makes no copy and runs as it is."""
-    unembed = model.unembed
-    if is_bridge(model) or not all(hasattr(unembed, a) for a in ("W_U", "b_U", "hook_in")):
-        return unembed(normalized)
-    logits = torch.nn.functional.linear(unembed.hook_in(normalized), unembed.W_U.T, unembed.b_U)
-    return unembed.hook_out(logits)
+    matmul layout), and gradients flow to ``W_U``. A bridge's unembedding (Hugging Face's)
+    makes no copy and runs as it is."""
+    module = model.unembed
+    if is_bridge(model) or not all(hasattr(module, a) for a in ("W_U", "b_U", "hook_in")):
+        return module(normalized)
+    logits = torch.nn.functional.linear(module.hook_in(normalized), module.W_U.T, module.b_U)
+    return module.hook_out(logits)
 
 
 def continuation_residual(
@@ -265,10 +269,10 @@ def _over_continuation(
     cache = kwargs.get("past_kv_cache", kwargs.get("past_key_values"))
     skipped = 0 if cache is None else cached_length(cache)  # before the forward extends it
 
-    unembed = _unembed_without_copy if checkpointed else _unembed
+    project = _unembed_without_copy if checkpointed else unembed
 
     def piece(residual: Tensor, positions: slice) -> Any:
-        return head(unembed(model, model.ln_final(residual)).float(), positions)
+        return head(project(model, model.ln_final(residual)).float(), positions)
 
     # with ``weights``: the same forward with some parameters replaced for this call only
     scope = contextlib.nullcontext() if weights is None else replaced_weights(model, weights)

@@ -35,6 +35,7 @@ from memloc_tl.core.forward import (
     per_position_loss,
 )
 from memloc_tl.core.paragraphs import Paragraphs
+from memloc_tl.core.unembedding import shared_unembedding
 
 HEAD_MATRICES = ("W_K", "W_Q", "W_V", "W_O")
 """Per-head matrices, in the paper's column order."""
@@ -383,7 +384,7 @@ def original_logprobs(
     batch is the result itself).
     """
     out: Tensor | None = None
-    with torch.no_grad():
+    with torch.no_grad(), shared_unembedding():
         for start in range(0, len(paragraphs), batch_size):
             tokens = paragraphs.tokens[start : start + batch_size]
             logits = continuation_logits(model, tokens, paragraphs.prefix_len)

@@ -31,6 +31,7 @@ from memloc_tl.core.objectives import attributed_parameters
 from memloc_tl.core.paragraphs import Paragraphs
 from memloc_tl.core.rendering import render
 from memloc_tl.core.results import Drawable
+from memloc_tl.core.unembedding import shared_unembedding
 from memloc_tl.core.validation import (
     check_bool,
     check_choice,
@@ -363,7 +364,7 @@ def _recall(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EM and mean NLL per paragraph, optionally with ``weights`` in place of the model's."""
     ems, nlls = [], []
-    with torch.no_grad():
+    with torch.no_grad(), shared_unembedding():
         for start in range(0, len(paragraphs), batch_size):
             tokens = paragraphs.tokens[start : start + batch_size]
             match, nll = score_continuations(model, tokens, paragraphs.prefix_len, weights=weights)

@@ -57,6 +57,7 @@ from memloc_tl.core.objectives import (
     original_logprobs,
 )
 from memloc_tl.core.paragraphs import Paragraphs
+from memloc_tl.core.unembedding import shared_unembedding
 from memloc_tl.core.validation import (
     check_bool,
     check_config,
@@ -453,7 +454,7 @@ def _zero_ablation(task: LocalizationTask) -> dict[str, Tensor]:
     chunk, batch_size = task.config.ablation_batch, task.config.batch_size
     shapes = unit_shapes(model, level)
     scores = {n: torch.zeros(s) for n, s in shapes.items()}
-    with torch.no_grad():
+    with torch.no_grad(), shared_unembedding():
         for start in range(0, len(target), batch_size):
             tokens = target.tokens[start : start + batch_size].to(model.cfg.device)
             b = len(tokens)

@@ -8,8 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from memloc_tl.core.activations import LeanGeluNew, lean_activations
+from memloc_tl.core import activations
+from memloc_tl.core.activations import LeanGeluNew, gelu_new_in_chunks, lean_activations
 from memloc_tl.core.backend import gradients, parameters_of
+from memloc_tl.core.forward import continuation_logits
 from memloc_tl.core.objectives import attributed_weights, grad_only_for
 from memloc_tl.organism import Organism
 
@@ -80,3 +82,102 @@ def test_in_a_model_the_same_values_and_gradients_less_saved_and_put_back(
     # put back on an error too
     with unchanged(model), pytest.raises(RuntimeError, match="inside"), lean_activations(model):
         raise RuntimeError("inside")
+
+
+def _references() -> list[Any]:
+    """gelu_new as TransformerLens and Hugging Face compute it."""
+    from transformer_lens.utilities.activation_functions import gelu_new
+    from transformers.activations import NewGELUActivation
+
+    return [gelu_new, NewGELUActivation()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_in_chunks_the_functions_own_values(dtype: torch.dtype) -> None:
+    """Bit for bit against both libraries' gelu_new: less than a chunk, whole chunks, chunks
+    with an odd tail, and infinities, NaN and values whose cube overflows."""
+    generator = torch.Generator().manual_seed(0)
+    chunk = activations.CHUNK
+    for numel in (1000, 2 * chunk, 3 * chunk + 37):
+        x = (4 * torch.randn(numel, generator=generator)).to(dtype)
+        x[:6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e4, -1e4, 0.0])
+        x = x.view(1, -1, 1) if numel % 2 else x.view(2, -1, 4)
+        ours = gelu_new_in_chunks(x)
+        assert ours.dtype == dtype
+        assert ours.shape == x.shape
+        for reference in _references():
+            expected = reference(x)
+            assert torch.equal(ours.isnan(), expected.isnan())
+            assert torch.equal(ours.nan_to_num(), expected.nan_to_num()), (numel, reference)
+
+
+def test_in_chunks_falls_back_where_it_must() -> None:
+    """Under autocast, for a strided tensor and with autograd recording, the model's own
+    function runs (and its gradient flows); without one to fall back to, a clear error."""
+    x = torch.randn(4, 6, 8)
+    calls: list[torch.Size] = []
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t.shape)
+        return _references()[0](t)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gelu_new_in_chunks(x, own)
+    strided = x.transpose(0, 2)
+    assert torch.equal(gelu_new_in_chunks(strided, own), _references()[0](strided))
+    recorded = x.clone().requires_grad_()
+    gelu_new_in_chunks(recorded, own).sum().backward()
+    assert recorded.grad is not None
+    assert len(calls) == 3
+    gelu_new_in_chunks(x, own)  # the fast path: no call
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="fall back"):
+        gelu_new_in_chunks(strided)
+
+
+def test_forwards_outside_autograd_and_nested_scopes(
+    organism: Organism, unchanged: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On both backends a scoring forward (several chunks of MLP activations) gives the
+    model's own logits bit for bit; an inner scope's choice holds inside it and the outer
+    one's is back after it; a recording forward keeps the model's own function."""
+    model = organism.model
+    p = organism.planted.prefix_len
+    tokens = torch.cat([organism.planted.tokens, organism.control.tokens])[:7]
+    monkeypatch.setattr(activations, "CHUNK", 4096)  # the tiny organism's MLP in 44 chunks
+    assert (tokens.numel() * model.cfg.d_mlp) % 4096 != 0  # and a tail
+    with torch.no_grad():
+        expected = model(tokens)[:, p - 1 : -1]
+    with unchanged(model), torch.no_grad():
+        scored = continuation_logits(model, tokens, p)
+    assert torch.equal(scored, expected)
+
+    def state() -> list[Any]:
+        """Each module's act_fn or instance forward (None where it has neither)."""
+        return [m.__dict__.get("act_fn", m.__dict__.get("forward")) for m in model.modules()]
+
+    def ours() -> list[Any]:
+        return [f for f in state() if hasattr(f, "memloc_original")]
+
+    def saved_numels(function: Any, x: torch.Tensor) -> list[int]:
+        saved: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel()) or t, lambda t: t
+        ):
+            function(x)
+        return saved
+
+    x = torch.randn(2, 3, model.cfg.d_mlp, requires_grad=True)
+    with unchanged(model):
+        before = state()
+        assert ours() == []
+        with lean_activations(model, backward=False) as outer:
+            assert outer == model.cfg.n_layers
+            outer_functions = ours()
+            assert len(outer_functions) == outer
+            with lean_activations(model) as inner:
+                assert inner == outer
+                assert saved_numels(ours()[0], x) == [x.numel()]  # LeanGeluNew: its input only
+            assert ours() == outer_functions  # the outer scope's again
+            assert len(saved_numels(outer_functions[0], x)) > 1  # the model's own, recorded
+        assert state() == before

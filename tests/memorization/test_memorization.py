@@ -105,6 +105,13 @@ def test_a_cpu_forward_takes_at_most_its_token_budget(
     assert torch.equal(capped.exact_match, one.exact_match)
     torch.testing.assert_close(capped.token_nll, one.token_nll, atol=1e-5, rtol=0)
     gpu = SimpleNamespace(cfg=SimpleNamespace(device="cuda"))  # a GPU takes the batch whole
+    for device, cpu in [
+        (None, True),
+        ("cpu", True),
+        (torch.device("cpu"), True),
+        ("cuda:1", False),
+    ]:
+        assert forward.on_cpu(SimpleNamespace(cfg=SimpleNamespace(device=device))) is cpu  # type: ignore[arg-type]
     assert forward.forward_rows(gpu, 512, 100) == 512  # type: ignore[arg-type]
     assert forward.forward_rows(model, 512, 10_000) == 1
     # and rows whose largest activation fits 32 MiB: GPT-Neo 125M's MLP, [rows, 100, 3072]
