@@ -46,7 +46,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, float], int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     add_subject_args(parser)
     parser.add_argument("--paragraphs", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)

@@ -222,7 +222,7 @@ def matmul_flops_per_second(device: object, repeats: int = 5) -> float:
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        a @ b
+        _ = a @ b
         synchronize()
         best = min(best, time.perf_counter() - started)
     return 2.0 * MATMUL**3 / best

@@ -53,8 +53,9 @@ from memloc_tl.corpus import CorpusConfig, Document, read_corpus_scan, scan_corp
 def hf_model(path: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model: Any = AutoModelForCausalLM.from_pretrained(path)
+    return model.to(device).eval()
 
 
 def generate_seconds(model: Any, windows: torch.Tensor, config: CorpusConfig, batch: int) -> float:
@@ -135,7 +136,7 @@ def batch_sizes(text: str) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     add_subject_args(parser)
     parser.add_argument("--windows", type=int, default=128, help="windows to scan")
     parser.add_argument(
@@ -208,7 +209,9 @@ def main() -> None:
                 )
         if args.no_torchrun or args.layout != "organism":
             return
-        texts = [model.tokenizer.decode(row) for row in windows]
+        tokenizer = model.tokenizer
+        assert tokenizer is not None, "the organism has its tokenizer"
+        texts = [tokenizer.decode(row) for row in windows]
         data = out / "corpus.jsonl"
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         one = torchrun_seconds(args, data, out / "one", 1)

@@ -17,7 +17,7 @@ import time
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny organism")
     args = parser.parse_args()
     seconds = []

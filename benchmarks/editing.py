@@ -45,6 +45,7 @@ from memloc_tl.editing import (
     compare_edits,
     sparse_edit,
 )
+from memloc_tl.editing.sparse_edit import MaskChoice
 
 
 def step_time(optimizer: torch.optim.Optimizer | MaskedOptimizer, repeats: int) -> float:
@@ -59,7 +60,7 @@ def step_time(optimizer: torch.optim.Optimizer | MaskedOptimizer, repeats: int) 
 
 def memory(subject: Subject, args: argparse.Namespace) -> None:
     """Peak memory of a scan and of the edits, over the bytes of one model, and their time."""
-    model, device = subject.model, subject.model.cfg.device
+    model, device = subject.model, subject.model.cfg.device or "cpu"
     size = model_bytes(model)
     batch = subject.everything[:16]
     memorized, keep = subject.planted[:1], subject.control[:16]
@@ -122,10 +123,11 @@ def memory(subject: Subject, args: argparse.Namespace) -> None:
             for v in side.values()
         )
         line(f"sparse_edit, {label}", peak, seconds, f"(result holds {held / size:.3f})")
-    for label, masks in (
+    cases: tuple[tuple[str, tuple[MaskChoice, ...]], ...] = (
         ("compare_edits, all three masks", ("gradient", "random", "all")),
         ("compare_edits, gradient and random masks", ("gradient", "random")),
-    ):
+    )
+    for label, masks in cases:
         if wanted(label):
             peak, _, seconds = timed(
                 lambda masks=masks: compare_edits(
@@ -140,7 +142,7 @@ def memory(subject: Subject, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     add_subject_args(parser)
     parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--fraction", type=float, default=0.001)

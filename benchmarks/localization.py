@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+import typing
 
 import pandas as pd
 
@@ -34,7 +35,7 @@ from memloc_tl.workbench import ORGANISM_EDIT_LR
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny organism")
     parser.add_argument(
         "--part",
@@ -122,8 +123,8 @@ def main() -> None:
         print(result.injections[damage])
         summary = result.summary().drop(columns=["recall_at_0_1"])
         print(summary.to_string(index=False, float_format="{:.3f}".format))
-        localizers = summary[summary["method"] != "random"]
-        print(f"goal: injected head first in >= 90% of runs -> {localizers['top1'].max():.0%}")
+        ranked = summary[summary["method"] != "random"]
+        print(f"goal: injected head first in >= 90% of runs -> {ranked['top1'].max():.0%}")
 
     if args.part in ("neurons", "all"):
         started = time.perf_counter()
@@ -196,7 +197,8 @@ def main() -> None:
                 )
         frame = pd.DataFrame(rows)
         print("\nsparse unlearning, 0.1% gradient mask, 10 steps, one paragraph per run")
-        print(frame.groupby(["lr", "keep"]).mean(numeric_only=True).drop(columns="target"))
+        means = typing.cast(pd.DataFrame, frame.groupby(["lr", "keep"]).mean(numeric_only=True))
+        print(means.drop(columns="target"))
         print("goal: target EM <= 10, others mean EM >= 45, perplexity rise <= 2%")
 
 

@@ -67,7 +67,7 @@ def peak_tensors(profile_: MemoryProfile) -> tuple[int, dict[Any, int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     add_subject_args(parser)
     parser.add_argument("--mask", choices=["gradient", "random", "all"], default="random")
     parser.add_argument("--steps", type=int, default=2)

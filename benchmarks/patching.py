@@ -46,7 +46,7 @@ from memloc_tl.analysis.patching import first_difference
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     add_subject_args(parser)
     parser.add_argument("--paragraphs", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)

@@ -25,7 +25,7 @@ from memloc_tl.analysis import PerturbConfig, PrefixPerturbation, perturb_prefix
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     add_subject_args(parser)
     parser.add_argument("--paragraphs", type=int, default=8, help="memorized paragraphs timed")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -42,7 +42,7 @@ def best_of(fn: Callable[[], MemorizationScan], repeats: int) -> tuple[float, Me
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     add_subject_args(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)

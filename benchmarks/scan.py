@@ -31,6 +31,7 @@ from common import (
 
 from memloc_tl import greedy_continuations, scan_memorization
 from memloc_tl.core import activations, unembedding
+from memloc_tl.core import forward as kernel
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -44,7 +45,7 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     add_subject_args(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -52,8 +53,10 @@ def main() -> None:
         "--compare",
         action="store_true",
         help="also time the scan with TransformerLens's own unembedding (a copy of W_U per "
-        "forward: memloc_tl.core.unembedding.ENABLED = False) and with TransformerLens's own "
-        "gelu_new (memloc_tl.core.activations.CHUNKED = False), interleaved with the scan as is",
+        "forward: memloc_tl.core.unembedding.ENABLED = False), with TransformerLens's own "
+        "gelu_new (memloc_tl.core.activations.CHUNKED = False), with every position's logits "
+        "at once (no memloc_tl.core.forward.scoring_chunk), and with all three, interleaved "
+        "with the scan as is",
     )
     args = parser.parse_args()
     subject = load_subject(args)
@@ -64,7 +67,7 @@ def main() -> None:
     def scan() -> object:
         return scan_memorization(model, paragraphs, batch_size=bs, progress=False)
 
-    def generate() -> object:
+    def generate() -> torch.Tensor:
         generated = greedy_continuations(model, paragraphs.prefix, 50, batch_size=bs)
         return (generated == paragraphs.continuation).long().cumprod(-1).sum(-1)
 
@@ -73,23 +76,27 @@ def main() -> None:
             for start in range(0, len(tokens), bs):
                 model(tokens[start : start + bs])
 
-    def without(*switches: tuple[object, str]) -> Callable[[], object]:
+    def without(*switches: tuple[object, str, object]) -> Callable[[], object]:
         def run() -> object:
-            for owner, name in switches:
-                setattr(owner, name, False)
+            saved = [getattr(owner, name) for owner, name, _ in switches]
+            for owner, name, value in switches:
+                setattr(owner, name, value)
             try:
                 return scan()
             finally:
-                for owner, name in switches:
-                    setattr(owner, name, True)
+                for (owner, name, _), value in zip(switches, saved, strict=True):
+                    setattr(owner, name, value)
 
         return run
 
-    shared, chunked = (unembedding, "ENABLED"), (activations, "CHUNKED")
+    shared = (unembedding, "ENABLED", False)
+    chunked = (activations, "CHUNKED", False)
+    whole = (kernel, "scoring_chunk", lambda *args: None)
     variants = {
         "TransformerLens's unembedding (a W_U copy per forward)": without(shared),
         "TransformerLens's gelu_new (whole tensors)": without(chunked),
-        "both of TransformerLens's": without(shared, chunked),
+        "every position's logits at once": without(whole),
+        "all three of the above (the code of 2026-12-04 morning)": without(shared, chunked, whole),
     }
     scan()  # warm up
     times: dict[str, list[float]] = {name: [] for name in ["as is", *variants]}

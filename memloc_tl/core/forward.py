@@ -521,17 +521,45 @@ def score_continuations(
         raise ValueError("residual and start_at_layer go together")
     tokens = tokens.to(model.cfg.device)
     source = tokens if residual is None else residual
-    logits = continuation_logits(
-        model,
-        source,
-        prefix_len,
-        start_at_layer=start_at_layer,
-        weights=weights,
-        past_kv_cache=past_kv_cache,
+    target = tokens[:, prefix_len:]
+    source, kwargs = _forward_arguments(
+        model, source, prefix_len, start_at_layer, weights, past_kv_cache
     )
     # The logits are this call's own unless a hook in scope saw them leave the unembedding.
     private = not has_hooks(model, "unembed.hook_out")
-    return scores_from_logits(logits, tokens[:, prefix_len:], overwrite=private)
+    pieces = _over_continuation(
+        model,
+        source,
+        prefix_len,
+        lambda logits, positions: scores_from_logits(
+            logits, target[:, positions], overwrite=private
+        ),
+        scoring_chunk(model, len(target), target.shape[1]),
+        weights,
+        kwargs,
+    )
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat([m for m, _ in pieces], 1), torch.cat([n for _, n in pieces], 1)
+
+
+def scoring_chunk(model: HookedModel, rows: int, positions: int) -> int | None:
+    """Continuation positions whose float32 logits a scoring forward makes at once: on a CPU
+    as many as keep ``[rows, chunk, d_vocab]`` within :data:`CPU_ACTIVATION_BYTES`, else all
+    (None). A larger tensor is mapped afresh and page-faulted in at every forward: on GPT-Neo
+    125M's layout, 27 rows x 50 positions of logits are 271 MB, whose first writes took 10% of
+    a CPU scan forward. All at once where a hook in scope reads ``ln_final`` or the
+    unembedding (it sees what it would see without the chunks). The scores are the same bit
+    for bit: each position's row of the product does not depend on the others (tested)."""
+    if not on_cpu(model) or any(
+        has_hooks(model, name)
+        for name in model.hook_dict
+        if name.startswith(("ln_final.", "unembed."))
+    ):
+        return None
+    per_position = max(rows, 1) * model.cfg.d_vocab * 4  # float32 logits
+    chunk = max(1, CPU_ACTIVATION_BYTES // per_position)
+    return None if chunk >= positions else chunk
 
 
 def scores_from_logits(

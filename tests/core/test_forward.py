@@ -297,3 +297,52 @@ def test_final_gradients_hand_over_each_matrix_once_as_accumulated(
     assert all(p.grad is None for p in model.parameters())
     if batch_size == 16:  # the sets together when they can share a forward, else one each
         assert forwards == ([7] if keep_prefix == 50 else [3, 4])
+
+
+def test_scores_over_position_chunks_on_a_cpu_are_the_same_bit_for_bit(
+    organism: Organism, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a batch's logits outgrow the CPU budget, the scoring forward unembeds and scores
+    a few positions at a time: the same matches and NLL bit for bit, also from a key/value
+    cache; all at once where a hook reads the unembedding, and on a GPU."""
+    model, paragraphs = organism.model, organism.planted
+    tokens, p = paragraphs.tokens[:5], paragraphs.prefix_len
+    c = paragraphs.continuation_len
+    whole = forward.score_continuations(model, tokens, p)
+    prefix = forward.PrefixKV.build(model, tokens[:, :20])
+    rows = torch.arange(len(tokens))
+    cached = forward.score_continuations(model, tokens, p, past_kv_cache=prefix.cache(rows, 20))
+    per_position = len(tokens) * model.cfg.d_vocab * 4
+    assert forward.scoring_chunk(model, len(tokens), c) is None  # the organism fits at once
+    monkeypatch.setattr(forward, "CPU_ACTIVATION_BYTES", 7 * per_position + 1)
+    assert forward.scoring_chunk(model, len(tokens), c) == 7
+    chunks: list[int] = []
+
+    def count(logits: torch.Tensor, hook: Any) -> None:
+        chunks.append(logits.shape[1])
+
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", count)]):
+        assert forward.scoring_chunk(model, len(tokens), c) is None  # a hook sees it whole
+        hooked = forward.score_continuations(model, tokens, p)
+    assert chunks == [c]
+    assert torch.equal(hooked[0], whole[0])
+    assert torch.equal(hooked[1], whole[1])
+    calls: list[int] = []
+    scores = forward.scores_from_logits
+
+    def counting(logits: torch.Tensor, target: torch.Tensor, **kwargs: Any) -> Any:
+        calls.append(logits.shape[1])
+        return scores(logits, target, **kwargs)
+
+    monkeypatch.setattr(forward, "scores_from_logits", counting)
+    chunked = forward.score_continuations(model, tokens, p)
+    assert calls == [7] * (c // 7) + [c % 7]
+    assert torch.equal(chunked[0], whole[0])
+    assert torch.equal(chunked[1], whole[1])
+    chunked_cached = forward.score_continuations(
+        model, tokens, p, past_kv_cache=prefix.cache(rows, 20)
+    )
+    assert torch.equal(chunked_cached[0], cached[0])
+    assert torch.equal(chunked_cached[1], cached[1])
+    gpu: Any = type("Gpu", (), {"cfg": type("Cfg", (), {"device": "cuda", "d_vocab": 50257})})
+    assert forward.scoring_chunk(gpu, 512, c) is None  # a GPU takes the logits whole
