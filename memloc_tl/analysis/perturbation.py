@@ -272,11 +272,6 @@ def perturb_prefixes(
     replacements[:, :first] = -1
     positions = torch.arange(first, p)
 
-    with torch.no_grad(), shared_unembedding():
-        base_match, base_nll = score_continuations(model, tokens, p)
-    baseline_em = exact_match_length(base_match).cpu()
-    baseline_nll = base_nll.mean(-1).cpu()
-
     # Every variant (paragraph, position, sample), ordered by position so that a batch shares
     # its paragraphs' keys and values up to its first perturbed position.
     cols, rows, samples = torch.meshgrid(positions, torch.arange(n), torch.arange(s), indexing="ij")
@@ -285,8 +280,12 @@ def perturb_prefixes(
     nll = torch.full((n, p, s), torch.nan)
     # Keys and values of every unperturbed paragraph, chunk by chunk to bound memory.
     chunk = max(batch_size, 1)
-    bar = tqdm(total=len(rows), desc="perturbing", disable=not progress)
+    # one block for the baseline and every variant: one copy of the unembedding for all
     with torch.no_grad(), shared_unembedding():
+        base_match, base_nll = score_continuations(model, tokens, p)
+        baseline_em = exact_match_length(base_match).cpu()
+        baseline_nll = base_nll.mean(-1).cpu()
+        bar = tqdm(total=len(rows), desc="perturbing", disable=not progress)
         for first_row in range(0, n, chunk):
             in_chunk = (rows >= first_row) & (rows < first_row + chunk)
             r_chunk, c_chunk, k_chunk = rows[in_chunk], cols[in_chunk], samples[in_chunk]

@@ -547,8 +547,9 @@ def scoring_chunk(model: HookedModel, rows: int, positions: int) -> int | None:
     """Continuation positions whose float32 logits a scoring forward makes at once: on a CPU
     as many as keep ``[rows, chunk, d_vocab]`` within :data:`CPU_ACTIVATION_BYTES`, else all
     (None). A larger tensor is mapped afresh and page-faulted in at every forward: on GPT-Neo
-    125M's layout, 27 rows x 50 positions of logits are 271 MB, whose first writes took 10% of
-    a CPU scan forward. All at once where a hook in scope reads ``ln_final`` or the
+    125M's layout, 27 rows x 50 positions of logits are 271 MB, whose first writes a profile put
+    at 10% of a CPU scan forward; chunks of 6 positions made the scan 1.02x faster and its
+    logits 32 MB (docs/benchmarks.md). All at once where a hook in scope reads ``ln_final`` or the
     unembedding (it sees what it would see without the chunks). The scores are the same bit
     for bit: each position's row of the product does not depend on the others (tested)."""
     if not on_cpu(model) or any(
