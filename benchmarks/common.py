@@ -6,6 +6,9 @@ architecture (12 layers, d_model 768, 12 heads, alternating global/local attenti
 50257) with random weights as a local ``transformers`` checkpoint, since no hub is reachable,
 and loads it through :func:`memloc_tl.load_model` like the real weights; its "planted" set is
 the organism's planted texts, so memorization numbers on it are meaningless, only timings count.
+``--layout gpt2-124m`` does the same with GPT-2 small's architecture (12 layers, d_model 768,
+12 heads, learned positions up to 1024): on TransformerLens 4 its bridge computes attention
+itself, where GPT-Neo's is Hugging Face's own.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +32,7 @@ from memloc_tl.core.backend import HookedModel, check_backend
 from memloc_tl.organism import Organism
 
 GPT_NEO_125M_VOCAB = 50257
+LAYOUTS = ("organism", "gpt-neo-125m", "gpt2-124m")
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class Subject:
     planted: Paragraphs
     control: Paragraphs
     heldout: Paragraphs
-    organism: Organism | None  # None for the GPT-Neo 125M layout
+    organism: Organism | None  # None for a layout with random weights
     label: str
 
     @property
@@ -51,9 +56,9 @@ def add_subject_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="use the tiny organism")
     parser.add_argument(
         "--layout",
-        choices=["organism", "gpt-neo-125m"],
+        choices=LAYOUTS,
         default="organism",
-        help="the organism, or GPT-Neo 125M's architecture with random weights",
+        help="the organism, or GPT-Neo 125M's (or GPT-2 small's) architecture, random weights",
     )
     parser.add_argument(
         "--backend",
@@ -75,22 +80,45 @@ def add_subject_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def gpt_neo_125m_layout(directory: Path, tokenizer: object) -> Path:
-    """Save a random-weight GPT-Neo 125M (architecture only) with ``tokenizer`` to ``directory``."""
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+def build_layout(layout: str, directory: Path, tokenizer: object) -> Path:
+    """The random-weight checkpoint of ``--layout`` (not ``organism``), saved to ``directory``
+    with ``tokenizer`` (seed 0: the same weights every time)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM
 
-    config = GPTNeoConfig(
-        vocab_size=GPT_NEO_125M_VOCAB,
-        max_position_embeddings=2048,
-        hidden_size=768,
-        num_layers=12,
-        attention_types=[[["global", "local"], 6]],
-        num_heads=12,
-        window_size=256,
-        architectures=["GPTNeoForCausalLM"],
-    )
+    cls: Any
+    if layout == "gpt-neo-125m":
+        cls, config = (
+            GPTNeoForCausalLM,
+            GPTNeoConfig(
+                vocab_size=GPT_NEO_125M_VOCAB,
+                max_position_embeddings=2048,
+                hidden_size=768,
+                num_layers=12,
+                attention_types=[[["global", "local"], 6]],
+                num_heads=12,
+                window_size=256,
+                architectures=["GPTNeoForCausalLM"],
+            ),
+        )
+    elif layout == "gpt2-124m":
+        # n_ctx as in the hub's config.json: TransformerLens 3 reads it
+        hub_only: dict[str, Any] = {"n_ctx": 1024}
+        cls, config = (
+            GPT2LMHeadModel,
+            GPT2Config(
+                vocab_size=GPT_NEO_125M_VOCAB,
+                n_positions=1024,
+                n_embd=768,
+                n_layer=12,
+                n_head=12,
+                architectures=["GPT2LMHeadModel"],
+                **hub_only,
+            ),
+        )
+    else:
+        raise ValueError(f"unknown layout {layout!r}: pick one of {LAYOUTS[1:]}")
     torch.manual_seed(0)
-    GPTNeoForCausalLM(config).save_pretrained(directory)
+    cls(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)  # type: ignore[attr-defined]
     return directory
 
@@ -105,15 +133,16 @@ def load_subject(args: argparse.Namespace) -> Subject:
             model, organism.planted, organism.control, organism.heldout, organism, "organism"
         )
     with tempfile.TemporaryDirectory() as directory:
-        path = gpt_neo_125m_layout(Path(directory), organism.model.tokenizer)
+        path = build_layout(args.layout, Path(directory), organism.model.tokenizer)
         model = load_model(path, device=args.device, backend=backend)
+    label = {"gpt-neo-125m": "GPT-Neo 125M", "gpt2-124m": "GPT-2 124M"}[args.layout]
     return Subject(
         model,
         organism.planted,
         organism.control,
         organism.heldout,
         None,
-        "GPT-Neo 125M layout (random weights)",
+        f"{label} layout (random weights)",
     )
 
 

@@ -170,10 +170,10 @@ def main() -> None:
         out = Path(directory)
         scan_corpus(model, documents[:8], out / "warm", config=config, progress=False)
         model_path = subject.organism.path if subject.organism is not None else None
-        if model_path is None:  # GPT-Neo 125M layout: save the random model's weights
-            from common import gpt_neo_125m_layout
+        if model_path is None:  # a layout: save the random model's weights
+            from common import build_layout
 
-            model_path = gpt_neo_125m_layout(out / "hf", model.tokenizer)
+            model_path = build_layout(args.layout, out / "hf", model.tokenizer)
         reference = hf_model(model_path)
         peak, rate = attainable_rate(model.cfg.device)
         flops = scan_flops(model.cfg, len(windows), config.length, config.continuation_len)

@@ -13,10 +13,10 @@ then attribution patching (``memloc_tl.attribution_patching``, one forward and b
 every head): its time against both, and its correlation with the exact sweep.
 
 ``--sources pmp`` patches from perturbed copies of the targets instead (the paper's PMPs: on
-the organism ``perturb_prefixes``' most damaging single-token change; on GPT-Neo 125M's
-layout, whose random weights memorize nothing, one token changed at a seeded position in
-40..49), where the sweep recomputes only from the first changed position on (causal reuse);
-it also times the sweep with that reuse switched off, in the same run.
+the organism ``perturb_prefixes``' most damaging single-token change; on a layout (GPT-Neo
+125M's, GPT-2 small's), whose random weights memorize nothing, one token changed at a seeded
+position in 40..49), where the sweep recomputes only from the first changed position on
+(causal reuse); it also times the sweep with that reuse switched off, in the same run.
 """
 
 from __future__ import annotations

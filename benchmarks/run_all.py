@@ -61,7 +61,9 @@ RATIO = re.compile(r"^(?P<name>[^=]+?)\s*=\s*(?P<value>[0-9.]+)x(?P<rest>.*)$")
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--device", default=None, help="passed on (default: cuda if available)")
-    parser.add_argument("--layout", choices=["organism", "gpt-neo-125m"], default="organism")
+    parser.add_argument(
+        "--layout", choices=["organism", "gpt-neo-125m", "gpt2-124m"], default="organism"
+    )
     parser.add_argument("--tiny", action="store_true", help="the tiny organism (a quick check)")
     parser.add_argument(
         "--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks"

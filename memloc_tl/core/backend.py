@@ -17,7 +17,9 @@ view's own strides: no per-architecture table). What else differs:
 - the residual stream after the last block: TransformerLens 3 stops there
   (``stop_at_layer=n_layers``), the bridge has no such stop and returns logits;
 - the shared-prefix key/value cache of :class:`memloc_tl.core.forward.PrefixKV` is
-  TransformerLens 3's; on the bridge, perturbation recomputes every position (same numbers);
+  TransformerLens 3's on a HookedTransformer and Hugging Face's on the bridge, whose own
+  attention (GPT-2's, Llama's) is shown the cache under the name it reads
+  (:func:`_attention_reads_cache`);
 - a forward that starts at a layer: TransformerLens 3 has ``start_at_layer``; the bridge's own
   ``start_at_layer`` (TransformerLens 4) still runs the earlier blocks, so :func:`final_residual`
   takes the Hugging Face model's block list down to the blocks from that layer on for the call
@@ -65,6 +67,7 @@ __all__ = [
     "copy_model",
     "final_residual",
     "gradients",
+    "holds_positions",
     "is_bridge",
     "model_parameters",
     "parameter_masks",
@@ -242,12 +245,76 @@ def final_residual(
         tokens = torch.zeros(residual.shape[:2], dtype=torch.long, device=residual.device)
         kwargs.setdefault("attention_mask", torch.ones_like(tokens))
         scope = _blocks_from(model, start_at_layer, residual)
+    cache = kwargs.get("past_key_values")
+    before = 0 if cache is None else int(cache.get_seq_length())
     try:
-        with scope, activations, model.hooks(fwd_hooks=[(last, stop)]), _quiet_cache_rename(kwargs):
+        with (
+            scope,
+            activations,
+            model.hooks(fwd_hooks=[(last, stop)]),
+            _quiet_cache_rename(kwargs),
+            _attention_reads_cache(model, cache is not None),
+        ):
             model(tokens, **kwargs)
     except _StopForward as stopped:
+        length = before + tokens.shape[1]
+        if before and not holds_positions(cache, length, first_layer=start_at_layer or 0):
+            # the forward computed attention over the new positions alone: wrong numbers
+            raise RuntimeError(
+                f"the bridge's attention ignored the key/value cache it was given ({before} "
+                "positions): recompute every position (pass no past_kv_cache)"
+            ) from None
         return stopped.activation
     raise RuntimeError(f"the forward pass never reached {last}")  # pragma: no cover
+
+
+def holds_positions(
+    cache: Any, length: int, *, first_layer: int = 0, n_layers: int | None = None
+) -> bool:
+    """Whether a Hugging Face cache holds ``length`` positions' keys and values at each layer
+    from ``first_layer`` on (the layers a forward ran), and ``n_layers`` layers in all if given."""
+    layers = list(getattr(cache, "layers", ()))
+    if n_layers is not None and len(layers) != n_layers:
+        return False
+    return len(layers) > first_layer and all(
+        getattr(layer, "keys", None) is not None and layer.keys.shape[-2] == length
+        for layer in layers[first_layer:]
+    )
+
+
+@contextlib.contextmanager
+def _attention_reads_cache(model: HookedModel, active: bool = True) -> Iterator[None]:
+    """For the call: a bridge's own attention sees Hugging Face's cache under either name.
+
+    Where TransformerLens 4 computes attention itself (``JointQKVAttentionBridge`` for GPT-2,
+    ``PositionEmbeddingsAttentionBridge`` for Llama), its ``_update_kv_cache`` reads the cache
+    from the keyword ``past_key_values`` (or ``layer_past``). Newer ``transformers`` hand it
+    to the attention as ``cache``, which TransformerLens 4.3 does not read: the keys and values
+    would be neither stored nor extended, so a forward over a cached prefix would attend to
+    the new positions alone. Here each such module's ``_update_kv_cache`` is given the cache
+    by its old name too, for the call only (an attribute of the instance, removed after); a
+    bridge whose attention is Hugging Face's own (GPT-Neo's, Pythia's) is left as it is.
+    """
+    patched: list[torch.nn.Module] = []
+    try:
+        if active and is_bridge(model):
+            for module in model.modules():
+                update = getattr(module, "_update_kv_cache", None)
+                if not callable(update) or "_update_kv_cache" in vars(module):
+                    continue
+                vars(module)["_update_kv_cache"] = functools.partial(_cache_by_old_name, update)
+                patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del vars(module)["_update_kv_cache"]
+
+
+def _cache_by_old_name(update: Any, keys: Tensor, values: Tensor, **kwargs: Any) -> Any:
+    """``update(keys, values, **kwargs)`` with ``cache`` also passed as ``past_key_values``."""
+    if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+        kwargs["past_key_values"] = kwargs["cache"]
+    return update(keys, values, **kwargs)
 
 
 @contextlib.contextmanager

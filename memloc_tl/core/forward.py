@@ -28,6 +28,7 @@ from memloc_tl.core.backend import (
     HookedModel,
     checkpointed_final_residual,
     final_residual,
+    holds_positions,
     is_bridge,
     replaced_weights,
     skips_early_blocks,
@@ -194,11 +195,7 @@ def holds(cache: Any, n_layers: int, length: int) -> bool:
     cache; for Hugging Face's only where the bridge's attention wrote it."""
     if isinstance(cache, TransformerLensKeyValueCache):
         return True
-    layers = list(getattr(cache, "layers", ()))
-    return len(layers) == n_layers and all(
-        getattr(layer, "keys", None) is not None and layer.keys.shape[2] == length
-        for layer in layers
-    )
+    return holds_positions(cache, length, n_layers=n_layers)
 
 
 def cached_length(cache: Any) -> int:
@@ -374,10 +371,10 @@ class PrefixKV:
         shared = cls.try_build(model, tokens)
         if shared is None:
             raise ValueError(
-                "this bridge's forward does not fill a Hugging Face key/value cache (its "
-                f"attention, for {type(getattr(model, 'original_model', model)).__name__}, is "
-                "TransformerLens's own), so no keys and values can be shared; recompute every "
-                "position (PerturbConfig(shared_prefix=False))"
+                "this bridge's forward does not fill a Hugging Face key/value cache (for "
+                f"{type(getattr(model, 'original_model', model)).__name__}), so no keys and "
+                "values can be shared; recompute every position "
+                "(PerturbConfig(shared_prefix=False))"
             )
         return shared
 
@@ -385,8 +382,8 @@ class PrefixKV:
     @torch.no_grad()
     def try_build(cls, model: HookedModel, tokens: Int[Tensor, "batch pos"]) -> PrefixKV | None:
         """:meth:`build`, or None where the forward left the cache unfilled (a bridge whose
-        attention is TransformerLens's own, as GPT-2's and Llama's are under TransformerLens
-        4: it does not write Hugging Face's cache)."""
+        attention writes no Hugging Face cache; GPT-2's and Llama's under TransformerLens 4.3
+        do, shown it by the name they read: see the backend's ``_attention_reads_cache``)."""
         tokens = tokens.to(model.cfg.device)
         cache = cls.recorder(model, len(tokens))
         # the blocks' forward with the recorder, as every scoring forward passes a cache
@@ -675,8 +672,10 @@ def greedy_continuations(
 
     Needed only to *create* text (the model's own continuation, perturbed paragraphs); to
     measure EM use :func:`scan_memorization`, which needs no generation. On a TransformerBridge
-    each step is a full forward over the text so far (its ``generate`` disagreed with
-    ``transformers``' greedy decoding on GPT-2 and Llama checkpoints, and left hooks behind).
+    the steps are memloc's own forwards over a Hugging Face key/value cache (the bridge's
+    ``generate`` disagreed with ``transformers``' greedy decoding on GPT-2 and Llama
+    checkpoints, whose attention under TransformerLens 4.3 misses the cache newer
+    ``transformers`` hand it, and left hooks behind).
     """
     if prefixes.ndim != 2:
         raise ValueError(f"prefixes must have shape [batch, pos], got {tuple(prefixes.shape)}")
@@ -704,8 +703,29 @@ def greedy_continuations(
 
 @torch.no_grad()
 def _greedy_by_forward(model: HookedModel, batch: Tensor, n_tokens: int) -> Tensor:
-    text = batch
+    """Greedy decoding on a bridge, the last position's logits of each step's forward.
+
+    Where the first forward fills a Hugging Face key/value cache (:func:`holds`), each later
+    step computes its one new position over that cache; otherwise each step is a full forward
+    over the text so far. The same tokens either way.
+    """
+    cache = PrefixKV.recorder(model, len(batch))
+    text, new = batch, batch
     for _ in range(n_tokens):
-        logits = model(text, attention_mask=torch.ones_like(text))
-        text = torch.cat([text, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        if cache is None:
+            residual = final_residual(model, text, attention_mask=torch.ones_like(text))
+        else:
+            length = text.shape[1]
+            residual = final_residual(
+                model,
+                new,
+                past_key_values=cache,
+                use_cache=True,
+                attention_mask=torch.ones(len(text), length, dtype=torch.long, device=text.device),
+            )
+            if not holds(cache, model.cfg.n_layers, length):  # its forward wrote no cache
+                cache = None
+        logits = unembed(model, model.ln_final(residual[:, -1:]))
+        new = logits[:, -1].argmax(-1, keepdim=True)
+        text = torch.cat([text, new], dim=1)
     return text[:, batch.shape[1] :]

@@ -132,7 +132,8 @@ def _derived(tree: ast.Module) -> set[str]:
 
 
 def test_the_branches_are_what_tells_the_backends_apart() -> None:
-    """Every public predicate of memloc_tl.core.backend is in BRANCHES."""
+    """Every public predicate of a model in memloc_tl.core.backend is in BRANCHES (one of a
+    cache, such as ``holds_positions``, says nothing of the backend)."""
     tree = ast.parse((ROOT / "memloc_tl/core/backend.py").read_text())
     predicates = {
         node.name
@@ -141,7 +142,9 @@ def test_the_branches_are_what_tells_the_backends_apart() -> None:
         and not node.name.startswith("_")
         and isinstance(node.returns, ast.Name)
         and node.returns.id == "bool"
+        and [a.arg for a in node.args.args[:1]] == ["model"]
     }
+    assert {"is_bridge", "shares_prefix_cache"} <= predicates, "the AST walk found no predicate"
     assert predicates == set(BRANCHES) - {"tl_major"}, (
         "memloc_tl.core.backend's predicates changed: list them in BRANCHES (tests/docs/test_ci.py)"
     )

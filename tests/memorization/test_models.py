@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -367,19 +368,58 @@ def test_the_analyses_run_on_other_architectures(
         assert torch.isfinite(grads.scores).all()
         estimate = attribution_patching(model, own, target, progress=False).estimate
         assert torch.isfinite(estimate).all()
-    # shared keys and values: a HookedTransformer's cache; a bridge whose attention is
-    # TransformerLens's own (GPT-2's, Llama's under TransformerLens 4) writes no Hugging Face
-    # cache, and says so instead of sharing an empty one
-    from memloc_tl.core.forward import PrefixKV
+    # shared keys and values, TransformerLens 3's cache or Hugging Face's (a bridge's own
+    # attention, GPT-2's and Llama's under TransformerLens 4, is shown it by the name it reads):
+    # a forward over a cached prefix gives the full forward's logits, greedy decoding too
+    from memloc_tl.core.forward import PrefixKV, continuation_logits
 
-    shared = PrefixKV.try_build(model, own.tokens[:2])
-    if shared is None:
-        assert is_bridge(model)
-        with pytest.raises(ValueError, match="does not fill a Hugging Face key/value cache"):
-            PrefixKV.build(model, own.tokens[:2])
-    else:
-        assert len(shared.keys) == model.cfg.n_layers
-        assert shared.keys[0].shape[:2] == (2, own.seq_len)
+    shared = PrefixKV.build(model, own.tokens)
+    assert len(shared.keys) == model.cfg.n_layers
+    assert shared.keys[0].shape[:2] == (4, own.seq_len)
+    full = continuation_logits(model, own.tokens, 20)
+    rows = torch.arange(4)
+    for cached in (1, 12, 19):
+        prefix = shared.cache(rows, cached)
+        logits = continuation_logits(model, own.tokens, 20, past_kv_cache=prefix)
+        torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
+    text = target.prefix.clone()
+    with torch.no_grad():  # greedy decoding by hand: a full forward over the text so far
+        for _ in range(20):
+            step = model(text, attention_mask=torch.ones_like(text))[:, -1]
+            text = torch.cat([text, step.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(own.continuation, text[:, 20:])
+    assert not any("_update_kv_cache" in vars(module) for module in model.modules())
+    # the sweep from sources equal to the target up to position 15 (causal reuse) equals
+    # the sweep that recomputes every position
+    late = torch.cat([own.tokens[:, :15], target.tokens[:, 15:]], dim=1)
+    pmp = Paragraphs.from_tokens(late, prefix_len=20, vocab_size=model.cfg.d_vocab)
+    lengths: list[int] = []
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    with model.hooks(fwd_hooks=[(last, lambda resid, hook: lengths.append(resid.shape[1]))]):
+        reused = patching_sweep(model, own, pmp, progress=False)
+    assert min(lengths) < own.seq_len  # the later positions only: the reuse ran
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("memloc_tl.analysis.patching.shares_prefix_cache", lambda model: False)
+        plain = patching_sweep(model, own, pmp, progress=False)
+    torch.testing.assert_close(reused.delta_nll, plain.delta_nll, atol=1e-5, rtol=0)
+    assert torch.equal(reused.delta_em, plain.delta_em)
+    if is_bridge(model):  # never a silently wrong number: an ignored cache is an error
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(
+                "memloc_tl.core.backend._attention_reads_cache",
+                lambda model, active=True: contextlib.nullcontext(),
+            )
+            error: RuntimeError | None = None
+            try:
+                ignored = continuation_logits(
+                    model, own.tokens, 20, past_kv_cache=shared.cache(rows, 12)
+                )
+            except RuntimeError as caught:  # transformers that name it `cache`
+                error = caught
+        if error is not None:
+            assert "ignored the key/value cache" in str(error)
+        else:  # a bridge (or transformers) that passes it by the name the attention reads
+            torch.testing.assert_close(ignored, full, atol=1e-5, rtol=0)
     if kind == "llama":  # grouped-query attention: weight-level analyses say why not
         with pytest.raises(ValueError, match="grouped-query attention"):
             gradient_norms(model, own, progress=False)
