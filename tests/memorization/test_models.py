@@ -388,6 +388,18 @@ def test_the_analyses_run_on_other_architectures(
             step = model(text, attention_mask=torch.ones_like(text))[:, -1]
             text = torch.cat([text, step.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(own.continuation, text[:, 20:])
+    # and transformers' own greedy decoding of the checkpoint (TransformerLens 4.3's bridge
+    # `generate` differs from it on GPT-2 and Llama: its attention misses the cache there)
+    hf = AutoModelForCausalLM.from_pretrained(directory).eval()
+    expected = hf.generate(
+        target.prefix,
+        attention_mask=torch.ones_like(target.prefix),
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    assert torch.equal(own.continuation, expected[:, 20:])
     assert not any("_update_kv_cache" in vars(module) for module in model.modules())
     # the sweep from sources equal to the target up to position 15 (causal reuse) equals
     # the sweep that recomputes every position
